@@ -1,0 +1,119 @@
+"""Finding files: a local path, or a Hugging Face hub repo through ``huggingface_hub``.
+
+All network access of the library goes through here, so the hub's cache,
+revision pinning and ``HF_HUB_OFFLINE`` work as they do everywhere else.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["HUB_ALIASES", "ModelNotFoundError", "resolve_files"]
+
+# The short names GPT-2 was published under, and where they live on the hub now.
+HUB_ALIASES = {
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+    "distilgpt2": "distilbert/distilgpt2",
+}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model or tokenizer file could not be found locally or on the hub."""
+
+
+def resolve_files(
+    name_or_path: str | os.PathLike[str],
+    candidates: list[tuple[str, ...]],
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_files_only: bool = False,
+    what: str = "files",
+) -> tuple[Path, ...]:
+    """Return local paths of the first group of ``candidates`` present in a directory or hub repo.
+
+    Each candidate is a tuple of file names that must all be there (for
+    example ``("vocab.json", "merges.txt")``).
+    """
+    path = Path(name_or_path).expanduser()
+    wanted = " or ".join(" + ".join(group) for group in candidates)
+    if path.is_dir():
+        for group in candidates:
+            if all((path / f).is_file() for f in group):
+                return tuple(path / f for f in group)
+        raise ModelNotFoundError(f"directory {str(path)!r} holds no {what}: looked for {wanted}")
+    if path.exists() or _looks_like_path(str(name_or_path)):
+        raise ModelNotFoundError(
+            f"{str(name_or_path)!r} is not a directory holding {what} ({wanted})"
+            + ("" if path.exists() else "; no such file or directory")
+        )
+    repo_id = HUB_ALIASES.get(str(name_or_path), str(name_or_path))
+    errors = []
+    for group in candidates:
+        try:
+            return tuple(
+                _hub_download(repo_id, f, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+                for f in group
+            )
+        except _MissingFile as exc:
+            errors.append(str(exc))
+    raise ModelNotFoundError(f"hub repo {repo_id!r} holds no {what}: looked for {wanted} ({'; '.join(errors)})")
+
+
+class _MissingFile(Exception):
+    pass
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are "name" or "owner/name"; anything else can only be meant as a path.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
+def _hub_download(
+    repo_id: str, filename: str, *, revision: str | None, cache_dir: str | os.PathLike[str] | None,
+    local_files_only: bool,
+) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return Path(
+            hf_hub_download(
+                repo_id, filename, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                library_name="gpt2lite",
+            )
+        )
+    except LocalEntryNotFoundError:
+        # Raised both offline and when the hub could not be reached: the file is not cached.
+        raise ModelNotFoundError(
+            f"{filename!r} of {repo_id!r} is not in the local hub cache and the hub could not be reached "
+            "(offline, HF_HUB_OFFLINE=1 or local_files_only). Fix: connect once to download it, "
+            "or pass the path of a local directory holding the files."
+        ) from None
+    except EntryNotFoundError:
+        raise _MissingFile(f"{filename!r} not found") from None
+    except GatedRepoError:
+        raise ModelNotFoundError(
+            f"hub repo {repo_id!r} is gated: accept its terms on the hub and log in (`hf auth login`)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(
+            f"no hub repo {repo_id!r} (or it is private): check the name, or pass a local directory"
+        ) from None
+    except RevisionNotFoundError:
+        raise ModelNotFoundError(f"hub repo {repo_id!r} has no revision {revision!r}") from None
+    except HFValidationError as exc:
+        raise ModelNotFoundError(
+            f"{repo_id!r} is neither an existing local path nor a valid hub repo id ({exc})"
+        ) from None

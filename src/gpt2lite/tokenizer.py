@@ -1,0 +1,427 @@
+"""GPT-2's byte-level BPE tokenizer, in pure Python.
+
+The constructor takes data and does no I/O; ``gpt2lite.tokenizer_files`` reads
+the vocabulary files (bundled, local or from the hub).
+"""
+
+from __future__ import annotations
+
+import codecs
+import heapq
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Literal
+
+import regex
+
+__all__ = ["GPT2_PATTERN", "StreamDecoder", "Tokenizer", "bytes_to_unicode"]
+
+# The pre-tokenization pattern of OpenAI's GPT-2 encoder.py.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+ENDOFTEXT = "<|endoftext|>"
+
+# The same pattern for pure-ASCII text, where the standard library's `re`
+# (about twice as fast as `regex`) gives identical splits: in ASCII, \p{L} is
+# [A-Za-z], \p{N} is [0-9] and Unicode's White_Space is re.ASCII's \s.
+_GPT2_ASCII_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"""
+_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
+
+# Words seen once are cached; the cache is dropped when it grows past this, so
+# memory stays bounded however long and varied the input is.
+_CACHE_LIMIT = 100_000
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from each byte to a printable character.
+
+    The vocabulary files spell tokens in these characters: printable Latin-1
+    bytes stand for themselves, the rest are moved to U+0100 onwards.
+    """
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    mapping = {b: chr(b) for b in printable}
+    shifted = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + shifted)
+            shifted += 1
+    return mapping
+
+
+class Tokenizer:
+    """Byte-level BPE tokenizer identical to OpenAI's GPT-2 encoder.
+
+    >>> tok = Tokenizer.gpt2()
+    >>> tok.encode("hello world")
+    [31373, 995]
+    >>> tok.decode([31373, 995])
+    'hello world'
+    """
+
+    def __init__(
+        self,
+        vocab: Mapping[bytes, int],
+        merges: Sequence[tuple[bytes, bytes]],
+        *,
+        special_tokens: Mapping[str, int] | None = None,
+        pattern: str = GPT2_PATTERN,
+    ) -> None:
+        """Build from a byte-string vocabulary, the merges in rank order and the special tokens.
+
+        ``vocab`` maps every token's bytes to its id (all 256 single bytes
+        included); ``merges[r]`` is the pair merged at rank ``r``.
+        """
+        if special_tokens is None:
+            special_tokens = {ENDOFTEXT: vocab[ENDOFTEXT.encode()]} if ENDOFTEXT.encode() in vocab else {}
+        missing_bytes = [b for b in range(256) if bytes([b]) not in vocab]
+        if missing_bytes:
+            raise ValueError(
+                f"vocabulary lacks single-byte tokens for bytes {missing_bytes[:8]}...; "
+                "a byte-level BPE vocabulary must hold all 256"
+            )
+        self._byte_ids = [vocab[bytes([b])] for b in range(256)]
+        # left id << 32 | right id -> (rank, merged id): merging works on ids throughout,
+        # and an int key hashes faster than a tuple.
+        self._merges: dict[int, tuple[int, int]] = {}
+        for rank, (left, right) in enumerate(merges):
+            try:
+                ids = vocab[left], vocab[right], vocab[left + right]
+            except KeyError as exc:
+                raise ValueError(
+                    f"merge {rank} ({left!r}, {right!r}) names a token missing from the vocabulary: {exc}"
+                ) from None
+            self._merges[ids[0] << 32 | ids[1]] = (rank, ids[2])
+
+        self.special_tokens: dict[str, int] = dict(special_tokens)
+        n_vocab = max([*vocab.values(), *self.special_tokens.values()]) + 1
+        self._decoder: list[bytes | None] = [None] * n_vocab
+        for token, i in vocab.items():
+            self._decoder[i] = token
+        for token, i in self.special_tokens.items():
+            self._decoder[i] = token.encode("utf-8")
+        self.n_vocab = n_vocab
+        self.pattern = pattern
+        self._split = regex.compile(pattern).findall
+        self._split_ascii = re.compile(_GPT2_ASCII_PATTERN, re.ASCII).findall if pattern == GPT2_PATTERN else None
+        self._special_split = None
+        if self.special_tokens:
+            alternatives = "|".join(regex.escape(s) for s in sorted(self.special_tokens, key=len, reverse=True))
+            self._special_split = regex.compile(f"({alternatives})").split
+        # Tuples of ints, unlike lists, drop out of the garbage collector's view.
+        self._cache: dict[str, tuple[int, ...]] = {}
+
+    # construction from files -------------------------------------------------
+
+    @classmethod
+    def from_json_and_merges(
+        cls, vocab_json: Mapping[str, int], merges_text: str, *, special_tokens: Mapping[str, int] | None = None
+    ) -> Tokenizer:
+        """Build from the parsed ``encoder.json``/``vocab.json`` and the text of ``vocab.bpe``/``merges.txt``."""
+        # Map the printable stand-ins back to bytes with str.translate: C speed for 100k symbols.
+        to_latin1 = {ord(ch): b for b, ch in bytes_to_unicode().items()}
+        alphabet = {chr(c) for c in to_latin1}
+
+        specials = dict(special_tokens) if special_tokens is not None else {}
+        if special_tokens is None and ENDOFTEXT in vocab_json:
+            specials[ENDOFTEXT] = vocab_json[ENDOFTEXT]
+        tokens = [t for t in vocab_json if t not in specials]
+        stray = set("".join(tokens)) - alphabet
+        if stray:
+            raise ValueError(f"vocabulary entries use characters outside GPT-2's byte alphabet: {sorted(stray)[:5]}")
+        vocab = {t.translate(to_latin1).encode("latin-1"): vocab_json[t] for t in tokens}
+
+        lines = merges_text.split("\n")
+        if lines and lines[0].startswith("#version"):
+            lines = lines[1:]
+        lines = [line for line in lines if line]
+        stray = set("".join(lines)) - alphabet - {" "}
+        if stray:
+            raise ValueError(f"merges use characters outside GPT-2's byte alphabet: {sorted(stray)[:5]}")
+        merges = []
+        for line in lines:
+            left, sep, right = line.partition(" ")
+            if not sep or not left or not right or " " in right:
+                raise ValueError(f"a merges line should hold two symbols separated by one space: {line!r}")
+            merges.append((left.translate(to_latin1).encode("latin-1"), right.translate(to_latin1).encode("latin-1")))
+        return cls(vocab, merges, special_tokens=specials)
+
+    @classmethod
+    def from_files(cls, vocab_file: str | os.PathLike[str], merges_file: str | os.PathLike[str]) -> Tokenizer:
+        """Load ``vocab.json`` + ``merges.txt`` (Hugging Face) or ``encoder.json`` + ``vocab.bpe`` (OpenAI)."""
+        from gpt2lite.tokenizer_files import read_vocab_files
+
+        return cls.from_json_and_merges(*read_vocab_files(vocab_file, merges_file))
+
+    @classmethod
+    def gpt2(cls) -> Tokenizer:
+        """The genuine GPT-2 tokenizer, from the vocabulary bundled with the package (no download)."""
+        from gpt2lite.tokenizer_files import bundled_gpt2_files
+
+        return cls.from_files(*bundled_gpt2_files())
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike[str], *, revision: str | None = None, cache_dir: str | None = None,
+        local_files_only: bool = False,
+    ) -> Tokenizer:
+        """Load from a directory or hub repo holding vocab.json + merges.txt, or encoder.json + vocab.bpe."""
+        from gpt2lite.tokenizer_files import find_vocab_files
+
+        files = find_vocab_files(
+            name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
+        )
+        return cls.from_files(*files)
+
+    # properties ----------------------------------------------------------------
+
+    @property
+    def eot_token(self) -> int:
+        """The id of ``<|endoftext|>`` (50256 for GPT-2)."""
+        try:
+            return self.special_tokens[ENDOFTEXT]
+        except KeyError:
+            raise ValueError("this tokenizer has no <|endoftext|> token") from None
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(n_vocab={self.n_vocab}, special_tokens={self.special_tokens})"
+
+    # encoding -----------------------------------------------------------------
+
+    def encode(self, text: str, *, allowed_special: Literal["all"] | Iterable[str] = ()) -> list[int]:
+        """Encode text to token ids; special-token strings stay ordinary text unless allowed.
+
+        >>> Tokenizer.gpt2().encode("hi<|endoftext|>", allowed_special="all")
+        [5303, 50256]
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"encode() takes a str, got {type(text).__name__}; decode bytes to str first")
+        if not text.isascii():
+            text = _replace_lone_surrogates(text)
+        allowed = self._allowed(allowed_special)
+        if not allowed:
+            return self._encode_ordinary(text)
+        out: list[int] = []
+        for i, part in enumerate(self._special_split(text)):
+            if i % 2 == 0:
+                out.extend(self._encode_ordinary(part))
+            elif part in allowed:
+                out.append(self.special_tokens[part])
+            else:
+                out.extend(self._encode_ordinary(part))
+        return out
+
+    def encode_batch(
+        self, texts: Iterable[str], *, allowed_special: Literal["all"] | Iterable[str] = ()
+    ) -> list[list[int]]:
+        """Encode each text of a batch; see ``encode``."""
+        if isinstance(texts, str):
+            raise TypeError("encode_batch() takes a list of str, got a single str; use encode() for one text")
+        return [self.encode(t, allowed_special=allowed_special) for t in texts]
+
+    def _allowed(self, allowed_special: Literal["all"] | Iterable[str]) -> set[str]:
+        if allowed_special == "all":
+            return set(self.special_tokens)
+        if isinstance(allowed_special, str):
+            raise TypeError('allowed_special takes "all" or a set of special-token strings, not a single string')
+        allowed = set(allowed_special)
+        unknown = allowed - set(self.special_tokens)
+        if unknown:
+            raise ValueError(
+                f"allowed_special names unknown special tokens {sorted(unknown)}; known: {sorted(self.special_tokens)}"
+            )
+        return allowed
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        out: list[int] = []
+        extend = out.extend
+        cache = self._cache
+        for word in self._words(text):
+            ids = cache.get(word)
+            if ids is None:
+                ids = self._bpe(word.encode("utf-8"))
+                if len(cache) >= _CACHE_LIMIT:
+                    cache.clear()
+                cache[word] = ids
+            extend(ids)
+        return out
+
+    def _words(self, text: str) -> list[str]:
+        """Pre-tokenize: ASCII stretches go to the fast `re` pattern, the rest to `regex`."""
+        if self._split_ascii is None:
+            return self._split(text)
+        if text.isascii():
+            return self._split_ascii(text)
+        words: list[str] = []
+        done = 0  # text[:done] is split already
+        for m in _NON_ASCII.finditer(text):
+            if m.start() < done:
+                continue
+            start = _cut_before(text, m.start(), done)
+            end = _cut_after(text, m.end())
+            words += self._split_ascii(text[done:start])
+            words += self._split(text[start:end])
+            done = end
+        words += self._split_ascii(text[done:])
+        return words
+
+    def _bpe(self, data: bytes) -> tuple[int, ...]:
+        """Merge the bytes of one pre-token by rank.
+
+        A heap holds the candidate pairs and a linked list the symbols, so each
+        merge only looks at its two new neighbours instead of rescanning.
+        """
+        ids = [self._byte_ids[b] for b in data]
+        n = len(ids)
+        if n < 2:
+            return tuple(ids)
+        merges = self._merges
+        nxt = list(range(1, n + 1))
+        prev = list(range(-1, n - 1))
+        heap = []
+        for i in range(n - 1):
+            m = merges.get(ids[i] << 32 | ids[i + 1])
+            if m is not None:
+                heap.append((m[0], i, ids[i], ids[i + 1], m[1]))
+        heapq.heapify(heap)
+        while heap:
+            _, i, left, right, merged = heapq.heappop(heap)
+            j = nxt[i]
+            # Entries go stale when a neighbour merged first; skip those.
+            if j >= n or ids[i] != left or ids[j] != right:
+                continue
+            ids[i] = merged
+            ids[j] = -1
+            k = nxt[j]
+            nxt[i] = k
+            if k < n:
+                prev[k] = i
+                m = merges.get(merged << 32 | ids[k])
+                if m is not None:
+                    heapq.heappush(heap, (m[0], i, merged, ids[k], m[1]))
+            p = prev[i]
+            if p >= 0:
+                m = merges.get(ids[p] << 32 | merged)
+                if m is not None:
+                    heapq.heappush(heap, (m[0], p, ids[p], merged, m[1]))
+        return tuple([t for t in ids if t >= 0])
+
+    # decoding -----------------------------------------------------------------
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The raw bytes of the tokens (possibly cut inside a UTF-8 character)."""
+        ids = list(ids)
+        table = self._decoder
+        try:
+            if min(ids, default=0) >= 0:
+                return b"".join([table[i] for i in ids])  # type: ignore[misc]
+        except (IndexError, TypeError):
+            pass
+        for i in ids:  # slow path, only to name the bad id
+            self._check_id(i)
+        return b"".join([table[int(i)] for i in ids])  # type: ignore[misc]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Decode ids to text; bytes that are not valid UTF-8 become U+FFFD.
+
+        >>> Tokenizer.gpt2().decode([31373, 995])
+        'hello world'
+        """
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_token_bytes(self, token: int) -> bytes:
+        """The bytes of one token."""
+        self._check_id(token)
+        return self._decoder[token]  # type: ignore[return-value]
+
+    def _check_id(self, i: object) -> None:
+        if isinstance(i, bool) or not isinstance(i, int):
+            try:
+                i = int(i)  # numpy / torch integer scalars
+            except (TypeError, ValueError):
+                raise TypeError(f"token ids must be integers, got {i!r}") from None
+        if not 0 <= i < self.n_vocab or self._decoder[i] is None:
+            raise ValueError(f"token id {i} is outside the vocabulary (valid ids: 0..{self.n_vocab - 1})")
+
+    def stream_decoder(self) -> StreamDecoder:
+        """A fresh incremental decoder that turns tokens into text at UTF-8 boundaries."""
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Turns tokens, given one at a time, into text that never ends mid-character.
+
+    A character split across tokens (emoji, CJK) is held back until complete;
+    bytes that can never form valid UTF-8 come out as U+FFFD.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        """Start an empty stream for ``tokenizer``."""
+        self._tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token: int) -> str:
+        """Take one token; return the text that is now complete (maybe empty)."""
+        return self._utf8.decode(self._tokenizer.decode_token_bytes(int(token)))
+
+    def add_many(self, tokens: Iterable[int]) -> str:
+        """Take several tokens; return the text that is now complete."""
+        return self._utf8.decode(self._tokenizer.decode_bytes([int(t) for t in tokens]))
+
+    def flush(self) -> str:
+        """End the stream: return what is held back (U+FFFD for an unfinished character)."""
+        return self._utf8.decode(b"", final=True)
+
+    def iter_text(self, tokens: Iterable[int]) -> Iterator[str]:
+        """Yield the non-empty text pieces of a token stream, flushing at its end."""
+        for t in tokens:
+            piece = self.add(t)
+            if piece:
+                yield piece
+        tail = self.flush()
+        if tail:
+            yield tail
+
+
+def _is_cut(text: str, i: int) -> bool:
+    # Every pre-token holding a visible ASCII character ends before a following
+    # newline, so splitting the text there splits no pre-token, and the pattern
+    # (which never looks behind) matches the rest as it would the whole.
+    return text[i] == "\n" and "!" <= text[i - 1] <= "~"
+
+
+def _cut_before(text: str, i: int, lo: int) -> int:
+    """The last safe cut at or before ``i`` and not before ``lo`` (``lo`` itself is safe)."""
+    while True:
+        i = text.rfind("\n", lo + 1, i + 1)
+        if i < 0:
+            return lo
+        if _is_cut(text, i):
+            return i
+        i -= 1
+
+
+def _cut_after(text: str, i: int) -> int:
+    """The first safe cut at or after ``i`` (the end of the text if none)."""
+    while True:
+        i = text.find("\n", i)
+        if i < 0:
+            return len(text)
+        if _is_cut(text, i):
+            return i
+        i += 1
+
+
+def _replace_lone_surrogates(text: str) -> str:
+    # Lone surrogates cannot be UTF-8 encoded; like tiktoken, turn them into
+    # U+FFFD (valid surrogate pairs become the character they stand for).
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+

@@ -1,0 +1,226 @@
+"""The tokenizer against tiktoken's and Hugging Face's GPT-2 encodings of the same vocabulary files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import oracles
+from gpt2lite import StreamDecoder, Tokenizer
+from gpt2lite.hub import ModelNotFoundError
+from gpt2lite.tokenizer_files import bundled_gpt2_files
+
+# The hashes tiktoken checks for its "gpt2" encoding: the genuine OpenAI files.
+GENUINE_SHA256 = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+
+SAMPLES = [
+    "",
+    "hello world",
+    "Hello, World! It's a test: we've got 3 dogs, they're fine, I'm sure, you'll see, he'd say.",
+    "IT'S WE'VE THEY'RE I'M YOU'LL HE'D DON'T 'S 'T",
+    "def fib(n: int) -> int:\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n",
+    "for (int i = 0; i < 10; ++i) { printf(\"%d\\n\", i); }\t// tabs\r\n",
+    "日本語のテキストと中文文本，还有한국어 텍스트。",
+    "emoji: 👩‍👩‍👧‍👦 family, 🏳️‍🌈 flag, 👍🏽 thumbs, 🇫🇷🇯🇵 flags",
+    "combining: e\u0301 a\u0308 n\u0303 \u0915\u094d\u0937 Zalgo: Z\u0351\u036b\u0343a\u0360l\u0352g\u0308o",
+    "   leading spaces, trailing spaces   ",
+    "multiple\n\n\nnewlines\n \n  \n\t\t\ttabs    and  spaces      end  ",
+    "numbers 1234567890 3.14159 -42 1e10 0x1F 1,000,000 ١٢٣ ⅷ",
+    "text<|endoftext|>more text",
+    "<|endoftext|>",
+    "a" * 300 + " " + "ab" * 200,
+    "Ünïcödé ßtraße café résumé naïve Ελληνικά русский עברית العربية",
+    "\u200b zero width \ufeff bom \u00a0 nbsp \u2028 line sep",
+    "mixed: http://example.com/path?q=1&r=2#frag user@example.com $100.00 50% #hashtag @mention",
+]
+
+
+@pytest.fixture(scope="session")
+def tok() -> Tokenizer:
+    return Tokenizer.gpt2()
+
+
+@pytest.fixture(scope="session")
+def tiktoken_gpt2():
+    pytest.importorskip("tiktoken")
+    return oracles.tiktoken_gpt2()
+
+
+@pytest.fixture(scope="session")
+def hf_gpt2():
+    pytest.importorskip("tokenizers")
+    return oracles.hf_gpt2_tokenizer()
+
+
+def test_bundled_files_are_genuine():
+    for path in bundled_gpt2_files():
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == GENUINE_SHA256[path.name]
+
+
+def test_known_ids(tok):
+    assert tok.n_vocab == 50257
+    assert tok.eot_token == 50256
+    assert tok.encode("hello world") == [31373, 995]  # tiktoken's documented example
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_equals_tiktoken_and_hf(tok, tiktoken_gpt2, hf_gpt2, text):
+    ours = tok.encode(text)
+    assert ours == tiktoken_gpt2.encode_ordinary(text)
+    assert ours == hf_gpt2.encode(text).ids
+    assert tok.decode(ours) == text
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_allowed_special_equals_tiktoken(tok, tiktoken_gpt2, text):
+    assert tok.encode(text, allowed_special="all") == tiktoken_gpt2.encode(text, allowed_special="all")
+    assert tok.encode(text, allowed_special={"<|endoftext|>"}) == tiktoken_gpt2.encode(text, allowed_special="all")
+
+
+def test_special_tokens_are_text_unless_allowed(tok):
+    assert 50256 not in tok.encode("a<|endoftext|>b")
+    assert tok.encode("a<|endoftext|>b", allowed_special="all").count(50256) == 1
+    assert tok.decode(tok.encode("a<|endoftext|>b", allowed_special="all")) == "a<|endoftext|>b"
+    with pytest.raises(ValueError, match="unknown special"):
+        tok.encode("x", allowed_special={"<|fim|>"})
+    with pytest.raises(TypeError, match="allowed_special"):
+        tok.encode("x", allowed_special="<|endoftext|>")
+
+
+def test_encode_batch(tok, tiktoken_gpt2):
+    assert tok.encode_batch(SAMPLES) == tiktoken_gpt2.encode_ordinary_batch(SAMPLES)
+    with pytest.raises(TypeError, match="single str"):
+        tok.encode_batch("abc")
+
+
+def test_bad_input(tok):
+    with pytest.raises(TypeError, match="takes a str"):
+        tok.encode(b"bytes")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        tok.encode(None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="50257"):
+        tok.decode([1, 50257])
+    with pytest.raises(ValueError, match="-1"):
+        tok.decode([-1])
+    with pytest.raises(ValueError, match="99999"):
+        tok.decode_bytes([99999])
+
+
+def test_lone_surrogates_like_tiktoken(tok, tiktoken_gpt2):
+    for text in ["a\ud800b", "\udfff", "ok \ud83d\ude00 pair", "x\ud83d"]:
+        assert tok.encode(text) == tiktoken_gpt2.encode_ordinary(text)
+
+
+def test_decode_invalid_utf8_is_replaced(tok):
+    # "𝄞" is four bytes over several tokens; half of it is not valid UTF-8.
+    ids = tok.encode("𝄞")
+    assert len(ids) > 1
+    assert tok.decode(ids[:1]) == "\ufffd"
+    assert tok.decode_bytes(ids) == "𝄞".encode()
+
+
+@pytest.mark.parametrize("text", ["👩‍👩‍👧‍👦 and 日本語", "é€𝄞 mixed ascii", SAMPLES[7]])
+def test_stream_decoder_never_splits_characters(tok, text):
+    ids = tok.encode(text)
+    dec = tok.stream_decoder()
+    pieces = [dec.add(t) for t in ids] + [dec.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert isinstance(dec, StreamDecoder)
+    # Some character spans tokens, so some token yields nothing until the next completes it.
+    assert "" in pieces[:-1]
+
+
+def test_stream_decoder_flushes_unfinished_character(tok):
+    ids = tok.encode("𝄞")
+    dec = tok.stream_decoder()
+    assert dec.add(ids[0]) == ""
+    assert dec.flush() == "\ufffd"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_roundtrip_and_oracle_property(tok, tiktoken_gpt2, text):
+    ids = tok.encode(text)
+    assert ids == tiktoken_gpt2.encode_ordinary(text)
+    assert tok.decode(ids) == text
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab '\n\t1.😀é<|>endoftx")), max_size=60))
+def test_property_dense_alphabet(tok, tiktoken_gpt2, hf_gpt2, text):
+    # A small alphabet makes contractions, whitespace runs and near-special strings common.
+    ids = tok.encode(text)
+    assert ids == tiktoken_gpt2.encode_ordinary(text) == hf_gpt2.encode(text).ids
+    assert tok.encode(text, allowed_special="all") == tiktoken_gpt2.encode(text, allowed_special="all")
+    assert tok.decode(ids) == text
+
+
+def test_from_files_both_layouts(tmp_path, tok):
+    encoder, vocab_bpe = bundled_gpt2_files()
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    shutil.copy(encoder, hf_dir / "vocab.json")
+    shutil.copy(vocab_bpe, hf_dir / "merges.txt")
+    openai_dir = tmp_path / "openai"
+    openai_dir.mkdir()
+    shutil.copy(encoder, openai_dir / "encoder.json")
+    shutil.copy(vocab_bpe, openai_dir / "vocab.bpe")
+    text = SAMPLES[2] + SAMPLES[7]
+    for d in (hf_dir, openai_dir):
+        assert Tokenizer.from_pretrained(d).encode(text) == tok.encode(text)
+    assert Tokenizer.from_files(hf_dir / "vocab.json", hf_dir / "merges.txt").encode(text) == tok.encode(text)
+
+
+def test_from_pretrained_errors(tmp_path):
+    with pytest.raises(ModelNotFoundError, match=r"vocab\.json"):
+        Tokenizer.from_pretrained(tmp_path)
+    with pytest.raises(ModelNotFoundError, match="no such file"):
+        Tokenizer.from_pretrained(tmp_path / "missing" / "dir")
+    # A hub id with an empty cache and no network allowed: the message says how to fix it.
+    with pytest.raises(ModelNotFoundError, match="local directory"):
+        Tokenizer.from_pretrained("gpt2", cache_dir=tmp_path / "cache", local_files_only=True)
+
+
+def test_from_pretrained_hub_cache(tmp_path, tok):
+    """A hub repo already in the huggingface_hub cache loads through the real hub code path, offline."""
+    encoder, vocab_bpe = bundled_gpt2_files()
+    commit = "0" * 40
+    repo = tmp_path / "models--openai-community--gpt2"
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copy(encoder, snap / "vocab.json")
+    shutil.copy(vocab_bpe, snap / "merges.txt")
+    loaded = Tokenizer.from_pretrained("gpt2", cache_dir=tmp_path, local_files_only=True)
+    assert loaded.encode("hello world") == [31373, 995]
+
+
+def test_bad_vocab_files(tmp_path):
+    (tmp_path / "vocab.json").write_text("not json")
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        Tokenizer.from_pretrained(tmp_path)
+    vocab = {c: i for i, c in enumerate("abc")}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    with pytest.raises(ValueError, match="single-byte"):
+        Tokenizer.from_pretrained(tmp_path)
+
+
+def test_cache_is_bounded(tok, monkeypatch):
+    import gpt2lite.tokenizer as module
+
+    fresh = Tokenizer.gpt2()
+    monkeypatch.setattr(module, "_CACHE_LIMIT", 50)
+    words = " ".join(f"w{i}x" for i in range(500))
+    assert fresh.encode(words) == tok.encode(words)
+    assert len(fresh._cache) <= 50
