@@ -1,7 +1,19 @@
 """gpt2lite: GPT-2 text generation in plain PyTorch."""
 
+from gpt2lite.config import PRESETS, GPT2Config
 from gpt2lite.hub import ModelNotFoundError
+from gpt2lite.model import GPT2, KVCache
 from gpt2lite.tokenizer import StreamDecoder, Tokenizer
+from gpt2lite.weights import CheckpointError
 
-__all__ = ["ModelNotFoundError", "StreamDecoder", "Tokenizer"]
+__all__ = [
+    "GPT2",
+    "PRESETS",
+    "CheckpointError",
+    "GPT2Config",
+    "KVCache",
+    "ModelNotFoundError",
+    "StreamDecoder",
+    "Tokenizer",
+]
 __version__ = "0.1.0"

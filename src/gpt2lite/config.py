@@ -1,0 +1,110 @@
+"""GPT-2 hyperparameters: a frozen dataclass and the published presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["PRESETS", "GPT2Config"]
+
+_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu")
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    """Shape and numerics of a GPT-2 model; field names follow Hugging Face's ``config.json``."""
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None  # MLP width; None means 4 * n_embd
+    layer_norm_epsilon: float = 1e-5
+    activation_function: str = "gelu_new"
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    resid_pdrop: float = 0.1
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"GPT2Config.{name} must be a positive int, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.activation_function not in _ACTIVATIONS:
+            raise ValueError(
+                f"activation_function {self.activation_function!r} is not supported; use one of {_ACTIVATIONS}"
+            )
+        for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"GPT2Config.{name} must be in [0, 1), got {getattr(self, name)!r}")
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_dim(self) -> int:
+        """Width of the MLP's hidden layer."""
+        return self.n_inner or 4 * self.n_embd
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> GPT2Config:
+        """The config of a published model (``"gpt2"``, ``"gpt2-medium"``, ...), optionally changed."""
+        key = name.rsplit("/", 1)[-1]
+        if key not in PRESETS:
+            raise ValueError(f"no preset named {name!r}; known: {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[key], **overrides)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GPT2Config:
+        """Build from a Hugging Face ``config.json`` dict; keys that do not concern the model are ignored."""
+        model_type = d.get("model_type", "gpt2")
+        if model_type != "gpt2":
+            raise ValueError(f"config is for model_type {model_type!r}; gpt2lite loads GPT-2 models only")
+        unsupported = {
+            "scale_attn_weights": True,
+            "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False,
+            "add_cross_attention": False,
+        }
+        for key, default in unsupported.items():
+            if d.get(key, default) != default:
+                raise ValueError(f"config sets {key}={d[key]!r}, which gpt2lite does not support")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike[str]) -> GPT2Config:
+        """Read a Hugging Face ``config.json``."""
+        with open(path, encoding="utf-8") as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{str(path)!r} is not valid JSON: {exc}") from None
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A ``config.json`` dict that Hugging Face ``transformers`` also reads."""
+        d = dataclasses.asdict(self)
+        d.update(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_ctx=self.n_positions)
+        return d
+
+
+PRESETS: dict[str, GPT2Config] = {
+    "gpt2": GPT2Config(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": GPT2Config(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": GPT2Config(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": GPT2Config(n_layer=48, n_head=25, n_embd=1600),
+    "distilgpt2": GPT2Config(n_layer=6, n_head=12, n_embd=768),
+    # Not published: a few-hundred-K-parameter model for tests and training from scratch.
+    "tiny": GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=128),
+}
