@@ -145,7 +145,7 @@ def test_load_skips_random_init(tiny_dir, monkeypatch):
 def test_missing_directory_and_hub_offline(tmp_path):
     with pytest.raises(ModelNotFoundError, match="no such file"):
         GPT2.from_pretrained(tmp_path / "nope" / "x")
-    with pytest.raises(ModelNotFoundError, match="config.json"):
+    with pytest.raises(ModelNotFoundError, match=r"config\.json"):
         GPT2.from_pretrained(tmp_path)
     with pytest.raises(ModelNotFoundError, match="HF_HUB_OFFLINE"):
         GPT2.from_pretrained("gpt2", cache_dir=tmp_path / "cache", local_files_only=True)

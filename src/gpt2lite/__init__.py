@@ -1,6 +1,7 @@
 """gpt2lite: GPT-2 text generation in plain PyTorch."""
 
 from gpt2lite.config import PRESETS, GPT2Config
+from gpt2lite.generation import GenerationOptions, generate, iter_tokens
 from gpt2lite.hub import ModelNotFoundError
 from gpt2lite.model import GPT2, KVCache
 from gpt2lite.tokenizer import StreamDecoder, Tokenizer
@@ -11,9 +12,12 @@ __all__ = [
     "PRESETS",
     "CheckpointError",
     "GPT2Config",
+    "GenerationOptions",
     "KVCache",
     "ModelNotFoundError",
     "StreamDecoder",
     "Tokenizer",
+    "generate",
+    "iter_tokens",
 ]
 __version__ = "0.1.0"

@@ -235,7 +235,7 @@ class GPT2(nn.Module):
         last_only: bool = False,
     ) -> torch.Tensor:
         # The unchecked forward, for the generation loop, whose inputs are valid by construction.
-        B, T = input_ids.shape
+        T = input_ids.shape[1]
         past = kv_cache.length if kv_cache is not None else 0
         device = input_ids.device
         if position_ids is None:
