@@ -1,0 +1,87 @@
+"""Decode speed of gpt2lite beside transformers on the same weights, in one process, alternating.
+
+A random-weight GPT-2 124M (published layout) is loaded by both libraries; each
+round runs greedy generation of --new tokens after a --prompt-token prompt with
+no early stop, first gpt2lite then transformers, for each batch size. Prints
+the median tokens/s (new tokens x batch / wall time) and the ratio.
+
+    python benchmarks/bench_generate.py [--device cpu|cuda] [--dtype float32|float16] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--compile", action="store_true", help="also time gpt2lite's compiled CUDA-graph path")
+    args = parser.parse_args()
+
+    import transformers
+
+    from gpt2lite import GPT2, GPT2Config, generate
+    from gpt2lite.weights import resolve_dtype
+
+    transformers.logging.set_verbosity_error()
+    dtype = resolve_dtype(args.dtype)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        GPT2(GPT2Config.from_preset("gpt2")).save_pretrained(tmp)
+        ours = GPT2.from_pretrained(tmp, device=device, dtype=dtype)
+        theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp, dtype=dtype).to(device).eval()
+
+    def run_ours(ids, **kw):
+        return generate(ours, ids, max_new_tokens=args.new, temperature=0, eos_token_id=None, **kw)
+
+    def run_theirs(ids):
+        with torch.inference_mode():
+            return theirs.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new, min_new_tokens=args.new,
+                do_sample=False, pad_token_id=50256,
+            )
+
+    runners = {"gpt2lite": run_ours, "transformers": run_theirs}
+    if args.compile:
+        runners["gpt2lite compiled"] = lambda ids: run_ours(ids, compile=True)
+
+    print(f"device={device} dtype={dtype} threads={torch.get_num_threads()} prompt={args.prompt} "
+          f"new={args.new} greedy, {args.rounds} rounds, medians")
+    for batch in args.batch:
+        ids = torch.randint(0, 50257, (batch, args.prompt), generator=torch.Generator().manual_seed(batch)).to(device)
+        outputs = {name: run(ids) for name, run in runners.items()}  # warm-up (and compile)
+        reference = outputs["transformers"]
+        for name, out in outputs.items():
+            same = torch.equal(out.cpu(), reference.cpu())
+            if not same:
+                print(f"  note: {name} output differs from transformers at batch {batch}")
+        times: dict[str, list[float]] = {name: [] for name in runners}
+        for _ in range(args.rounds):
+            for name, run in runners.items():
+                sync()
+                t0 = time.perf_counter()
+                run(ids)
+                sync()
+                times[name].append(time.perf_counter() - t0)
+        base = statistics.median(times["transformers"])
+        for name, ts in times.items():
+            t = statistics.median(ts)
+            print(f"  batch {batch:2d} {name:>18}: {batch * args.new / t:8.1f} tok/s  ({base / t:4.2f}x transformers)")
+
+
+if __name__ == "__main__":
+    main()
