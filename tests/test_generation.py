@@ -236,3 +236,18 @@ def test_bad_inputs(tiny):
         generate(tiny, [[1, 2], [3]])
     with pytest.raises(ValueError, match="pad prompts on the left"):
         generate(tiny, [[1, 2], [3, 4]], attention_mask=torch.tensor([[1, 0], [1, 1]]))
+
+
+def test_static_decode_path_matches_eager(tiny, monkeypatch):
+    """The fixed-shape step used by compile=True, run uncompiled here: same tokens as the eager loop."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    ids, mask = left_pad(prompts([3, 9, 6], seed=10))
+    for _ in range(2):  # the second call reuses the decoder kept on the model
+        static = generate(tiny, ids, attention_mask=mask, max_new_tokens=15, temperature=0, compile=True)
+        eager = generate(tiny, ids, attention_mask=mask, max_new_tokens=15, temperature=0)
+        assert torch.equal(static, eager)
+    unpadded = torch.tensor(prompts([4, 4, 4], seed=11))
+    assert torch.equal(
+        generate(tiny, unpadded, max_new_tokens=10, seed=0, compile=True),
+        generate(tiny, unpadded, max_new_tokens=10, seed=0),
+    )

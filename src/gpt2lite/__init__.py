@@ -4,6 +4,7 @@ from gpt2lite.config import PRESETS, GPT2Config
 from gpt2lite.generation import GenerationOptions, generate, iter_tokens
 from gpt2lite.hub import ModelNotFoundError
 from gpt2lite.model import GPT2, KVCache
+from gpt2lite.pipeline import TextGenerator
 from gpt2lite.tokenizer import StreamDecoder, Tokenizer
 from gpt2lite.weights import CheckpointError
 
@@ -16,6 +17,7 @@ __all__ = [
     "KVCache",
     "ModelNotFoundError",
     "StreamDecoder",
+    "TextGenerator",
     "Tokenizer",
     "generate",
     "iter_tokens",

@@ -23,6 +23,9 @@ class GenerationOptions:
     ``stop`` holds token sequences that end a row (the sequence is kept in the
     output, like the end token). Finished rows are padded with ``pad_token_id``
     (default: the end token, else 50256). ``seed`` makes sampling reproducible.
+    ``compile=True`` decodes with a fixed-shape step under ``torch.compile``
+    (CUDA graphs on a GPU): the first call compiles, later calls with the same
+    batch size reuse it and a full-context cache that the model keeps.
     """
 
     max_new_tokens: int = 64
@@ -36,6 +39,7 @@ class GenerationOptions:
     stop: tuple[tuple[int, ...], ...] = ()
     seed: int | None = None
     num_return_sequences: int = 1
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
@@ -203,7 +207,13 @@ def _decode(
     stops = [torch.tensor(seq, device=device) for seq in opts.stop]
 
     with torch.inference_mode():
-        cache = KVCache(model.config, B, total, device=device, dtype=model.dtype)
+        if opts.compile:
+            decoder = _StaticDecoder.for_model(model, B)
+            cache = decoder.cache
+            cache.length = 0
+        else:
+            decoder = None
+            cache = KVCache(model.config, B, total, device=device, dtype=model.dtype)
         # Every token so far, for the repetition penalty and stop sequences; padding is
         # replaced by the row's last prompt token so that it is never penalised.
         tokens = torch.empty(B, total, dtype=torch.long, device=device)
@@ -218,6 +228,8 @@ def _decode(
             position = None
             logits = model._forward(prompt, None, None, cache, True)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
+        if decoder is not None:
+            decoder.start(mask, T)
 
     for step in range(opts.max_new_tokens):
         with torch.inference_mode():
@@ -238,7 +250,55 @@ def _decode(
         if done:
             return
         with torch.inference_mode():
-            if full_mask is not None:
+            if decoder is not None:
+                logits = decoder.step(next_tokens, position + step if position is not None else cur)
+            elif full_mask is not None:
                 logits = model._forward(next_tokens[:, None], full_mask[:, : cur + 1], position + step, cache, True)
             else:
                 logits = model._forward(next_tokens[:, None], None, None, cache, True)
+
+
+class _StaticDecoder:
+    """The compiled decode step with its fixed-shape inputs, kept on the model per batch size.
+
+    Everything the captured graph reads lives at a fixed address: the cache
+    covers the whole context and the step's inputs are copied into buffers.
+    """
+
+    def __init__(self, model: GPT2, batch_size: int) -> None:
+        config, device = model.config, model.device
+        self.cache = KVCache(config, batch_size, config.n_positions, device=device, dtype=model.dtype)
+        self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.key_mask = torch.zeros(batch_size, config.n_positions, dtype=torch.bool, device=device)
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        self.fn = torch.compile(model.decode_step, mode=mode, fullgraph=True)
+
+    @classmethod
+    def for_model(cls, model: GPT2, batch_size: int) -> _StaticDecoder:
+        decoders = model.__dict__.setdefault("_static_decoders", {})
+        key = (batch_size, model.dtype, model.device)
+        if key not in decoders:
+            decoders[key] = cls(model, batch_size)
+        return decoders[key]
+
+    def start(self, prompt_mask: torch.Tensor | None, length: int) -> None:
+        """Make the first ``length`` slots, filled by the prompt, visible (less its padding)."""
+        self.key_mask.zero_()
+        self.key_mask[:, :length] = True if prompt_mask is None else prompt_mask.bool()
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor | int) -> torch.Tensor:
+        """Feed ``tokens`` ``(B,)`` at the next cache slot; return logits ``(B, 1, vocab)``."""
+        slot = self.cache.length
+        self.key_mask[:, slot] = True
+        self.tokens.copy_(tokens[:, None])
+        if isinstance(positions, torch.Tensor):
+            self.positions.copy_(positions)
+        else:
+            self.positions.fill_(positions)
+        self.slot.fill_(slot)
+        logits = self.fn(self.tokens, self.positions, self.slot, self.key_mask, self.cache)
+        self.cache.length = slot + 1
+        # CUDA graphs reuse their output buffer on the next replay: hand out a copy.
+        return logits[:, None].clone()

@@ -58,6 +58,17 @@ class KVCache:
         self.v[layer, :, :, self.length : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, end, hs)
 
+    def write(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one step's ``k``/``v`` ``(B, nh, 1, hs)`` at tensor ``position``; return the whole buffers.
+
+        Shapes never change, so a compiled decode step can be captured once as a CUDA graph.
+        """
+        self.k[layer].index_copy_(2, position, k)
+        self.v[layer].index_copy_(2, position, v)
+        return self.k[layer], self.v[layer]  # (B, nh, max_length, hs)
+
     def reorder(self, index: torch.Tensor) -> None:
         """Keep the batch rows given by ``index`` (in that order)."""
         self.k = self.k.index_select(1, index)
@@ -78,14 +89,21 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, kv_cache: KVCache | None
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        kv_cache: KVCache | None,
+        position: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if kv_cache is not None:
+        if position is not None:
+            k, v = kv_cache.write(self.layer, k, v, position)  # (B, nh, max_length, hs)
+        elif kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)  # (B, nh, S, hs), S = cached + T
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.attn_pdrop if self.training else 0.0
@@ -120,9 +138,14 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, kv_cache: KVCache | None
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        kv_cache: KVCache | None,
+        position: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), mask, is_causal, kv_cache)
+        x = x + self.attn(self.ln_1(x), mask, is_causal, kv_cache, position)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -253,6 +276,26 @@ class GPT2(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self._lm_head(self.ln_f(x))  # (B, T, vocab)
+
+    def decode_step(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        write_position: torch.Tensor,
+        key_mask: torch.Tensor,
+        kv_cache: KVCache,
+    ) -> torch.Tensor:
+        """One token per row with fixed shapes, for ``torch.compile`` / CUDA graphs: logits ``(B, vocab)``.
+
+        ``input_ids`` and ``position_ids`` are ``(B, 1)``, ``write_position`` the
+        cache slot ``(1,)``, and ``key_mask`` ``(B, max_length)`` the slots each row
+        may attend to (this one included). The caller advances ``kv_cache.length``.
+        """
+        x = self.wte(input_ids) + self.wpe(position_ids)  # (B, 1, C)
+        mask = key_mask[:, None, None, :]  # (B, 1, 1, max_length)
+        for block in self.h:
+            x = block(x, mask, False, kv_cache, write_position)
+        return self._lm_head(self.ln_f(x))[:, -1]  # (B, vocab)
 
     def _lm_head(self, x: torch.Tensor) -> torch.Tensor:
         """Logits from final hidden states ``(B, T, C)``; the head is the token embedding itself."""

@@ -1,0 +1,56 @@
+"""Parity on a CUDA GPU (skipped where there is none): logits, greedy generation and the compiled path."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from gpt2lite import GPT2, generate
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def hf_cuda(hf_124m):
+    return copy.deepcopy(hf_124m).cuda()
+
+
+def ids_on_cuda(shape, seed=0):
+    return torch.randint(0, 50257, shape, generator=torch.Generator().manual_seed(seed)).cuda()
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-4), (torch.float16, 0.05)])
+def test_cuda_logits_equal_transformers(gpt2_124m_dir, hf_cuda, dtype, tol):
+    ours = GPT2.from_pretrained(gpt2_124m_dir, device="cuda", dtype=dtype)
+    ids = ids_on_cuda((2, 64))
+    with torch.no_grad():
+        theirs = copy.deepcopy(hf_cuda).to(dtype)(ids).logits
+        mine = ours(ids)
+    assert mine.device.type == "cuda" and mine.dtype == dtype
+    assert (mine.float() - theirs.float()).abs().max().item() < tol
+
+
+def test_cuda_greedy_equals_transformers(gpt2_124m_dir, hf_cuda):
+    ours = GPT2.from_pretrained(gpt2_124m_dir, device="cuda")
+    ids = ids_on_cuda((3, 10), seed=1)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    mine = generate(ours, ids, attention_mask=mask, max_new_tokens=20, temperature=0)
+    with torch.no_grad():
+        theirs = hf_cuda.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
+                                  pad_token_id=50256)
+    assert torch.equal(mine, theirs)
+
+
+def test_cuda_compiled_path_equals_eager(gpt2_124m_dir):
+    ours = GPT2.from_pretrained(gpt2_124m_dir, device="cuda")
+    ids = ids_on_cuda((2, 12), seed=2)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    eager = generate(ours, ids, attention_mask=mask, max_new_tokens=24, temperature=0, eos_token_id=None)
+    for _ in range(2):
+        compiled = generate(ours, ids, attention_mask=mask, max_new_tokens=24, temperature=0, eos_token_id=None,
+                            compile=True)
+        assert torch.equal(compiled, eager)
