@@ -206,13 +206,13 @@ def _decode(
         opts.eos_token_id if opts.eos_token_id is not None else 50256)
     stops = [torch.tensor(seq, device=device) for seq in opts.stop]
 
+    # Made outside inference mode: its buffers outlive this call, in later calls' graphs.
+    decoder = _StaticDecoder.for_model(model, B) if opts.compile else None
     with torch.inference_mode():
-        if opts.compile:
-            decoder = _StaticDecoder.for_model(model, B)
+        if decoder is not None:
             cache = decoder.cache
             cache.length = 0
         else:
-            decoder = None
             cache = KVCache(model.config, B, total, device=device, dtype=model.dtype)
         # Every token so far, for the repetition penalty and stop sequences; padding is
         # replaced by the row's last prompt token so that it is never penalised.
@@ -258,25 +258,37 @@ def _decode(
                 logits = model._forward(next_tokens[:, None], None, None, cache, True)
 
 
-class _StaticDecoder:
+class _StaticDecoder(torch.nn.Module):
     """The compiled decode step with its fixed-shape inputs, kept on the model per batch size.
 
-    Everything the captured graph reads lives at a fixed address: the cache
-    covers the whole context and the step's inputs are copied into buffers.
+    Everything the captured graph touches lives at a fixed address: the cache
+    covers the whole context and is held as buffers of this module (which a CUDA
+    graph may update in place), and each step's inputs are copied into buffers.
     """
 
     def __init__(self, model: GPT2, batch_size: int) -> None:
+        super().__init__()
         config, device = model.config, model.device
-        self.cache = KVCache(config, batch_size, config.n_positions, device=device, dtype=model.dtype)
+        shape = (config.n_layer, batch_size, config.n_head, config.n_positions, config.head_dim)
+        self.model = model
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=model.dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=model.dtype), persistent=False)
+        self.cache = KVCache.wrap(self.k, self.v)  # the same tensors, for the eager prompt pass
         self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.key_mask = torch.zeros(batch_size, config.n_positions, dtype=torch.bool, device=device)
         mode = "reduce-overhead" if device.type == "cuda" else None
-        self.fn = torch.compile(model.decode_step, mode=mode, fullgraph=True)
+        self.compiled = torch.compile(self, mode=mode, fullgraph=True)
+
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor, key_mask: torch.Tensor
+    ) -> torch.Tensor:
+        return self.model.decode_step(tokens, positions, slot, key_mask, KVCache.wrap(self.k, self.v))
 
     @classmethod
     def for_model(cls, model: GPT2, batch_size: int) -> _StaticDecoder:
+        # Kept outside the module tree (a plain dict attribute) so the model's state_dict is unchanged.
         decoders = model.__dict__.setdefault("_static_decoders", {})
         key = (batch_size, model.dtype, model.device)
         if key not in decoders:
@@ -298,7 +310,7 @@ class _StaticDecoder:
         else:
             self.positions.fill_(positions)
         self.slot.fill_(slot)
-        logits = self.fn(self.tokens, self.positions, self.slot, self.key_mask, self.cache)
+        logits = self.compiled(self.tokens, self.positions, self.slot, self.key_mask)
         self.cache.length = slot + 1
         # CUDA graphs reuse their output buffer on the next replay: hand out a copy.
         return logits[:, None].clone()

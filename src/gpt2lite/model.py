@@ -46,6 +46,13 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # positions filled so far
 
+    @classmethod
+    def wrap(cls, k: torch.Tensor, v: torch.Tensor, length: int = 0) -> KVCache:
+        """A cache over existing buffers of shape ``(n_layer, B, nh, max_length, hs)``."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.length = k, v, length
+        return cache
+
     @property
     def max_length(self) -> int:
         """How many positions the buffers hold."""
