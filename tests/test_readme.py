@@ -1,0 +1,61 @@
+"""The README's examples and main command run as written, with "gpt2" standing for a local random checkpoint."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+
+from gpt2lite import Tokenizer
+from gpt2lite.cli import main
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+
+
+@pytest.fixture
+def gpt2_here(tiny_dir, tmp_path, monkeypatch):
+    """A directory named "gpt2" in the working directory: a local path wins over the hub id."""
+    shutil.copytree(tiny_dir, tmp_path / "gpt2")
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.mark.parametrize("index", range(len(blocks("python"))))
+def test_readme_python_blocks_run(index, gpt2_here, capsys):
+    code = blocks("python")[index]
+    exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": "readme"})
+
+
+def test_readme_main_command_runs(gpt2_here, capsys):
+    first_line = blocks("bash")[0].splitlines()[0]
+    command = first_line.split("&&", 1)[1]
+    argv = shlex.split(command)
+    assert argv[0] == "gpt2lite"
+    assert main(argv[1:]) == 0
+    assert len(capsys.readouterr().out) > 1
+
+
+def test_readme_test_command_is_what_ci_runs():
+    test_line = blocks("bash")[0].splitlines()[1]
+    ci = (README.parent / ".ci" / "run").read_text(encoding="utf-8")
+    assert test_line in ci
+
+
+def test_example_script_runs(tiny_dir, capsys):
+    import importlib.util
+
+    path = README.parent / "examples" / "generate_text.py"
+    spec = importlib.util.spec_from_file_location("generate_text_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(str(tiny_dir))
+    out = capsys.readouterr().out
+    n = len(Tokenizer.gpt2().encode("One, two, three,"))
+    assert f"logits shape: (2, {n}, 50257)" in out
+    assert out.count("continued:") == 2
