@@ -224,3 +224,9 @@ def test_cache_is_bounded(tok, monkeypatch):
     words = " ".join(f"w{i}x" for i in range(500))
     assert fresh.encode(words) == tok.encode(words)
     assert len(fresh._cache) <= 50
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.text(alphabet=st.sampled_from(list("ab \n\t.'é😀")), max_size=30), max_size=8))
+def test_encode_stream_equals_whole_text(tok, pieces):
+    assert [t for ids in tok.encode_stream(pieces) for t in ids] == tok.encode("".join(pieces))

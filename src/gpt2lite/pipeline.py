@@ -126,6 +126,24 @@ class TextGenerator:
         if piece:
             yield piece
 
+    def perplexity(self, text: str, *, max_length: int | None = None, stride: int | None = None) -> float:
+        """Perplexity of ``text`` (sliding window; see ``gpt2lite.perplexity``)."""
+        from gpt2lite.evaluate import perplexity
+
+        return perplexity(self.model, self.tokenizer.encode(text), max_length=max_length, stride=stride)
+
+    def logprobs(self, prompt: str, continuation: str) -> list[tuple[str, float]]:
+        """Each token of ``continuation`` with its log-probability after ``prompt`` (encoded separately).
+
+        An empty prompt means the start of a document (``<|endoftext|>``).
+        """
+        from gpt2lite.evaluate import token_logprobs
+
+        prompt_ids = self.tokenizer.encode(prompt) or [self.tokenizer.eot_token]
+        ids = self.tokenizer.encode(continuation)
+        scores = token_logprobs(self.model, prompt_ids, ids)
+        return [(self.tokenizer.decode([i]), float(lp)) for i, lp in zip(ids, scores, strict=True)]
+
     def _run(self, prompts, stop, generator, options) -> list[_Completion]:
         completions = self._prepare(prompts, stop, int(options.get("num_return_sequences", 1)))
         for step in self._steps(prompts, generator, options):

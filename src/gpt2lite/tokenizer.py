@@ -223,6 +223,25 @@ class Tokenizer:
             raise TypeError("encode_batch() takes a list of str, got a single str; use encode() for one text")
         return [self.encode(t, allowed_special=allowed_special) for t in texts]
 
+    def encode_stream(self, chunks: Iterable[str]) -> Iterator[list[int]]:
+        """Encode text that arrives in pieces (a file read in blocks) as ``encode("".join(chunks))`` would.
+
+        Special-token strings are ordinary text. Text after the last point where
+        a pre-token must end is held over to the next piece, so no word is split
+        at a piece's edge and memory stays bounded by the piece size.
+        """
+        carry = ""
+        for chunk in chunks:
+            if not isinstance(chunk, str):
+                raise TypeError(f"encode_stream() takes str pieces, got {type(chunk).__name__}")
+            text = carry + chunk
+            cut = _cut_before(text, len(text) - 1, 0) if text else 0
+            carry = text[cut:]
+            if cut:
+                yield self.encode(text[:cut])
+        if carry:
+            yield self.encode(carry)
+
     def _allowed(self, allowed_special: Literal["all"] | Iterable[str]) -> set[str]:
         if allowed_special == "all":
             return set(self.special_tokens)

@@ -1,0 +1,161 @@
+"""Training data: text tokenized once into a ``uint16`` memory map beside a JSON manifest.
+
+A corpus larger than memory works: files are read in blocks and tokens are
+appended to disk as they come. A second run with the same sources finds the
+manifest and reuses the tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gpt2lite.tokenizer import Tokenizer
+
+__all__ = ["TokenData", "prepare_data"]
+
+_MANIFEST = "manifest.json"
+_TOKENS = "tokens.bin"
+_FORMAT = 1
+_BLOCK_CHARS = 1 << 20  # read files 1M characters at a time
+_TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+
+
+@dataclass(frozen=True)
+class TokenData:
+    """A token stream on disk, split into a training part and a held-out validation part."""
+
+    directory: Path
+    tokens: np.ndarray  # uint16 memory map of the whole stream
+    split: int  # tokens[:split] train, tokens[split:] validation
+
+    @property
+    def train(self) -> np.ndarray:
+        """The training tokens."""
+        return self.tokens[: self.split]
+
+    @property
+    def val(self) -> np.ndarray:
+        """The held-out tokens."""
+        return self.tokens[self.split :]
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike[str]) -> TokenData:
+        """Open data written by ``prepare_data``."""
+        directory = Path(directory)
+        manifest = json.loads((directory / _MANIFEST).read_text(encoding="utf-8"))
+        tokens = np.memmap(directory / _TOKENS, dtype=np.uint16, mode="r")
+        if len(tokens) != manifest["tokens"]:
+            raise ValueError(
+                f"{directory / _TOKENS} holds {len(tokens)} tokens, its manifest says {manifest['tokens']}"
+            )
+        return cls(directory, tokens, manifest["split"])
+
+    def windows(
+        self, part: str, starts: torch.Tensor, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and next-token targets ``(len(starts), length)`` for windows at ``starts`` of a part."""
+        stream = self.train if part == "train" else self.val
+        rows = np.stack([stream[s : s + length + 1] for s in starts.tolist()]).astype(np.int64)
+        window = torch.from_numpy(rows)
+        return window[:, :-1], window[:, 1:]
+
+
+def prepare_data(
+    source: str | os.PathLike[str] | Sequence[str],
+    directory: str | os.PathLike[str],
+    *,
+    tokenizer: Tokenizer | None = None,
+    val_fraction: float = 0.05,
+) -> TokenData:
+    """Tokenize a text file, a folder of text files (recursively) or a list of strings into ``directory``.
+
+    Documents (files, list items) are separated by ``<|endoftext|>``. The last
+    ``val_fraction`` of the stream is held out for validation. If ``directory``
+    already holds data made from the same sources, it is reused as it is.
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    tokenizer = tokenizer or Tokenizer.gpt2()
+    if tokenizer.n_vocab > 1 << 16:
+        raise ValueError(f"a vocabulary of {tokenizer.n_vocab} tokens does not fit in uint16")
+    documents, fingerprint = _documents(source)
+    directory = Path(directory)
+    fingerprint = hashlib.sha256(
+        (fingerprint + f"|vocab={tokenizer.n_vocab}|val={val_fraction}|format={_FORMAT}").encode()
+    ).hexdigest()
+    manifest_path = directory / _MANIFEST
+    if manifest_path.is_file():
+        try:
+            if json.loads(manifest_path.read_text(encoding="utf-8")).get("fingerprint") == fingerprint:
+                return TokenData.open(directory)
+        except (ValueError, KeyError, OSError):
+            pass  # unreadable or stale: make it again
+
+    directory.mkdir(parents=True, exist_ok=True)
+    eot = tokenizer.eot_token
+    tmp = directory / (_TOKENS + ".tmp")
+    count = 0
+    with open(tmp, "wb") as f:
+        for blocks in documents:
+            for ids in tokenizer.encode_stream(blocks):
+                np.asarray(ids, dtype=np.uint16).tofile(f)
+                count += len(ids)
+            np.asarray([eot], dtype=np.uint16).tofile(f)
+            count += 1
+    if count < 8:
+        tmp.unlink()
+        raise ValueError(f"the data holds only {count} tokens: too little text to train on")
+    split = max(1, min(count - 2, round(count * (1 - val_fraction))))
+    os.replace(tmp, directory / _TOKENS)
+    manifest = {"format": _FORMAT, "fingerprint": fingerprint, "tokens": count, "split": split,
+                "n_vocab": tokenizer.n_vocab, "source": _describe(source)}
+    tmp_manifest = directory / (_MANIFEST + ".tmp")
+    tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp_manifest, manifest_path)
+    return TokenData.open(directory)
+
+
+def _describe(source: str | os.PathLike[str] | Sequence[str]) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    return f"{len(source)} strings"
+
+
+def _documents(source: str | os.PathLike[str] | Sequence[str]) -> tuple[Iterator[Iterable[str]], str]:
+    """The documents as iterables of text blocks, and a fingerprint of the sources."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_file():
+            files = [path]
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _TEXT_SUFFIXES)
+            if not files:
+                raise ValueError(f"folder {str(path)!r} holds no text files ({', '.join(_TEXT_SUFFIXES)})")
+        else:
+            raise FileNotFoundError(f"no such file or folder: {str(path)!r}")
+        stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+        if sum(size for _, size, _ in stats) == 0:
+            raise ValueError(f"{str(path)!r} holds only empty files")
+        return (_read_blocks(p) for p in files), json.dumps(stats)
+    if not isinstance(source, Sequence) or not all(isinstance(s, str) for s in source):
+        raise TypeError("source must be a path or a list of str")
+    if not any(source):
+        raise ValueError("source holds no text")
+    digest = hashlib.sha256()
+    for text in source:
+        digest.update(text.encode("utf-8", "surrogatepass") + b"\x00")
+    return ([text] for text in source), digest.hexdigest()
+
+
+def _read_blocks(path: Path) -> Iterator[str]:
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        while block := f.read(_BLOCK_CHARS):
+            yield block

@@ -1,0 +1,16 @@
+"""A DistributedDataParallel training process for test_train.py (spawned, so it lives in an importable module)."""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+
+def train_one_rank(rank: int, world: int, store: str, checkpoint: str, data_dir: str, out_dir: str, config) -> None:
+    from gpt2lite import GPT2, TokenData, train
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        model = GPT2.from_pretrained(checkpoint, config=config["model"])
+        train(model, TokenData.open(data_dir), out_dir, config["train"])
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,252 @@
+"""Data preparation, training, resume, DDP and perplexity, against transformers and single-process runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from gpt2lite import GPT2, GPT2Config, TrainConfig, perplexity, prepare_data, token_logprobs, train
+from gpt2lite.cli import main
+
+transformers = pytest.importorskip("transformers")
+
+QUIET = dict(progress=False, eval_interval=0, save_interval=0)
+
+
+def real_text(n_chars: int) -> str:
+    """English prose: the documentation topics that ship with Python."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))[:n_chars]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text(real_text(60_000), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(corpus, tmp_path_factory):
+    return prepare_data(corpus, tmp_path_factory.mktemp("data"))
+
+
+def no_dropout(config_dir) -> GPT2Config:
+    return dataclasses.replace(GPT2Config.from_json_file(config_dir / "config.json"),
+                               embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+
+
+# data ----------------------------------------------------------------------------------
+
+
+def test_prepare_data_tokens_and_reuse(corpus, tmp_path):
+    from gpt2lite import Tokenizer
+
+    tok = Tokenizer.gpt2()
+    d = prepare_data(corpus, tmp_path / "d", val_fraction=0.1)
+    expected = tok.encode(corpus.read_text(encoding="utf-8")) + [50256]
+    assert d.tokens.dtype == np.uint16
+    assert d.tokens.tolist() == expected
+    assert len(d.val) == len(expected) - d.split and abs(len(d.val) / len(expected) - 0.1) < 0.01
+    stamp = (tmp_path / "d" / "tokens.bin").stat().st_mtime_ns
+    again = prepare_data(corpus, tmp_path / "d", val_fraction=0.1)
+    assert (tmp_path / "d" / "tokens.bin").stat().st_mtime_ns == stamp  # reused, not rewritten
+    assert again.tokens.tolist() == expected
+
+
+def test_prepare_data_folder_and_strings(tmp_path):
+    from gpt2lite import Tokenizer
+
+    tok = Tokenizer.gpt2()
+    folder = tmp_path / "docs"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("First document. " * 20)
+    (folder / "sub" / "b.md").write_text("Second document, 日本語. " * 20)
+    (folder / "skip.bin").write_bytes(b"\x00\x01")
+    d = prepare_data(folder, tmp_path / "d1")
+    assert d.tokens.tolist() == tok.encode("First document. " * 20) + [50256] + tok.encode(
+        "Second document, 日本語. " * 20) + [50256]
+    texts = ["one " * 30, "two " * 30]
+    d2 = prepare_data(texts, tmp_path / "d2")
+    assert d2.tokens.tolist() == tok.encode(texts[0]) + [50256] + tok.encode(texts[1]) + [50256]
+
+
+def test_prepare_data_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        prepare_data(tmp_path / "missing.txt", tmp_path / "d")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no text files"):
+        prepare_data(tmp_path / "empty", tmp_path / "d")
+    (tmp_path / "e.txt").write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        prepare_data(tmp_path / "e.txt", tmp_path / "d")
+    with pytest.raises(ValueError, match="no text"):
+        prepare_data(["", ""], tmp_path / "d")
+
+
+# training --------------------------------------------------------------------------------
+
+
+def test_training_from_scratch_lowers_held_out_loss(data, tmp_path):
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config.from_preset("tiny"))
+    config = TrainConfig(steps=60, batch_size=8, block_size=64, lr=3e-3, min_lr=3e-4, warmup_steps=5,
+                         eval_batches=4, progress=False, save_interval=0, eval_interval=0)
+    from gpt2lite.train import evaluate_loss
+
+    before = evaluate_loss(model, data, block_size=64, batches=4, batch_size=8)
+    result = train(model, data, tmp_path / "run", config)
+    after = result.val_losses[-1][1]
+    assert before > 10.0  # about ln(50257) = 10.8 for random weights
+    assert after < before - 3.0
+    reloaded = GPT2.from_pretrained(result.final_dir)
+    assert math.isclose(evaluate_loss(reloaded, data, block_size=64, batches=4, batch_size=8), after, rel_tol=1e-5)
+
+
+def test_finetuned_checkpoint_loads_in_transformers(tiny_dir, data, tmp_path):
+    model = GPT2.from_pretrained(tiny_dir)
+    result = train(model, data, tmp_path / "ft", TrainConfig(steps=3, batch_size=2, block_size=32, **QUIET))
+    hf = transformers.GPT2LMHeadModel.from_pretrained(result.final_dir).eval()
+    ids = torch.from_numpy(data.val[:40].astype(np.int64))[None]
+    with torch.no_grad():
+        ours = GPT2.from_pretrained(result.final_dir)(ids)
+        theirs = hf(ids).logits
+        original = GPT2.from_pretrained(tiny_dir)(ids)
+    assert (ours - theirs).abs().max().item() < 1e-4
+    assert (ours - original).abs().max().item() > 1e-3  # training changed the weights
+
+
+def test_resume_continues_exactly(tiny_dir, data, tmp_path):
+    """6 steps in one go equal 3 steps, an interruption (Ctrl-C), then a resume for the rest; dropout on."""
+    config = TrainConfig(steps=6, batch_size=2, grad_accum=2, block_size=32, warmup_steps=2, progress=False,
+                         save_interval=1, eval_interval=2)
+    whole = train(GPT2.from_pretrained(tiny_dir), data, tmp_path / "whole", config)
+
+    def interrupt(step, loss):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(GPT2.from_pretrained(tiny_dir), data, tmp_path / "split", config, on_step=interrupt)
+    assert torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)["step"] == 3
+    resumed = train(GPT2.from_pretrained(tiny_dir), data, tmp_path / "split", config, resume=True)
+    assert resumed.losses == whole.losses
+    assert resumed.val_losses == whole.val_losses
+    a = GPT2.from_pretrained(whole.final_dir).state_dict()
+    b = GPT2.from_pretrained(resumed.final_dir).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ddp_two_processes_equal_one_process_on_combined_batch(tiny_dir, data, tmp_path):
+    model_config = no_dropout(tiny_dir)
+    common = dict(steps=2, block_size=32, warmup_steps=1, **QUIET)
+    single = train(GPT2.from_pretrained(tiny_dir, config=model_config), data, tmp_path / "single",
+                   TrainConfig(batch_size=4, **common))
+    config = {"model": model_config, "train": TrainConfig(batch_size=2, **common)}
+    import ddp_worker
+
+    mp.spawn(ddp_worker.train_one_rank, nprocs=2, join=True,
+             args=(2, str(tmp_path / "store"), str(tiny_dir), str(data.directory), str(tmp_path / "ddp"), config))
+    a = GPT2.from_pretrained(single.final_dir).state_dict()
+    b = GPT2.from_pretrained(tmp_path / "ddp" / "final").state_dict()
+    before = GPT2.from_pretrained(tiny_dir).state_dict()
+    update = max((a[k] - before[k]).abs().max().item() for k in a)
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert update > 1e-4  # the update was not empty
+    # Averaging two half-batch gradients sums in another order than one full batch; Adam's
+    # normalisation turns that float rounding into at most a sliver of a step.
+    assert worst < 1e-2 * update, (worst, update)
+
+
+def test_training_errors(tiny_dir, data, tmp_path):
+    model = GPT2.from_pretrained(tiny_dir)
+    with pytest.raises(ValueError, match="n_positions"):
+        train(model, data, tmp_path / "x", TrainConfig(block_size=97, **QUIET))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(PermissionError, match="not writable"):
+        train(model, data, blocker / "out", TrainConfig(steps=1, block_size=16, **QUIET))
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train(model, data, tmp_path / "fresh", TrainConfig(steps=1, block_size=16, **QUIET), resume=True)
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="CUDA"):
+        train(model, data, tmp_path / "y", TrainConfig(steps=1, block_size=16, autocast="bf16", **QUIET))
+
+
+# evaluation -------------------------------------------------------------------------------
+
+
+def hf_sliding_perplexity(hf, ids, max_length, stride):
+    """The transformers documentation's sliding-window procedure, weighting each window by the tokens it scores."""
+    nll, count, prev_end = 0.0, 0, 0
+    for begin in range(0, ids.shape[1], stride):
+        end = min(begin + max_length, ids.shape[1])
+        target_len = end - prev_end
+        window = ids[:, begin:end]
+        labels = window.clone()
+        labels[:, :-target_len] = -100
+        with torch.no_grad():
+            loss = hf(window, labels=labels).loss.item()
+        scored = int((labels[:, 1:] != -100).sum())
+        nll += loss * scored
+        count += scored
+        prev_end = end
+        if end == ids.shape[1]:
+            break
+    return math.exp(nll / count)
+
+
+def test_perplexity_equals_transformers(tiny_dir, hf_tiny, data):
+    model = GPT2.from_pretrained(tiny_dir)
+    short = torch.from_numpy(data.val[:50].astype(np.int64))[None]
+    with torch.no_grad():
+        expected = math.exp(hf_tiny(short, labels=short).loss.item())
+    assert math.isclose(perplexity(model, short[0]), expected, rel_tol=1e-4)
+    long = torch.from_numpy(data.train[:300].astype(np.int64))[None]  # past the 96-token context
+    for max_length, stride in [(96, 48), (96, 96), (64, 17)]:
+        ours = perplexity(model, long[0], max_length=max_length, stride=stride)
+        assert math.isclose(ours, hf_sliding_perplexity(hf_tiny, long, max_length, stride), rel_tol=1e-4)
+
+
+def test_token_logprobs_equal_transformers(tiny_dir, hf_tiny):
+    model = GPT2.from_pretrained(tiny_dir)
+    prompt, cont = [464, 3290, 318], [257, 1263, 13, 50256]
+    with torch.no_grad():
+        logp = hf_tiny(torch.tensor([prompt + cont])).logits[0].log_softmax(-1)
+    expected = torch.stack([logp[len(prompt) - 1 + i, t] for i, t in enumerate(cont)])
+    assert torch.allclose(token_logprobs(model, prompt, cont), expected, atol=1e-4)
+    with pytest.raises(ValueError, match="empty"):
+        token_logprobs(model, [], cont)
+
+
+# command line -------------------------------------------------------------------------------
+
+
+def test_cli_finetune_then_perplexity(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["finetune", "--data", str(corpus), "--out", str(out), "--preset", "tiny", "--steps", "4",
+                 "--batch-size", "2", "--block-size", "32", "--warmup-steps", "1", "--eval-interval", "0",
+                 "--device", "cpu"]) == 0
+    assert "validation loss" in capsys.readouterr().out
+    assert (out / "final" / "model.safetensors").is_file() and (out / "checkpoint.pt").is_file()
+    assert main(["perplexity", str(corpus), "--model", str(out / "final"), "--max-length", "64",
+                 "--device", "cpu"]) == 0
+    value = float(capsys.readouterr().out)
+    assert 1 < value < 50257 * 2
+
+
+def test_cli_finetune_errors(tmp_path, capsys):
+    assert main(["finetune", "--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o"),
+                 "--preset", "tiny"]) == 1
+    err = capsys.readouterr().err
+    assert "nope.txt" in err and err.count("\n") == 1
+    assert main(["finetune", "--data", "x", "--out", "y", "--steps", "0"]) == 1
+    assert "steps" in capsys.readouterr().err
