@@ -51,7 +51,7 @@ def test_prepare_data_tokens_and_reuse(corpus, tmp_path):
 
     tok = Tokenizer.gpt2()
     d = prepare_data(corpus, tmp_path / "d", val_fraction=0.1)
-    expected = tok.encode(corpus.read_text(encoding="utf-8")) + [50256]
+    expected = [*tok.encode(corpus.read_text(encoding="utf-8")), 50256]
     assert d.tokens.dtype == np.uint16
     assert d.tokens.tolist() == expected
     assert len(d.val) == len(expected) - d.split and abs(len(d.val) / len(expected) - 0.1) < 0.01
@@ -71,11 +71,10 @@ def test_prepare_data_folder_and_strings(tmp_path):
     (folder / "sub" / "b.md").write_text("Second document, 日本語. " * 20)
     (folder / "skip.bin").write_bytes(b"\x00\x01")
     d = prepare_data(folder, tmp_path / "d1")
-    assert d.tokens.tolist() == tok.encode("First document. " * 20) + [50256] + tok.encode(
-        "Second document, 日本語. " * 20) + [50256]
+    assert d.tokens.tolist() == [*tok.encode("First document. " * 20), 50256, *tok.encode("Second document, 日本語. " * 20), 50256]
     texts = ["one " * 30, "two " * 30]
     d2 = prepare_data(texts, tmp_path / "d2")
-    assert d2.tokens.tolist() == tok.encode(texts[0]) + [50256] + tok.encode(texts[1]) + [50256]
+    assert d2.tokens.tolist() == [*tok.encode(texts[0]), 50256, *tok.encode(texts[1]), 50256]
 
 
 def test_prepare_data_errors(tmp_path):
