@@ -71,7 +71,8 @@ def test_prepare_data_folder_and_strings(tmp_path):
     (folder / "sub" / "b.md").write_text("Second document, 日本語. " * 20)
     (folder / "skip.bin").write_bytes(b"\x00\x01")
     d = prepare_data(folder, tmp_path / "d1")
-    assert d.tokens.tolist() == [*tok.encode("First document. " * 20), 50256, *tok.encode("Second document, 日本語. " * 20), 50256]
+    first, second = tok.encode("First document. " * 20), tok.encode("Second document, 日本語. " * 20)
+    assert d.tokens.tolist() == [*first, 50256, *second, 50256]
     texts = ["one " * 30, "two " * 30]
     d2 = prepare_data(texts, tmp_path / "d2")
     assert d2.tokens.tolist() == [*tok.encode(texts[0]), 50256, *tok.encode(texts[1]), 50256]
