@@ -54,3 +54,19 @@ def test_cuda_compiled_path_equals_eager(gpt2_124m_dir):
         compiled = generate(ours, ids, attention_mask=mask, max_new_tokens=24, temperature=0, eos_token_id=None,
                             compile=True)
         assert torch.equal(compiled, eager)
+
+
+@pytest.mark.parametrize("autocast", [None, "bf16"])
+def test_cuda_training_lowers_loss(autocast, tmp_path):
+    from gpt2lite import GPT2Config, TrainConfig, prepare_data, train
+
+    text = ["The cat sat on the mat. The dog sat on the log. " * 200]
+    data = prepare_data(text, tmp_path / "data")
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config.from_preset("tiny")).cuda()
+    config = TrainConfig(steps=30, batch_size=8, block_size=64, lr=3e-3, warmup_steps=3, autocast=autocast,
+                         progress=False, save_interval=0, eval_interval=10)
+    result = train(model, data, tmp_path / "run", config)
+    first, last = result.val_losses[0][1], result.val_losses[-1][1]
+    assert last < first - 1.0
+    assert GPT2.from_pretrained(result.final_dir).dtype == torch.float32

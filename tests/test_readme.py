@@ -59,3 +59,15 @@ def test_example_script_runs(tiny_dir, capsys):
     n = len(Tokenizer.gpt2().encode("One, two, three,"))
     assert f"logits shape: (2, {n}, 50257)" in out
     assert out.count("continued:") == 2
+
+
+def test_train_tiny_example_runs(tmp_path, capsys):
+    import importlib.util
+
+    path = README.parent / "examples" / "train_tiny.py"
+    spec = importlib.util.spec_from_file_location("train_tiny_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    numbers = module.main(steps=12, out=str(tmp_path / "run"), progress=False)
+    assert numbers["after"] < numbers["before"] - 1.0
+    assert "sample from the saved checkpoint" in capsys.readouterr().out

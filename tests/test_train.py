@@ -250,3 +250,24 @@ def test_cli_finetune_errors(tmp_path, capsys):
     assert "nope.txt" in err and err.count("\n") == 1
     assert main(["finetune", "--data", "x", "--out", "y", "--steps", "0"]) == 1
     assert "steps" in capsys.readouterr().err
+
+
+def test_torchrun_finetune_two_processes(corpus, tmp_path):
+    """The documented multi-process command: torchrun with two CPU processes (gloo, loopback only)."""
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed beside this Python")
+    out = tmp_path / "ddp-run"
+    proc = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "gpt2lite", "finetune", "--data", str(corpus),
+         "--out", str(out), "--preset", "tiny", "--steps", "2", "--batch-size", "2", "--block-size", "32",
+         "--warmup-steps", "1", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "final" / "model.safetensors").is_file()
+    assert "validation loss" in proc.stdout

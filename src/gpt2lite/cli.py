@@ -169,15 +169,22 @@ def _finetune(args: argparse.Namespace) -> int:
             model = GPT2(GPT2Config.from_preset(args.preset)).to(device)
         else:
             model = GPT2.from_pretrained(args.model or "gpt2", device=device, local_files_only=args.offline)
-        data = prepare_data(args.data, os.path.join(args.out, "data"))
+        # One process tokenizes; the others then find its manifest and reuse the tokens.
+        rank = torch.distributed.get_rank() if distributed else 0
+        if rank == 0:
+            data = prepare_data(args.data, os.path.join(args.out, "data"))
+        if distributed:
+            torch.distributed.barrier()
+        if rank != 0:
+            data = prepare_data(args.data, os.path.join(args.out, "data"))
         result = train(model, data, args.out, config, resume=args.resume)
     finally:
         if distributed:
             torch.distributed.destroy_process_group()
-    if result.val_losses:
+    if rank == 0 and result.val_losses:
         step, val = result.val_losses[-1]
         print(f"step {step}: train loss {result.losses[-1]:.4f}, validation loss {val:.4f}")
-    if result.final_dir is not None:
+    if rank == 0 and result.final_dir is not None:
         print(f"saved {result.final_dir}")
     return 0
 
