@@ -11,11 +11,11 @@ the median tokens/s (new tokens x batch / wall time) and the ratio.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
+from functools import partial
 
 import torch
+from timing import alternate
 
 
 def main() -> None:
@@ -69,17 +69,9 @@ def main() -> None:
             same = torch.equal(out.cpu(), reference.cpu())
             if not same:
                 print(f"  note: {name} output differs from transformers at batch {batch}")
-        times: dict[str, list[float]] = {name: [] for name in runners}
-        for _ in range(args.rounds):
-            for name, run in runners.items():
-                sync()
-                t0 = time.perf_counter()
-                run(ids)
-                sync()
-                times[name].append(time.perf_counter() - t0)
-        base = statistics.median(times["transformers"])
-        for name, ts in times.items():
-            t = statistics.median(ts)
+        medians = alternate({name: partial(run, ids) for name, run in runners.items()}, args.rounds, sync)
+        base = medians["transformers"]
+        for name, t in medians.items():
             print(f"  batch {batch:2d} {name:>18}: {batch * args.new / t:8.1f} tok/s  ({base / t:4.2f}x transformers)")
 
 

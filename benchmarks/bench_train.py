@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import tempfile
-import time
 
 import torch
 import torch.nn.functional as F
+from timing import alternate
 
 
 def main() -> None:
@@ -72,20 +71,12 @@ def main() -> None:
     runners = {"gpt2lite": step_ours, "transformers": step_theirs}
     for run in runners.values():
         run()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(args.rounds):
-        for name, run in runners.items():
-            sync()
-            t0 = time.perf_counter()
-            run()
-            sync()
-            times[name].append(time.perf_counter() - t0)
+    medians = alternate(runners, args.rounds, sync)
     tokens = args.batch * args.block
     print(f"device={device} autocast={args.autocast} threads={torch.get_num_threads()} batch={args.batch} "
           f"block={args.block}, {args.rounds} rounds, medians")
-    base = statistics.median(times["transformers"])
-    for name, ts in times.items():
-        t = statistics.median(ts)
+    base = medians["transformers"]
+    for name, t in medians.items():
         print(f"  {name:>12}: {tokens / t:9.1f} train tok/s  ({t * 1000:7.1f} ms/step, {base / t:4.2f}x transformers)")
 
 

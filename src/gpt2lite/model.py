@@ -76,11 +76,6 @@ class KVCache:
         self.v[layer].index_copy_(2, position, v)
         return self.k[layer], self.v[layer]  # (B, nh, max_length, hs)
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep the batch rows given by ``index`` (in that order)."""
-        self.k = self.k.index_select(1, index)
-        self.v = self.v.index_select(1, index)
-
 
 class CausalSelfAttention(nn.Module):
     """Masked multi-head self-attention."""
