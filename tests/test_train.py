@@ -250,6 +250,16 @@ def test_cli_finetune_errors(tmp_path, capsys):
     assert "nope.txt" in err and err.count("\n") == 1
     assert main(["finetune", "--data", "x", "--out", "y", "--steps", "0"]) == 1
     assert "steps" in capsys.readouterr().err
+    text = tmp_path / "t.txt"
+    text.write_text("hello " * 100)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["finetune", "--data", str(text), "--out", str(blocker / "out"), "--preset", "tiny"]) == 1
+    assert "not writable" in capsys.readouterr().err
+    assert main(["finetune", "--data", str(text), "--out", str(tmp_path / "o2"), "--preset", "tiny",
+                 "--block-size", "129", "--device", "cpu"]) == 1
+    assert "context" in capsys.readouterr().err
+    assert not (tmp_path / "o2" / "data").exists()  # nothing was tokenized
 
 
 def test_torchrun_finetune_two_processes(corpus, tmp_path):

@@ -142,7 +142,7 @@ def _finetune(args: argparse.Namespace) -> int:
     from gpt2lite.config import GPT2Config
     from gpt2lite.data import prepare_data
     from gpt2lite.model import GPT2
-    from gpt2lite.train import TrainConfig, train
+    from gpt2lite.train import TrainConfig, check_output_dir, train
 
     scratch = args.preset is not None
     lr = args.lr if args.lr is not None else (6e-4 if scratch else 1e-4)
@@ -154,6 +154,7 @@ def _finetune(args: argparse.Namespace) -> int:
     )  # bad values fail here, before any data is read
     if not os.path.exists(args.data):
         raise FileNotFoundError(f"no such file or folder: {args.data!r}")
+    check_output_dir(args.out)
     # Under torchrun each process learns its rank from the environment: join the group.
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
     device = _device(args.device)
@@ -169,6 +170,9 @@ def _finetune(args: argparse.Namespace) -> int:
             model = GPT2(GPT2Config.from_preset(args.preset)).to(device)
         else:
             model = GPT2.from_pretrained(args.model or "gpt2", device=device, local_files_only=args.offline)
+        if args.block_size is not None and args.block_size > model.config.n_positions:
+            raise ValueError(f"--block-size {args.block_size} exceeds the model's context "
+                             f"({model.config.n_positions} positions)")
         # One process tokenizes; the others then find its manifest and reuse the tokens.
         rank = torch.distributed.get_rank() if distributed else 0
         if rank == 0:

@@ -26,7 +26,7 @@ from gpt2lite.config import GPT2Config
 from gpt2lite.data import TokenData
 from gpt2lite.model import GPT2
 
-__all__ = ["TrainConfig", "TrainResult", "evaluate_loss", "train"]
+__all__ = ["TrainConfig", "TrainResult", "check_output_dir", "evaluate_loss", "train"]
 
 CHECKPOINT = "checkpoint.pt"
 FINAL = "final"
@@ -94,7 +94,9 @@ class TrainResult:
     final_dir: Path | None = None
 
 
-def _check_writable(out_dir: Path) -> None:
+def check_output_dir(out_dir: str | os.PathLike[str]) -> None:
+    """Create ``out_dir`` if needed and make sure files can be written there."""
+    out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / ".write-test"
@@ -156,7 +158,7 @@ def train(
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     if rank == 0:
-        _check_writable(out_dir)
+        check_output_dir(out_dir)
 
     # Parameters loaded from a file are read-only-mapped views; training writes them, so give
     # each its own contiguous memory once, up front.
