@@ -195,6 +195,10 @@ def test_iter_tokens_streams_the_same_tokens(tiny):
     assert torch.is_grad_enabled()  # the generator does not leak inference mode to its caller
 
 
+def test_zero_new_tokens_returns_the_prompt(tiny):
+    assert torch.equal(generate(tiny, [[5, 6, 7]], max_new_tokens=0), torch.tensor([[5, 6, 7]]))
+
+
 def test_num_return_sequences(tiny):
     out = generate(tiny, [[1, 2, 3], [4, 5, 6]], max_new_tokens=5, num_return_sequences=3, seed=0)
     assert out.shape == (6, 8)

@@ -196,6 +196,8 @@ def _decode(
     Each step runs under its own ``inference_mode`` so that the caller's code
     between yields runs in the grad mode it chose.
     """
+    if opts.max_new_tokens == 0:
+        return  # nothing to generate, so no forward pass either
     B, T = prompt.shape
     total = T + opts.max_new_tokens
     device = prompt.device
