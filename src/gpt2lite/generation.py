@@ -281,7 +281,9 @@ class _StaticDecoder(torch.nn.Module):
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.key_mask = torch.zeros(batch_size, config.n_positions, dtype=torch.bool, device=device)
         mode = "reduce-overhead" if device.type == "cuda" else None
-        self.compiled = torch.compile(self, mode=mode, fullgraph=True)
+        # Set past nn.Module's attribute hook: the compiled wrapper holds this module, and
+        # registering it as a child would make the module its own descendant.
+        object.__setattr__(self, "compiled", torch.compile(self, mode=mode, fullgraph=True))
 
     def forward(
         self, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor, key_mask: torch.Tensor

@@ -94,16 +94,19 @@ def _normalize_key(key: str) -> str:
     return key.removeprefix("transformer.")
 
 
-def _iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, str, Path]]:
-    """(normalized key, key as stored, file) for every tensor of a (possibly sharded) checkpoint."""
+def _iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, str, Path, tuple[int, ...]]]:
+    """(normalized key, key as stored, file, shape) for every tensor of a (possibly sharded) checkpoint.
+
+    Only the headers are read: each file is opened once, and no tensor data is touched.
+    """
     for path in files:
         try:
             with safe_open(str(path), framework="pt") as f:
-                keys = list(f.keys())
+                entries = [(key, tuple(f.get_slice(key).get_shape())) for key in f.keys()]  # noqa: SIM118
         except Exception as exc:  # safetensors raises its own error types for a bad header
             raise CheckpointError(f"{str(path)!r} is not a readable safetensors file: {exc}") from None
-        for key in keys:
-            yield _normalize_key(key), key, path
+        for key, shape in entries:
+            yield _normalize_key(key), key, path, shape
 
 
 def _shard_files(index_file: Path, fetch) -> list[Path]:
@@ -120,10 +123,7 @@ def infer_config(files: list[Path]) -> GPT2Config:
     The number of heads is not in any shape: it is taken from the published
     model of that size, else ``n_embd // 64`` (GPT-2's head width throughout).
     """
-    shapes: dict[str, tuple[int, ...]] = {}
-    for key, stored, path in _iter_checkpoint(files):
-        with safe_open(str(path), framework="pt") as f:
-            shapes[key] = tuple(f.get_slice(stored).get_shape())
+    shapes = {key: shape for key, _, _, shape in _iter_checkpoint(files)}
     try:
         vocab_size, n_embd = shapes["wte.weight"]
         n_positions = shapes["wpe.weight"][0]
@@ -148,13 +148,15 @@ def load_state_dict(
     """Read a checkpoint into a state dict for ``GPT2``, checking every key and shape first."""
     expected = expected_shapes(config)
     found: dict[str, tuple[str, Path]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     lm_head: tuple[str, Path] | None = None
     unexpected = []
-    for key, stored, path in _iter_checkpoint(files):
+    for key, stored, path, shape in _iter_checkpoint(files):
         if key == "lm_head.weight":
             lm_head = (stored, path)
         elif key in expected:
             found[key] = (stored, path)
+            shapes[key] = shape
         elif not _IGNORED.fullmatch(key):
             unexpected.append(stored)
     missing = [k for k in expected if k not in found]
@@ -169,11 +171,9 @@ def load_state_dict(
             + "; ".join(parts)
         )
 
-    for key, (stored, path) in found.items():
-        with safe_open(str(path), framework="pt") as f:
-            shape = tuple(f.get_slice(stored).get_shape())
-        if shape != expected[key]:
-            raise CheckpointError(f"tensor {stored!r} has shape {shape}, expected {expected[key]}")
+    for key, (stored, _) in found.items():
+        if shapes[key] != expected[key]:
+            raise CheckpointError(f"tensor {stored!r} has shape {shapes[key]}, expected {expected[key]}")
 
     # safetensors hands out tensors that map the file (no copy), and a transposed view
     # multiplies as fast as a contiguous copy, so a float32 load on the CPU copies nothing;
