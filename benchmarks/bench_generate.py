@@ -32,7 +32,7 @@ def main() -> None:
     import transformers
 
     from gpt2lite import GPT2, GPT2Config, generate
-    from gpt2lite.weights import resolve_dtype
+    from gpt2lite.models.weights import resolve_dtype
 
     transformers.logging.set_verbosity_error()
     dtype = resolve_dtype(args.dtype)
@@ -46,7 +46,7 @@ def main() -> None:
         theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp, dtype=dtype).to(device).eval()
 
     def run_ours(ids, **kw):
-        return generate(ours, ids, max_new_tokens=args.new, temperature=0, eos_token_id=None, **kw)
+        return generate(ours, ids, max_new_tokens=args.new, temperature=0, ignore_eos=True, **kw)
 
     def run_theirs(ids):
         with torch.inference_mode():

@@ -14,7 +14,7 @@ TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=96, vocab_size=50257)
 
 
 def _hf_model(seed: int, **config):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     torch.manual_seed(seed)
     cfg = transformers.GPT2Config(**config)
     model = transformers.GPT2LMHeadModel(cfg).eval()

@@ -49,9 +49,9 @@ def test_cuda_compiled_path_equals_eager(gpt2_124m_dir):
     ids = ids_on_cuda((2, 12), seed=2)
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
-    eager = generate(ours, ids, attention_mask=mask, max_new_tokens=24, temperature=0, eos_token_id=None)
+    eager = generate(ours, ids, attention_mask=mask, max_new_tokens=24, temperature=0, ignore_eos=True)
     for _ in range(2):
-        compiled = generate(ours, ids, attention_mask=mask, max_new_tokens=24, temperature=0, eos_token_id=None,
+        compiled = generate(ours, ids, attention_mask=mask, max_new_tokens=24, temperature=0, ignore_eos=True,
                             compile=True)
         assert torch.equal(compiled, eager)
 

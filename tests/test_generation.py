@@ -5,10 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpt2lite import GPT2, GPT2Config, KVCache, generate, iter_tokens
-from gpt2lite.sampling import SamplingConfig, choose_next
-
-transformers = pytest.importorskip("transformers")
+from gpt2lite import GPT2, GenerationOptions, GPT2Config, generate, iter_tokens
+from gpt2lite.generation.sampling import choose_next
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +45,7 @@ def test_greedy_equals_transformers_left_padded_batch(model_124m, hf_124m):
 
 def test_greedy_unpadded_equals_transformers(tiny, hf_tiny):
     ids = torch.tensor(prompts([9, 9], seed=1))
-    ours = generate(tiny, ids, max_new_tokens=40, temperature=0, eos_token_id=None)
+    ours = generate(tiny, ids, max_new_tokens=40, temperature=0, ignore_eos=True)
     with torch.no_grad():
         theirs = hf_tiny.generate(input_ids=ids, max_new_tokens=40, do_sample=False, pad_token_id=50256)
     assert torch.equal(ours, theirs)
@@ -58,18 +56,15 @@ def test_cached_logits_equal_full_forward_every_step(model_124m):
     total = ids.shape[1] + 12
     seq = torch.cat([ids, torch.randint(0, 50257, (3, 12), generator=torch.Generator().manual_seed(3))], dim=1)
     full_mask = torch.cat([mask, torch.ones(3, 12, dtype=torch.long)], dim=1)
-    cache = KVCache(model_124m.config, 3, total)
+    cache = model_124m.new_state(3, total)
     real = full_mask.bool()
     with torch.no_grad():
         full = model_124m(seq, attention_mask=full_mask)
         T = ids.shape[1]
-        steps = [model_124m(seq[:, :T], attention_mask=full_mask[:, :T], kv_cache=cache)]
-        positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+        steps = [model_124m.decode(seq[:, :T], cache, input_mask=mask, last_only=False)]
         for t in range(T, total):
-            steps.append(
-                model_124m(seq[:, t : t + 1], attention_mask=full_mask[:, : t + 1],
-                           position_ids=positions[:, t : t + 1], kv_cache=cache)
-            )
+            steps.append(model_124m.decode(seq[:, t : t + 1], cache, last_only=False))
+    assert cache.lengths.tolist() == [total] * 3
     incremental = torch.cat(steps, dim=1)
     assert (incremental[real] - full[real]).abs().max() < 1e-4
 
@@ -83,8 +78,8 @@ def test_same_seed_same_tokens_and_top_k_1_is_greedy(tiny):
     assert not torch.equal(a, c)
     g = torch.Generator().manual_seed(5)
     assert torch.equal(
-        generate(tiny, ids, max_new_tokens=30, top_k=1, generator=g, eos_token_id=None),
-        generate(tiny, ids, max_new_tokens=30, temperature=0, eos_token_id=None),
+        generate(tiny, ids, max_new_tokens=30, top_k=1, generator=g, ignore_eos=True),
+        generate(tiny, ids, max_new_tokens=30, temperature=0, ignore_eos=True),
     )
 
 
@@ -129,7 +124,7 @@ def test_sampling_matches_analytic_distribution(case):
     logits = torch.tensor([2.0, 1.5, 1.0, 0.4, 0.0, -0.5, -1.0, -3.0])
     expected = filtered_distribution(logits, **case)
     n = 40_000
-    draws = choose_next(logits.expand(n, -1), SamplingConfig(**case), generator=torch.Generator().manual_seed(0))
+    draws = choose_next(logits.expand(n, -1), GenerationOptions(**case), generator=torch.Generator().manual_seed(0))
     empirical = torch.bincount(draws, minlength=8).double() / n
     assert (empirical[expected == 0] == 0).all(), "a filtered-out token was drawn"
     tv = 0.5 * (empirical - expected).abs().sum().item()
@@ -145,14 +140,14 @@ def test_generate_samples_from_model_distribution():
         logits = model(torch.tensor([[3, 1]]))[0, -1]
     case = dict(temperature=0.7, top_p=0.8)
     expected = filtered_distribution(logits, **case)
-    out = generate(model, [3, 1], max_new_tokens=1, num_return_sequences=20_000, seed=1, eos_token_id=None, **case)
+    out = generate(model, [3, 1], max_new_tokens=1, num_return_sequences=20_000, seed=1, ignore_eos=True, **case)
     empirical = torch.bincount(out[:, -1], minlength=8).double() / out.shape[0]
     assert 0.5 * (empirical - expected).abs().sum().item() < 0.015
 
 
 def test_repetition_penalty_matches_transformers(tiny, hf_tiny):
     ids = torch.tensor(prompts([4], seed=6))
-    ours = generate(tiny, ids, max_new_tokens=20, temperature=0, repetition_penalty=1.3, eos_token_id=None)
+    ours = generate(tiny, ids, max_new_tokens=20, temperature=0, repetition_penalty=1.3, ignore_eos=True)
     with torch.no_grad():
         theirs = hf_tiny.generate(
             input_ids=ids, max_new_tokens=20, do_sample=False, repetition_penalty=1.3, pad_token_id=50256
@@ -162,7 +157,7 @@ def test_repetition_penalty_matches_transformers(tiny, hf_tiny):
 
 def test_eos_stops_rows_and_pads(tiny):
     ids = torch.tensor(prompts([5, 5, 5], seed=7))
-    free = generate(tiny, ids, max_new_tokens=10, temperature=0, eos_token_id=None)
+    free = generate(tiny, ids, max_new_tokens=10, temperature=0, ignore_eos=True)
     eos = int(free[0, -1])  # some token row 0 emits: make it the end token
     expected, widths = [], []
     for row in free[:, 5:].tolist():
@@ -180,18 +175,18 @@ def test_eos_stops_rows_and_pads(tiny):
 
 def test_stop_sequences(tiny):
     ids = torch.tensor(prompts([5], seed=8))
-    free = generate(tiny, ids, max_new_tokens=12, temperature=0, eos_token_id=None)
+    free = generate(tiny, ids, max_new_tokens=12, temperature=0, ignore_eos=True)
     stop = free[0, 8:10].tolist()
-    out = generate(tiny, ids, max_new_tokens=12, temperature=0, eos_token_id=None, stop=[stop])
+    out = generate(tiny, ids, max_new_tokens=12, temperature=0, ignore_eos=True, stop=[stop])
     first = next(i for i in range(5, 11) if free[0, i : i + 2].tolist() == stop)
     assert torch.equal(out[0], free[0, : first + 2])
 
 
 def test_iter_tokens_streams_the_same_tokens(tiny):
     ids = torch.tensor(prompts([5, 5], seed=9))
-    steps = list(iter_tokens(tiny, ids, max_new_tokens=8, temperature=0, eos_token_id=None))
+    steps = list(iter_tokens(tiny, ids, max_new_tokens=8, temperature=0, ignore_eos=True))
     assert torch.equal(torch.stack(steps, 1), generate(tiny, ids, max_new_tokens=8, temperature=0,
-                                                       eos_token_id=None)[:, 5:])
+                                                       ignore_eos=True)[:, 5:])
     assert torch.is_grad_enabled()  # the generator does not leak inference mode to its caller
 
 

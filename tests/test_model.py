@@ -8,13 +8,10 @@ import shutil
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
-from gpt2lite import GPT2, GPT2Config, KVCache
-from gpt2lite.hub import ModelNotFoundError
-from gpt2lite.weights import CheckpointError
-
-transformers = pytest.importorskip("transformers")
+from gpt2lite import GPT2, CheckpointError, GPT2Config, ModelNotFoundError
 
 
 def hf_logits(hf_model, ids, attention_mask=None, position_ids=None):
@@ -103,12 +100,12 @@ def test_tied_head_is_one_tensor(ours_124m):
 
 def test_kv_cache_matches_full_forward(ours_124m):
     ids = random_ids((2, 24), seed=4)
-    cache = KVCache(ours_124m.config, 2, 24)
+    cache = ours_124m.new_state(2, 24)
     with torch.no_grad():
         full = ours_124m(ids)
-        step = [ours_124m(ids[:, :10], kv_cache=cache)]
-        step += [ours_124m(ids[:, t : t + 1], kv_cache=cache) for t in range(10, 24)]
-    assert cache.length == 24
+        step = [ours_124m.decode(ids[:, :10], cache, last_only=False)]
+        step += [ours_124m.decode(ids[:, t : t + 1], cache) for t in range(10, 24)]
+    assert cache.lengths.tolist() == [24, 24]
     assert max_diff(torch.cat(step, dim=1), full) < 1e-4
 
 

@@ -13,8 +13,6 @@ import oracles
 from gpt2lite import TextGenerator
 from gpt2lite.cli import main
 
-transformers = pytest.importorskip("transformers")
-
 
 @pytest.fixture(scope="module")
 def gen(tiny_dir):

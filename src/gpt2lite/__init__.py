@@ -1,24 +1,69 @@
-"""gpt2lite: GPT-2 text generation in plain PyTorch."""
+"""gpt2lite: GPT-2 text generation in plain PyTorch.
 
-from gpt2lite.config import PRESETS, GPT2Config
-from gpt2lite.data import TokenData, prepare_data
-from gpt2lite.evaluate import perplexity, token_logprobs
-from gpt2lite.generation import GenerationOptions, generate, iter_tokens
-from gpt2lite.hub import ModelNotFoundError
-from gpt2lite.model import GPT2, KVCache
-from gpt2lite.pipeline import TextGenerator
-from gpt2lite.tokenizer import StreamDecoder, Tokenizer
-from gpt2lite.train import TrainConfig, TrainResult, train
-from gpt2lite.weights import CheckpointError
+The public API is the names in ``__all__``. They are imported on first use, so
+``import gpt2lite`` (and the command line's start-up) does not pay for torch
+until something needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gpt2lite.errors import CheckpointError, ModelNotFoundError, NonFiniteError
+    from gpt2lite.generation.engine import DecodeSession, generate, iter_tokens, left_pad
+    from gpt2lite.generation.options import GenerationOptions
+    from gpt2lite.models.cache import KVCache
+    from gpt2lite.models.config import PRESETS, GPT2Config
+    from gpt2lite.models.gpt2 import GPT2
+    from gpt2lite.models.protocol import DecoderModel, DecodeState
+    from gpt2lite.pipeline import TextGenerator
+    from gpt2lite.scoring import perplexity, token_logprobs
+    from gpt2lite.tokenizer import StreamDecoder, Tokenizer
+    from gpt2lite.training.data import TokenData, prepare_data
+    from gpt2lite.training.trainer import TrainConfig, TrainResult, train
+
+# name -> the module that defines it
+_EXPORTS = {
+    "CheckpointError": "gpt2lite.errors",
+    "DecodeSession": "gpt2lite.generation.engine",
+    "DecodeState": "gpt2lite.models.protocol",
+    "DecoderModel": "gpt2lite.models.protocol",
+    "GPT2": "gpt2lite.models.gpt2",
+    "GPT2Config": "gpt2lite.models.config",
+    "GenerationOptions": "gpt2lite.generation.options",
+    "KVCache": "gpt2lite.models.cache",
+    "ModelNotFoundError": "gpt2lite.errors",
+    "NonFiniteError": "gpt2lite.errors",
+    "PRESETS": "gpt2lite.models.config",
+    "StreamDecoder": "gpt2lite.tokenizer",
+    "TextGenerator": "gpt2lite.pipeline",
+    "TokenData": "gpt2lite.training.data",
+    "Tokenizer": "gpt2lite.tokenizer",
+    "TrainConfig": "gpt2lite.training.trainer",
+    "TrainResult": "gpt2lite.training.trainer",
+    "generate": "gpt2lite.generation.engine",
+    "iter_tokens": "gpt2lite.generation.engine",
+    "left_pad": "gpt2lite.generation.engine",
+    "perplexity": "gpt2lite.scoring",
+    "prepare_data": "gpt2lite.training.data",
+    "token_logprobs": "gpt2lite.scoring",
+    "train": "gpt2lite.training.trainer",
+}
 
 __all__ = [
     "GPT2",
     "PRESETS",
     "CheckpointError",
+    "DecodeSession",
+    "DecodeState",
+    "DecoderModel",
     "GPT2Config",
     "GenerationOptions",
     "KVCache",
     "ModelNotFoundError",
+    "NonFiniteError",
     "StreamDecoder",
     "TextGenerator",
     "TokenData",
@@ -27,9 +72,23 @@ __all__ = [
     "TrainResult",
     "generate",
     "iter_tokens",
+    "left_pad",
     "perplexity",
     "prepare_data",
     "token_logprobs",
     "train",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gpt2lite' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

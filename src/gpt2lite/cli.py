@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 __all__ = ["build_parser", "main"]
 
@@ -18,9 +19,9 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, one subparser per command."""
-    parser = _Parser(prog="gpt2lite", description="GPT-2 text generation in plain PyTorch.")
     from gpt2lite import __version__
 
+    parser = _Parser(prog="gpt2lite", description="GPT-2 text generation in plain PyTorch.")
     parser.add_argument("--version", action="version", version=f"gpt2lite {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
@@ -28,15 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="continue a prompt, streaming the text to stdout")
     gen.add_argument("prompt", nargs="?", help="the prompt; read from stdin when omitted or '-'")
     gen.add_argument("--model", default="gpt2", help="hub id or local path (default: gpt2)")
-    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to add (default: 64)")
-    gen.add_argument("--temperature", type=float, default=1.0, help="0 for greedy (default: 1.0)")
-    gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default: 0, off)")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0, off)")
-    gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    gen.add_argument("--stop", action="append", default=None, help="stop before this string (repeatable)")
-    gen.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
-    gen.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default: float32)")
-    gen.add_argument("--offline", action="store_true", help="use only files already in the hub cache")
+    _add_generation_options(gen)
+    gen.add_argument("--stop", dest="stop_strings", action="append", default=None,
+                     help="stop before this string (repeatable)")
+    _add_model_options(gen)
     gen.set_defaults(run=_generate)
 
     ft = commands.add_parser("finetune", help="train a model (or fine-tune a checkpoint) on your text")
@@ -60,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--autocast", choices=["bf16", "fp16"], default=None, help="mixed precision on CUDA")
     ft.add_argument("--compile", action="store_true", help="torch.compile the model")
     ft.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    ft.add_argument("--encoding-errors", choices=["strict", "replace"], default="strict",
+                    help="what to do with text that is not UTF-8 (default: strict, an error)")
     ft.add_argument("--device", default="auto")
     ft.add_argument("--offline", action="store_true", help="use only files already in the hub cache")
     ft.set_defaults(run=_finetune)
@@ -69,35 +67,72 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--model", default="gpt2", help="hub id or local path (default: gpt2)")
     ppl.add_argument("--max-length", type=int, default=None, help="window length (default: the context)")
     ppl.add_argument("--stride", type=int, default=None, help="window step (default: half a window)")
-    ppl.add_argument("--device", default="auto")
-    ppl.add_argument("--dtype", default="float32")
-    ppl.add_argument("--offline", action="store_true", help="use only files already in the hub cache")
+    _add_model_options(ppl)
     ppl.set_defaults(run=_perplexity)
     return parser
 
 
+def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per ``GenerationOptions`` field, with its type and help; unset flags keep the defaults."""
+    from gpt2lite.generation.options import GenerationOptions
+
+    for f in dataclasses.fields(GenerationOptions):
+        if f.name == "stop":
+            continue  # the CLI stops at strings (--stop), not token ids
+        flags = ["--" + f.name.replace("_", "-")] + (["-n"] if f.name == "num_return_sequences" else [])
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        kind = str(f.type)
+        if kind == "bool":
+            parser.add_argument(*flags, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=help_text)
+        else:
+            convert = float if kind.startswith("float") else int
+            parser.add_argument(*flags, dest=f.name, type=convert, default=argparse.SUPPRESS, help=help_text)
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default: float32)")
+    parser.add_argument("--offline", action="store_true", help="use only files already in the hub cache")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    from gpt2lite.hub import ModelNotFoundError
-
     try:
-        return args.run(args)
-    except (ModelNotFoundError, ValueError, TypeError, OSError) as exc:
-        if isinstance(exc, BrokenPipeError):
+        args = build_parser().parse_args(argv)
+        from gpt2lite.errors import ModelNotFoundError, NonFiniteError
+
+        try:
+            return args.run(args)
+        except BrokenPipeError:
             return 0  # the reader went away (`| head`): not an error
-        message = " ".join(str(exc).split())
-        print(f"gpt2lite: error: {message}", file=sys.stderr)
-        return 1
+        except (ModelNotFoundError, NonFiniteError, ValueError, TypeError, OSError, RuntimeError) as exc:
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            print(f"gpt2lite: error: {message}", file=sys.stderr)
+            return 1
     except KeyboardInterrupt:
+        # Also during start-up (imports, loading): a quiet exit, no traceback.
+        print("gpt2lite: interrupted", file=sys.stderr)
         return 130
 
 
 def _device(name: str) -> str:
+    """Check a --device value against this machine; 'auto' is CUDA when there is one."""
     import torch
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device: use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available (this torch is built without it, or no GPU "
+                             "is visible); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
+    elif device.type != "cpu" and not getattr(torch, device.type).is_available():
+        raise ValueError(f"--device {name}: {device.type} is not available here; use --device cpu")
     return name
 
 
@@ -107,26 +142,37 @@ def _read_input(value: str | None, what: str, *, is_file: bool) -> str:
             raise ValueError(f"no {what}: give one as an argument or pipe it on stdin")
         return sys.stdin.read()
     if is_file:
-        with open(value, encoding="utf-8", errors="replace") as f:
-            return f.read()
+        try:
+            with open(value, encoding="utf-8") as f:
+                return f.read()
+        except UnicodeDecodeError as exc:
+            raise ValueError(
+                f"{value!r} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8"
+            ) from None
     return value
+
+
+def _generation_options(args: argparse.Namespace) -> Any:
+    from gpt2lite.generation.options import GenerationOptions
+
+    names = {f.name for f in dataclasses.fields(GenerationOptions)}
+    return GenerationOptions(**{k: v for k, v in vars(args).items() if k in names})
 
 
 def _generate(args: argparse.Namespace) -> int:
     from gpt2lite.pipeline import TextGenerator
 
-    prompt = _read_input(args.prompt, "prompt", is_file=False)
+    options = _generation_options(args)  # bad values fail here, before the model is loaded
     device = _device(args.device)
-    options = dict(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        seed=args.seed,
-    )
-    from gpt2lite.generation import GenerationOptions
-
-    GenerationOptions(**options)  # bad values fail here, before the model is loaded
+    prompt = _read_input(args.prompt, "prompt", is_file=False)
     generator = TextGenerator.from_pretrained(args.model, device=device, dtype=args.dtype,
                                               local_files_only=args.offline)
-    for piece in generator.stream(prompt, stop=args.stop, **options):
+    if options.num_return_sequences > 1:
+        for i, text in enumerate(generator(prompt, options, stop=args.stop_strings)):
+            sys.stdout.write(f"{'' if i == 0 else chr(10)}=== {i + 1} ===\n{text}\n")
+        sys.stdout.flush()
+        return 0
+    for piece in generator.stream(prompt, options, stop=args.stop_strings):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -139,10 +185,10 @@ def _finetune(args: argparse.Namespace) -> int:
 
     import torch
 
-    from gpt2lite.config import GPT2Config
-    from gpt2lite.data import prepare_data
-    from gpt2lite.model import GPT2
-    from gpt2lite.train import TrainConfig, check_output_dir, train
+    from gpt2lite.models.config import GPT2Config
+    from gpt2lite.models.gpt2 import GPT2
+    from gpt2lite.training.data import prepare_data
+    from gpt2lite.training.trainer import TrainConfig, check_output_dir, train
 
     scratch = args.preset is not None
     lr = args.lr if args.lr is not None else (6e-4 if scratch else 1e-4)
@@ -155,13 +201,13 @@ def _finetune(args: argparse.Namespace) -> int:
     if not os.path.exists(args.data):
         raise FileNotFoundError(f"no such file or folder: {args.data!r}")
     check_output_dir(args.out)
+    device = _device(args.device)
     # Under torchrun each process learns its rank from the environment: join the group.
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
-    device = _device(args.device)
     if distributed:
-        backend = "nccl" if device == "cuda" else "gloo"
+        backend = "nccl" if device.startswith("cuda") else "gloo"
         torch.distributed.init_process_group(backend)
-        if device == "cuda":
+        if device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(device)
     try:
@@ -173,15 +219,9 @@ def _finetune(args: argparse.Namespace) -> int:
         if args.block_size is not None and args.block_size > model.config.n_positions:
             raise ValueError(f"--block-size {args.block_size} exceeds the model's context "
                              f"({model.config.n_positions} positions)")
-        # One process tokenizes; the others then find its manifest and reuse the tokens.
-        rank = torch.distributed.get_rank() if distributed else 0
-        if rank == 0:
-            data = prepare_data(args.data, os.path.join(args.out, "data"))
-        if distributed:
-            torch.distributed.barrier()
-        if rank != 0:
-            data = prepare_data(args.data, os.path.join(args.out, "data"))
+        data = prepare_data(args.data, os.path.join(args.out, "data"), errors=args.encoding_errors)
         result = train(model, data, args.out, config, resume=args.resume)
+        rank = torch.distributed.get_rank() if distributed else 0
     finally:
         if distributed:
             torch.distributed.destroy_process_group()
@@ -196,10 +236,12 @@ def _finetune(args: argparse.Namespace) -> int:
 def _perplexity(args: argparse.Namespace) -> int:
     from gpt2lite.pipeline import TextGenerator
 
+    device = _device(args.device)
     text = _read_input(args.text, "text", is_file=True)
-    scorer = TextGenerator.from_pretrained(args.model, device=_device(args.device), dtype=args.dtype,
+    scorer = TextGenerator.from_pretrained(args.model, device=device, dtype=args.dtype,
                                            local_files_only=args.offline)
-    print(f"{scorer.perplexity(text, max_length=args.max_length, stride=args.stride):.4f}")
+    progress = sys.stderr is not None and sys.stderr.isatty()
+    print(f"{scorer.perplexity(text, max_length=args.max_length, stride=args.stride, progress=progress):.4f}")
     return 0
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["HUB_ALIASES", "ModelNotFoundError", "resolve_files"]
+from gpt2lite.errors import ModelNotFoundError
+
+__all__ = ["HUB_ALIASES", "resolve_files"]
 
 # The short names GPT-2 was published under, and where they live on the hub now.
 HUB_ALIASES = {
@@ -19,10 +21,6 @@ HUB_ALIASES = {
     "gpt2-xl": "openai-community/gpt2-xl",
     "distilgpt2": "distilbert/distilgpt2",
 }
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """A model or tokenizer file could not be found locally or on the hub."""
 
 
 def resolve_files(

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
-from gpt2lite.generation import iter_tokens
-from gpt2lite.hub import HUB_ALIASES, ModelNotFoundError
-from gpt2lite.model import GPT2
+from gpt2lite.errors import ModelNotFoundError
+from gpt2lite.generation.engine import iter_tokens, left_pad
+from gpt2lite.generation.options import GenerationOptions
+from gpt2lite.hub import HUB_ALIASES
+from gpt2lite.models.gpt2 import GPT2
 from gpt2lite.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from gpt2lite.generation.options import GenerationKwargs
 
 __all__ = ["TextGenerator"]
 
@@ -66,25 +74,28 @@ class TextGenerator:
     def __call__(
         self,
         prompt: str | Sequence[str],
+        options: GenerationOptions | None = None,
         *,
         stop: str | Sequence[str] | None = None,
         generator: torch.Generator | None = None,
-        **options: object,
+        **overrides: Unpack[GenerationKwargs],
     ) -> str | list[str] | list[list[str]]:
         """Continue a prompt (or a batch of prompts); the result holds the new text only.
 
         Options are those of ``gpt2lite.GenerationOptions`` (``max_new_tokens``,
-        ``temperature``, ``top_k``, ``top_p``, ``seed``, ...). Text ends before the
-        first of the ``stop`` strings or at ``<|endoftext|>``. With
+        ``temperature``, ``top_k``, ``top_p``, ``seed``, ...), as an object or as
+        keywords. Text ends before the first of the ``stop`` strings or at the
+        end token (the tokenizer's ``<|endoftext|>``). With
         ``num_return_sequences=n > 1`` each prompt gets a list of ``n`` texts.
         """
+        opts = GenerationOptions.build(options, overrides, "TextGenerator")
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompt must be a str or a non-empty list of str")
-        completions = self._run(prompts, stop, generator, options)
+        completions = self._run(prompts, stop, generator, opts)
         texts = [c.text for c in completions]
-        n = int(options.get("num_return_sequences", 1))  # type: ignore[call-overload]
+        n = opts.num_return_sequences
         if n > 1:
             grouped = [texts[i : i + n] for i in range(0, len(texts), n)]
             return grouped[0] if single else grouped
@@ -93,23 +104,25 @@ class TextGenerator:
     def stream(
         self,
         prompt: str,
+        options: GenerationOptions | None = None,
         *,
         stop: str | Sequence[str] | None = None,
         generator: torch.Generator | None = None,
-        **options: object,
+        **overrides: Unpack[GenerationKwargs],
     ) -> Iterator[str]:
         """Yield the continuation of one prompt piece by piece, as it is generated.
 
         Pieces never split a character, and text that might begin a stop string is
         held back until it is clear that it does not.
         """
+        opts = GenerationOptions.build(options, overrides, "stream")
         if not isinstance(prompt, str):
             raise TypeError("stream() takes one prompt str; call the generator itself for a batch")
-        if options.get("num_return_sequences", 1) != 1:
+        if opts.num_return_sequences != 1:
             raise ValueError("stream() makes one sequence; num_return_sequences must be 1")
-        (row,) = self._prepare([prompt], stop)
+        (row,) = self._prepare([prompt], stop, 1, opts)
         # Built here, not inside the generator, so that bad options fail at the call.
-        steps = self._steps([prompt], generator, options)
+        steps = self._steps([prompt], generator, opts)
         return self._stream(row, steps)
 
     @staticmethod
@@ -126,27 +139,34 @@ class TextGenerator:
         if piece:
             yield piece
 
-    def perplexity(self, text: str, *, max_length: int | None = None, stride: int | None = None) -> float:
-        """Perplexity of ``text`` (sliding window; see ``gpt2lite.perplexity``)."""
-        from gpt2lite.evaluate import perplexity
+    def perplexity(
+        self, text: str, *, max_length: int | None = None, stride: int | None = None, progress: bool = False
+    ) -> float:
+        """Perplexity of ``text`` (sliding windows; see ``gpt2lite.perplexity``)."""
+        from gpt2lite.scoring import perplexity
 
-        return perplexity(self.model, self.tokenizer.encode(text), max_length=max_length, stride=stride)
+        return perplexity(
+            self.model, self.tokenizer.encode(text), max_length=max_length, stride=stride, progress=progress
+        )
 
     def logprobs(self, prompt: str, continuation: str) -> list[tuple[str, float]]:
         """Each token of ``continuation`` with its log-probability after ``prompt`` (encoded separately).
 
         An empty prompt means the start of a document (``<|endoftext|>``).
         """
-        from gpt2lite.evaluate import token_logprobs
+        from gpt2lite.scoring import token_logprobs
 
         prompt_ids = self.tokenizer.encode(prompt) or [self.tokenizer.eot_token]
         ids = self.tokenizer.encode(continuation)
         scores = token_logprobs(self.model, prompt_ids, ids)
         return [(self.tokenizer.decode([i]), float(lp)) for i, lp in zip(ids, scores, strict=True)]
 
-    def _run(self, prompts, stop, generator, options) -> list[_Completion]:
-        completions = self._prepare(prompts, stop, int(options.get("num_return_sequences", 1)))
-        for step in self._steps(prompts, generator, options):
+    def _run(
+        self, prompts: list[str], stop: str | Sequence[str] | None, generator: torch.Generator | None,
+        opts: GenerationOptions,
+    ) -> list[_Completion]:
+        completions = self._prepare(prompts, stop, opts.num_return_sequences, opts)
+        for step in self._steps(prompts, generator, opts):
             for completion, token in zip(completions, step.tolist(), strict=True):
                 completion.add(token)
             if all(c.done for c in completions):
@@ -155,23 +175,37 @@ class TextGenerator:
             completion.finish()
         return completions
 
-    def _prepare(self, prompts, stop, n: int = 1) -> list[_Completion]:
+    def _prepare(
+        self, prompts: list[str], stop: str | Sequence[str] | None, n: int, opts: GenerationOptions
+    ) -> list[_Completion]:
         stops = [stop] if isinstance(stop, str) else list(stop or ())
         if not all(isinstance(s, str) and s for s in stops):
             raise ValueError("stop must be a non-empty str or a list of non-empty str")
-        eos = self.tokenizer.special_tokens.get("<|endoftext|>")
-        return [_Completion(self.tokenizer, stops, eos) for _ in range(len(prompts) * max(n, 1))]
+        eos = None if opts.ignore_eos else self._eos(opts)
+        return [_Completion(self.tokenizer, stops, eos) for _ in range(len(prompts) * n)]
 
-    def _steps(self, prompts: list[str], generator, options) -> Iterator[torch.Tensor]:
+    def _eos(self, opts: GenerationOptions) -> int:
+        return opts.eos_token_id if opts.eos_token_id is not None else self.tokenizer.eot_token
+
+    def _steps(
+        self, prompts: list[str], generator: torch.Generator | None, opts: GenerationOptions
+    ) -> Iterator[torch.Tensor]:
         """Encode and left-pad the prompts, then yield each step's new tokens."""
         eot = self.tokenizer.eot_token
+        context = self.model.config.n_positions
+        # Every token holds at most max_token_bytes bytes (so characters): refuse a prompt that
+        # cannot fit before spending time and memory encoding it.
+        limit = (context - opts.max_new_tokens) * self.tokenizer.max_token_bytes
+        for i, p in enumerate(prompts):
+            if len(p) > limit:
+                raise ValueError(
+                    f"prompt {i} has {len(p)} characters: more tokens than fit in the model's context of {context} "
+                    f"positions with max_new_tokens={opts.max_new_tokens}; shorten it"
+                )
         # An empty prompt starts from <|endoftext|>, as GPT-2's unconditional samples do.
-        encoded = [self.tokenizer.encode(p) or [eot] for p in prompts]
-        width = max(map(len, encoded))
-        ids = torch.tensor([[eot] * (width - len(e)) + e for e in encoded])
-        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
-        options = {"eos_token_id": eot, **options}
-        return iter_tokens(self.model, ids, attention_mask=mask, generator=generator, **options)
+        ids, mask = left_pad([self.tokenizer.encode(p) or [eot] for p in prompts], eot)
+        opts = opts.replace(eos_token_id=self._eos(opts))
+        return iter_tokens(self.model, ids, opts, attention_mask=mask, generator=generator)
 
 
 class _Completion:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import heapq
+import operator
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -15,12 +16,12 @@ from typing import Literal
 
 import regex
 
-__all__ = ["GPT2_PATTERN", "StreamDecoder", "Tokenizer", "bytes_to_unicode"]
+from gpt2lite.tokenizer_files import ENDOFTEXT, bundled_gpt2_files, find_vocab_files, read_vocab_files
+
+__all__ = ["GPT2_PATTERN", "StreamDecoder", "Tokenizer"]
 
 # The pre-tokenization pattern of OpenAI's GPT-2 encoder.py.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
-ENDOFTEXT = "<|endoftext|>"
 
 # The same pattern for pure-ASCII text, where the standard library's `re`
 # (about twice as fast as `regex`) gives identical splits: in ASCII, \p{L} is
@@ -28,29 +29,23 @@ ENDOFTEXT = "<|endoftext|>"
 _GPT2_ASCII_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"""
 _NON_ASCII = re.compile(r"[^\x00-\x7f]+")
 
-# Words seen once are cached; the cache is dropped when it grows past this, so
-# memory stays bounded however long and varied the input is.
+# Places where GPT2_PATTERN's matches always end, whatever text stands on either side, so
+# that text cut there splits into the same pieces as the whole. The pattern never looks
+# behind and looks ahead only after whitespace, and no match crosses from
+# - a non-space into a space (only an optional space *starts* a match),
+# - a letter into a non-letter or a number into a non-number (runs of one class),
+# - other symbols into a number, or into a letter unless the symbol is an apostrophe ('s).
+_SAFE_CUT = (
+    r"(?<=\S)(?=\s)|(?<=\p{L})(?=[^\s\p{L}])|(?<=\p{N})(?=[^\s\p{N}])"
+    r"|(?<=[^\s\p{L}\p{N}])(?=\p{N})|(?<=[^\s\p{L}\p{N}'])(?=\p{L})"
+)
+_CUT_AFTER = regex.compile(_SAFE_CUT)
+_CUT_BEFORE = regex.compile(_SAFE_CUT, flags=regex.REVERSE)
+
+# Words seen once are cached, up to this many; the cache is dropped when full. Words longer
+# than _CACHE_WORD_CHARS are not cached, so memory is bounded by size, not only by count.
 _CACHE_LIMIT = 100_000
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from each byte to a printable character.
-
-    The vocabulary files spell tokens in these characters: printable Latin-1
-    bytes stand for themselves, the rest are moved to U+0100 onwards.
-    """
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    mapping = {b: chr(b) for b in printable}
-    shifted = 0
-    for b in range(256):
-        if b not in mapping:
-            mapping[b] = chr(256 + shifted)
-            shifted += 1
-    return mapping
+_CACHE_WORD_CHARS = 64
 
 
 class Tokenizer:
@@ -78,6 +73,7 @@ class Tokenizer:
         """
         if special_tokens is None:
             special_tokens = {ENDOFTEXT: vocab[ENDOFTEXT.encode()]} if ENDOFTEXT.encode() in vocab else {}
+        self.max_token_bytes = max(map(len, vocab), default=1)  # so text length bounds the token count
         missing_bytes = [b for b in range(256) if bytes([b]) not in vocab]
         if missing_bytes:
             raise ValueError(
@@ -118,50 +114,14 @@ class Tokenizer:
     # construction from files -------------------------------------------------
 
     @classmethod
-    def from_json_and_merges(
-        cls, vocab_json: Mapping[str, int], merges_text: str, *, special_tokens: Mapping[str, int] | None = None
-    ) -> Tokenizer:
-        """Build from the parsed ``encoder.json``/``vocab.json`` and the text of ``vocab.bpe``/``merges.txt``."""
-        # Map the printable stand-ins back to bytes with str.translate: C speed for 100k symbols.
-        to_latin1 = {ord(ch): b for b, ch in bytes_to_unicode().items()}
-        alphabet = {chr(c) for c in to_latin1}
-
-        specials = dict(special_tokens) if special_tokens is not None else {}
-        if special_tokens is None and ENDOFTEXT in vocab_json:
-            specials[ENDOFTEXT] = vocab_json[ENDOFTEXT]
-        tokens = [t for t in vocab_json if t not in specials]
-        stray = set("".join(tokens)) - alphabet
-        if stray:
-            raise ValueError(f"vocabulary entries use characters outside GPT-2's byte alphabet: {sorted(stray)[:5]}")
-        vocab = {t.translate(to_latin1).encode("latin-1"): vocab_json[t] for t in tokens}
-
-        lines = merges_text.split("\n")
-        if lines and lines[0].startswith("#version"):
-            lines = lines[1:]
-        lines = [line for line in lines if line]
-        stray = set("".join(lines)) - alphabet - {" "}
-        if stray:
-            raise ValueError(f"merges use characters outside GPT-2's byte alphabet: {sorted(stray)[:5]}")
-        merges = []
-        for line in lines:
-            left, sep, right = line.partition(" ")
-            if not sep or not left or not right or " " in right:
-                raise ValueError(f"a merges line should hold two symbols separated by one space: {line!r}")
-            merges.append((left.translate(to_latin1).encode("latin-1"), right.translate(to_latin1).encode("latin-1")))
-        return cls(vocab, merges, special_tokens=specials)
-
-    @classmethod
     def from_files(cls, vocab_file: str | os.PathLike[str], merges_file: str | os.PathLike[str]) -> Tokenizer:
         """Load ``vocab.json`` + ``merges.txt`` (Hugging Face) or ``encoder.json`` + ``vocab.bpe`` (OpenAI)."""
-        from gpt2lite.tokenizer_files import read_vocab_files
-
-        return cls.from_json_and_merges(*read_vocab_files(vocab_file, merges_file))
+        vocab, merges, specials = read_vocab_files(vocab_file, merges_file)
+        return cls(vocab, merges, special_tokens=specials)
 
     @classmethod
     def gpt2(cls) -> Tokenizer:
         """The genuine GPT-2 tokenizer, from the vocabulary bundled with the package (no download)."""
-        from gpt2lite.tokenizer_files import bundled_gpt2_files
-
         return cls.from_files(*bundled_gpt2_files())
 
     @classmethod
@@ -170,8 +130,6 @@ class Tokenizer:
         local_files_only: bool = False,
     ) -> Tokenizer:
         """Load from a directory or hub repo holding vocab.json + merges.txt, or encoder.json + vocab.bpe."""
-        from gpt2lite.tokenizer_files import find_vocab_files
-
         files = find_vocab_files(
             name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
         )
@@ -228,14 +186,17 @@ class Tokenizer:
 
         Special-token strings are ordinary text. Text after the last point where
         a pre-token must end is held over to the next piece, so no word is split
-        at a piece's edge and memory stays bounded by the piece size.
+        at a piece's edge and memory stays bounded by the piece size (unless the
+        text holds a single word longer than that).
         """
         carry = ""
         for chunk in chunks:
             if not isinstance(chunk, str):
                 raise TypeError(f"encode_stream() takes str pieces, got {type(chunk).__name__}")
             text = carry + chunk
-            cut = _cut_before(text, len(text) - 1, 0) if text else 0
+            # The held-over text has no cut inside it, so look only from its end on.
+            m = _CUT_BEFORE.search(text, max(1, len(carry)), len(text))
+            cut = m.start() if m else 0
             carry = text[cut:]
             if cut:
                 yield self.encode(text[:cut])
@@ -263,9 +224,10 @@ class Tokenizer:
             ids = cache.get(word)
             if ids is None:
                 ids = self._bpe(word.encode("utf-8"))
-                if len(cache) >= _CACHE_LIMIT:
-                    cache.clear()
-                cache[word] = ids
+                if len(word) <= _CACHE_WORD_CHARS:
+                    if len(cache) >= _CACHE_LIMIT:
+                        cache.clear()
+                    cache[word] = ids
             extend(ids)
         return out
 
@@ -278,10 +240,13 @@ class Tokenizer:
         words: list[str] = []
         done = 0  # text[:done] is split already
         for m in _NON_ASCII.finditer(text):
-            if m.start() < done:
-                continue
-            start = _cut_before(text, m.start(), done)
-            end = _cut_after(text, m.end())
+            if m.end() <= done:
+                continue  # inside the stretch already given to `regex`
+            # A cut at m.start() at the latest: the pattern's look-ahead stops at endpos.
+            before = _CUT_BEFORE.search(text, done + 1, m.start() + 1) if m.start() > done else None
+            start = before.start() if before else done
+            after = _CUT_AFTER.search(text, m.end())
+            end = after.start() if after else len(text)
             words += self._split_ascii(text[done:start])
             words += self._split(text[start:end])
             done = end
@@ -333,6 +298,14 @@ class Tokenizer:
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """The raw bytes of the tokens (possibly cut inside a UTF-8 character)."""
+        if isinstance(ids, (str, bytes, bytearray)):
+            raise TypeError(f"decode() takes a sequence of integer token ids, got {type(ids).__name__}")
+        shape = getattr(ids, "shape", None)
+        if shape is not None:  # a tensor or an array
+            if len(shape) != 1:
+                raise ValueError(f"decode() takes a 1-D sequence of token ids, got shape {tuple(shape)}; "
+                                 "decode each row separately")
+            ids = ids.tolist()  # type: ignore[union-attr]
         ids = list(ids)
         table = self._decoder
         try:
@@ -342,7 +315,7 @@ class Tokenizer:
             pass
         for i in ids:  # slow path, only to name the bad id
             self._check_id(i)
-        return b"".join([table[int(i)] for i in ids])  # type: ignore[misc]
+        return b"".join([table[operator.index(i)] for i in ids])  # type: ignore[misc]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Decode ids to text; bytes that are not valid UTF-8 become U+FFFD.
@@ -358,11 +331,10 @@ class Tokenizer:
         return self._decoder[token]  # type: ignore[return-value]
 
     def _check_id(self, i: object) -> None:
-        if isinstance(i, bool) or not isinstance(i, int):
-            try:
-                i = int(i)  # numpy / torch integer scalars
-            except (TypeError, ValueError):
-                raise TypeError(f"token ids must be integers, got {i!r}") from None
+        try:
+            i = operator.index(i)  # ints and numpy / torch integer scalars; not floats or strings
+        except TypeError:
+            raise TypeError(f"token ids must be integers, got {i!r}") from None
         if not 0 <= i < self.n_vocab or self._decoder[i] is None:
             raise ValueError(f"token id {i} is outside the vocabulary (valid ids: 0..{self.n_vocab - 1})")
 
@@ -404,35 +376,6 @@ class StreamDecoder:
         tail = self.flush()
         if tail:
             yield tail
-
-
-def _is_cut(text: str, i: int) -> bool:
-    # Every pre-token holding a visible ASCII character ends before a following
-    # newline, so splitting the text there splits no pre-token, and the pattern
-    # (which never looks behind) matches the rest as it would the whole.
-    return text[i] == "\n" and "!" <= text[i - 1] <= "~"
-
-
-def _cut_before(text: str, i: int, lo: int) -> int:
-    """The last safe cut at or before ``i`` and not before ``lo`` (``lo`` itself is safe)."""
-    while True:
-        i = text.rfind("\n", lo + 1, i + 1)
-        if i < 0:
-            return lo
-        if _is_cut(text, i):
-            return i
-        i -= 1
-
-
-def _cut_after(text: str, i: int) -> int:
-    """The first safe cut at or after ``i`` (the end of the text if none)."""
-    while True:
-        i = text.find("\n", i)
-        if i < 0:
-            return len(text)
-        if _is_cut(text, i):
-            return i
-        i += 1
 
 
 def _replace_lone_surrogates(text: str) -> str:

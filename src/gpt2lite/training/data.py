@@ -13,13 +13,18 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from gpt2lite.files import atomic_write
 from gpt2lite.tokenizer import Tokenizer
 
-__all__ = ["TokenData", "prepare_data"]
+__all__ = ["Part", "TokenData", "prepare_data"]
+
+Part = Literal["train", "val"]
 
 _MANIFEST = "manifest.json"
 _TOKENS = "tokens.bin"
@@ -35,6 +40,7 @@ class TokenData:
     directory: Path
     tokens: np.ndarray  # uint16 memory map of the whole stream
     split: int  # tokens[:split] train, tokens[split:] validation
+    fingerprint: str = ""  # of the sources and settings the tokens were made from
 
     @property
     def train(self) -> np.ndarray:
@@ -56,13 +62,17 @@ class TokenData:
             raise ValueError(
                 f"{directory / _TOKENS} holds {len(tokens)} tokens, its manifest says {manifest['tokens']}"
             )
-        return cls(directory, tokens, manifest["split"])
+        return cls(directory, tokens, manifest["split"], manifest.get("fingerprint", ""))
 
-    def windows(
-        self, part: str, starts: torch.Tensor, length: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def part(self, part: Part) -> np.ndarray:
+        """The tokens of ``"train"`` or ``"val"``."""
+        if part not in get_args(Part):
+            raise ValueError(f"part must be 'train' or 'val', got {part!r}")
+        return self.train if part == "train" else self.val
+
+    def windows(self, part: Part, starts: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and next-token targets ``(len(starts), length)`` for windows at ``starts`` of a part."""
-        stream = self.train if part == "train" else self.val
+        stream = self.part(part)
         rows = np.stack([stream[s : s + length + 1] for s in starts.tolist()]).astype(np.int64)
         window = torch.from_numpy(rows)
         return window[:, :-1], window[:, 1:]
@@ -74,22 +84,43 @@ def prepare_data(
     *,
     tokenizer: Tokenizer | None = None,
     val_fraction: float = 0.05,
+    errors: Literal["strict", "replace"] = "strict",
 ) -> TokenData:
     """Tokenize a text file, a folder of text files (recursively) or a list of strings into ``directory``.
 
     Documents (files, list items) are separated by ``<|endoftext|>``. The last
     ``val_fraction`` of the stream is held out for validation. If ``directory``
     already holds data made from the same sources, it is reused as it is.
+    Files must be UTF-8 text: anything else is an error naming the file, unless
+    ``errors="replace"`` turns undecodable bytes into U+FFFD. Under
+    ``torchrun``, process 0 tokenizes while the others wait, then they reuse it.
     """
+    if errors not in ("strict", "replace"):
+        raise ValueError(f"errors must be 'strict' or 'replace', got {errors!r}")
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_rank() == 0:
+            data = _prepare(source, directory, tokenizer, val_fraction, errors)
+        dist.barrier()
+        return data if dist.get_rank() == 0 else _prepare(source, directory, tokenizer, val_fraction, errors)
+    return _prepare(source, directory, tokenizer, val_fraction, errors)
+
+
+def _prepare(
+    source: str | os.PathLike[str] | Sequence[str],
+    directory: str | os.PathLike[str],
+    tokenizer: Tokenizer | None,
+    val_fraction: float,
+    errors: str,
+) -> TokenData:
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
     tokenizer = tokenizer or Tokenizer.gpt2()
     if tokenizer.n_vocab > 1 << 16:
         raise ValueError(f"a vocabulary of {tokenizer.n_vocab} tokens does not fit in uint16")
-    documents, fingerprint = _documents(source)
+    documents, fingerprint = _documents(source, errors)
     directory = Path(directory)
     fingerprint = hashlib.sha256(
-        (fingerprint + f"|vocab={tokenizer.n_vocab}|val={val_fraction}|format={_FORMAT}").encode()
+        (fingerprint + f"|vocab={tokenizer.n_vocab}|val={val_fraction}|errors={errors}|format={_FORMAT}").encode()
     ).hexdigest()
     manifest_path = directory / _MANIFEST
     if manifest_path.is_file():
@@ -101,25 +132,21 @@ def prepare_data(
 
     directory.mkdir(parents=True, exist_ok=True)
     eot = tokenizer.eot_token
-    tmp = directory / (_TOKENS + ".tmp")
     count = 0
-    with open(tmp, "wb") as f:
+    with atomic_write(directory / _TOKENS) as tmp, open(tmp, "wb") as f:
         for blocks in documents:
             for ids in tokenizer.encode_stream(blocks):
                 np.asarray(ids, dtype=np.uint16).tofile(f)
                 count += len(ids)
             np.asarray([eot], dtype=np.uint16).tofile(f)
             count += 1
-    if count < 8:
-        tmp.unlink()
-        raise ValueError(f"the data holds only {count} tokens: too little text to train on")
+        if count < 8:
+            raise ValueError(f"the data holds only {count} tokens: too little text to train on")
     split = max(1, min(count - 2, round(count * (1 - val_fraction))))
-    os.replace(tmp, directory / _TOKENS)
     manifest = {"format": _FORMAT, "fingerprint": fingerprint, "tokens": count, "split": split,
                 "n_vocab": tokenizer.n_vocab, "source": _describe(source)}
-    tmp_manifest = directory / (_MANIFEST + ".tmp")
-    tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp_manifest, manifest_path)
+    with atomic_write(manifest_path) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return TokenData.open(directory)
 
 
@@ -129,7 +156,9 @@ def _describe(source: str | os.PathLike[str] | Sequence[str]) -> str:
     return f"{len(source)} strings"
 
 
-def _documents(source: str | os.PathLike[str] | Sequence[str]) -> tuple[Iterator[Iterable[str]], str]:
+def _documents(
+    source: str | os.PathLike[str] | Sequence[str], errors: str
+) -> tuple[Iterator[Iterable[str]], str]:
     """The documents as iterables of text blocks, and a fingerprint of the sources."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
@@ -144,7 +173,7 @@ def _documents(source: str | os.PathLike[str] | Sequence[str]) -> tuple[Iterator
         stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
         if sum(size for _, size, _ in stats) == 0:
             raise ValueError(f"{str(path)!r} holds only empty files")
-        return (_read_blocks(p) for p in files), json.dumps(stats)
+        return (_read_blocks(p, errors) for p in files), json.dumps(stats)
     if not isinstance(source, Sequence) or not all(isinstance(s, str) for s in source):
         raise TypeError("source must be a path or a list of str")
     if not any(source):
@@ -155,7 +184,21 @@ def _documents(source: str | os.PathLike[str] | Sequence[str]) -> tuple[Iterator
     return ([text] for text in source), digest.hexdigest()
 
 
-def _read_blocks(path: Path) -> Iterator[str]:
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
-        while block := f.read(_BLOCK_CHARS):
+def _read_blocks(path: Path, errors: str) -> Iterator[str]:
+    """The text of a UTF-8 file in blocks; other encodings and binary files are an error naming the file."""
+    fix = 'save it as UTF-8, or pass errors="replace" to turn undecodable bytes into U+FFFD'
+    with open(path, encoding="utf-8", errors=errors, newline="") as f:
+        while True:
+            try:
+                block = f.read(_BLOCK_CHARS)
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start} of a "
+                                 f"block): {fix}") from None
+            if not block:
+                return
+            # UTF-16 text without a byte-order mark, and most binary files, decode as UTF-8 full of NULs.
+            if errors == "strict" and "\x00" in block:
+                raise ValueError(
+                    f"{str(path)!r} holds NUL characters, so it is binary or UTF-16, not UTF-8 text: {fix}"
+                )
             yield block

@@ -28,8 +28,8 @@ class GPT2Config:
     embd_pdrop: float = 0.1
     attn_pdrop: float = 0.1
     resid_pdrop: float = 0.1
-    bos_token_id: int = 50256
-    eos_token_id: int = 50256
+    bos_token_id: int | None = 50256
+    eos_token_id: int | None = 50256
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
@@ -67,6 +67,8 @@ class GPT2Config:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GPT2Config:
         """Build from a Hugging Face ``config.json`` dict; keys that do not concern the model are ignored."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a GPT-2 config must be a JSON object of settings, got a {type(d).__name__}")
         model_type = d.get("model_type", "gpt2")
         if model_type != "gpt2":
             raise ValueError(f"config is for model_type {model_type!r}; gpt2lite loads GPT-2 models only")
@@ -80,7 +82,10 @@ class GPT2Config:
             if d.get(key, default) != default:
                 raise ValueError(f"config sets {key}={d[key]!r}, which gpt2lite does not support")
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        try:
+            return cls(**{k: v for k, v in d.items() if k in names})
+        except TypeError as exc:
+            raise ValueError(f"config does not describe a GPT-2: {exc}") from None
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike[str]) -> GPT2Config:
@@ -88,9 +93,12 @@ class GPT2Config:
         with open(path, encoding="utf-8") as f:
             try:
                 d = json.load(f)
-            except json.JSONDecodeError as exc:
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise ValueError(f"{str(path)!r} is not valid JSON: {exc}") from None
-        return cls.from_dict(d)
+        try:
+            return cls.from_dict(d)
+        except ValueError as exc:
+            raise ValueError(f"{str(path)!r}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """A ``config.json`` dict that Hugging Face ``transformers`` also reads."""

@@ -1,5 +1,8 @@
 """Reading and writing GPT-2 safetensors checkpoints in the published (hub) layout.
 
+This module deals in files, configs and state dicts; ``GPT2.from_pretrained``
+builds the model from what it returns.
+
 The hub files store the four Conv1D weights of each block as ``[in, out]``;
 ``nn.Linear`` wants ``[out, in]``, so exactly those are transposed on the way in
 and out. The ``h.N.attn.bias`` / ``masked_bias`` causal-mask buffers are
@@ -20,18 +23,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from gpt2lite.config import PRESETS, GPT2Config
-from gpt2lite.hub import ModelNotFoundError, resolve_files
-from gpt2lite.model import GPT2
+from gpt2lite.errors import CheckpointError, ModelNotFoundError
+from gpt2lite.files import atomic_write
+from gpt2lite.hub import resolve_files
+from gpt2lite.models.config import PRESETS, GPT2Config
 
 __all__ = [
     "CONV1D_WEIGHTS",
-    "CheckpointError",
     "expected_shapes",
     "infer_config",
-    "load_pretrained",
+    "load_checkpoint",
     "resolve_dtype",
-    "save_pretrained",
+    "save_checkpoint",
 ]
 
 # Stored [in, out] in the hub files, [out, in] in nn.Linear.
@@ -42,6 +45,8 @@ _IGNORED = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 
 _CHECKPOINT_FILES = [("config.json", "model.safetensors"), ("config.json", "model.safetensors.index.json")]
 
+_FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -49,9 +54,9 @@ _DTYPES = {
 }
 
 
-class CheckpointError(ValueError):
-    """A checkpoint's tensors do not fit the model: missing, unexpected or misshapen keys."""
-
+# The safetensors metadata key under which save_checkpoint stores config.json, so that a
+# lone model.safetensors file still says what model it is.
+CONFIG_METADATA_KEY = "gpt2lite.config"
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """Accept ``torch.float16`` or a name such as ``"fp16"`` / ``"bfloat16"``."""
@@ -94,36 +99,66 @@ def _normalize_key(key: str) -> str:
     return key.removeprefix("transformer.")
 
 
-def _iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, str, Path, tuple[int, ...]]]:
-    """(normalized key, key as stored, file, shape) for every tensor of a (possibly sharded) checkpoint.
+def _iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, str, Path, tuple[int, ...], str]]:
+    """(normalized key, key as stored, file, shape, dtype name) for every tensor of a (possibly sharded) checkpoint.
 
     Only the headers are read: each file is opened once, and no tensor data is touched.
     """
     for path in files:
         try:
             with safe_open(str(path), framework="pt") as f:
-                entries = [(key, tuple(f.get_slice(key).get_shape())) for key in f.keys()]  # noqa: SIM118
+                entries = [(key, f.get_slice(key)) for key in f.keys()]  # noqa: SIM118
+                entries = [(key, tuple(t.get_shape()), t.get_dtype()) for key, t in entries]
         except Exception as exc:  # safetensors raises its own error types for a bad header
             raise CheckpointError(f"{str(path)!r} is not a readable safetensors file: {exc}") from None
-        for key, shape in entries:
-            yield _normalize_key(key), key, path, shape
+        for key, shape, dtype in entries:
+            yield _normalize_key(key), key, path, shape, dtype
 
 
-def _shard_files(index_file: Path, fetch) -> list[Path]:
-    with open(index_file, encoding="utf-8") as f:
-        weight_map = json.load(f).get("weight_map")
-    if not isinstance(weight_map, dict):
+def _read_metadata(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for a bad header
+        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file: {exc}") from None
+
+
+def _shard_names(index_file: Path) -> list[str]:
+    """The shard files an index names; each must be a plain file name in the index's own directory."""
+    try:
+        with open(index_file, encoding="utf-8") as f:
+            index = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{str(index_file)!r} is not valid JSON: {exc}") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{str(index_file)!r} has no weight_map")
-    return [fetch(name) for name in dict.fromkeys(weight_map.values())]
+    names = list(dict.fromkeys(weight_map.values()))
+    for name in names:
+        # A name with a directory part ("../x", "/etc/x", "sub/x") could read any file on the machine.
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            raise CheckpointError(
+                f"{str(index_file)!r} names shard {name!r}, which is not a file name in the model's own directory; "
+                "refusing to read it"
+            )
+    return names
 
 
 def infer_config(files: list[Path]) -> GPT2Config:
-    """Work out a config from tensor shapes alone (for a bare ``.safetensors`` file).
+    """The config of a bare ``.safetensors`` file that has no ``config.json`` beside it.
 
-    The number of heads is not in any shape: it is taken from the published
-    model of that size, else ``n_embd // 64`` (GPT-2's head width throughout).
+    A file written by ``save_pretrained`` carries its config in its metadata.
+    Otherwise the shapes are matched against the published GPT-2 models: the
+    number of heads is in no shape, so any other shape is an error that asks for
+    ``config=`` rather than a guess that would silently give other logits.
     """
-    shapes = {key: shape for key, _, _, shape in _iter_checkpoint(files)}
+    stored = _read_metadata(files[0]).get(CONFIG_METADATA_KEY)
+    if stored is not None:
+        try:
+            return GPT2Config.from_dict(json.loads(stored))
+        except (json.JSONDecodeError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{str(files[0])!r} carries an unreadable config in its metadata: {exc}") from None
+    shapes = {key: shape for key, _, _, shape, _ in _iter_checkpoint(files)}
     try:
         vocab_size, n_embd = shapes["wte.weight"]
         n_positions = shapes["wpe.weight"][0]
@@ -131,13 +166,14 @@ def infer_config(files: list[Path]) -> GPT2Config:
     except KeyError as exc:
         raise CheckpointError(f"cannot infer a GPT-2 config: the checkpoint has no {exc.args[0]!r} tensor") from None
     n_layer = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"h\.(\d+)\.", k)))
-    n_head = next(
-        (p.n_head for p in PRESETS.values() if (p.n_layer, p.n_embd) == (n_layer, n_embd)),
-        max(1, n_embd // 64),
-    )
-    return GPT2Config(
-        vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-        n_inner=None if mlp_dim == 4 * n_embd else mlp_dim,
+    for name, preset in PRESETS.items():
+        published = (preset.vocab_size, preset.n_positions, preset.n_embd, preset.n_layer, preset.mlp_dim)
+        if name != "tiny" and published == (vocab_size, n_positions, n_embd, n_layer, mlp_dim):
+            return preset
+    raise CheckpointError(
+        f"{str(files[0])!r} has no config.json beside it and its shapes (n_layer={n_layer}, n_embd={n_embd}, "
+        f"n_positions={n_positions}, vocab_size={vocab_size}) are not those of a published GPT-2, so its number "
+        "of attention heads is unknown: put its config.json beside it or pass config=GPT2Config(...)"
     )
 
 
@@ -151,7 +187,9 @@ def load_state_dict(
     shapes: dict[str, tuple[int, ...]] = {}
     lm_head: tuple[str, Path] | None = None
     unexpected = []
-    for key, stored, path, shape in _iter_checkpoint(files):
+    dtypes: dict[str, str] = {}
+    for key, stored, path, shape, dtype_name in _iter_checkpoint(files):
+        dtypes[key] = dtype_name
         if key == "lm_head.weight":
             lm_head = (stored, path)
         elif key in expected:
@@ -174,6 +212,18 @@ def load_state_dict(
     for key, (stored, _) in found.items():
         if shapes[key] != expected[key]:
             raise CheckpointError(f"tensor {stored!r} has shape {shapes[key]}, expected {expected[key]}")
+        if dtypes[key] not in _FLOAT_DTYPES:
+            raise CheckpointError(
+                f"tensor {stored!r} holds {dtypes[key]} values; GPT-2 weights are floating point (F32, F16, BF16)"
+            )
+    if dtype is None:
+        first = dtypes["wte.weight"]
+        odd = next((found[k][0] for k in found if dtypes[k] != first), None)
+        if odd is not None:
+            raise CheckpointError(
+                f"tensor {odd!r} is {dtypes[_normalize_key(odd)]} while wte.weight is {first}: the checkpoint mixes "
+                "dtypes; load it with dtype='float32' (or another) to convert every tensor to one"
+            )
 
     # safetensors hands out tensors that map the file (no copy), and a transposed view
     # multiplies as fast as a contiguous copy, so a float32 load on the CPU copies nothing;
@@ -199,7 +249,7 @@ def load_state_dict(
     return state
 
 
-def load_pretrained(
+def load_checkpoint(
     name_or_path: str | os.PathLike[str],
     *,
     device: torch.device | str | None = None,
@@ -208,48 +258,48 @@ def load_pretrained(
     cache_dir: str | os.PathLike[str] | None = None,
     local_files_only: bool = False,
     config: GPT2Config | None = None,
-) -> GPT2:
-    """See ``GPT2.from_pretrained``."""
+) -> tuple[GPT2Config, dict[str, torch.Tensor]]:
+    """Find a checkpoint and read it: its config and a state dict for ``GPT2`` (see ``GPT2.from_pretrained``)."""
     dtype = resolve_dtype(dtype)
     path = Path(name_or_path).expanduser()
     if path.is_file():
         if path.suffix != ".safetensors":
             raise ModelNotFoundError(f"{str(path)!r} is not a .safetensors file")
         files = [path]
-        config = config or infer_config(files)
+        beside = path.with_name("config.json")
+        if config is None:
+            config = GPT2Config.from_json_file(beside) if beside.is_file() else infer_config(files)
     else:
         hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
         config_file, weights_file = resolve_files(name_or_path, _CHECKPOINT_FILES, what="GPT-2 checkpoint", **hub)
         config = config or GPT2Config.from_json_file(config_file)
         if weights_file.name.endswith(".index.json"):
-            files = _shard_files(
-                weights_file, lambda name: resolve_files(name_or_path, [(name,)], what="checkpoint shard", **hub)[0]
-            )
+            files = [
+                resolve_files(name_or_path, [(name,)], what="checkpoint shard", **hub)[0]
+                for name in _shard_names(weights_file)
+            ]
         else:
             files = [weights_file]
-
-    state = load_state_dict(files, config, device=device, dtype=dtype)
-    # Parameters on the meta device take no memory and skip the random initialisation;
-    # assign=True then adopts the loaded tensors as they are, with no second copy.
-    with torch.device("meta"):
-        model = GPT2(config)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+    return config, load_state_dict(files, config, device=device, dtype=dtype)
 
 
-def save_pretrained(model: GPT2, directory: str | os.PathLike[str]) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` in the hub layout; return the directory."""
+def save_checkpoint(
+    state_dict: dict[str, torch.Tensor], config: GPT2Config, directory: str | os.PathLike[str]
+) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` in the hub layout; return the directory.
+
+    The weights file also carries the config in its metadata, so it describes
+    itself when copied alone.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    for key, t in model.state_dict().items():
+    for key, t in state_dict.items():
         t = t.detach()
         tensors[key] = (t.t() if _is_conv1d(key) else t).contiguous().cpu()
-    # Write to temporary names, then rename: an interrupted save never leaves a torn checkpoint.
-    tmp_weights = directory / "model.safetensors.tmp"
-    save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
-    tmp_config = directory / "config.json.tmp"
-    tmp_config.write_text(json.dumps(model.config.to_dict(), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp_weights, directory / "model.safetensors")
-    os.replace(tmp_config, directory / "config.json")
+    config_json = json.dumps(config.to_dict(), indent=2) + "\n"
+    with atomic_write(directory / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", CONFIG_METADATA_KEY: config_json})
+    with atomic_write(directory / "config.json") as tmp:
+        tmp.write_text(config_json, encoding="utf-8")
     return directory

@@ -7,13 +7,11 @@ tokens set to ``-inf``; nothing is modified in place. The order matches
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
+from gpt2lite.generation.options import GenerationOptions
+
 __all__ = [
-    "SamplingConfig",
     "apply_repetition_penalty",
     "choose_next",
     "min_p_filter",
@@ -21,35 +19,6 @@ __all__ = [
     "top_k_filter",
     "top_p_filter",
 ]
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """How to pick tokens; ``temperature=0`` is greedy. Checked when built."""
-
-    temperature: float = 1.0
-    top_k: int = 0  # 0 keeps every token
-    top_p: float = 1.0  # 1.0 keeps every token
-    min_p: float = 0.0  # 0.0 keeps every token
-    repetition_penalty: float = 1.0  # 1.0 penalises nothing
-
-    def __post_init__(self) -> None:
-        t, k, p, m, r = self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {t!r}")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {k!r}")
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {p!r}")
-        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m <= 1:
-            raise ValueError(f"min_p must be in [0, 1] (0 disables it), got {m!r}")
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
-            raise ValueError(f"repetition_penalty must be a finite number > 0 (1 disables it), got {r!r}")
-
-    @property
-    def greedy(self) -> bool:
-        """Whether the most likely token is always taken."""
-        return self.temperature == 0
 
 
 def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -106,18 +75,21 @@ def sample(logits: torch.Tensor, *, generator: torch.Generator | None = None) ->
 
 def choose_next(
     logits: torch.Tensor,
-    config: SamplingConfig,
+    options: GenerationOptions,
     *,
     history: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """The next token of each row, ``(B,)``, under ``config``; ``history`` feeds the repetition penalty."""
+    """The next token of each row, ``(B,)``, under ``options``; ``history`` ``(B, T)`` feeds the repetition penalty."""
     if history is not None:
-        logits = apply_repetition_penalty(logits, history, config.repetition_penalty)
-    if config.greedy:
+        logits = apply_repetition_penalty(logits, history, options.repetition_penalty)
+    if options.greedy:
         return logits.argmax(dim=-1)
-    logits = logits.float() / config.temperature
-    logits = top_k_filter(logits, config.top_k)
-    logits = top_p_filter(logits, config.top_p)
-    logits = min_p_filter(logits, config.min_p)
+    logits = logits.float()
+    # Shift the largest logit to 0 before scaling: the softmax is the same, and a tiny
+    # temperature then sends the others to -inf instead of making inf - inf = NaN.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / options.temperature
+    logits = top_k_filter(logits, options.top_k)
+    logits = top_p_filter(logits, options.top_p)
+    logits = min_p_filter(logits, options.min_p)
     return sample(logits, generator=generator)

@@ -1,0 +1,147 @@
+"""The options of every decoding entry point, declared once: ``GenerationOptions``.
+
+``generate``, ``iter_tokens``, ``TextGenerator`` and the CLI all take these; the
+CLI builds its flags from the fields (names, types and help below), so a new
+option appears everywhere by being added here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypedDict
+
+__all__ = ["GREEDY_BELOW", "GenerationKwargs", "GenerationOptions"]
+
+# Temperatures below float32's smallest normal number cannot scale float32 logits (1/T
+# overflows), and sampling at them is greedy to within rounding: they decode greedily.
+GREEDY_BELOW = 2.0**-126  # torch.finfo(torch.float32).tiny, without importing torch for the CLI's start-up
+
+
+def _option(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How to decode: length, sampling, stopping. Every value is checked when the object is built.
+
+    >>> GenerationOptions(temperature=0, max_new_tokens=5).greedy
+    True
+    >>> GenerationOptions(top_p=1.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: top_p must be in (0, 1] (1 disables it), got 1.5
+    """
+
+    max_new_tokens: int = _option(64, "tokens to generate at most")
+    temperature: float = _option(1.0, "softmax temperature; 0 is greedy")
+    top_k: int = _option(0, "sample only among the k most likely tokens; 0 disables it")
+    top_p: float = _option(1.0, "nucleus sampling: the smallest set of tokens holding this mass; 1 disables it")
+    min_p: float = _option(0.0, "drop tokens less likely than min_p times the most likely one; 0 disables it")
+    repetition_penalty: float = _option(1.0, "divide the logits of tokens seen so far by this (CTRL); 1 disables it")
+    eos_token_id: int | None = _option(None, "the end token; default: the model's (the tokenizer's in the text API)")
+    ignore_eos: bool = _option(False, "never stop at the end token")
+    pad_token_id: int | None = _option(None, "fills rows that finished early; default: the end token")
+    stop: tuple[tuple[int, ...], ...] = _option((), "token sequences that end a row (kept in the output)")
+    seed: int | None = _option(None, "seed for reproducible sampling")
+    num_return_sequences: int = _option(1, "sequences to generate per prompt")
+    compile: bool = _option(False, "decode with a torch.compile'd fixed-shape step (CUDA graphs on a GPU)")
+
+    def __post_init__(self) -> None:
+        _check_int(self, "max_new_tokens", 0)
+        _check_int(self, "num_return_sequences", 1)
+        _check_int(self, "top_k", 0, note=" (0 disables it)")
+        for name in ("eos_token_id", "pad_token_id", "seed"):
+            if getattr(self, name) is not None:
+                _check_int(self, name, 0, none_ok=True)
+        if self.seed is not None and self.seed >= 2**64:
+            raise ValueError(f"seed must be below 2**64, got {self.seed}")
+        for name in ("ignore_eos", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        t, p, m, r = self.temperature, self.top_p, self.min_p, self.repetition_penalty
+        if not _is_number(t) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {t!r}")
+        if not _is_number(p) or not 0 < p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {p!r}")
+        if not _is_number(m) or not 0 <= m <= 1:
+            raise ValueError(f"min_p must be in [0, 1] (0 disables it), got {m!r}")
+        if not _is_number(r) or not math.isfinite(r) or r <= 0:
+            raise ValueError(f"repetition_penalty must be a finite number > 0 (1 disables it), got {r!r}")
+        object.__setattr__(self, "stop", _stop_sequences(self.stop))
+
+    @property
+    def greedy(self) -> bool:
+        """Whether the most likely token is always taken (temperature 0, or too small to scale by)."""
+        return self.temperature < GREEDY_BELOW
+
+    def replace(self, **changes: Any) -> GenerationOptions:
+        """A copy with some fields changed (and checked)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def build(cls, options: GenerationOptions | None, overrides: Mapping[str, Any], where: str) -> GenerationOptions:
+        """``options`` (default: all defaults) with keyword ``overrides`` applied; unknown names are a TypeError."""
+        if options is not None and not isinstance(options, GenerationOptions):
+            raise TypeError(f"{where}() takes a GenerationOptions as options, got {type(options).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"{where}() got unknown option(s) {unknown}; known options: {sorted(known)}")
+        base = options or cls()
+        return base.replace(**overrides) if overrides else base
+
+
+class GenerationKwargs(TypedDict, total=False):
+    """``GenerationOptions``' fields as keyword arguments, so that an IDE completes and checks them."""
+
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    repetition_penalty: float
+    eos_token_id: int | None
+    ignore_eos: bool
+    pad_token_id: int | None
+    stop: Sequence[Sequence[int]]
+    seed: int | None
+    num_return_sequences: int
+    compile: bool
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_int(options: GenerationOptions, name: str, low: int, *, none_ok: bool = False, note: str = "") -> None:
+    value = getattr(options, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        prefix = "None or " if none_ok else ""
+        raise ValueError(f"{name} must be {prefix}an int >= {low}{note}, got {value!r}")
+
+
+def _stop_sequences(stop: object) -> tuple[tuple[int, ...], ...]:
+    """Normalise ``stop`` to a tuple of non-empty tuples of token ids >= 0 (a flat list is one sequence)."""
+    if isinstance(stop, (str, bytes)) or not isinstance(stop, Sequence):
+        raise ValueError(f"stop must be a list of token-id sequences, got {stop!r}")
+    if stop and all(isinstance(t, int) for t in stop):
+        stop = (stop,)  # a single sequence given flat
+    out = []
+    for seq in stop:
+        if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence):
+            raise ValueError(f"stop must be a list of token-id sequences, got {stop!r}")
+        if not seq:
+            raise ValueError("stop sequences must not be empty")
+        try:
+            ids = tuple(operator.index(t) for t in seq)  # ints, numpy or torch integers; not floats
+        except TypeError:
+            ids = (-1,)
+        if any(t < 0 for t in ids):
+            raise ValueError(f"stop sequences hold token ids (ints >= 0), got {list(seq)!r}")
+        out.append(ids)
+    return tuple(out)

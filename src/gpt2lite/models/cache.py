@@ -1,0 +1,226 @@
+"""The key/value cache of a transformer's decoding state: allocated once, written at explicit slots.
+
+One cache holds ``B`` rows of up to ``max_length`` slots each. Every forward pass
+writes its new keys/values at each row's next free slots (``lengths``, a tensor
+with one entry per row), so rows may be at different lengths: a row can be
+emptied and refilled with a new prompt while the others keep decoding
+(continuous batching), rows can be reordered (beam search) and a row can be cut
+back to an earlier length (speculative decoding). ``valid`` marks which slots
+hold real tokens (left padding does not), and is the attention mask.
+
+In ``static`` mode every forward attends over all ``max_length`` slots, so each
+decode step has the same shapes and a compiled step can be captured once as a
+CUDA graph. Otherwise attention reads only the slots in use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["KVCache", "StepPlan"]
+
+
+@dataclass
+class StepPlan:
+    """Where one forward pass of ``T`` new tokens per row goes; made by ``KVCache.plan``."""
+
+    rows: torch.Tensor | None  # (R,) rows written, or None for every row in order
+    slots: torch.Tensor  # (R, T) cache slot of each new token
+    position_ids: torch.Tensor  # (R, T) learned-position index of each new token
+    mask: torch.Tensor | None  # (R, 1, T, S) which slots each query sees; None: see `is_causal`
+    is_causal: bool  # with mask None: causal over the T new tokens (True) or everything (False)
+    width: int  # S: the slots attention reads
+    slot: int | None  # with every row at the same length and unpadded: the first slot, as an int
+
+
+class KVCache:
+    """Keys and values of every layer for ``batch_size`` rows; the decoding state of ``GPT2``.
+
+    >>> cache = KVCache(n_layer=2, batch_size=3, n_head=4, max_length=16, head_dim=8)
+    >>> cache.k.shape  # (n_layer, B, nh, max_length, hs)
+    torch.Size([2, 3, 4, 16, 8])
+    >>> cache.lengths.tolist()
+    [0, 0, 0]
+    """
+
+    def __init__(
+        self,
+        *,
+        n_layer: int,
+        batch_size: int,
+        n_head: int,
+        max_length: int,
+        head_dim: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        static: bool = False,
+    ) -> None:
+        """Allocate zeroed buffers; ``static=True`` fixes the shapes of every step (for ``torch.compile``)."""
+        if batch_size < 1 or max_length < 1:
+            raise ValueError(f"a cache needs batch_size >= 1 and max_length >= 1, got {batch_size}, {max_length}")
+        shape = (n_layer, batch_size, n_head, max_length, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=self.k.device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=self.k.device)  # slots filled per row
+        self.positions = torch.zeros(batch_size, dtype=torch.long, device=self.k.device)  # next position id per row
+        self.static = static
+        # Host-side mirror of `lengths`, so that shapes and fast paths need no device sync. A static
+        # cache does not keep it: its steps run inside a compiled graph.
+        self._host_lengths = [0] * batch_size
+        self._padded = False  # some slot below a row's length holds padding
+        if static:
+            for t in (self.k, self.v, self.valid, self.lengths, self.positions):
+                torch._dynamo.mark_static_address(t)  # updated in place by a captured CUDA graph
+
+    @property
+    def batch_size(self) -> int:
+        """Number of rows."""
+        return self.k.shape[1]
+
+    @property
+    def max_length(self) -> int:
+        """Slots per row."""
+        return self.k.shape[3]
+
+    @property
+    def device(self) -> torch.device:
+        """Where the buffers live."""
+        return self.k.device
+
+    def host_lengths(self) -> list[int]:
+        """Each row's filled slots, known on the host (no device sync)."""
+        return list(self._host_lengths)
+
+    # the forward pass ------------------------------------------------------------
+
+    def plan(self, T: int, input_mask: torch.Tensor | None = None, rows: Sequence[int] | None = None) -> StepPlan:
+        """Reserve slots for ``T`` new tokens per row (of ``rows``, default all); mark them valid.
+
+        ``input_mask`` ``(R, T)`` marks left padding among the new tokens with 0;
+        padding gets a slot but is never attended to. Call ``commit`` after the
+        forward pass that used the plan.
+        """
+        index = None if rows is None else torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        lengths = self.lengths if index is None else self.lengths[index]  # (R,)
+        positions = self.positions if index is None else self.positions[index]  # (R,)
+        offsets = torch.arange(T, device=self.device)
+        slots = lengths[:, None] + offsets  # (R, T)
+        if input_mask is None:
+            position_ids = positions[:, None] + offsets  # (R, T)
+            new_valid = torch.ones_like(slots, dtype=torch.bool)
+        else:
+            position_ids = positions[:, None] + (input_mask.long().cumsum(-1) - 1).clamp(min=0)  # (R, T)
+            new_valid = input_mask.bool()
+        row_index = torch.arange(self.batch_size, device=self.device) if index is None else index
+        self.valid[row_index[:, None], slots] = new_valid
+
+        if self.static:
+            width = self.max_length
+            return StepPlan(index, slots, position_ids, self._mask(index, slots, width), False, width, None)
+        ends = [self._host_lengths[r] + T for r in (range(self.batch_size) if rows is None else rows)]
+        if max(ends) > self.max_length:
+            raise ValueError(f"the cache holds {self.max_length} slots per row; {max(ends)} are needed")
+        width = max(max(ends), *self._host_lengths)
+        uniform = rows is None and input_mask is None and not self._padded and len(set(ends)) == 1
+        if not uniform:
+            return StepPlan(index, slots, position_ids, self._mask(index, slots, width), False, width, None)
+        start = ends[0] - T
+        if start == 0 or T == 1:  # all of the prompt causally, or one token that sees everything
+            return StepPlan(None, slots, position_ids, None, T > 1, width, start)
+        q = torch.arange(start, start + T, device=self.device)[:, None]  # (T, 1)
+        mask = torch.arange(width, device=self.device)[None, :] <= q  # (T, S)
+        return StepPlan(None, slots, position_ids, mask[None, None], False, width, start)
+
+    def _mask(self, index: torch.Tensor | None, slots: torch.Tensor, width: int) -> torch.Tensor:
+        """Slots each query may see: valid ones up to its own slot, and always itself. ``(R, 1, T, S)``."""
+        valid = (self.valid if index is None else self.valid[index])[:, :width]  # (R, S)
+        k_slot = torch.arange(width, device=self.device)  # (S,)
+        q_slot = slots[:, :, None]  # (R, T, 1)
+        # Every query also sees itself, so a padding query has a non-empty row: an all-masked
+        # row would give NaN, which would then leak through its value vector into later steps.
+        allowed = (valid[:, None, :] & (k_slot <= q_slot)) | (k_slot == q_slot)  # (R, T, S)
+        return allowed[:, None]  # (R, 1, T, S)
+
+    def write(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: StepPlan
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one layer's new ``k``/``v`` ``(R, nh, T, hs)`` at the planned slots; return what attention reads.
+
+        The result is ``(R, nh, S, hs)``: a view of the buffers for all rows, a copy for a subset.
+        """
+        kl, vl = self.k[layer], self.v[layer]  # (B, nh, max_length, hs)
+        T = k.shape[2]
+        if plan.slot is not None:
+            kl[:, :, plan.slot : plan.slot + T] = k
+            vl[:, :, plan.slot : plan.slot + T] = v
+        else:
+            row_index = (torch.arange(kl.shape[0], device=kl.device) if plan.rows is None else plan.rows)[:, None]
+            kl[row_index, :, plan.slots] = k.transpose(1, 2)  # indexed as (R, T, nh, hs)
+            vl[row_index, :, plan.slots] = v.transpose(1, 2)
+        if plan.rows is not None:
+            kl, vl = kl[plan.rows], vl[plan.rows]
+        return kl[:, :, : plan.width], vl[:, :, : plan.width]  # (R, nh, S, hs)
+
+    def commit(self, plan: StepPlan, input_mask: torch.Tensor | None = None) -> None:
+        """Advance the rows of ``plan`` past the tokens it placed."""
+        T = plan.slots.shape[1]
+        added = T if input_mask is None else input_mask.long().sum(-1)
+        if plan.rows is None:
+            self.lengths += T
+            self.positions += added
+        else:
+            self.lengths.index_add_(0, plan.rows, torch.full_like(plan.rows, T))
+            self.positions.index_add_(0, plan.rows, added if input_mask is not None else torch.full_like(plan.rows, T))
+        if not self.static:
+            for r in range(self.batch_size) if plan.rows is None else plan.rows.tolist():
+                self._host_lengths[r] += T
+            self._padded |= input_mask is not None
+
+    def advance_host(self, T: int) -> None:
+        """Record on the host that every row took ``T`` tokens in a compiled step (static caches only)."""
+        self._host_lengths = [n + T for n in self._host_lengths]
+
+    # row management ---------------------------------------------------------------
+
+    def reset(self, rows: Sequence[int] | None = None) -> None:
+        """Empty ``rows`` (default: all) so that a new prompt can be prefilled into them."""
+        index = slice(None) if rows is None else torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        self.lengths[index] = 0
+        self.positions[index] = 0
+        self.valid[index] = False
+        for r in range(self.batch_size) if rows is None else rows:
+            self._host_lengths[r] = 0
+        if rows is None:
+            self._padded = False
+
+    def reorder(self, index: Sequence[int] | torch.Tensor) -> None:
+        """Make row ``i`` a copy of row ``index[i]`` (beam search), in place."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.device)
+        if index.shape != (self.batch_size,):
+            raise ValueError(
+                f"reorder needs one source row per row: shape ({self.batch_size},), got {tuple(index.shape)}"
+            )
+        used = self.max_length if self.static else max(self._host_lengths)
+        for buf in (self.k, self.v):
+            buf[:, :, :, :used] = buf[:, index, :, :used]
+        for buf in (self.valid, self.lengths, self.positions):
+            buf.copy_(buf[index])
+        if not self.static:
+            source = self._host_lengths
+            self._host_lengths = [source[i] for i in index.tolist()]
+
+    def truncate(self, rows: Sequence[int], lengths: Sequence[int]) -> None:
+        """Cut each of ``rows`` back to its entry of ``lengths`` filled slots (speculative decoding's rollback)."""
+        for r, n in zip(rows, lengths, strict=True):
+            current = self.max_length if self.static else self._host_lengths[r]
+            if not 0 <= n <= current:
+                raise ValueError(f"cannot truncate row {r} to {n} slots: it holds {current}")
+            self.valid[r, n:] = False
+            self.lengths[r] = n
+            self.positions[r] = self.valid[r, :n].sum()
+            if not self.static:
+                self._host_lengths[r] = n

@@ -1,0 +1,1 @@
+"""Training: token data on disk, the trainer, and its checkpoints."""
