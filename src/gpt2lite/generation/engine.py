@@ -10,19 +10,21 @@ prefill the prompts, then pick a token per row, stop rows, feed the tokens back.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from gpt2lite.errors import NonFiniteError
 from gpt2lite.generation.options import GenerationKwargs, GenerationOptions
+from gpt2lite.generation.processors import LogitsProcessors
 from gpt2lite.generation.sampling import choose_next
 from gpt2lite.models.protocol import DecoderModel, DecodeState
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["DecodeSession", "generate", "iter_tokens", "left_pad"]
+__all__ = ["DecodeSession", "GenerateOutput", "Step", "generate", "iter_steps", "iter_tokens", "left_pad"]
 
 Prompt = torch.Tensor | Sequence[int] | Sequence[Sequence[int]]
 
@@ -124,6 +126,35 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch
     return ids, mask
 
 
+@dataclass
+class Step:
+    """One step of every row: the tokens chosen and, when asked for, their log-probabilities."""
+
+    tokens: torch.Tensor  # (B,)
+    finished: torch.Tensor  # (B,) rows finished with this token or before
+    logprobs: torch.Tensor | None = None  # (B,) log-softmax of the raw logits at the chosen tokens
+    top_logprobs: torch.Tensor | None = None  # (B, k)
+    top_ids: torch.Tensor | None = None  # (B, k)
+
+
+@dataclass
+class GenerateOutput:
+    """What ``generate(..., return_dict=True)`` returns.
+
+    Log-probabilities are those of the model's own distribution (log-softmax of
+    the raw logits, before penalties, temperature and filters), as the OpenAI API
+    reports them. Entries after a row finished hold 0 (logprobs) or the pad token.
+    """
+
+    sequences: torch.Tensor  # (N, T + new): prompts, then the new tokens
+    logprobs: torch.Tensor  # (N, new)
+    finish_reason: list[str]  # "stop" (end token or stop sequence) or "length", per row
+    top_logprobs: torch.Tensor | None = None  # (N, new, k)
+    top_ids: torch.Tensor | None = None  # (N, new, k)
+    prompt_logprobs: torch.Tensor | None = None  # (N, T); NaN for the first token and for padding
+    scores: torch.Tensor | None = None  # (N,) beam search: each sequence's final score
+
+
 def generate(
     model: DecoderModel,
     input_ids: Prompt,
@@ -131,8 +162,10 @@ def generate(
     *,
     attention_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    return_dict: bool = False,
+    draft_model: DecoderModel | None = None,
     **overrides: Unpack[GenerationKwargs],
-) -> torch.Tensor:
+) -> torch.Tensor | GenerateOutput:
     """Continue each prompt; returns ``(batch * num_return_sequences, time + new)`` token ids.
 
     ``input_ids`` is ``(batch, time)`` (a list of ids is one prompt);
@@ -140,13 +173,47 @@ def generate(
     and keyword overrides (``temperature=0``, ``max_new_tokens=20``, ...). The
     result holds the prompt followed by the new tokens; it ends at the step
     where every row had finished, and rows that finished earlier are padded.
+    ``return_dict=True`` returns a ``GenerateOutput`` with log-probabilities and
+    finish reasons. ``num_beams > 1`` runs beam search; a ``draft_model`` (same
+    vocabulary, smaller) runs speculative decoding.
     """
     opts = GenerationOptions.build(options, overrides, "generate")
     prompt, mask = _prepare_prompt(model, input_ids, attention_mask, opts)
-    steps = list(_decode(model, prompt, mask, opts, generator))
-    if not steps:
-        return prompt
-    return torch.cat([prompt, torch.stack(steps, dim=1)], dim=1)
+    if opts.num_beams > 1 or draft_model is not None:
+        if opts.num_beams > 1 and draft_model is not None:
+            raise ValueError("beam search and speculative decoding (draft_model) do not combine")
+        if draft_model is not None:
+            from gpt2lite.generation.speculative import speculative_generate
+
+            sequences, reasons = speculative_generate(model, draft_model, prompt, mask, opts, generator)
+            scores = None
+        else:
+            from gpt2lite.generation.beam import beam_search
+
+            sequences, scores, reasons = beam_search(model, prompt, mask, opts)
+        if not return_dict:
+            return sequences
+        return _scored_output(model, sequences, prompt.shape[1], mask, opts, reasons, scores)
+    steps = list(_decode(model, prompt, mask, opts, generator, with_logprobs=return_dict))
+    sequences = torch.cat([prompt, torch.stack([s.tokens for s in steps], dim=1)], dim=1) if steps else prompt
+    if not return_dict:
+        return sequences
+    B = prompt.shape[0]
+    empty = torch.zeros(B, 0, device=prompt.device)
+
+    def stacked(name: str) -> torch.Tensor | None:
+        values = [getattr(s, name) for s in steps]
+        return torch.stack(values, dim=1) if values and values[0] is not None else None
+
+    logprobs = stacked("logprobs")
+    return GenerateOutput(
+        sequences=sequences,
+        logprobs=logprobs if logprobs is not None else empty,
+        finish_reason=_finish_reasons(steps, B, opts),
+        top_logprobs=stacked("top_logprobs"),
+        top_ids=stacked("top_ids"),
+        prompt_logprobs=_prompt_logprobs(model, prompt, mask) if opts.prompt_logprobs else None,
+    )
 
 
 def iter_tokens(
@@ -159,9 +226,32 @@ def iter_tokens(
     **overrides: Unpack[GenerationKwargs],
 ) -> Iterator[torch.Tensor]:
     """Like ``generate``, but yield the new tokens of every row, ``(batch,)``, one step at a time."""
-    opts = GenerationOptions.build(options, overrides, "iter_tokens")
+    return (step.tokens for step in iter_steps(model, input_ids, options, attention_mask=attention_mask,
+                                               generator=generator, **overrides))
+
+
+def iter_steps(
+    model: DecoderModel,
+    input_ids: Prompt,
+    options: GenerationOptions | None = None,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    **overrides: Unpack[GenerationKwargs],
+) -> Iterator[Step]:
+    """Like ``iter_tokens``, but yield a ``Step`` with each token's log-probability (and top alternatives)."""
+    opts = GenerationOptions.build(options, overrides, "iter_steps")
+    if opts.num_beams > 1:
+        raise ValueError("beam search cannot stream: its best sequences are known only at the end")
     prompt, mask = _prepare_prompt(model, input_ids, attention_mask, opts)
-    return _decode(model, prompt, mask, opts, generator)
+    return _decode(model, prompt, mask, opts, generator, with_logprobs=True)
+
+
+def _finish_reasons(steps: list[Step], B: int, opts: GenerationOptions) -> list[str]:
+    """'stop' for rows that finished (end token or stop sequence), 'length' for the others."""
+    if not steps:
+        return ["length"] * B
+    return ["stop" if f else "length" for f in steps[-1].finished.tolist()]
 
 
 def _device_of(model: DecoderModel) -> torch.device:
@@ -208,10 +298,18 @@ def _prepare_prompt(
         raise ValueError(f"a stop sequence holds an id outside the vocabulary (0..{vocab - 1})")
     context = config.n_positions
     if context is not None and T + opts.max_new_tokens > context:
-        raise ValueError(
-            f"prompt of {T} tokens + max_new_tokens={opts.max_new_tokens} exceeds the model's context of "
-            f"{context} positions; shorten the prompt or lower max_new_tokens"
-        )
+        keep = context - opts.max_new_tokens
+        if opts.truncate_prompt != "left" or keep < 1:
+            raise ValueError(
+                f"prompt of {T} tokens + max_new_tokens={opts.max_new_tokens} exceeds the model's context of "
+                f"{context} positions; shorten the prompt, lower max_new_tokens"
+                + (" or pass truncate_prompt='left'" if keep >= 1 else "")
+            )
+        # Keep each row's last tokens: the columns cut from the left are padding first.
+        input_ids = input_ids[:, T - keep :]
+        if attention_mask is not None:
+            attention_mask = torch.as_tensor(attention_mask)[:, T - keep :]
+        T = keep
 
     device = _device_of(model)
     input_ids = input_ids.to(device=device, dtype=torch.long)
@@ -231,7 +329,7 @@ def _prepare_prompt(
             raise ValueError("attention_mask has a row with no tokens")
         if bool(attention_mask.all()):
             attention_mask = None  # no padding: take the faster unmasked path
-    n = opts.num_return_sequences
+    n = opts.num_return_sequences if opts.num_beams == 1 else 1  # beam search returns its n best instead
     if n > 1:
         input_ids = input_ids.repeat_interleave(n, dim=0)
         attention_mask = attention_mask.repeat_interleave(n, dim=0) if attention_mask is not None else None
@@ -244,7 +342,9 @@ def _decode(
     mask: torch.Tensor | None,
     opts: GenerationOptions,
     generator: torch.Generator | None,
-) -> Iterator[torch.Tensor]:
+    *,
+    with_logprobs: bool = False,
+) -> Iterator[Step]:
     """The decode loop: one forward over the prompt, then one token per step into the session's state.
 
     Each step runs under its own ``inference_mode`` so that the caller's code
@@ -258,50 +358,131 @@ def _decode(
     config = model.config
     if generator is None and opts.seed is not None:
         generator = torch.Generator(device=device).manual_seed(opts.seed)
-    end = opts.eos_token_id if opts.eos_token_id is not None else config.eos_token_id
-    eos = None if opts.ignore_eos else end
-    pad = next((t for t in (opts.pad_token_id, end) if t is not None), 0)
+    eos, pad = _end_tokens(config, opts)
     stops = [torch.tensor(seq, device=device) for seq in opts.stop]
+    processors = LogitsProcessors(opts, config.vocab_size, eos, device)
     # A compiled step is made for the whole context, so that one graph serves every prompt length.
     length = config.n_positions if opts.compile and config.n_positions is not None else total
 
     # Made outside inference mode: a compiled step's state outlives this call's first graph.
     session = DecodeSession(model, B, length, compile=opts.compile)
     with torch.inference_mode():
-        # Every token so far, for the repetition penalty and stop sequences; padding is
-        # replaced by the row's last prompt token so that it is never penalised.
-        tokens = torch.empty(B, total, dtype=torch.long, device=device)
-        tokens[:, :T] = prompt if mask is None else torch.where(mask.bool(), prompt, prompt[:, -1:])
+        tokens = torch.empty(B, total, dtype=torch.long, device=device)  # every token so far, padding as given
+        tokens[:, :T] = prompt
+        # The repetition penalty skips padding: it sees the row's last prompt token there instead.
+        penalty_tokens = None
+        if opts.repetition_penalty != 1.0:
+            penalty_tokens = tokens.clone()
+            if mask is not None:
+                penalty_tokens[:, :T] = torch.where(mask.bool(), prompt, prompt[:, -1:])
+        counts = torch.zeros(B, config.vocab_size, device=device) if processors.needs_counts else None
         logits = session.feed(prompt, input_mask=mask)[:, -1]  # (B, vocab)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
 
     for step in range(opts.max_new_tokens):
         with torch.inference_mode():
             cur = T + step
-            history = tokens[:, :cur] if opts.repetition_penalty != 1.0 else None
+            raw = logits
+            if processors.active:
+                history = penalty_tokens[:, :cur] if penalty_tokens is not None else None
+                logits = processors(logits.float(), tokens[:, :cur], penalty_history=history, counts=counts,
+                                    new_tokens=step)
             if opts.greedy:
-                next_tokens = choose_next(logits, opts, history=history, generator=generator)
+                next_tokens = choose_next(logits, opts, generator=generator)
                 # argmax picks NaN and +inf, and a row of -inf gives -inf: the chosen logit tells.
                 _check_finite(logits.gather(1, next_tokens[:, None])[:, 0], step)
             else:
                 logits = logits.contiguous()  # the batched LM head hands out a transposed view
                 _check_finite(logits.amax(dim=-1), step)  # before sampling, which would fail on NaN
-                next_tokens = choose_next(logits, opts, history=history, generator=generator)
+                next_tokens = choose_next(logits, opts, generator=generator)
             next_tokens = torch.where(finished, pad, next_tokens)
             tokens[:, cur] = next_tokens
-            if eos is not None:
-                finished |= next_tokens == eos
-            for seq in stops:
-                n = seq.numel()
-                if step + 1 >= n:
-                    finished |= (tokens[:, cur + 1 - n : cur + 1] == seq).all(dim=1)
+            if penalty_tokens is not None:
+                penalty_tokens[:, cur] = next_tokens
+            if counts is not None:
+                counts.scatter_add_(1, next_tokens[:, None], (~finished).float()[:, None])
+            out = Step(next_tokens.clone(), finished.clone())
+            if with_logprobs:
+                out.logprobs, out.top_logprobs, out.top_ids = _logprobs(raw, next_tokens, opts.top_logprobs)
+                out.logprobs = out.logprobs.masked_fill(finished, 0.0)  # padding after a row's end
+            if step + 1 >= opts.min_new_tokens:  # before that, neither the end token nor a stop sequence ends a row
+                if eos is not None:
+                    finished |= next_tokens == eos
+                for seq in stops:
+                    n = seq.numel()
+                    if step + 1 >= n:
+                        finished |= (tokens[:, cur + 1 - n : cur + 1] == seq).all(dim=1)
+            out.finished = finished.clone()
             done = step + 1 == opts.max_new_tokens or bool(finished.all())
-            out = next_tokens.clone()
         yield out  # before the next forward, so a stream shows each token as soon as it is chosen
         if done:
             return
         with torch.inference_mode():
             logits = session.feed(next_tokens[:, None])[:, -1]
+
+
+def _end_tokens(config: object, opts: GenerationOptions) -> tuple[int | None, int]:
+    """The token that ends rows (None with ignore_eos), and the one that pads rows that ended."""
+    end = opts.eos_token_id if opts.eos_token_id is not None else config.eos_token_id
+    pad = next((t for t in (opts.pad_token_id, end) if t is not None), 0)
+    return (None if opts.ignore_eos else end), pad
+
+
+def _logprobs(
+    logits: torch.Tensor, chosen: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Log-softmax of raw logits ``(B, V)`` at the chosen tokens, and the ``k`` most likely (or None)."""
+    logp = logits.float().log_softmax(dim=-1)
+    chosen_lp = logp.gather(1, chosen[:, None])[:, 0]
+    if k == 0:
+        return chosen_lp, None, None
+    top = logp.topk(k, dim=-1)
+    return chosen_lp, top.values, top.indices
+
+
+def _prompt_logprobs(model: DecoderModel, prompt: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Log-probability of each prompt token given the ones before it: ``(B, T)``, NaN where there is none."""
+    B, T = prompt.shape
+    with torch.inference_mode():
+        state = model.new_state(B, T)
+        logits = model.decode(prompt, state, input_mask=mask, last_only=False).float()  # (B, T, vocab)
+        out = torch.full((B, T), float("nan"), device=prompt.device)
+        if T > 1:
+            out[:, 1:] = logits[:, :-1].log_softmax(-1).gather(2, prompt[:, 1:, None])[..., 0]
+        if mask is not None:
+            first = mask.argmax(dim=1)  # each row's first real token has no context either
+            out[mask == 0] = float("nan")
+            out[torch.arange(B), first] = float("nan")
+    return out
+
+
+def _scored_output(
+    model: DecoderModel, sequences: torch.Tensor, T: int, mask: torch.Tensor | None, opts: GenerationOptions,
+    reasons: list[str], scores: torch.Tensor | None,
+) -> GenerateOutput:
+    """``GenerateOutput`` for sequences made by beam search or speculative decoding: one scoring pass."""
+    N, total = sequences.shape
+    if mask is not None and mask.shape[0] != N:
+        mask = mask.repeat_interleave(N // mask.shape[0], dim=0)
+    full_mask = None if mask is None else torch.cat([mask, torch.ones(N, total - T, dtype=mask.dtype,
+                                                                       device=mask.device)], dim=1)
+    with torch.inference_mode():
+        state = model.new_state(N, total)
+        logits = model.decode(sequences, state, input_mask=full_mask, last_only=False)[:, T - 1 : -1]  # (N, new, V)
+        logp = logits.float().log_softmax(-1)
+        new = sequences[:, T:]
+        logprobs = logp.gather(2, new[..., None])[..., 0]
+        eos, _ = _end_tokens(model.config, opts)
+        if eos is not None:  # padding after a row's end token
+            ended = new == eos
+            logprobs = logprobs.masked_fill(ended.cumsum(1) - ended.long() > 0, 0.0)
+        top = logp.topk(opts.top_logprobs, dim=-1) if opts.top_logprobs else None
+    return GenerateOutput(
+        sequences=sequences, logprobs=logprobs, finish_reason=reasons,
+        top_logprobs=top.values if top is not None else None, top_ids=top.indices if top is not None else None,
+        prompt_logprobs=_prompt_logprobs(model, sequences[:, :T], mask) if opts.prompt_logprobs else None,
+        scores=scores,
+    )
 
 
 def _check_finite(row_values: torch.Tensor, step: int) -> None:

@@ -10,11 +10,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import Any, Literal, TypedDict
 
-__all__ = ["GREEDY_BELOW", "GenerationKwargs", "GenerationOptions"]
+__all__ = ["GREEDY_BELOW", "MAX_TOP_LOGPROBS", "GenerationKwargs", "GenerationOptions", "LogitsProcessor"]
+
+MAX_TOP_LOGPROBS = 20  # as the OpenAI API allows
+
+# A user hook: (token ids so far (B, T), logits (B, vocab)) -> new logits (B, vocab).
+LogitsProcessor = Callable[[Any, Any], Any]
 
 # Temperatures below float32's smallest normal number cannot scale float32 logits (1/T
 # overflows), and sampling at them is greedy to within rounding: they decode greedily.
@@ -38,11 +43,33 @@ class GenerationOptions:
     """
 
     max_new_tokens: int = _option(64, "tokens to generate at most")
+    min_new_tokens: int = _option(0, "the end token and stop sequences cannot end a row before this many tokens")
     temperature: float = _option(1.0, "softmax temperature; 0 is greedy")
     top_k: int = _option(0, "sample only among the k most likely tokens; 0 disables it")
     top_p: float = _option(1.0, "nucleus sampling: the smallest set of tokens holding this mass; 1 disables it")
     min_p: float = _option(0.0, "drop tokens less likely than min_p times the most likely one; 0 disables it")
     repetition_penalty: float = _option(1.0, "divide the logits of tokens seen so far by this (CTRL); 1 disables it")
+    presence_penalty: float = _option(0.0, "subtract this from the logit of every token generated so far (OpenAI)")
+    frequency_penalty: float = _option(0.0, "subtract this times its count from each generated token's logit (OpenAI)")
+    no_repeat_ngram_size: int = _option(0, "never repeat an n-gram of this size; 0 disables it")
+    logit_bias: tuple[tuple[int, float], ...] = _option(
+        (), "{token id: bias} added to the logits; -100 bans a token, +100 forces it (OpenAI)"
+    )
+    bad_words_ids: tuple[tuple[int, ...], ...] = _option((), "token sequences that are never produced")
+    logits_processor: tuple[LogitsProcessor, ...] = _option(
+        (), "hooks (tokens (B, T), logits (B, V)) -> logits, run after the built-in penalties, before temperature"
+    )
+    num_beams: int = _option(1, "beam search with this many beams (greedy, temperature 0); 1 disables it")
+    length_penalty: float = _option(1.0, "beam search: a finished beam scores sum(logprobs) / length ** this")
+    early_stopping: bool | Literal["never"] = _option(
+        False, "beam search: stop when num_beams beams finished (True), heuristically (False), or never"
+    )
+    top_logprobs: int = _option(0, f"also report the k most likely tokens at each step (k <= {MAX_TOP_LOGPROBS})")
+    prompt_logprobs: bool = _option(False, "also report the log-probability of each prompt token (OpenAI's echo)")
+    truncate_prompt: Literal["error", "left"] = _option(
+        "error", "a prompt too long for the context: an error, or keep its last tokens ('left')"
+    )
+    num_draft_tokens: int = _option(4, "speculative decoding: tokens the draft model proposes per step")
     eos_token_id: int | None = _option(None, "the end token; default: the model's (the tokenizer's in the text API)")
     ignore_eos: bool = _option(False, "never stop at the end token")
     pad_token_id: int | None = _option(None, "fills rows that finished early; default: the end token")
@@ -55,12 +82,19 @@ class GenerationOptions:
         _check_int(self, "max_new_tokens", 0)
         _check_int(self, "num_return_sequences", 1)
         _check_int(self, "top_k", 0, note=" (0 disables it)")
+        _check_int(self, "min_new_tokens", 0)
+        _check_int(self, "no_repeat_ngram_size", 0, note=" (0 disables it)")
+        _check_int(self, "num_beams", 1)
+        _check_int(self, "num_draft_tokens", 1)
+        _check_int(self, "top_logprobs", 0)
+        if self.top_logprobs > MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {self.top_logprobs}")
         for name in ("eos_token_id", "pad_token_id", "seed"):
             if getattr(self, name) is not None:
                 _check_int(self, name, 0, none_ok=True)
         if self.seed is not None and self.seed >= 2**64:
             raise ValueError(f"seed must be below 2**64, got {self.seed}")
-        for name in ("ignore_eos", "compile"):
+        for name in ("ignore_eos", "compile", "prompt_logprobs"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         t, p, m, r = self.temperature, self.top_p, self.min_p, self.repetition_penalty
@@ -72,7 +106,33 @@ class GenerationOptions:
             raise ValueError(f"min_p must be in [0, 1] (0 disables it), got {m!r}")
         if not _is_number(r) or not math.isfinite(r) or r <= 0:
             raise ValueError(f"repetition_penalty must be a finite number > 0 (1 disables it), got {r!r}")
-        object.__setattr__(self, "stop", _stop_sequences(self.stop))
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2 <= value <= 2:
+                raise ValueError(f"{name} must be a number in [-2, 2] (0 disables it), got {value!r}")
+        if not _is_number(self.length_penalty) or not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if self.truncate_prompt not in ("error", "left"):
+            raise ValueError(f"truncate_prompt must be 'error' or 'left', got {self.truncate_prompt!r}")
+        if self.num_beams > 1:
+            if not self.greedy:
+                raise ValueError("beam search (num_beams > 1) is deterministic: use temperature=0")
+            if self.num_return_sequences > self.num_beams:
+                raise ValueError(f"num_return_sequences ({self.num_return_sequences}) must be at most num_beams "
+                                 f"({self.num_beams})")
+            if self.top_logprobs or self.compile:
+                raise ValueError("beam search does not support top_logprobs or compile")
+        object.__setattr__(self, "stop", _stop_sequences(self.stop, "stop"))
+        object.__setattr__(self, "bad_words_ids", _stop_sequences(self.bad_words_ids, "bad_words_ids"))
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
+        processors = self.logits_processor
+        if callable(processors):
+            processors = (processors,)
+        if not isinstance(processors, Sequence) or not all(callable(f) for f in processors):
+            raise ValueError(f"logits_processor must be a callable or a list of callables, got {processors!r}")
+        object.__setattr__(self, "logits_processor", tuple(processors))
 
     @property
     def greedy(self) -> bool:
@@ -100,11 +160,25 @@ class GenerationKwargs(TypedDict, total=False):
     """``GenerationOptions``' fields as keyword arguments, so that an IDE completes and checks them."""
 
     max_new_tokens: int
+    min_new_tokens: int
     temperature: float
     top_k: int
     top_p: float
     min_p: float
     repetition_penalty: float
+    presence_penalty: float
+    frequency_penalty: float
+    no_repeat_ngram_size: int
+    logit_bias: Mapping[int, float]
+    bad_words_ids: Sequence[Sequence[int]]
+    logits_processor: LogitsProcessor | Sequence[LogitsProcessor]
+    num_beams: int
+    length_penalty: float
+    early_stopping: bool | Literal["never"]
+    top_logprobs: int
+    prompt_logprobs: bool
+    truncate_prompt: Literal["error", "left"]
+    num_draft_tokens: int
     eos_token_id: int | None
     ignore_eos: bool
     pad_token_id: int | None
@@ -125,23 +199,41 @@ def _check_int(options: GenerationOptions, name: str, low: int, *, none_ok: bool
         raise ValueError(f"{name} must be {prefix}an int >= {low}{note}, got {value!r}")
 
 
-def _stop_sequences(stop: object) -> tuple[tuple[int, ...], ...]:
+def _logit_bias(bias: object) -> tuple[tuple[int, float], ...]:
+    """Normalise ``{token id: bias}`` (or pairs) to sorted pairs; biases lie in [-100, 100], as in the OpenAI API."""
+    items = bias.items() if isinstance(bias, Mapping) else bias
+    if isinstance(items, (str, bytes)) or not isinstance(items, (Sequence, type({}.items()))):
+        raise ValueError(f"logit_bias must map token ids to numbers, got {bias!r}")
+    out = {}
+    for item in items:
+        try:
+            token, value = item
+            token = operator.index(int(token) if isinstance(token, str) and token.isdigit() else token)
+        except (TypeError, ValueError):
+            raise ValueError(f"logit_bias must map token ids to numbers, got {bias!r}") from None
+        if token < 0 or not _is_number(value) or not -100 <= value <= 100:
+            raise ValueError(f"logit_bias maps token ids >= 0 to numbers in [-100, 100], got {token!r}: {value!r}")
+        out[token] = float(value)
+    return tuple(sorted(out.items()))
+
+
+def _stop_sequences(stop: object, name: str) -> tuple[tuple[int, ...], ...]:
     """Normalise ``stop`` to a tuple of non-empty tuples of token ids >= 0 (a flat list is one sequence)."""
     if isinstance(stop, (str, bytes)) or not isinstance(stop, Sequence):
-        raise ValueError(f"stop must be a list of token-id sequences, got {stop!r}")
+        raise ValueError(f"{name} must be a list of token-id sequences, got {stop!r}")
     if stop and all(isinstance(t, int) for t in stop):
         stop = (stop,)  # a single sequence given flat
     out = []
     for seq in stop:
         if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence):
-            raise ValueError(f"stop must be a list of token-id sequences, got {stop!r}")
+            raise ValueError(f"{name} must be a list of token-id sequences, got {stop!r}")
         if not seq:
-            raise ValueError("stop sequences must not be empty")
+            raise ValueError(f"{name}: sequences must not be empty")
         try:
             ids = tuple(operator.index(t) for t in seq)  # ints, numpy or torch integers; not floats
         except TypeError:
             ids = (-1,)
         if any(t < 0 for t in ids):
-            raise ValueError(f"stop sequences hold token ids (ints >= 0), got {list(seq)!r}")
+            raise ValueError(f"{name}: sequences hold token ids (ints >= 0), got {list(seq)!r}")
         out.append(ids)
     return tuple(out)

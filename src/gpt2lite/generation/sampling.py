@@ -2,7 +2,8 @@
 
 Each filter takes logits ``(B, V)`` and returns new logits with the removed
 tokens set to ``-inf``; nothing is modified in place. The order matches
-``transformers``: repetition penalty, temperature, top-k, top-p, min-p.
+``transformers``: temperature, top-k, top-p, min-p, after the penalties and bans
+of ``processors.py`` (the repetition penalty is defined here and applied there).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from gpt2lite.generation.options import GenerationOptions
 __all__ = [
     "apply_repetition_penalty",
     "choose_next",
+    "filtered_logits",
     "min_p_filter",
     "sample",
     "top_k_filter",
@@ -73,23 +75,21 @@ def sample(logits: torch.Tensor, *, generator: torch.Generator | None = None) ->
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def choose_next(
-    logits: torch.Tensor,
-    options: GenerationOptions,
-    *,
-    history: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """The next token of each row, ``(B,)``, under ``options``; ``history`` ``(B, T)`` feeds the repetition penalty."""
-    if history is not None:
-        logits = apply_repetition_penalty(logits, history, options.repetition_penalty)
-    if options.greedy:
-        return logits.argmax(dim=-1)
+def filtered_logits(logits: torch.Tensor, options: GenerationOptions) -> torch.Tensor:
+    """Temperature, top-k, top-p and min-p applied to logits ``(..., V)``: the distribution that is sampled."""
     logits = logits.float()
     # Shift the largest logit to 0 before scaling: the softmax is the same, and a tiny
     # temperature then sends the others to -inf instead of making inf - inf = NaN.
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / options.temperature
     logits = top_k_filter(logits, options.top_k)
     logits = top_p_filter(logits, options.top_p)
-    logits = min_p_filter(logits, options.min_p)
-    return sample(logits, generator=generator)
+    return min_p_filter(logits, options.min_p)
+
+
+def choose_next(
+    logits: torch.Tensor, options: GenerationOptions, *, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The next token of each row, ``(B,)``: the most likely, or a draw from ``filtered_logits``."""
+    if options.greedy:
+        return logits.argmax(dim=-1)
+    return sample(filtered_logits(logits, options), generator=generator)

@@ -104,6 +104,12 @@ class KVCache:
         padding gets a slot but is never attended to. Call ``commit`` after the
         forward pass that used the plan.
         """
+        if rows is not None:
+            rows = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
+        if not self.static:
+            ends = [self._host_lengths[r] + T for r in (range(self.batch_size) if rows is None else rows)]
+            if max(ends) > self.max_length:
+                raise ValueError(f"the cache holds {self.max_length} slots per row; {max(ends)} are needed")
         index = None if rows is None else torch.as_tensor(rows, dtype=torch.long, device=self.device)
         lengths = self.lengths if index is None else self.lengths[index]  # (R,)
         positions = self.positions if index is None else self.positions[index]  # (R,)
@@ -121,9 +127,6 @@ class KVCache:
         if self.static:
             width = self.max_length
             return StepPlan(index, slots, position_ids, self._mask(index, slots, width), False, width, None)
-        ends = [self._host_lengths[r] + T for r in (range(self.batch_size) if rows is None else rows)]
-        if max(ends) > self.max_length:
-            raise ValueError(f"the cache holds {self.max_length} slots per row; {max(ends)} are needed")
         width = max(max(ends), *self._host_lengths)
         uniform = rows is None and input_mask is None and not self._padded and len(set(ends)) == 1
         if not uniform:
