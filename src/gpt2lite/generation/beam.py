@@ -1,0 +1,126 @@
+"""Beam search over a ``DecodeSession``: ``num_beams`` rows per prompt, reordered in the cache at every step.
+
+The scoring follows ``transformers``' beam search, so that the same model gives the
+same sequences: at each step the ``2 * num_beams`` best continuations (by summed
+log-probability, after the logits processors) are kept; those that end (end
+token, stop sequence, or the length limit) become finished hypotheses scored
+``sum_logprobs / generated_length ** length_penalty``; the best unfinished
+``num_beams`` continue. ``early_stopping`` decides when the search ends: as soon
+as ``num_beams`` hypotheses are finished (True), when no running beam can beat
+the worst finished one at its current length (False), or when none could even
+at the longest length ("never").
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gpt2lite.generation.options import GenerationOptions
+from gpt2lite.generation.processors import LogitsProcessors
+from gpt2lite.models.protocol import DecoderModel
+
+__all__ = ["beam_search"]
+
+_NEG = -1.0e9  # a score no live hypothesis can have
+
+
+def _gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t[b, index[b, j], ...]``: pick beams along dim 1 of ``(B, beams, ...)``."""
+    return t.gather(1, index.view(*index.shape, *([1] * (t.dim() - 2))).expand(*index.shape, *t.shape[2:]))
+
+
+@torch.inference_mode()
+def beam_search(
+    model: DecoderModel, prompt: torch.Tensor, mask: torch.Tensor | None, opts: GenerationOptions
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Sequences ``(B * num_return_sequences, T + new)``, their scores and finish reasons, best first per prompt."""
+    from gpt2lite.generation.engine import DecodeSession, _end_tokens
+
+    B, T = prompt.shape
+    nb, device, V = opts.num_beams, prompt.device, model.config.vocab_size
+    max_length = T + opts.max_new_tokens
+    eos, pad = _end_tokens(model.config, opts)
+    lp, early = opts.length_penalty, opts.early_stopping
+    keep = max(2, 1 + (eos is not None)) * nb  # enough that num_beams can go on when the best ones end
+    top_nb = torch.arange(keep, device=device) < nb
+    processors = LogitsProcessors(opts, V, eos, device)
+    stops = [torch.tensor(seq, device=device) for seq in opts.stop]
+
+    running = torch.full((B, nb, max_length), pad, dtype=torch.long, device=device)
+    running[:, :, :T] = prompt[:, None]
+    sequences = running.clone()  # the finished hypotheses
+    running_scores = torch.zeros(B, nb, device=device)
+    running_scores[:, 1:] = _NEG  # the beams start identical: only the first may expand
+    beam_scores = torch.full((B, nb), _NEG, device=device)
+    finished = torch.zeros(B, nb, dtype=torch.bool, device=device)
+    lengths = torch.zeros(B, nb, dtype=torch.long, device=device)  # generated tokens of each hypothesis
+    stopped = torch.zeros(B, nb, dtype=torch.bool, device=device)  # ended by the end token or a stop sequence
+    improvable = torch.ones(B, 1, dtype=torch.bool, device=device)
+    pad_fill = prompt[:, -1:] if mask is None else torch.where(mask.bool(), prompt, prompt[:, -1:])
+
+    session = DecodeSession(model, B * nb, max_length)
+    flat_mask = mask.repeat_interleave(nb, dim=0) if mask is not None else None
+    logits = session.feed(prompt.repeat_interleave(nb, dim=0), input_mask=flat_mask)[:, -1]  # (B * nb, V)
+    cur = T
+    while True:
+        new = cur - T
+        flat = running[:, :, :cur].reshape(B * nb, cur)
+        history = None
+        if opts.repetition_penalty != 1.0:  # padding never counts: the row's last prompt token stands in
+            history = torch.cat([pad_fill.repeat_interleave(nb, 0), flat[:, T:]], dim=1)
+        counts = None
+        if processors.needs_counts:
+            counts = torch.zeros(B * nb, V, device=device).scatter_add_(
+                1, flat[:, T:], torch.ones_like(flat[:, T:], dtype=torch.float))
+        logp = processors(logits.float().log_softmax(-1), flat, penalty_history=history, counts=counts,
+                          new_tokens=new)
+        scores = (logp.view(B, nb, V) + running_scores[:, :, None]).view(B, nb * V)
+        top_scores, top_index = scores.topk(keep, dim=1)  # (B, keep)
+        source, token = top_index // V, top_index % V
+        candidates = _gather(running, source)  # (B, keep, max_length)
+        candidates[:, :, cur] = token
+        ended = torch.zeros_like(token, dtype=torch.bool)
+        if new + 1 >= opts.min_new_tokens:
+            if eos is not None:
+                ended |= token == eos
+            for seq in stops:
+                if new + 1 >= seq.numel():
+                    ended |= (candidates[:, :, cur + 1 - seq.numel() : cur + 1] == seq).all(-1)
+        hits = ended | (cur + 1 >= max_length)
+
+        # The best unfinished candidates run on.
+        run_scores = top_scores + hits.float() * _NEG
+        chosen = run_scores.topk(nb, dim=1).indices
+        running = _gather(candidates, chosen)
+        running_scores = run_scores.gather(1, chosen)
+        running_source = source.gather(1, chosen)
+
+        # Finished candidates among the best num_beams join the finished hypotheses if they score higher.
+        just = hits & top_nb
+        final = top_scores / ((cur + 1 - T) ** lp)
+        final = final + (finished.all(-1, keepdim=True) & (early is True)).float() * _NEG
+        final = final + (~improvable).float() * _NEG
+        final = final + (~just).float() * _NEG
+        best = torch.cat([beam_scores, final], 1).topk(nb, dim=1).indices
+        sequences = _gather(torch.cat([sequences, candidates], 1), best)
+        beam_scores = torch.cat([beam_scores, final], 1).gather(1, best)
+        finished = torch.cat([finished, just], 1).gather(1, best)
+        lengths = torch.cat([lengths, torch.full_like(token, new + 1)], 1).gather(1, best)
+        stopped = torch.cat([stopped, ended], 1).gather(1, best)
+
+        cur += 1
+        longest = max_length - T if early == "never" and lp > 0 else cur - T
+        best_running = running_scores[:, :1] / (longest**lp)
+        worst_finished = torch.where(finished, beam_scores.min(dim=1, keepdim=True).values, _NEG)
+        improvable = improvable & (best_running > worst_finished).any(dim=-1, keepdim=True)
+        go_on = bool(improvable.any()) and not (bool(finished.all()) and early is True) and not bool(hits.all())
+        if not go_on:
+            break
+        session.reorder((running_source + torch.arange(B, device=device)[:, None] * nb).flatten())
+        logits = session.feed(running[:, :, cur - 1].reshape(B * nb, 1))[:, -1]
+
+    n = opts.num_return_sequences
+    out_length = T + int(lengths[:, :n].max())
+    out = sequences[:, :n, :out_length].reshape(B * n, out_length)
+    reasons = ["stop" if s else "length" for s in stopped[:, :n].flatten().tolist()]
+    return out, beam_scores[:, :n].flatten(), reasons
