@@ -1,0 +1,95 @@
+"""Speculative decoding speed as a function of the draft's acceptance rate, beside plain greedy decoding.
+
+Random weights cannot show real acceptance rates, so the drafts are made to span
+them on a random-weight GPT-2 124M target (prompt 32, --new tokens, greedy, batch 1):
+
+- the target itself: every proposal is accepted (the upper bound), at the full cost of a draft step;
+- the target with its weights perturbed by noise: fewer proposals accepted, same cost;
+- the target's first 6 of 12 blocks (distilgpt2's shape), sharing its embeddings: a cheaper draft.
+
+Each runs alternately with plain greedy decoding in one process; medians. Prints tok/s,
+the speed-up over plain decoding, the acceptance rate alpha and the draft's cost per
+token relative to the target's, c. With k proposals per round, a round yields
+(1 - alpha**(k+1)) / (1 - alpha) tokens for k draft steps and one verification, so
+speculative decoding pays off where that exceeds k * c + v (v: the cost of verifying
+k+1 tokens relative to one decode step; on a bandwidth-bound CPU about 1).
+
+    python benchmarks/bench_speculative.py [--rounds 3] [--new 64] [--k 2 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+
+import torch
+from timing import alternate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--k", type=int, nargs="+", default=[2, 4])
+    args = parser.parse_args()
+
+    from gpt2lite import GPT2, GenerationOptions, GPT2Config, generate
+    from gpt2lite.generation.speculative import speculative_generate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        GPT2(GPT2Config.from_preset("gpt2")).save_pretrained(tmp)
+        target = GPT2.from_pretrained(tmp)
+    drafts = {"itself (alpha=1)": target}
+    for sigma in (0.5, 2.0):
+        noisy = copy.deepcopy(target)
+        with torch.no_grad():
+            for p in noisy.parameters():
+                p.add_(torch.randn_like(p) * p.std() * sigma)
+        drafts[f"perturbed x{sigma}"] = noisy
+    half = GPT2(GPT2Config.from_preset("distilgpt2")).eval()
+    half.load_state_dict({k: v for k, v in target.state_dict().items() if not k.startswith("h.") or
+                          int(k.split(".")[1]) < 6})
+    drafts["first 6 blocks"] = half
+
+    ids = torch.randint(0, 50257, (1, 32), generator=torch.Generator().manual_seed(0))
+    plain_opts = dict(max_new_tokens=args.new, temperature=0, ignore_eos=True)
+    reference = generate(target, ids, **plain_opts)
+
+    def step_time(model: GPT2) -> float:
+        state = model.new_state(1, 64)
+        with torch.inference_mode():
+            model.decode(ids, state)
+            times = []
+            for t in range(16):
+                t0 = time.perf_counter()
+                model.decode(ids[:, t : t + 1], state)
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    target_step = step_time(target)
+    print(f"threads={torch.get_num_threads()} prompt=32 new={args.new} greedy batch 1, {args.rounds} rounds, medians")
+    for name, draft in drafts.items():
+        cost = step_time(draft) / target_step
+        for k in args.k:
+            opts = GenerationOptions(num_draft_tokens=k, **plain_opts)
+            stats: dict[str, int] = {}
+            with torch.inference_mode():
+                out, _ = speculative_generate(target, draft, ids, None, opts, None, stats)
+            assert torch.equal(out, reference), "speculative greedy output differs from plain greedy"
+            alpha = stats["accepted"] / max(1, stats["proposed"])
+            medians = alternate({
+                "plain": lambda: generate(target, ids, **plain_opts),
+                "speculative": lambda d=draft, k=k: generate(target, ids, draft_model=d, num_draft_tokens=k,
+                                                              **plain_opts),
+            }, args.rounds)
+            speed = {n: args.new / t for n, t in medians.items()}
+            print(f"  draft {name:>18}, k={k}: alpha={alpha:.2f} c={cost:.2f} | plain {speed['plain']:5.1f} tok/s, "
+                  f"speculative {speed['speculative']:5.1f} tok/s ({speed['speculative'] / speed['plain']:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
