@@ -238,8 +238,11 @@ def test_options_are_declared_once_and_reach_the_cli():
     fields = {f.name: f for f in dataclasses.fields(GenerationOptions)}
     assert set(typing.get_type_hints(GenerationKwargs)) == set(fields)
     flags = {a.dest: a for a in build_parser()._subparsers._group_actions[0].choices["generate"]._actions}
+    from gpt2lite.cli import _NOT_FLAGS
+
     for name in fields:
-        assert name in flags or name == "stop", f"no CLI flag for {name}"
+        assert name in flags or name in _NOT_FLAGS, f"no CLI flag for {name}"
+    assert {"stop_strings", "bad_words", "draft_model"} <= set(flags)  # the text forms of those
     assert "-n" in flags["num_return_sequences"].option_strings
     args = build_parser().parse_args(["generate", "x", "--min-p", "0.1", "--repetition-penalty", "1.2", "-n", "2",
                                       "--compile", "--ignore-eos"])

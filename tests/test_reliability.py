@@ -256,7 +256,7 @@ def test_cli_perplexity_of_a_latin1_file(tiny_dir, tmp_path, capsys):
 def test_generation_input_errors(tiny):
     with pytest.raises(ValueError, match=r"only 0 \(padding\) and 1"):
         generate(tiny, [[1, 2, 3]], attention_mask=torch.tensor([[0.5, 1.0, 1.0]]))
-    with pytest.raises(ValueError, match="stop sequences hold token ids"):
+    with pytest.raises(ValueError, match="stop: sequences hold token ids"):
         generate(tiny, [[1, 2]], stop=[[-1, 5]])
     with pytest.raises(ValueError, match="seed must be below"):
         generate(tiny, [[1, 2]], seed=2**64)

@@ -12,13 +12,21 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from gpt2lite.errors import CheckpointError, ModelNotFoundError, NonFiniteError
-    from gpt2lite.generation.engine import DecodeSession, generate, iter_tokens, left_pad
+    from gpt2lite.generation.engine import (
+        DecodeSession,
+        GenerateOutput,
+        Step,
+        generate,
+        iter_steps,
+        iter_tokens,
+        left_pad,
+    )
     from gpt2lite.generation.options import GenerationOptions
     from gpt2lite.models.cache import KVCache
     from gpt2lite.models.config import PRESETS, GPT2Config
     from gpt2lite.models.gpt2 import GPT2
     from gpt2lite.models.protocol import DecoderModel, DecodeState
-    from gpt2lite.pipeline import TextGenerator
+    from gpt2lite.pipeline import Completion, TextGenerator
     from gpt2lite.scoring import perplexity, token_logprobs
     from gpt2lite.tokenizer import StreamDecoder, Tokenizer
     from gpt2lite.training.data import TokenData, prepare_data
@@ -27,6 +35,10 @@ if TYPE_CHECKING:
 # name -> the module that defines it
 _EXPORTS = {
     "CheckpointError": "gpt2lite.errors",
+    "Completion": "gpt2lite.pipeline",
+    "GenerateOutput": "gpt2lite.generation.engine",
+    "Step": "gpt2lite.generation.engine",
+    "iter_steps": "gpt2lite.generation.engine",
     "DecodeSession": "gpt2lite.generation.engine",
     "DecodeState": "gpt2lite.models.protocol",
     "DecoderModel": "gpt2lite.models.protocol",
@@ -56,14 +68,17 @@ __all__ = [
     "GPT2",
     "PRESETS",
     "CheckpointError",
+    "Completion",
     "DecodeSession",
     "DecodeState",
     "DecoderModel",
     "GPT2Config",
+    "GenerateOutput",
     "GenerationOptions",
     "KVCache",
     "ModelNotFoundError",
     "NonFiniteError",
+    "Step",
     "StreamDecoder",
     "TextGenerator",
     "TokenData",
@@ -71,6 +86,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "generate",
+    "iter_steps",
     "iter_tokens",
     "left_pad",
     "perplexity",

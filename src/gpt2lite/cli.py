@@ -30,8 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", nargs="?", help="the prompt; read from stdin when omitted or '-'")
     gen.add_argument("--model", default="gpt2", help="hub id or local path (default: gpt2)")
     _add_generation_options(gen)
-    gen.add_argument("--stop", dest="stop_strings", action="append", default=None,
-                     help="stop before this string (repeatable)")
     _add_model_options(gen)
     gen.set_defaults(run=_generate)
 
@@ -72,21 +70,61 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Options the CLI takes in another form: stop strings (--stop) and bad words (--bad-word) as text;
+# Python hooks have no command-line form.
+_NOT_FLAGS = {"stop": "--stop", "bad_words_ids": "--bad-word", "logits_processor": None}
+
+
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
-    """One flag per ``GenerationOptions`` field, with its type and help; unset flags keep the defaults."""
+    """One flag per ``GenerationOptions`` field, typed from its annotation; unset flags keep the defaults."""
+    from typing import Literal, get_args, get_origin, get_type_hints
+
     from gpt2lite.generation.options import GenerationOptions
 
+    hints = get_type_hints(GenerationOptions)
     for f in dataclasses.fields(GenerationOptions):
-        if f.name == "stop":
-            continue  # the CLI stops at strings (--stop), not token ids
+        if f.name in _NOT_FLAGS:
+            continue
         flags = ["--" + f.name.replace("_", "-")] + (["-n"] if f.name == "num_return_sequences" else [])
-        help_text = f"{f.metadata['help']} (default: {f.default})"
-        kind = str(f.type)
-        if kind == "bool":
-            parser.add_argument(*flags, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=help_text)
+        kind = hints[f.name]
+        common = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {f.default})")
+        if kind is bool:
+            parser.add_argument(*flags, action="store_true", **common)
+        elif get_origin(kind) is Literal:
+            parser.add_argument(*flags, choices=get_args(kind), **common)
+        elif f.name == "early_stopping":
+            parser.add_argument(*flags, type=_bool_or_never, metavar="{true,false,never}", **common)
+        elif f.name == "logit_bias":
+            parser.add_argument(*flags, type=_token_bias, action="append", metavar="ID=BIAS", **common)
+        elif kind in (int, int | None):
+            parser.add_argument(*flags, type=int, **common)
+        elif kind is float:
+            parser.add_argument(*flags, type=float, **common)
         else:
-            convert = float if kind.startswith("float") else int
-            parser.add_argument(*flags, dest=f.name, type=convert, default=argparse.SUPPRESS, help=help_text)
+            raise TypeError(f"GenerationOptions.{f.name} has no command-line form")
+    parser.add_argument("--stop", dest="stop_strings", action="append", default=None,
+                        help="stop before this string (repeatable)")
+    parser.add_argument("--bad-word", dest="bad_words", action="append", default=None,
+                        help="never generate this word, with or without a leading space (repeatable)")
+    parser.add_argument("--draft-model", default=None,
+                        help="speculative decoding: a smaller model with the same vocabulary proposes tokens")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object per completion: text, tokens, logprobs, finish_reason")
+
+
+def _bool_or_never(value: str) -> bool | str:
+    choices = {"true": True, "false": False, "never": "never"}
+    if value.lower() not in choices:
+        raise argparse.ArgumentTypeError(f"expected true, false or never, got {value!r}")
+    return choices[value.lower()]
+
+
+def _token_bias(value: str) -> tuple[int, float]:
+    token, _, bias = value.partition("=")
+    try:
+        return int(token), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TOKEN_ID=BIAS such as 50256=-100, got {value!r}") from None
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -156,23 +194,35 @@ def _generation_options(args: argparse.Namespace) -> Any:
     from gpt2lite.generation.options import GenerationOptions
 
     names = {f.name for f in dataclasses.fields(GenerationOptions)}
-    return GenerationOptions(**{k: v for k, v in vars(args).items() if k in names})
+    return GenerationOptions(**{k: dict(v) if k == "logit_bias" else v for k, v in vars(args).items() if k in names})
 
 
 def _generate(args: argparse.Namespace) -> int:
+    import json
+
     from gpt2lite.pipeline import TextGenerator
 
     options = _generation_options(args)  # bad values fail here, before the model is loaded
     device = _device(args.device)
     prompt = _read_input(args.prompt, "prompt", is_file=False)
-    generator = TextGenerator.from_pretrained(args.model, device=device, dtype=args.dtype,
-                                              local_files_only=args.offline)
-    if options.num_return_sequences > 1:
-        for i, text in enumerate(generator(prompt, options, stop=args.stop_strings)):
-            sys.stdout.write(f"{'' if i == 0 else chr(10)}=== {i + 1} ===\n{text}\n")
+    load = dict(device=device, dtype=args.dtype, local_files_only=args.offline)
+    generator = TextGenerator.from_pretrained(args.model, **load)
+    draft = TextGenerator.from_pretrained(args.draft_model, **load).model if args.draft_model else None
+    call = dict(stop=args.stop_strings, bad_words=args.bad_words, draft_model=draft)
+    if args.json:
+        for completion in generator.complete(prompt, options, **call):
+            sys.stdout.write(json.dumps(completion.to_dict(), ensure_ascii=False) + "\n")
         sys.stdout.flush()
         return 0
-    for piece in generator.stream(prompt, options, stop=args.stop_strings):
+    if options.num_return_sequences > 1 or options.num_beams > 1 or draft is not None:
+        texts = generator(prompt, options, **call)
+        texts = texts if isinstance(texts, list) else [texts]
+        for i, text in enumerate(texts):
+            header = f"=== {i + 1} ===\n" if len(texts) > 1 else ""
+            sys.stdout.write(f"{'' if i == 0 else chr(10)}{header}{text}\n")
+        sys.stdout.flush()
+        return 0
+    for piece in generator.stream(prompt, options, stop=args.stop_strings, bad_words=args.bad_words):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from gpt2lite.errors import ModelNotFoundError
-from gpt2lite.generation.engine import iter_tokens, left_pad
+from gpt2lite.generation.engine import generate, iter_steps, left_pad
 from gpt2lite.generation.options import GenerationOptions
 from gpt2lite.hub import HUB_ALIASES
 from gpt2lite.models.gpt2 import GPT2
@@ -19,8 +20,30 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
     from gpt2lite.generation.options import GenerationKwargs
+    from gpt2lite.models.protocol import DecoderModel
 
-__all__ = ["TextGenerator"]
+__all__ = ["Completion", "TextGenerator"]
+
+
+@dataclass
+class Completion:
+    """One generated text with its tokens, their log-probabilities and why it ended (``TextGenerator.complete``)."""
+
+    text: str
+    token_ids: list[int]  # the tokens behind `text` (a stop string's tokens are dropped)
+    tokens: list[str]  # each token's text (a piece of a character shows as U+FFFD)
+    logprobs: list[float]  # log-probability of each token under the model (raw logits)
+    top_logprobs: list[dict[str, float]]  # the top_logprobs most likely tokens at each step
+    finish_reason: str  # "stop" (end token or stop string) or "length"
+    prompt_logprobs: list[float | None] | None = None  # with prompt_logprobs=True; None for the first token
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        d = asdict(self)
+        d.pop("extra")
+        return d
+
 
 
 class TextGenerator:
@@ -77,23 +100,23 @@ class TextGenerator:
         options: GenerationOptions | None = None,
         *,
         stop: str | Sequence[str] | None = None,
+        bad_words: Sequence[str] | None = None,
+        draft_model: DecoderModel | None = None,
         generator: torch.Generator | None = None,
         **overrides: Unpack[GenerationKwargs],
     ) -> str | list[str] | list[list[str]]:
         """Continue a prompt (or a batch of prompts); the result holds the new text only.
 
         Options are those of ``gpt2lite.GenerationOptions`` (``max_new_tokens``,
-        ``temperature``, ``top_k``, ``top_p``, ``seed``, ...), as an object or as
-        keywords. Text ends before the first of the ``stop`` strings or at the
-        end token (the tokenizer's ``<|endoftext|>``). With
+        ``temperature``, ``top_k``, ``top_p``, ``seed``, ``num_beams``, ...), as an
+        object or as keywords. Text ends before the first of the ``stop`` strings
+        or at the end token (the tokenizer's ``<|endoftext|>``). ``bad_words`` are
+        never generated (with or without a leading space). With
         ``num_return_sequences=n > 1`` each prompt gets a list of ``n`` texts.
         """
-        opts = GenerationOptions.build(options, overrides, "TextGenerator")
+        opts = self._options(options, overrides, bad_words, "TextGenerator")
         single = isinstance(prompt, str)
-        prompts = [prompt] if single else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise TypeError("prompt must be a str or a non-empty list of str")
-        completions = self._run(prompts, stop, generator, opts)
+        completions = self.complete(prompt, opts, stop=stop, draft_model=draft_model, generator=generator)
         texts = [c.text for c in completions]
         n = opts.num_return_sequences
         if n > 1:
@@ -101,12 +124,60 @@ class TextGenerator:
             return grouped[0] if single else grouped
         return texts[0] if single else texts
 
+    def complete(
+        self,
+        prompt: str | Sequence[str],
+        options: GenerationOptions | None = None,
+        *,
+        stop: str | Sequence[str] | None = None,
+        bad_words: Sequence[str] | None = None,
+        draft_model: DecoderModel | None = None,
+        generator: torch.Generator | None = None,
+        **overrides: Unpack[GenerationKwargs],
+    ) -> list[Completion]:
+        """Like calling the generator, but return a ``Completion`` per text: tokens, log-probabilities, finish reason.
+
+        ``top_logprobs=k`` adds the ``k`` most likely tokens at each step and
+        ``prompt_logprobs=True`` the log-probability of each prompt token.
+        """
+        opts = self._options(options, overrides, bad_words, "complete")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise TypeError("prompt must be a str or a non-empty list of str")
+        rows = self._rows(prompts, stop, opts)
+        ids, mask = self._encode(prompts, opts)
+        if opts.num_beams > 1 or draft_model is not None:
+            out = generate(self.model, ids, opts.replace(prompt_logprobs=False), attention_mask=mask,
+                           generator=generator, return_dict=True, draft_model=draft_model)
+            new = out.sequences[:, ids.shape[1] :].tolist()
+            for step in range(len(new[0])):
+                for r, row in enumerate(rows):
+                    row.add(new[r][step], float(out.logprobs[r, step]), _top(self.tokenizer, out, r, step))
+        else:
+            for step in iter_steps(self.model, ids, opts, attention_mask=mask, generator=generator):
+                logprobs = step.logprobs.tolist()
+                for r, (row, token) in enumerate(zip(rows, step.tokens.tolist(), strict=True)):
+                    row.add(token, logprobs[r], _top(self.tokenizer, step, r))
+                if all(row.done for row in rows):
+                    break
+        completions = [row.result() for row in rows]
+        if opts.prompt_logprobs:
+            from gpt2lite.generation.engine import _prompt_logprobs
+
+            values = _prompt_logprobs(self.model, ids, mask)  # (prompts, T); NaN where there is no value
+            per_prompt = len(rows) // len(prompts)
+            for i, c in enumerate(completions):
+                row = values[i // per_prompt][mask[i // per_prompt].bool()].tolist()  # the prompt's own tokens
+                c.prompt_logprobs = [None if v != v else v for v in row]
+        return completions
+
     def stream(
         self,
         prompt: str,
         options: GenerationOptions | None = None,
         *,
         stop: str | Sequence[str] | None = None,
+        bad_words: Sequence[str] | None = None,
         generator: torch.Generator | None = None,
         **overrides: Unpack[GenerationKwargs],
     ) -> Iterator[str]:
@@ -115,20 +186,21 @@ class TextGenerator:
         Pieces never split a character, and text that might begin a stop string is
         held back until it is clear that it does not.
         """
-        opts = GenerationOptions.build(options, overrides, "stream")
+        opts = self._options(options, overrides, bad_words, "stream")
         if not isinstance(prompt, str):
             raise TypeError("stream() takes one prompt str; call the generator itself for a batch")
-        if opts.num_return_sequences != 1:
-            raise ValueError("stream() makes one sequence; num_return_sequences must be 1")
-        (row,) = self._prepare([prompt], stop, 1, opts)
+        if opts.num_return_sequences != 1 or opts.num_beams != 1:
+            raise ValueError("stream() makes one sequence as it goes: num_return_sequences and num_beams must be 1")
+        (row,) = self._rows([prompt], stop, opts)
+        ids, mask = self._encode([prompt], opts)
         # Built here, not inside the generator, so that bad options fail at the call.
-        steps = self._steps([prompt], generator, opts)
+        steps = iter_steps(self.model, ids, opts, attention_mask=mask, generator=generator)
         return self._stream(row, steps)
 
     @staticmethod
-    def _stream(row: _Completion, steps: Iterator[torch.Tensor]) -> Iterator[str]:
+    def _stream(row: _Completion, steps: Iterator[Any]) -> Iterator[str]:
         for step in steps:
-            row.add(int(step[0]))
+            row.add(int(step.tokens[0]))
             piece = row.take()
             if piece:
                 yield piece
@@ -161,57 +233,63 @@ class TextGenerator:
         scores = token_logprobs(self.model, prompt_ids, ids)
         return [(self.tokenizer.decode([i]), float(lp)) for i, lp in zip(ids, scores, strict=True)]
 
-    def _run(
-        self, prompts: list[str], stop: str | Sequence[str] | None, generator: torch.Generator | None,
-        opts: GenerationOptions,
-    ) -> list[_Completion]:
-        completions = self._prepare(prompts, stop, opts.num_return_sequences, opts)
-        for step in self._steps(prompts, generator, opts):
-            for completion, token in zip(completions, step.tolist(), strict=True):
-                completion.add(token)
-            if all(c.done for c in completions):
-                break
-        for completion in completions:
-            completion.finish()
-        return completions
+    def _options(
+        self, options: GenerationOptions | None, overrides: dict[str, Any], bad_words: Sequence[str] | None,
+        where: str,
+    ) -> GenerationOptions:
+        """The options with the tokenizer's end token as default, and ``bad_words`` turned into token ids."""
+        opts = GenerationOptions.build(options, overrides, where)
+        changes: dict[str, Any] = {}
+        if opts.eos_token_id is None:
+            changes["eos_token_id"] = self.tokenizer.eot_token
+        if bad_words:
+            if isinstance(bad_words, str) or not all(isinstance(w, str) and w for w in bad_words):
+                raise ValueError("bad_words must be a list of non-empty str")
+            ids = {tuple(self.tokenizer.encode(v)) for w in bad_words for v in (w, " " + w.lstrip(" "))}
+            changes["bad_words_ids"] = (*opts.bad_words_ids, *sorted(ids))
+        return opts.replace(**changes) if changes else opts
 
-    def _prepare(
-        self, prompts: list[str], stop: str | Sequence[str] | None, n: int, opts: GenerationOptions
-    ) -> list[_Completion]:
+    def _rows(self, prompts: list[str], stop: str | Sequence[str] | None, opts: GenerationOptions) -> list[_Completion]:
         stops = [stop] if isinstance(stop, str) else list(stop or ())
         if not all(isinstance(s, str) and s for s in stops):
             raise ValueError("stop must be a non-empty str or a list of non-empty str")
-        eos = None if opts.ignore_eos else self._eos(opts)
+        eos = None if opts.ignore_eos else opts.eos_token_id
+        n = opts.num_return_sequences
         return [_Completion(self.tokenizer, stops, eos) for _ in range(len(prompts) * n)]
 
-    def _eos(self, opts: GenerationOptions) -> int:
-        return opts.eos_token_id if opts.eos_token_id is not None else self.tokenizer.eot_token
-
-    def _steps(
-        self, prompts: list[str], generator: torch.Generator | None, opts: GenerationOptions
-    ) -> Iterator[torch.Tensor]:
-        """Encode and left-pad the prompts, then yield each step's new tokens."""
+    def _encode(self, prompts: list[str], opts: GenerationOptions) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode and left-pad the prompts, refusing one that cannot fit before encoding it."""
         eot = self.tokenizer.eot_token
         context = self.model.config.n_positions
-        # Every token holds at most max_token_bytes bytes (so characters): refuse a prompt that
-        # cannot fit before spending time and memory encoding it.
-        limit = (context - opts.max_new_tokens) * self.tokenizer.max_token_bytes
-        for i, p in enumerate(prompts):
-            if len(p) > limit:
-                raise ValueError(
-                    f"prompt {i} has {len(p)} characters: more tokens than fit in the model's context of {context} "
-                    f"positions with max_new_tokens={opts.max_new_tokens}; shorten it"
-                )
+        if opts.truncate_prompt == "error":
+            # Every token holds at most max_token_bytes bytes (so characters): refuse a prompt that
+            # cannot fit before spending time and memory encoding it.
+            limit = (context - opts.max_new_tokens) * self.tokenizer.max_token_bytes
+            for i, p in enumerate(prompts):
+                if len(p) > limit:
+                    raise ValueError(
+                        f"prompt {i} has {len(p)} characters: more tokens than fit in the model's context of "
+                        f"{context} positions with max_new_tokens={opts.max_new_tokens}; shorten it"
+                    )
         # An empty prompt starts from <|endoftext|>, as GPT-2's unconditional samples do.
-        ids, mask = left_pad([self.tokenizer.encode(p) or [eot] for p in prompts], eot)
-        opts = opts.replace(eos_token_id=self._eos(opts))
-        return iter_tokens(self.model, ids, opts, attention_mask=mask, generator=generator)
+        return left_pad([self.tokenizer.encode(p) or [eot] for p in prompts], eot)
+
+
+def _top(tokenizer: Tokenizer, step: Any, row: int, index: int | None = None) -> dict[str, float]:
+    """The top alternatives of one row at one step, as {token text: log-probability}."""
+    if step.top_ids is None:
+        return {}
+    ids, values = step.top_ids[row], step.top_logprobs[row]
+    if index is not None:
+        ids, values = ids[index], values[index]
+    return {tokenizer.decode([i]): v for i, v in zip(ids.tolist(), values.tolist(), strict=True)}
 
 
 class _Completion:
     """The text of one row as tokens arrive: decoded at character boundaries, cut at a stop string."""
 
     def __init__(self, tokenizer: Tokenizer, stops: list[str], eos: int | None) -> None:
+        self.tokenizer = tokenizer
         self.decoder = tokenizer.stream_decoder()
         self.stops = stops
         self.hold = max(map(len, stops), default=1) - 1  # characters that could start a stop string
@@ -219,13 +297,23 @@ class _Completion:
         self.text = ""
         self.taken = 0  # text[:taken] was handed out by take()
         self.done = False
+        self.reason = "length"
+        self.ids: list[int] = []
+        self.starts: list[int] = []  # where each token's text begins in `text`
+        self.logprobs: list[float] = []
+        self.tops: list[dict[str, float]] = []
 
-    def add(self, token: int) -> None:
+    def add(self, token: int, logprob: float | None = None, top: dict[str, float] | None = None) -> None:
         if self.done:
             return
         if token == self.eos:
+            self.reason = "stop"
             self.finish()
             return
+        self.ids.append(token)
+        self.starts.append(len(self.text))
+        self.logprobs.append(logprob if logprob is not None else float("nan"))
+        self.tops.append(top or {})
         self._append(self.decoder.add(token))
 
     def finish(self) -> None:
@@ -240,6 +328,15 @@ class _Completion:
         self.taken = end
         return piece
 
+    def result(self) -> Completion:
+        self.finish()
+        # Tokens whose text starts past a stop string's cut are not part of the completion.
+        n = sum(1 for s in self.starts if s < len(self.text)) if self.reason == "stop" else len(self.ids)
+        return Completion(
+            text=self.text, token_ids=self.ids[:n], tokens=[self.tokenizer.decode([t]) for t in self.ids[:n]],
+            logprobs=self.logprobs[:n], top_logprobs=self.tops[:n], finish_reason=self.reason,
+        )
+
     def _append(self, piece: str) -> None:
         if not piece:
             return
@@ -249,4 +346,5 @@ class _Completion:
         if hits:
             self.text = self.text[: min(hits)]
             self.taken = min(self.taken, len(self.text))
+            self.reason = "stop"
             self.done = True
