@@ -34,6 +34,7 @@ class StepPlan:
     is_causal: bool  # with mask None: causal over the T new tokens (True) or everything (False)
     width: int  # S: the slots attention reads
     slot: int | None  # with every row at the same length and unpadded: the first slot, as an int
+    span: tuple[int, int] | None = None  # `rows` as a contiguous range [start, stop): read as a view, not a copy
 
 
 class KVCache:
@@ -127,10 +128,11 @@ class KVCache:
         if self.static:
             width = self.max_length
             return StepPlan(index, slots, position_ids, self._mask(index, slots, width), False, width, None)
-        width = max(max(ends), *self._host_lengths)
+        width = max(ends)  # the rows fed hold nothing valid past their own ends
         uniform = rows is None and input_mask is None and not self._padded and len(set(ends)) == 1
         if not uniform:
-            return StepPlan(index, slots, position_ids, self._mask(index, slots, width), False, width, None)
+            span = (rows[0], rows[-1] + 1) if rows and rows == list(range(rows[0], rows[-1] + 1)) else None
+            return StepPlan(index, slots, position_ids, self._mask(index, slots, width), False, width, None, span)
         start = ends[0] - T
         if start == 0 or T == 1:  # all of the prompt causally, or one token that sees everything
             return StepPlan(None, slots, position_ids, None, T > 1, width, start)
@@ -164,7 +166,9 @@ class KVCache:
             row_index = (torch.arange(kl.shape[0], device=kl.device) if plan.rows is None else plan.rows)[:, None]
             kl[row_index, :, plan.slots] = k.transpose(1, 2)  # indexed as (R, T, nh, hs)
             vl[row_index, :, plan.slots] = v.transpose(1, 2)
-        if plan.rows is not None:
+        if plan.span is not None:
+            kl, vl = kl[plan.span[0] : plan.span[1]], vl[plan.span[0] : plan.span[1]]
+        elif plan.rows is not None:
             kl, vl = kl[plan.rows], vl[plan.rows]
         return kl[:, :, : plan.width], vl[:, :, : plan.width]  # (R, nh, S, hs)
 
@@ -208,13 +212,17 @@ class KVCache:
                 f"reorder needs one source row per row: shape ({self.batch_size},), got {tuple(index.shape)}"
             )
         used = self.max_length if self.static else max(self._host_lengths)
-        for buf in (self.k, self.v):
-            buf[:, :, :, :used] = buf[:, index, :, :used]
+        moved = (index != torch.arange(self.batch_size, device=self.device)).nonzero().flatten()
+        if moved.numel() == 0:
+            return
+        source = index[moved]
+        for buf in (self.k, self.v):  # only the rows that change are copied
+            buf[:, moved, :, :used] = buf[:, source, :, :used]
         for buf in (self.valid, self.lengths, self.positions):
-            buf.copy_(buf[index])
+            buf[moved] = buf[source]
         if not self.static:
-            source = self._host_lengths
-            self._host_lengths = [source[i] for i in index.tolist()]
+            before = self._host_lengths
+            self._host_lengths = [before[i] for i in index.tolist()]
 
     def truncate(self, rows: Sequence[int], lengths: Sequence[int]) -> None:
         """Cut each of ``rows`` back to its entry of ``lengths`` filled slots (speculative decoding's rollback)."""
