@@ -60,6 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--offline", action="store_true", help="use only files already in the hub cache")
     ft.set_defaults(run=_finetune)
 
+    srv = commands.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    srv.add_argument("--model", default="gpt2", help="hub id or local path (default: gpt2)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    srv.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default: 16)")
+    srv.add_argument("--max-queue", type=int, default=256, help="requests that may wait; more get 429 (default: 256)")
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    srv.add_argument("--model-name", default=None, help="the id /v1/models reports (default: --model)")
+    _add_model_options(srv)
+    srv.set_defaults(run=_serve)
+
     ppl = commands.add_parser("perplexity", help="perplexity of a model on a text file")
     ppl.add_argument("text", nargs="?", help="text file; stdin when omitted or '-'")
     ppl.add_argument("--model", default="gpt2", help="hub id or local path (default: gpt2)")
@@ -280,6 +291,39 @@ def _finetune(args: argparse.Namespace) -> int:
         print(f"step {step}: train loss {result.losses[-1]:.4f}, validation loss {val:.4f}")
     if rank == 0 and result.final_dir is not None:
         print(f"saved {result.final_dir}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from gpt2lite.serve.app import create_app
+    except ImportError as exc:
+        raise ValueError(
+            f"serving needs the serve extra ({exc.name} is missing): pip install 'gpt2lite[serve]'"
+        ) from None
+    from gpt2lite.pipeline import TextGenerator
+
+    if args.max_batch < 1 or args.max_queue < 0:
+        raise ValueError("--max-batch must be >= 1 and --max-queue >= 0")
+    device = _device(args.device)
+    generator = TextGenerator.from_pretrained(args.model, device=device, dtype=args.dtype,
+                                              local_files_only=args.offline)
+    import threading
+
+    app = create_app(generator, model_name=args.model_name or str(args.model), max_batch=args.max_batch,
+                     max_queue=args.max_queue, api_key=args.api_key, background=False)
+    # The engine loop owns the main thread (torch runs fastest there); HTTP is served beside it.
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
+    http = threading.Thread(target=server.run, name="gpt2lite-http", daemon=True)
+    http.start()
+    try:
+        app.state.engine.run()  # until the server shuts down (its lifespan stops the engine) or Ctrl-C
+    finally:
+        server.should_exit = True
+        app.state.engine.stop()
+        http.join(timeout=30)
     return 0
 
 

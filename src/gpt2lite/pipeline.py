@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from gpt2lite.generation.options import GenerationKwargs
     from gpt2lite.models.protocol import DecoderModel
 
-__all__ = ["Completion", "TextGenerator"]
+__all__ = ["Completion", "TextAssembler", "TextGenerator"]
 
 
 @dataclass
@@ -198,7 +198,7 @@ class TextGenerator:
         return self._stream(row, steps)
 
     @staticmethod
-    def _stream(row: _Completion, steps: Iterator[Any]) -> Iterator[str]:
+    def _stream(row: TextAssembler, steps: Iterator[Any]) -> Iterator[str]:
         for step in steps:
             row.add(int(step.tokens[0]))
             piece = row.take()
@@ -249,13 +249,15 @@ class TextGenerator:
             changes["bad_words_ids"] = (*opts.bad_words_ids, *sorted(ids))
         return opts.replace(**changes) if changes else opts
 
-    def _rows(self, prompts: list[str], stop: str | Sequence[str] | None, opts: GenerationOptions) -> list[_Completion]:
+    def _rows(
+        self, prompts: list[str], stop: str | Sequence[str] | None, opts: GenerationOptions
+    ) -> list[TextAssembler]:
         stops = [stop] if isinstance(stop, str) else list(stop or ())
         if not all(isinstance(s, str) and s for s in stops):
             raise ValueError("stop must be a non-empty str or a list of non-empty str")
         eos = None if opts.ignore_eos else opts.eos_token_id
         n = opts.num_return_sequences
-        return [_Completion(self.tokenizer, stops, eos) for _ in range(len(prompts) * n)]
+        return [TextAssembler(self.tokenizer, stops, eos) for _ in range(len(prompts) * n)]
 
     def _encode(self, prompts: list[str], opts: GenerationOptions) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode and left-pad the prompts, refusing one that cannot fit before encoding it."""
@@ -285,8 +287,11 @@ def _top(tokenizer: Tokenizer, step: Any, row: int, index: int | None = None) ->
     return {tokenizer.decode([i]): v for i, v in zip(ids.tolist(), values.tolist(), strict=True)}
 
 
-class _Completion:
-    """The text of one row as tokens arrive: decoded at character boundaries, cut at a stop string."""
+class TextAssembler:
+    """The text of one row as tokens arrive: decoded at character boundaries, cut at a stop string.
+
+    Shared by the text API and the server; ``take()`` hands out the text that is final.
+    """
 
     def __init__(self, tokenizer: Tokenizer, stops: list[str], eos: int | None) -> None:
         self.tokenizer = tokenizer
@@ -303,7 +308,8 @@ class _Completion:
         self.logprobs: list[float] = []
         self.tops: list[dict[str, float]] = []
 
-    def add(self, token: int, logprob: float | None = None, top: dict[str, float] | None = None) -> None:
+    def add(self, token: int, logprob: float | None = None, top: Any = None) -> None:
+        """Take the next token (with its log-probability and alternatives, kept as given)."""
         if self.done:
             return
         if token == self.eos:
@@ -317,6 +323,7 @@ class _Completion:
         self._append(self.decoder.add(token))
 
     def finish(self) -> None:
+        """End the text: flush a held-back partial character."""
         if not self.done:
             self._append(self.decoder.flush())
             self.done = True
@@ -329,6 +336,7 @@ class _Completion:
         return piece
 
     def result(self) -> Completion:
+        """The finished ``Completion``."""
         self.finish()
         # Tokens whose text starts past a stop string's cut are not part of the completion.
         n = sum(1 for s in self.starts if s < len(self.text)) if self.reason == "stop" else len(self.ids)
