@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import gpt2lite
+import gpt2lite.generation.session
 from gpt2lite import (
     GPT2,
     DecoderModel,
@@ -91,7 +92,7 @@ def test_reorder_and_truncate(tiny):
 def test_interleaved_compiled_streams_each_give_their_solo_output(tiny, monkeypatch):
     """Two compile=True streams of the same batch size, stepped alternately, never share a cache."""
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # the fixed-shape path, uncompiled here
-    monkeypatch.setattr(gpt2lite.generation.engine, "_COMPILED", {})
+    monkeypatch.setattr(gpt2lite.generation.session, "_COMPILED", {})
     p, q = random_prompts([4, 7], seed=3)
     a = iter_tokens(tiny, [p], max_new_tokens=10, temperature=0, ignore_eos=True, compile=True)
     b = iter_tokens(tiny, [q], max_new_tokens=10, temperature=0, ignore_eos=True, compile=True)
@@ -107,7 +108,7 @@ def test_interleaved_compiled_streams_each_give_their_solo_output(tiny, monkeypa
 
 def test_compiled_step_matches_eager_with_padding(tiny, monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
-    monkeypatch.setattr(gpt2lite.generation.engine, "_COMPILED", {})
+    monkeypatch.setattr(gpt2lite.generation.session, "_COMPILED", {})
     ids, mask = left_pad(random_prompts([3, 9, 6], seed=10), 50256)
     static = generate(tiny, ids, attention_mask=mask, max_new_tokens=15, temperature=0, compile=True)
     eager = generate(tiny, ids, attention_mask=mask, max_new_tokens=15, temperature=0)

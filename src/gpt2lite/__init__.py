@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from gpt2lite.errors import CheckpointError, ModelNotFoundError, NonFiniteError
     from gpt2lite.generation.engine import (
-        DecodeSession,
         GenerateOutput,
         Step,
         generate,
@@ -22,6 +21,7 @@ if TYPE_CHECKING:
         left_pad,
     )
     from gpt2lite.generation.options import GenerationOptions
+    from gpt2lite.generation.session import DecodeSession
     from gpt2lite.models.cache import KVCache
     from gpt2lite.models.config import PRESETS, GPT2Config
     from gpt2lite.models.gpt2 import GPT2
@@ -39,7 +39,7 @@ _EXPORTS = {
     "GenerateOutput": "gpt2lite.generation.engine",
     "Step": "gpt2lite.generation.engine",
     "iter_steps": "gpt2lite.generation.engine",
-    "DecodeSession": "gpt2lite.generation.engine",
+    "DecodeSession": "gpt2lite.generation.session",
     "DecodeState": "gpt2lite.models.protocol",
     "DecoderModel": "gpt2lite.models.protocol",
     "GPT2": "gpt2lite.models.gpt2",

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gpt2lite.errors import ModelNotFoundError
-from gpt2lite.generation.engine import generate, iter_steps, left_pad
+from gpt2lite.generation.engine import generate, iter_steps, left_pad, prompt_logprobs
 from gpt2lite.generation.options import GenerationOptions
 from gpt2lite.hub import HUB_ALIASES
 from gpt2lite.models.gpt2 import GPT2
@@ -162,9 +162,7 @@ class TextGenerator:
                     break
         completions = [row.result() for row in rows]
         if opts.prompt_logprobs:
-            from gpt2lite.generation.engine import _prompt_logprobs
-
-            values = _prompt_logprobs(self.model, ids, mask)  # (prompts, T); NaN where there is no value
+            values = prompt_logprobs(self.model, ids, mask)  # (prompts, T); NaN where there is no value
             per_prompt = len(rows) // len(prompts)
             for i, c in enumerate(completions):
                 row = values[i // per_prompt][mask[i // per_prompt].bool()].tolist()  # the prompt's own tokens

@@ -17,6 +17,7 @@ import torch
 
 from gpt2lite.generation.options import GenerationOptions
 from gpt2lite.generation.processors import LogitsProcessors
+from gpt2lite.generation.session import DecodeSession, end_tokens
 from gpt2lite.models.protocol import DecoderModel
 
 __all__ = ["beam_search"]
@@ -34,12 +35,10 @@ def beam_search(
     model: DecoderModel, prompt: torch.Tensor, mask: torch.Tensor | None, opts: GenerationOptions
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Sequences ``(B * num_return_sequences, T + new)``, their scores and finish reasons, best first per prompt."""
-    from gpt2lite.generation.engine import DecodeSession, _end_tokens
-
     B, T = prompt.shape
     nb, device, V = opts.num_beams, prompt.device, model.config.vocab_size
     max_length = T + opts.max_new_tokens
-    eos, pad = _end_tokens(model.config, opts)
+    eos, pad = end_tokens(model.config, opts)
     lp, early = opts.length_penalty, opts.early_stopping
     keep = max(2, 1 + (eos is not None)) * nb  # enough that num_beams can go on when the best ones end
     top_nb = torch.arange(keep, device=device) < nb

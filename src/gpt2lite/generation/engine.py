@@ -1,114 +1,33 @@
-"""The decoding engine: a session that owns one decoding state, and the one decode loop built on it.
+"""The decoding engine: the one decode loop, on a ``DecodeSession`` (``session.py``).
 
-``DecodeSession`` holds the state of ``B`` rows (a ``KVCache`` for GPT-2) and
-feeds tokens to any model that follows ``gpt2lite.models.protocol``. Nothing is
-kept on the model: two sessions over one model never share a cache, and a
-session's memory goes with it. ``generate`` and ``iter_tokens`` run the loop:
-prefill the prompts, then pick a token per row, stop rows, feed the tokens back.
+``generate``, ``iter_tokens`` and ``iter_steps`` run the loop: prefill the
+prompts, then pick a token per row, stop rows, feed the tokens back. Beam search
+(``beam.py``) and speculative decoding (``speculative.py``) are other loops over
+sessions, reached through ``generate``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from gpt2lite.errors import NonFiniteError
+from gpt2lite.generation.beam import beam_search
 from gpt2lite.generation.options import GenerationKwargs, GenerationOptions
 from gpt2lite.generation.processors import LogitsProcessors
 from gpt2lite.generation.sampling import choose_next
-from gpt2lite.models.protocol import DecoderModel, DecodeState
+from gpt2lite.generation.session import DecodeSession, check_finite, end_tokens
+from gpt2lite.generation.speculative import speculative_generate
+from gpt2lite.models.protocol import DecoderModel
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["DecodeSession", "GenerateOutput", "Step", "generate", "iter_steps", "iter_tokens", "left_pad"]
+__all__ = ["GenerateOutput", "Step", "generate", "iter_steps", "iter_tokens", "left_pad", "prompt_logprobs"]
 
 Prompt = torch.Tensor | Sequence[int] | Sequence[Sequence[int]]
-
-
-class DecodeSession:
-    """``batch_size`` rows decoding together over one state that this session owns.
-
-    Rows are fed independently: prefill some, step all, empty one and prefill a
-    new prompt into it while the others go on (continuous batching), reorder
-    them (beam search), cut them back (speculative decoding). With
-    ``compile=True`` the state has fixed shapes and one-token steps of the whole
-    batch run a ``torch.compile``'d step (CUDA graphs on a GPU); everything else
-    runs eagerly on the same state.
-
-    >>> import torch
-    >>> from gpt2lite import GPT2, GPT2Config
-    >>> model = GPT2(GPT2Config.from_preset("tiny")).eval()
-    >>> session = DecodeSession(model, batch_size=2, max_length=16)
-    >>> session.feed(torch.tensor([[1, 2, 3], [4, 5, 6]])).shape  # logits of each row's last token
-    torch.Size([2, 1, 50257])
-    >>> session.feed(torch.tensor([[7]]), rows=[1]).shape  # row 1 alone goes on
-    torch.Size([1, 1, 50257])
-    """
-
-    def __init__(self, model: DecoderModel, batch_size: int, max_length: int, *, compile: bool = False) -> None:
-        """Make an empty state for ``batch_size`` rows of up to ``max_length`` tokens each."""
-        self.model = model
-        self.state: DecodeState = model.new_state(batch_size, max_length, static=compile)
-        self._compiled = _compiled_step(self.state.device.type) if compile else None
-
-    @property
-    def batch_size(self) -> int:
-        """Number of rows."""
-        return self.state.batch_size
-
-    def feed(
-        self,
-        input_ids: torch.Tensor,
-        *,
-        input_mask: torch.Tensor | None = None,
-        rows: Sequence[int] | None = None,
-        last_only: bool = True,
-    ) -> torch.Tensor:
-        """Append tokens ``(R, T)`` to ``rows`` (default: all); logits ``(R, T or 1, vocab)``.
-
-        See ``DecoderModel.decode``.
-        """
-        if self._compiled is not None and rows is None and input_mask is None and input_ids.shape[1] == 1:
-            logits = self._compiled(self.model, input_ids, self.state)
-            # A CUDA graph reuses its output buffer at the next replay: hand out a copy.
-            return logits.clone() if logits.device.type == "cuda" else logits
-        return self.model.decode(input_ids, self.state, input_mask=input_mask, rows=rows, last_only=last_only)
-
-    def reset(self, rows: Sequence[int] | None = None) -> None:
-        """Empty ``rows`` (default: all) for new prompts."""
-        self.state.reset(rows)
-
-    def reorder(self, index: Sequence[int] | torch.Tensor) -> None:
-        """Make row ``i`` a copy of row ``index[i]``."""
-        self.state.reorder(index)
-
-    def truncate(self, rows: Sequence[int], lengths: Sequence[int]) -> None:
-        """Cut ``rows`` back to ``lengths`` tokens."""
-        self.state.truncate(rows, lengths)
-
-
-_COMPILED: dict[str, Callable[..., torch.Tensor]] = {}
-
-
-def _decode_one(model: DecoderModel, input_ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
-    return model.decode(input_ids, state)
-
-
-def _compiled_step(device_type: str) -> Callable[..., torch.Tensor]:
-    """The compiled one-token step, made once per device type and shared by every session.
-
-    Sessions pass their own state in; its tensors are marked static, so a CUDA
-    graph captured for one state's shapes is replayed for any state of the same
-    shapes without copying the cache.
-    """
-    if device_type not in _COMPILED:
-        mode = "reduce-overhead" if device_type == "cuda" else None
-        _COMPILED[device_type] = torch.compile(_decode_one, mode=mode, fullgraph=True)
-    return _COMPILED[device_type]
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,13 +102,9 @@ def generate(
         if opts.num_beams > 1 and draft_model is not None:
             raise ValueError("beam search and speculative decoding (draft_model) do not combine")
         if draft_model is not None:
-            from gpt2lite.generation.speculative import speculative_generate
-
             sequences, reasons = speculative_generate(model, draft_model, prompt, mask, opts, generator)
             scores = None
         else:
-            from gpt2lite.generation.beam import beam_search
-
             sequences, scores, reasons = beam_search(model, prompt, mask, opts)
         if not return_dict:
             return sequences
@@ -209,10 +124,10 @@ def generate(
     return GenerateOutput(
         sequences=sequences,
         logprobs=logprobs if logprobs is not None else empty,
-        finish_reason=_finish_reasons(steps, B, opts),
+        finish_reason=_finish_reasons(steps, B),
         top_logprobs=stacked("top_logprobs"),
         top_ids=stacked("top_ids"),
-        prompt_logprobs=_prompt_logprobs(model, prompt, mask) if opts.prompt_logprobs else None,
+        prompt_logprobs=prompt_logprobs(model, prompt, mask) if opts.prompt_logprobs else None,
     )
 
 
@@ -247,7 +162,7 @@ def iter_steps(
     return _decode(model, prompt, mask, opts, generator, with_logprobs=True)
 
 
-def _finish_reasons(steps: list[Step], B: int, opts: GenerationOptions) -> list[str]:
+def _finish_reasons(steps: list[Step], B: int) -> list[str]:
     """'stop' for rows that finished (end token or stop sequence), 'length' for the others."""
     if not steps:
         return ["length"] * B
@@ -358,7 +273,7 @@ def _decode(
     config = model.config
     if generator is None and opts.seed is not None:
         generator = torch.Generator(device=device).manual_seed(opts.seed)
-    eos, pad = _end_tokens(config, opts)
+    eos, pad = end_tokens(config, opts)
     stops = [torch.tensor(seq, device=device) for seq in opts.stop]
     processors = LogitsProcessors(opts, config.vocab_size, eos, device)
     # A compiled step is made for the whole context, so that one graph serves every prompt length.
@@ -390,10 +305,10 @@ def _decode(
             if opts.greedy:
                 next_tokens = choose_next(logits, opts, generator=generator)
                 # argmax picks NaN and +inf, and a row of -inf gives -inf: the chosen logit tells.
-                _check_finite(logits.gather(1, next_tokens[:, None])[:, 0], step)
+                check_finite(logits.gather(1, next_tokens[:, None])[:, 0], step)
             else:
                 logits = logits.contiguous()  # the batched LM head hands out a transposed view
-                _check_finite(logits.amax(dim=-1), step)  # before sampling, which would fail on NaN
+                check_finite(logits.amax(dim=-1), step)  # before sampling, which would fail on NaN
                 next_tokens = choose_next(logits, opts, generator=generator)
             next_tokens = torch.where(finished, pad, next_tokens)
             tokens[:, cur] = next_tokens
@@ -421,13 +336,6 @@ def _decode(
             logits = session.feed(next_tokens[:, None])[:, -1]
 
 
-def _end_tokens(config: object, opts: GenerationOptions) -> tuple[int | None, int]:
-    """The token that ends rows (None with ignore_eos), and the one that pads rows that ended."""
-    end = opts.eos_token_id if opts.eos_token_id is not None else config.eos_token_id
-    pad = next((t for t in (opts.pad_token_id, end) if t is not None), 0)
-    return (None if opts.ignore_eos else end), pad
-
-
 def _logprobs(
     logits: torch.Tensor, chosen: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -440,7 +348,7 @@ def _logprobs(
     return chosen_lp, top.values, top.indices
 
 
-def _prompt_logprobs(model: DecoderModel, prompt: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def prompt_logprobs(model: DecoderModel, prompt: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Log-probability of each prompt token given the ones before it: ``(B, T)``, NaN where there is none."""
     B, T = prompt.shape
     with torch.inference_mode():
@@ -472,7 +380,7 @@ def _scored_output(
         logp = logits.float().log_softmax(-1)
         new = sequences[:, T:]
         logprobs = logp.gather(2, new[..., None])[..., 0]
-        eos, _ = _end_tokens(model.config, opts)
+        eos, _ = end_tokens(model.config, opts)
         if eos is not None:  # padding after a row's end token
             ended = new == eos
             logprobs = logprobs.masked_fill(ended.cumsum(1) - ended.long() > 0, 0.0)
@@ -480,21 +388,6 @@ def _scored_output(
     return GenerateOutput(
         sequences=sequences, logprobs=logprobs, finish_reason=reasons,
         top_logprobs=top.values if top is not None else None, top_ids=top.indices if top is not None else None,
-        prompt_logprobs=_prompt_logprobs(model, sequences[:, :T], mask) if opts.prompt_logprobs else None,
+        prompt_logprobs=prompt_logprobs(model, sequences[:, :T], mask) if opts.prompt_logprobs else None,
         scores=scores,
     )
-
-
-def _check_finite(row_values: torch.Tensor, step: int) -> None:
-    """Stop with one clear error when a row's deciding logit (its max, or the one chosen) is NaN or inf.
-
-    NaN and +inf propagate to both; a row of -inf leaves nothing to choose.
-    """
-    bad = ~torch.isfinite(row_values)
-    if bool(bad.any()):
-        rows = bad.nonzero().flatten().tolist()
-        raise NonFiniteError(
-            f"the model produced non-finite logits (NaN or inf) at generation step {step}, rows {rows[:8]}: its "
-            "weights are likely non-finite (a diverged training run) or half precision overflowed; check the "
-            "checkpoint, or load it in float32"
-        )

@@ -21,6 +21,7 @@ import torch
 from gpt2lite.generation.options import GenerationOptions
 from gpt2lite.generation.processors import LogitsProcessors
 from gpt2lite.generation.sampling import filtered_logits
+from gpt2lite.generation.session import DecodeSession, check_finite, end_tokens
 from gpt2lite.models.protocol import DecoderModel
 
 __all__ = ["speculative_generate"]
@@ -52,8 +53,6 @@ def speculative_generate(
 
     ``stats``, if given, receives the counts of rounds, proposed and accepted tokens.
     """
-    from gpt2lite.generation.engine import DecodeSession, _check_finite, _end_tokens
-
     if draft.config.vocab_size != target.config.vocab_size:
         raise ValueError(f"the draft model's vocabulary ({draft.config.vocab_size}) differs from the target's "
                          f"({target.config.vocab_size}): speculative decoding needs the same tokenizer")
@@ -66,7 +65,7 @@ def speculative_generate(
     device = prompt.device
     if generator is None and opts.seed is not None:
         generator = torch.Generator(device=device).manual_seed(opts.seed)
-    eos, pad = _end_tokens(target.config, opts)
+    eos, pad = end_tokens(target.config, opts)
     k = opts.num_draft_tokens
     contexts = [c for c in (target.config.n_positions, draft.config.n_positions) if c is not None]
     capacity = min([T + opts.max_new_tokens + k + 1, *contexts])
@@ -107,7 +106,7 @@ def speculative_generate(
         R = len(active)
         d = torch.stack(proposals, 1) if proposals else torch.zeros(R, 0, dtype=torch.long, device=device)
         p_logits = sessions[0].feed(torch.cat([pending[at][:, None], d], 1), rows=rows, last_only=False)
-        _check_finite(p_logits.float().amax(-1).amax(-1), generated)
+        check_finite(p_logits.float().amax(-1).amax(-1), generated)
         p = _distribution(p_logits, opts)  # (R, k+1, V)
 
         if k_round:

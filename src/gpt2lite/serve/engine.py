@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gpt2lite.generation.engine import DecodeSession, _end_tokens
 from gpt2lite.generation.options import GenerationOptions
 from gpt2lite.generation.processors import LogitsProcessors
 from gpt2lite.generation.sampling import choose_next
+from gpt2lite.generation.session import DecodeSession, end_tokens
 from gpt2lite.models.protocol import DecoderModel
 
 __all__ = ["BatchEngine", "EngineStats", "QueueFull", "Request"]
@@ -189,7 +189,7 @@ class BatchEngine:
             if not request.prompt or len(request.prompt) + opts.max_new_tokens > self.context:
                 raise ValueError(f"the prompt of {len(request.prompt)} tokens + max_tokens={opts.max_new_tokens} "
                                  f"does not fit the context of {self.context} tokens")
-            eos, _ = _end_tokens(self.model.config, opts)
+            eos, _ = end_tokens(self.model.config, opts)
             row = _Row(request, eos, self.model.config.vocab_size, self.session.state.device)
             self.session.reset([slot])
             ids = torch.tensor([request.prompt], device=self.session.state.device)

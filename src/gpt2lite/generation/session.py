@@ -1,0 +1,124 @@
+"""A decoding session: ``B`` rows over one decoding state that the session owns, and its helpers.
+
+``DecodeSession`` feeds tokens to any model that follows
+``gpt2lite.models.protocol`` and owns the state it made: nothing is kept on the
+model, two sessions never share a cache, and a session's memory goes with it. The
+decode loop (``engine.py``), beam search, speculative decoding and the serving
+engine all run on sessions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from gpt2lite.errors import NonFiniteError
+from gpt2lite.generation.options import GenerationOptions
+from gpt2lite.models.protocol import DecoderModel, DecodeState
+
+__all__ = ["DecodeSession", "check_finite", "end_tokens"]
+
+
+class DecodeSession:
+    """``batch_size`` rows decoding together over one state that this session owns.
+
+    Rows are fed independently: prefill some, step all, empty one and prefill a
+    new prompt into it while the others go on (continuous batching), reorder
+    them (beam search), cut them back (speculative decoding). With
+    ``compile=True`` the state has fixed shapes and one-token steps of the whole
+    batch run a ``torch.compile``'d step (CUDA graphs on a GPU); everything else
+    runs eagerly on the same state.
+
+    >>> import torch
+    >>> from gpt2lite import GPT2, GPT2Config
+    >>> model = GPT2(GPT2Config.from_preset("tiny")).eval()
+    >>> session = DecodeSession(model, batch_size=2, max_length=16)
+    >>> session.feed(torch.tensor([[1, 2, 3], [4, 5, 6]])).shape  # logits of each row's last token
+    torch.Size([2, 1, 50257])
+    >>> session.feed(torch.tensor([[7]]), rows=[1]).shape  # row 1 alone goes on
+    torch.Size([1, 1, 50257])
+    """
+
+    def __init__(self, model: DecoderModel, batch_size: int, max_length: int, *, compile: bool = False) -> None:
+        """Make an empty state for ``batch_size`` rows of up to ``max_length`` tokens each."""
+        self.model = model
+        self.state: DecodeState = model.new_state(batch_size, max_length, static=compile)
+        self._compiled = _compiled_step(self.state.device.type) if compile else None
+
+    @property
+    def batch_size(self) -> int:
+        """Number of rows."""
+        return self.state.batch_size
+
+    def feed(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        input_mask: torch.Tensor | None = None,
+        rows: Sequence[int] | None = None,
+        last_only: bool = True,
+    ) -> torch.Tensor:
+        """Append tokens ``(R, T)`` to ``rows`` (default: all); logits ``(R, T or 1, vocab)``.
+
+        See ``DecoderModel.decode``.
+        """
+        if self._compiled is not None and rows is None and input_mask is None and input_ids.shape[1] == 1:
+            logits = self._compiled(self.model, input_ids, self.state)
+            # A CUDA graph reuses its output buffer at the next replay: hand out a copy.
+            return logits.clone() if logits.device.type == "cuda" else logits
+        return self.model.decode(input_ids, self.state, input_mask=input_mask, rows=rows, last_only=last_only)
+
+    def reset(self, rows: Sequence[int] | None = None) -> None:
+        """Empty ``rows`` (default: all) for new prompts."""
+        self.state.reset(rows)
+
+    def reorder(self, index: Sequence[int] | torch.Tensor) -> None:
+        """Make row ``i`` a copy of row ``index[i]``."""
+        self.state.reorder(index)
+
+    def truncate(self, rows: Sequence[int], lengths: Sequence[int]) -> None:
+        """Cut ``rows`` back to ``lengths`` tokens."""
+        self.state.truncate(rows, lengths)
+
+
+_COMPILED: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def _decode_one(model: DecoderModel, input_ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
+    return model.decode(input_ids, state)
+
+
+def _compiled_step(device_type: str) -> Callable[..., torch.Tensor]:
+    """The compiled one-token step, made once per device type and shared by every session.
+
+    Sessions pass their own state in; its tensors are marked static, so a CUDA
+    graph captured for one state's shapes is replayed for any state of the same
+    shapes without copying the cache.
+    """
+    if device_type not in _COMPILED:
+        mode = "reduce-overhead" if device_type == "cuda" else None
+        _COMPILED[device_type] = torch.compile(_decode_one, mode=mode, fullgraph=True)
+    return _COMPILED[device_type]
+
+
+def end_tokens(config: object, opts: GenerationOptions) -> tuple[int | None, int]:
+    """The token that ends rows (None with ignore_eos), and the one that pads rows that ended."""
+    end = opts.eos_token_id if opts.eos_token_id is not None else config.eos_token_id
+    pad = next((t for t in (opts.pad_token_id, end) if t is not None), 0)
+    return (None if opts.ignore_eos else end), pad
+
+
+def check_finite(row_values: torch.Tensor, step: int) -> None:
+    """Stop with one clear error when a row's deciding logit (its max, or the one chosen) is NaN or inf.
+
+    NaN and +inf propagate to both; a row of -inf leaves nothing to choose.
+    """
+    bad = ~torch.isfinite(row_values)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        raise NonFiniteError(
+            f"the model produced non-finite logits (NaN or inf) at generation step {step}, rows {rows[:8]}: its "
+            "weights are likely non-finite (a diverged training run) or half precision overflowed; check the "
+            "checkpoint, or load it in float32"
+        )
