@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     )
     from gpt2lite.generation.options import GenerationOptions
     from gpt2lite.generation.session import DecodeSession
+    from gpt2lite.metrics import TextMetrics, evaluate_texts
     from gpt2lite.models.cache import KVCache
     from gpt2lite.models.config import PRESETS, GPT2Config
     from gpt2lite.models.gpt2 import GPT2
@@ -51,6 +52,8 @@ _EXPORTS = {
     "PRESETS": "gpt2lite.models.config",
     "StreamDecoder": "gpt2lite.tokenizer",
     "TextGenerator": "gpt2lite.pipeline",
+    "TextMetrics": "gpt2lite.metrics",
+    "evaluate_texts": "gpt2lite.metrics",
     "TokenData": "gpt2lite.training.data",
     "Tokenizer": "gpt2lite.tokenizer",
     "TrainConfig": "gpt2lite.training.trainer",
@@ -81,10 +84,12 @@ __all__ = [
     "Step",
     "StreamDecoder",
     "TextGenerator",
+    "TextMetrics",
     "TokenData",
     "Tokenizer",
     "TrainConfig",
     "TrainResult",
+    "evaluate_texts",
     "generate",
     "iter_steps",
     "iter_tokens",

@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(srv)
     srv.set_defaults(run=_serve)
 
+    ev = commands.add_parser("evaluate", help="BLEU, chrF, ROUGE, distinct-n and self-BLEU of generated text")
+    ev.add_argument("--predictions", required=True, help="a text file, one prediction per line")
+    ev.add_argument("--references", required=True, nargs="+",
+                    help="text files, one reference per line each (several files: several references)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(run=_evaluate)
+
     ppl = commands.add_parser("perplexity", help="perplexity of a model on a text file")
     ppl.add_argument("text", nargs="?", help="text file; stdin when omitted or '-'")
     ppl.add_argument("--model", default="gpt2", help="hub id or local path (default: gpt2)")
@@ -154,7 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return args.run(args)
         except BrokenPipeError:
             return 0  # the reader went away (`| head`): not an error
-        except (ModelNotFoundError, NonFiniteError, ValueError, TypeError, OSError, RuntimeError) as exc:
+        except (ModelNotFoundError, NonFiniteError, ValueError, TypeError, OSError, RuntimeError,
+                ImportError) as exc:
             message = " ".join(str(exc).split()) or type(exc).__name__
             print(f"gpt2lite: error: {message}", file=sys.stderr)
             return 1
@@ -324,6 +332,23 @@ def _serve(args: argparse.Namespace) -> int:
         server.should_exit = True
         app.state.engine.stop()
         http.join(timeout=30)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from gpt2lite.metrics import evaluate_texts
+
+    def lines(path: str) -> list[str]:
+        return _read_input(path, "text", is_file=True).splitlines()
+
+    scores = evaluate_texts(lines(args.predictions), [lines(r) for r in args.references]).to_dict()
+    if args.json:
+        print(json.dumps(scores))
+    else:
+        for name, value in scores.items():
+            print(f"{name:>10}: {value:.4f}")
     return 0
 
 
