@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from gpt2lite.models.config import PRESETS, GPT2Config
     from gpt2lite.models.gpt2 import GPT2
     from gpt2lite.models.protocol import DecoderModel, DecodeState
+    from gpt2lite.models.recurrent import RecurrentConfig, RecurrentLM
     from gpt2lite.pipeline import Completion, TextGenerator
     from gpt2lite.scoring import perplexity, token_logprobs
     from gpt2lite.tokenizer import StreamDecoder, Tokenizer
@@ -50,6 +51,8 @@ _EXPORTS = {
     "ModelNotFoundError": "gpt2lite.errors",
     "NonFiniteError": "gpt2lite.errors",
     "PRESETS": "gpt2lite.models.config",
+    "RecurrentConfig": "gpt2lite.models.recurrent",
+    "RecurrentLM": "gpt2lite.models.recurrent",
     "StreamDecoder": "gpt2lite.tokenizer",
     "TextGenerator": "gpt2lite.pipeline",
     "TextMetrics": "gpt2lite.metrics",
@@ -81,6 +84,8 @@ __all__ = [
     "KVCache",
     "ModelNotFoundError",
     "NonFiniteError",
+    "RecurrentConfig",
+    "RecurrentLM",
     "Step",
     "StreamDecoder",
     "TextGenerator",

@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     start = ft.add_mutually_exclusive_group()
     start.add_argument("--model", help="checkpoint to fine-tune: hub id or local path (default: gpt2)")
     start.add_argument("--preset", help="train from scratch from a config preset (gpt2, ..., tiny)")
+    ft.add_argument("--arch", choices=["gpt2", "rnn", "lstm", "gru"], default="gpt2",
+                    help="gpt2 (default), or a recurrent model trained from scratch")
+    ft.add_argument("--n-embd", type=int, default=256, help="recurrent models: hidden width (default: 256)")
+    ft.add_argument("--n-layer", type=int, default=2, help="recurrent models: layers (default: 2)")
+    ft.add_argument("--dropout", type=float, default=0.2, help="recurrent models: dropout (default: 0.2)")
     ft.add_argument("--steps", type=int, default=1000)
     ft.add_argument("--batch-size", type=int, default=8, help="windows per micro-batch per process")
     ft.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -259,7 +264,10 @@ def _finetune(args: argparse.Namespace) -> int:
     from gpt2lite.training.data import prepare_data
     from gpt2lite.training.trainer import TrainConfig, check_output_dir, train
 
-    scratch = args.preset is not None
+    recurrent = args.arch != "gpt2"
+    if recurrent and (args.model or args.preset):
+        raise ValueError(f"--arch {args.arch} trains from scratch: --model and --preset are for GPT-2")
+    scratch = args.preset is not None or recurrent
     lr = args.lr if args.lr is not None else (6e-4 if scratch else 1e-4)
     config = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, block_size=args.block_size,
@@ -280,14 +288,20 @@ def _finetune(args: argparse.Namespace) -> int:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(device)
     try:
-        if scratch:
+        if recurrent:
+            from gpt2lite.models.recurrent import RecurrentConfig, RecurrentLM
+
+            torch.manual_seed(args.seed)
+            model = RecurrentLM(RecurrentConfig(cell=args.arch, n_embd=args.n_embd, n_layer=args.n_layer,
+                                                dropout=args.dropout)).to(device)
+        elif scratch:
             torch.manual_seed(args.seed)
             model = GPT2(GPT2Config.from_preset(args.preset)).to(device)
         else:
             model = GPT2.from_pretrained(args.model or "gpt2", device=device, local_files_only=args.offline)
-        if args.block_size is not None and args.block_size > model.config.n_positions:
-            raise ValueError(f"--block-size {args.block_size} exceeds the model's context "
-                             f"({model.config.n_positions} positions)")
+        context = model.config.n_positions
+        if args.block_size is not None and context is not None and args.block_size > context:
+            raise ValueError(f"--block-size {args.block_size} exceeds the model's context ({context} positions)")
         data = prepare_data(args.data, os.path.join(args.out, "data"), errors=args.encoding_errors)
         result = train(model, data, args.out, config, resume=args.resume)
         rank = torch.distributed.get_rank() if distributed else 0

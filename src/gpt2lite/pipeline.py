@@ -77,11 +77,19 @@ class TextGenerator:
     ) -> TextGenerator:
         """Load model and tokenizer from a hub id or local path (see ``GPT2.from_pretrained``).
 
+        A directory saved from a ``RecurrentLM`` (RNN, LSTM, GRU) loads that model instead.
+
         Where no tokenizer files are found beside a model with GPT-2's 50257-token
         vocabulary, the GPT-2 tokenizer bundled with the package is used.
         """
+        from gpt2lite.models.recurrent import RecurrentLM, is_recurrent_checkpoint
+        from gpt2lite.models.weights import resolve_dtype
+
         hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
-        model = GPT2.from_pretrained(name_or_path, device=device, dtype=dtype, **hub)
+        if is_recurrent_checkpoint(name_or_path):
+            model = RecurrentLM.from_pretrained(name_or_path, device=device, dtype=resolve_dtype(dtype))
+        else:
+            model = GPT2.from_pretrained(name_or_path, device=device, dtype=dtype, **hub)
         gpt2_vocab = model.config.vocab_size == 50257
         if gpt2_vocab and (str(name_or_path) in HUB_ALIASES or os.path.isfile(name_or_path)):
             tokenizer = Tokenizer.gpt2()  # the published GPT-2 models all use these exact files
@@ -261,7 +269,7 @@ class TextGenerator:
         """Encode and left-pad the prompts, refusing one that cannot fit before encoding it."""
         eot = self.tokenizer.eot_token
         context = self.model.config.n_positions
-        if opts.truncate_prompt == "error":
+        if opts.truncate_prompt == "error" and context is not None:
             # Every token holds at most max_token_bytes bytes (so characters): refuse a prompt that
             # cannot fit before spending time and memory encoding it.
             limit = (context - opts.max_new_tokens) * self.tokenizer.max_token_bytes

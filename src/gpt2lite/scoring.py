@@ -55,18 +55,19 @@ def perplexity(
 ) -> float:
     """Perplexity of a token sequence: ``exp`` of the mean loss of every token after the first.
 
-    A sequence longer than ``max_length`` (default: the model's context) is
+    A sequence longer than ``max_length`` (default: the model's context, 1024 for a
+    recurrent model) is
     scored in windows that start ``stride`` tokens apart (default: half a
     window), ``batch_size`` windows per forward pass; ``progress`` shows a bar.
     """
     ids = _as_ids(ids, "ids", model.config.vocab_size)
     if ids.numel() < 2:
         raise ValueError("perplexity needs at least 2 tokens")
-    context = model.config.n_positions
+    context = model.config.n_positions or 1 << 62  # recurrent models: no limit
     if max_length is None:
-        max_length = context
+        max_length = min(context, 1024)
     if isinstance(max_length, bool) or not isinstance(max_length, int) or not 1 < max_length <= context:
-        raise ValueError(f"max_length must be an int in 2..{context}, got {max_length!r}")
+        raise ValueError(f"max_length must be an int in 2..{model.config.n_positions or 'any'}, got {max_length!r}")
     if stride is None:
         stride = max(1, max_length // 2)
     if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= max_length:

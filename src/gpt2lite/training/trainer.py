@@ -1,5 +1,9 @@
 """Training and fine-tuning: AdamW, warm-up then cosine decay, accumulation, clipping, exact resume.
 
+Any model with ``forward(input_ids) -> logits``, a ``config`` (``to_dict``,
+``n_positions``) and ``save_pretrained`` trains here: GPT-2 and the recurrent
+models alike.
+
 Runs in one process or under ``torchrun`` with DistributedDataParallel: when
 ``torch.distributed`` is initialised, each process takes its share of every
 global batch and DDP averages the gradients, so the update is the one a single
@@ -235,10 +239,10 @@ def train(
 
 def _check_run(model: GPT2, data: TokenData, config: TrainConfig) -> int:
     """Check that the model, data and settings fit together; return the window length."""
-    mc = model.config
-    block = config.block_size or min(mc.n_positions, 256)
-    if block > mc.n_positions:
-        raise ValueError(f"block_size {block} exceeds the model's n_positions ({mc.n_positions})")
+    context = model.config.n_positions  # None for recurrent models: no limit
+    block = config.block_size or min(context or 256, 256)
+    if context is not None and block > context:
+        raise ValueError(f"block_size {block} exceeds the model's n_positions ({context})")
     for part in ("train", "val"):
         n = len(data.part(part))
         if n < block + 1:
