@@ -1,0 +1,109 @@
+"""A character-level tokenizer: one id per character of the training text, plus ``<|endoftext|>``.
+
+nanoGPT's ``shakespeare_char`` setting: the vocabulary is read off the data,
+saved beside the model (``tokenizer.json``), and serves any architecture, GPT-2
+included. It has the same interface as ``Tokenizer`` where the library uses one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from gpt2lite.files import atomic_write
+from gpt2lite.tokenizer import StreamDecoder
+
+__all__ = ["CHAR_TOKENIZER_FILE", "CharTokenizer"]
+
+CHAR_TOKENIZER_FILE = "tokenizer.json"
+ENDOFTEXT = "<|endoftext|>"
+
+
+class CharTokenizer:
+    """Characters to ids and back; ``<|endoftext|>`` is the last id.
+
+    >>> tok = CharTokenizer.from_texts(["hello", "world"])
+    >>> tok.encode("hold")
+    [2, 4, 3, 0]
+    >>> tok.decode(tok.encode("hold"))
+    'hold'
+    """
+
+    max_token_bytes = 1  # one character per token: a text of n characters is n tokens
+
+    def __init__(self, chars: Iterable[str]) -> None:
+        """Build from the characters of the vocabulary, in id order."""
+        self.chars = list(chars)
+        if not self.chars or any(len(c) != 1 for c in self.chars) or len(set(self.chars)) != len(self.chars):
+            raise ValueError("a character vocabulary is a non-empty list of distinct single characters")
+        self._ids = {c: i for i, c in enumerate(self.chars)}
+        self.eot_token = len(self.chars)
+        self.n_vocab = len(self.chars) + 1
+        self.special_tokens = {ENDOFTEXT: self.eot_token}
+
+    @classmethod
+    def from_texts(cls, texts: Iterable[str]) -> CharTokenizer:
+        """The sorted characters that occur in ``texts``."""
+        seen: set[str] = set()
+        for text in texts:
+            seen.update(text)
+        return cls(sorted(seen))
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of the vocabulary (data made with another one is not reused)."""
+        return hashlib.sha256("".join(self.chars).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+    def encode(self, text: str, *, allowed_special: object = ()) -> list[int]:
+        """The id of each character; a character outside the vocabulary is an error naming it."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+        try:
+            return [self._ids[c] for c in text]
+        except KeyError as exc:
+            raise ValueError(f"character {exc.args[0]!r} is not in this character vocabulary") from None
+
+    def encode_stream(self, chunks: Iterable[str]) -> Iterator[list[int]]:
+        """Encode text that arrives in pieces (characters never span pieces)."""
+        for chunk in chunks:
+            yield self.encode(chunk)
+
+    def decode_token_bytes(self, token: int) -> bytes:
+        """The UTF-8 bytes of one token."""
+        if not 0 <= token < self.n_vocab:
+            raise ValueError(f"token id {token} is outside the vocabulary (0..{self.n_vocab - 1})")
+        return (ENDOFTEXT if token == self.eot_token else self.chars[token]).encode("utf-8")
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The UTF-8 bytes of the tokens."""
+        return b"".join(self.decode_token_bytes(int(i)) for i in ids)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of the tokens."""
+        return self.decode_bytes(ids).decode("utf-8")
+
+    def stream_decoder(self) -> StreamDecoder:
+        """An incremental decoder (see ``StreamDecoder``)."""
+        return StreamDecoder(self)  # type: ignore[arg-type]
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``tokenizer.json`` into ``directory``."""
+        path = Path(directory) / CHAR_TOKENIZER_FILE
+        with atomic_write(path) as tmp:
+            tmp.write_text(json.dumps({"type": "char", "chars": self.chars}, ensure_ascii=False), encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> CharTokenizer | None:
+        """The character tokenizer saved in ``directory``, or None if there is none."""
+        path = Path(directory).expanduser() / CHAR_TOKENIZER_FILE
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(d, dict) or d.get("type") != "char":
+            return None
+        return cls(d["chars"])
