@@ -111,3 +111,36 @@ def test_cli_finetune_generate_perplexity(tmp_path, capsys):
     assert float(capsys.readouterr().out.strip().splitlines()[-1]) > 1
     assert main(["finetune", "--arch", "lstm", "--preset", "tiny", "--data", str(corpus), "--out",
                  str(tmp_path / "x")]) == 1
+
+
+def test_char_tokenizer():
+    from gpt2lite import CharTokenizer
+
+    tok = CharTokenizer.from_texts(["naïve café", "日本"])
+    text = "café naïve 日本"
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.n_vocab == len(set("naïve café日本")) + 1 and tok.eot_token == tok.n_vocab - 1
+    decoder = tok.stream_decoder()
+    assert "".join(decoder.add(t) for t in tok.encode(text)) == text
+    with pytest.raises(ValueError, match="'z' is not in this character vocabulary"):
+        tok.encode("zebra")
+
+
+@pytest.mark.parametrize("arch", [["--arch", "lstm"], ["--preset", "tiny"]], ids=["lstm", "gpt2"])
+def test_cli_char_level_models(arch, tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("to be or not to be, that is the question. " * 200, encoding="utf-8")
+    out = tmp_path / "run"
+    assert main(["finetune", *arch, "--char", "--data", str(corpus), "--out", str(out), "--steps", "30",
+                 "--batch-size", "8", "--block-size", "32", "--lr", "1e-2", "--warmup-steps", "2",
+                 "--eval-interval", "0", "--save-interval", "0", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    gen = TextGenerator.from_pretrained(out / "final")
+    assert gen.tokenizer.n_vocab == len(set("to be or not to be, that is the question. ")) + 1
+    assert gen.model.config.vocab_size == gen.tokenizer.n_vocab
+    text = gen("to be", max_new_tokens=40, seed=0)
+    assert set(text) <= set("to be or not to be, that is the question. ")
+    assert gen.perplexity("to be or not to be, that is the question.") < 8  # of 20 characters after 30 steps
+    assert main(["generate", "to be", "--model", str(out / "final"), "--max-new-tokens", "10", "--seed", "0"]) == 0
+    with pytest.raises(ValueError, match="not in this character vocabulary"):
+        gen("xyz", max_new_tokens=2)

@@ -11,6 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from gpt2lite.char_tokenizer import CharTokenizer
     from gpt2lite.errors import CheckpointError, ModelNotFoundError, NonFiniteError
     from gpt2lite.generation.engine import (
         GenerateOutput,
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 
 # name -> the module that defines it
 _EXPORTS = {
+    "CharTokenizer": "gpt2lite.char_tokenizer",
     "CheckpointError": "gpt2lite.errors",
     "Completion": "gpt2lite.pipeline",
     "GenerateOutput": "gpt2lite.generation.engine",
@@ -73,6 +75,7 @@ _EXPORTS = {
 __all__ = [
     "GPT2",
     "PRESETS",
+    "CharTokenizer",
     "CheckpointError",
     "Completion",
     "DecodeSession",

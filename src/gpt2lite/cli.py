@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--n-embd", type=int, default=256, help="recurrent models: hidden width (default: 256)")
     ft.add_argument("--n-layer", type=int, default=2, help="recurrent models: layers (default: 2)")
     ft.add_argument("--dropout", type=float, default=0.2, help="recurrent models: dropout (default: 0.2)")
+    ft.add_argument("--char", action="store_true",
+                    help="a character-level vocabulary read off the data (from scratch: --preset or --arch)")
     ft.add_argument("--steps", type=int, default=1000)
     ft.add_argument("--batch-size", type=int, default=8, help="windows per micro-batch per process")
     ft.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -268,6 +270,8 @@ def _finetune(args: argparse.Namespace) -> int:
     if recurrent and (args.model or args.preset):
         raise ValueError(f"--arch {args.arch} trains from scratch: --model and --preset are for GPT-2")
     scratch = args.preset is not None or recurrent
+    if args.char and not scratch:
+        raise ValueError("--char builds a new vocabulary: train from scratch with --preset or --arch rnn|lstm|gru")
     lr = args.lr if args.lr is not None else (6e-4 if scratch else 1e-4)
     config = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, block_size=args.block_size,
@@ -287,23 +291,35 @@ def _finetune(args: argparse.Namespace) -> int:
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(device)
+    tokenizer = None
+    vocab: dict[str, int] = {}
+    if args.char:
+        from gpt2lite.char_tokenizer import CharTokenizer
+        from gpt2lite.training.data import iter_text
+
+        tokenizer = CharTokenizer.from_texts(iter_text(args.data, args.encoding_errors))
+        vocab = dict(vocab_size=tokenizer.n_vocab, eos_token_id=tokenizer.eot_token)
     try:
         if recurrent:
             from gpt2lite.models.recurrent import RecurrentConfig, RecurrentLM
 
             torch.manual_seed(args.seed)
             model = RecurrentLM(RecurrentConfig(cell=args.arch, n_embd=args.n_embd, n_layer=args.n_layer,
-                                                dropout=args.dropout)).to(device)
+                                                dropout=args.dropout, **vocab)).to(device)
         elif scratch:
             torch.manual_seed(args.seed)
-            model = GPT2(GPT2Config.from_preset(args.preset)).to(device)
+            extra = dict(vocab, bos_token_id=vocab["eos_token_id"]) if vocab else {}
+            model = GPT2(GPT2Config.from_preset(args.preset, **extra)).to(device)
         else:
             model = GPT2.from_pretrained(args.model or "gpt2", device=device, local_files_only=args.offline)
         context = model.config.n_positions
         if args.block_size is not None and context is not None and args.block_size > context:
             raise ValueError(f"--block-size {args.block_size} exceeds the model's context ({context} positions)")
-        data = prepare_data(args.data, os.path.join(args.out, "data"), errors=args.encoding_errors)
+        data = prepare_data(args.data, os.path.join(args.out, "data"), tokenizer=tokenizer,
+                            errors=args.encoding_errors)
         result = train(model, data, args.out, config, resume=args.resume)
+        if tokenizer is not None and result.final_dir is not None:
+            tokenizer.save(result.final_dir)  # the vocabulary travels with the model
         rank = torch.distributed.get_rank() if distributed else 0
     finally:
         if distributed:

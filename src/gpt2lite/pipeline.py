@@ -77,7 +77,8 @@ class TextGenerator:
     ) -> TextGenerator:
         """Load model and tokenizer from a hub id or local path (see ``GPT2.from_pretrained``).
 
-        A directory saved from a ``RecurrentLM`` (RNN, LSTM, GRU) loads that model instead.
+        A directory saved from a ``RecurrentLM`` (RNN, LSTM, GRU) loads that model instead,
+        and one with a character vocabulary (``tokenizer.json`` of ``CharTokenizer``) uses it.
 
         Where no tokenizer files are found beside a model with GPT-2's 50257-token
         vocabulary, the GPT-2 tokenizer bundled with the package is used.
@@ -90,6 +91,11 @@ class TextGenerator:
             model = RecurrentLM.from_pretrained(name_or_path, device=device, dtype=resolve_dtype(dtype))
         else:
             model = GPT2.from_pretrained(name_or_path, device=device, dtype=dtype, **hub)
+        from gpt2lite.char_tokenizer import CharTokenizer
+
+        chars = CharTokenizer.load(name_or_path) if os.path.isdir(name_or_path) else None
+        if chars is not None:
+            return cls(model, chars)  # type: ignore[arg-type]
         gpt2_vocab = model.config.vocab_size == 50257
         if gpt2_vocab and (str(name_or_path) in HUB_ALIASES or os.path.isfile(name_or_path)):
             tokenizer = Tokenizer.gpt2()  # the published GPT-2 models all use these exact files

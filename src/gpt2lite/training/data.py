@@ -22,7 +22,7 @@ import torch.distributed as dist
 from gpt2lite.files import atomic_write
 from gpt2lite.tokenizer import Tokenizer
 
-__all__ = ["Part", "TokenData", "prepare_data"]
+__all__ = ["Part", "TokenData", "iter_text", "prepare_data"]
 
 Part = Literal["train", "val"]
 
@@ -120,7 +120,8 @@ def _prepare(
     documents, fingerprint = _documents(source, errors)
     directory = Path(directory)
     fingerprint = hashlib.sha256(
-        (fingerprint + f"|vocab={tokenizer.n_vocab}|val={val_fraction}|errors={errors}|format={_FORMAT}").encode()
+        (fingerprint + f"|vocab={tokenizer.n_vocab}:{getattr(tokenizer, 'fingerprint', '')}|val={val_fraction}"
+         f"|errors={errors}|format={_FORMAT}").encode()
     ).hexdigest()
     manifest_path = directory / _MANIFEST
     if manifest_path.is_file():
@@ -148,6 +149,13 @@ def _prepare(
     with atomic_write(manifest_path) as tmp:
         tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return TokenData.open(directory)
+
+
+def iter_text(source: str | os.PathLike[str] | Sequence[str], errors: str = "strict") -> Iterator[str]:
+    """The text of a file, a folder of text files or a list of strings, in blocks, as ``prepare_data`` reads it."""
+    documents, _ = _documents(source, errors)
+    for blocks in documents:
+        yield from blocks
 
 
 def _describe(source: str | os.PathLike[str] | Sequence[str]) -> str:
