@@ -71,3 +71,28 @@ def test_train_tiny_example_runs(tmp_path, capsys):
     numbers = module.main(steps=12, out=str(tmp_path / "run"), progress=False)
     assert numbers["after"] < numbers["before"] - 1.0
     assert "sample from the saved checkpoint" in capsys.readouterr().out
+
+
+def _example(name: str):
+    import importlib.util
+
+    path = README.parent / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_generators_example_runs(tmp_path, capsys):
+    rows = _example("compare_generators").main(steps=3, batch_size=2, block_size=16, width=16,
+                                               out=str(tmp_path / "cmp"), plot=False)
+    assert [r["model"] for r in rows] == ["RNN (tanh)", "LSTM", "GRU", "GPT-2 (2 layers)"]
+    table = (tmp_path / "cmp" / "comparison.md").read_text(encoding="utf-8")
+    assert table.count("\n| ") == 6 and "held-out perplexity" in table  # header, rule, four models
+
+
+def test_summarize_example_runs(tiny_dir, capsys):
+    scores = _example("summarize").main(str(tiny_dir))
+    assert set(scores) >= {"rouge1", "rouge2", "rougeL", "bleu"}
+    assert all(0 <= scores[k] <= 1 for k in ("rouge1", "rouge2", "rougeL"))
+    assert capsys.readouterr().out.count("reference:") == 3
