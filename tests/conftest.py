@@ -60,3 +60,19 @@ def tiny_dir(hf_tiny, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def gpt2_124m_dir(hf_124m, tmp_path_factory) -> Path:
     return write_hub_layout(hf_124m, tmp_path_factory.mktemp("gpt2-124m-hub"))
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    """The tiny checkpoint loaded by gpt2lite (read-only: tests must not change its weights)."""
+    from gpt2lite import GPT2
+
+    return GPT2.from_pretrained(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def model_124m(gpt2_124m_dir):
+    """The 124M checkpoint loaded by gpt2lite (read-only)."""
+    from gpt2lite import GPT2
+
+    return GPT2.from_pretrained(gpt2_124m_dir)

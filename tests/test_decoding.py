@@ -18,16 +18,6 @@ from gpt2lite.generation.processors import (
 )
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    return GPT2.from_pretrained(tiny_dir)
-
-
-@pytest.fixture(scope="module")
-def model_124m(gpt2_124m_dir):
-    return GPT2.from_pretrained(gpt2_124m_dir)
-
-
 def batch(lengths, seed=0):
     g = torch.Generator().manual_seed(seed)
     return left_pad([torch.randint(0, 50257, (n,), generator=g).tolist() for n in lengths], 50256)

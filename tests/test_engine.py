@@ -28,16 +28,6 @@ from gpt2lite.cli import build_parser
 from gpt2lite.generation.options import GenerationKwargs
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    return GPT2.from_pretrained(tiny_dir)
-
-
-@pytest.fixture(scope="module")
-def model_124m(gpt2_124m_dir):
-    return GPT2.from_pretrained(gpt2_124m_dir)
-
-
 def random_prompts(lengths, seed):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, 50257, (n,), generator=g).tolist() for n in lengths]

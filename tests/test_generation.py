@@ -9,16 +9,6 @@ from gpt2lite import GPT2, GenerationOptions, GPT2Config, generate, iter_tokens
 from gpt2lite.generation.sampling import choose_next
 
 
-@pytest.fixture(scope="module")
-def model_124m(gpt2_124m_dir):
-    return GPT2.from_pretrained(gpt2_124m_dir)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    return GPT2.from_pretrained(tiny_dir)
-
-
 def left_pad(prompts, pad=50256):
     width = max(map(len, prompts))
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])

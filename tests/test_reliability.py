@@ -35,11 +35,6 @@ from gpt2lite.training import data as data_module
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 40 + "\n") * 6
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    return GPT2.from_pretrained(tiny_dir)
-
-
 @pytest.fixture
 def small_run(tmp_path):
     """A tiny model from scratch, its data and a finished 4-step run with a checkpoint."""
