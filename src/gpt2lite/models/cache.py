@@ -20,7 +20,20 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["KVCache", "StepPlan"]
+__all__ = ["KVCache", "StepPlan", "visible_slots"]
+
+
+def visible_slots(valid: torch.Tensor, query_slots: torch.Tensor) -> torch.Tensor:
+    """Attention mask ``(R, 1, T, S)``: each query sees the valid slots up to its own, and always itself.
+
+    ``valid`` ``(R, S)`` marks slots holding real tokens; ``query_slots`` ``(R, T)``
+    is each new token's slot. Seeing itself keeps a padding query's row non-empty:
+    an all-masked row would give NaN, which would then leak into later steps.
+    """
+    k_slot = torch.arange(valid.shape[1], device=valid.device)  # (S,)
+    q_slot = query_slots[:, :, None]  # (R, T, 1)
+    allowed = (valid[:, None, :] & (k_slot <= q_slot)) | (k_slot == q_slot)  # (R, T, S)
+    return allowed[:, None]  # (R, 1, T, S)
 
 
 @dataclass
@@ -92,10 +105,6 @@ class KVCache:
         """Where the buffers live."""
         return self.k.device
 
-    def host_lengths(self) -> list[int]:
-        """Each row's filled slots, known on the host (no device sync)."""
-        return list(self._host_lengths)
-
     # the forward pass ------------------------------------------------------------
 
     def plan(self, T: int, input_mask: torch.Tensor | None = None, rows: Sequence[int] | None = None) -> StepPlan:
@@ -141,14 +150,8 @@ class KVCache:
         return StepPlan(None, slots, position_ids, mask[None, None], False, width, start)
 
     def _mask(self, index: torch.Tensor | None, slots: torch.Tensor, width: int) -> torch.Tensor:
-        """Slots each query may see: valid ones up to its own slot, and always itself. ``(R, 1, T, S)``."""
-        valid = (self.valid if index is None else self.valid[index])[:, :width]  # (R, S)
-        k_slot = torch.arange(width, device=self.device)  # (S,)
-        q_slot = slots[:, :, None]  # (R, T, 1)
-        # Every query also sees itself, so a padding query has a non-empty row: an all-masked
-        # row would give NaN, which would then leak through its value vector into later steps.
-        allowed = (valid[:, None, :] & (k_slot <= q_slot)) | (k_slot == q_slot)  # (R, T, S)
-        return allowed[:, None]  # (R, 1, T, S)
+        """The slots each of the rows' queries may see, ``(R, 1, T, S)``: see ``visible_slots``."""
+        return visible_slots((self.valid if index is None else self.valid[index])[:, :width], slots)
 
     def write(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: StepPlan
@@ -186,10 +189,6 @@ class KVCache:
             for r in range(self.batch_size) if plan.rows is None else plan.rows.tolist():
                 self._host_lengths[r] += T
             self._padded |= input_mask is not None
-
-    def advance_host(self, T: int) -> None:
-        """Record on the host that every row took ``T`` tokens in a compiled step (static caches only)."""
-        self._host_lengths = [n + T for n in self._host_lengths]
 
     # row management ---------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpt2lite.models.cache import KVCache, StepPlan
+from gpt2lite.models.cache import KVCache, StepPlan, visible_slots
 from gpt2lite.models.config import GPT2Config
 
 __all__ = ["GPT2"]
@@ -159,10 +159,8 @@ class GPT2(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
         mask, is_causal = None, T > 1
         if attention_mask is not None:
-            causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()  # (T, T)
-            # Each query also sees itself, so a padding query never has an all-masked row (NaN).
-            mask = (causal & attention_mask.bool()[:, None, :]) | torch.eye(T, dtype=torch.bool, device=causal.device)
-            mask, is_causal = mask[:, None], False  # (B, 1, T, T)
+            slots = torch.arange(T, device=input_ids.device).expand(attention_mask.shape[0], T)  # (B, T)
+            mask, is_causal = visible_slots(attention_mask.bool(), slots), False  # (B, 1, T, T)
         return self._run(input_ids, position_ids, mask, is_causal, None, None)
 
     def _check_inputs(
