@@ -17,7 +17,7 @@ from gpt2lite.errors import NonFiniteError
 from gpt2lite.generation.options import GenerationOptions
 from gpt2lite.models.protocol import DecoderModel, DecodeState
 
-__all__ = ["DecodeSession", "check_finite", "end_tokens"]
+__all__ = ["DecodeSession", "check_finite", "end_tokens", "ends_with_stop"]
 
 
 class DecodeSession:
@@ -122,3 +122,8 @@ def check_finite(row_values: torch.Tensor, step: int) -> None:
             "weights are likely non-finite (a diverged training run) or half precision overflowed; check the "
             "checkpoint, or load it in float32"
         )
+
+
+def ends_with_stop(tokens: Sequence[int], stops: Sequence[Sequence[int]]) -> bool:
+    """Whether the token list ``tokens`` ends with one of the ``stops`` sequences (for loops that keep lists)."""
+    return any(len(tokens) >= len(s) and list(tokens[len(tokens) - len(s) :]) == list(s) for s in stops)

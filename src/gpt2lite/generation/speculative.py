@@ -21,7 +21,7 @@ import torch
 from gpt2lite.generation.options import GenerationOptions
 from gpt2lite.generation.processors import LogitsProcessors
 from gpt2lite.generation.sampling import filtered_logits
-from gpt2lite.generation.session import DecodeSession, check_finite, end_tokens
+from gpt2lite.generation.session import DecodeSession, check_finite, end_tokens, ends_with_stop
 from gpt2lite.models.protocol import DecoderModel
 
 __all__ = ["speculative_generate"]
@@ -80,7 +80,6 @@ def speculative_generate(
     out: list[list[int]] = [[] for _ in range(B)]
     done = [opts.max_new_tokens == 0] * B
     reasons = ["length"] * B
-    stops = [list(seq) for seq in opts.stop]
 
     while not all(done):
         active = [r for r in range(B) if not done[r]]
@@ -151,7 +150,7 @@ def speculative_generate(
         for j, r in enumerate(active):
             for t in [*proposed[j][: accepted[j]], corrected[j]]:
                 out[r].append(t)
-                stop = (eos is not None and t == eos) or any(out[r][-len(s):] == s for s in stops)
+                stop = (eos is not None and t == eos) or ends_with_stop(out[r], opts.stop)
                 if stop or len(out[r]) == opts.max_new_tokens:
                     done[r] = True
                     reasons[r] = "stop" if stop else "length"

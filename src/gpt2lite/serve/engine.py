@@ -23,7 +23,7 @@ import torch
 from gpt2lite.generation.options import GenerationOptions
 from gpt2lite.generation.processors import LogitsProcessors
 from gpt2lite.generation.sampling import choose_next
-from gpt2lite.generation.session import DecodeSession, end_tokens
+from gpt2lite.generation.session import DecodeSession, end_tokens, ends_with_stop
 from gpt2lite.models.protocol import DecoderModel
 
 __all__ = ["BatchEngine", "EngineStats", "QueueFull", "Request"]
@@ -198,9 +198,13 @@ class BatchEngine:
             if echo:
                 logp = logits[:-1].float().log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0].tolist()
                 request.on_prompt_logprobs([None, *logp])
+            self.stats.prompt_tokens += len(request.prompt)
+            if opts.max_new_tokens == 0:  # only the prompt was asked for (echo)
+                self.stats.finished += 1
+                request.on_done("length", None)
+                return
             row.logits = logits[-1]
             self._rows.append(row)
-            self.stats.prompt_tokens += len(request.prompt)
         except Exception as exc:  # one bad request fails alone
             self.stats.failed += 1
             request.on_done("error", exc)
@@ -284,7 +288,7 @@ class BatchEngine:
         if row.generated >= opts.min_new_tokens:
             if token == row.eos:
                 return token, "stop"
-            if any(row.tokens[-len(s):] == list(s) for s in opts.stop):
+            if ends_with_stop(row.tokens, opts.stop):
                 return token, "stop"
         if row.generated >= opts.max_new_tokens:
             return token, "length"
