@@ -136,6 +136,11 @@ def test_prompt_logprobs(tiny, hf_tiny):
     assert torch.isnan(got[:, 0]).all() and torch.isnan(got[1, :4]).all()  # no context, or padding
     assert torch.allclose(got[0, 1:], expected[0], atol=1e-4)
     assert torch.allclose(got[1, 4:], expected[1, 3:], atol=1e-4)
+    alone = generate(tiny, ids, attention_mask=mask, max_new_tokens=0, return_dict=True, prompt_logprobs=True)
+    assert torch.allclose(alone.prompt_logprobs, got, equal_nan=True)  # scoring a prompt, nothing generated
+    beams = generate(tiny, ids, attention_mask=mask, max_new_tokens=2, return_dict=True, prompt_logprobs=True,
+                     num_beams=2, temperature=0)
+    assert torch.allclose(beams.prompt_logprobs, got, atol=1e-5, equal_nan=True)
 
 
 def test_presence_and_frequency_penalties_follow_openai():

@@ -104,6 +104,14 @@ def test_logprobs_equal_the_models_distribution(client, gen, hf_tiny):
     assert lp.text_offset[: len(prompt_ids)] == [0, 3]
 
 
+def test_echo_with_no_new_tokens_scores_the_prompt(client):
+    r = client.completions.create(model="tiny", prompt="The cat sat", max_tokens=0, logprobs=0, echo=True)
+    choice = r.choices[0]
+    assert choice.text == "The cat sat" and r.usage.completion_tokens == 0
+    assert choice.logprobs.token_logprobs[0] is None and len(choice.logprobs.token_logprobs) == 3
+    assert all(v < 0 for v in choice.logprobs.token_logprobs[1:])
+
+
 def test_stop_strings(client):
     free = client.completions.create(model="tiny", prompt="Hi", max_tokens=10, seed=3).choices[0].text
     stop = free[3:6]

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gpt2lite.errors import ModelNotFoundError
-from gpt2lite.generation.engine import generate, iter_steps, left_pad, prompt_logprobs
+from gpt2lite.generation.engine import generate, iter_steps, left_pad
 from gpt2lite.generation.options import GenerationOptions
 from gpt2lite.hub import HUB_ALIASES
 from gpt2lite.models.gpt2 import GPT2
@@ -160,26 +160,29 @@ class TextGenerator:
             raise TypeError("prompt must be a str or a non-empty list of str")
         rows = self._rows(prompts, stop, opts)
         ids, mask = self._encode(prompts, opts)
+        prompt_lp = None  # (completions, T) with prompt_logprobs; NaN where there is no value
         if opts.num_beams > 1 or draft_model is not None:
-            out = generate(self.model, ids, opts.replace(prompt_logprobs=False), attention_mask=mask,
-                           generator=generator, return_dict=True, draft_model=draft_model)
+            out = generate(self.model, ids, opts, attention_mask=mask, generator=generator, return_dict=True,
+                           draft_model=draft_model)
+            prompt_lp = out.prompt_logprobs
             new = out.sequences[:, ids.shape[1] :].tolist()
             for step in range(len(new[0])):
                 for r, row in enumerate(rows):
                     row.add(new[r][step], float(out.logprobs[r, step]), _top(self.tokenizer, out, r, step))
         else:
             for step in iter_steps(self.model, ids, opts, attention_mask=mask, generator=generator):
+                if step.prompt_logprobs is not None:
+                    prompt_lp = step.prompt_logprobs
                 logprobs = step.logprobs.tolist()
                 for r, (row, token) in enumerate(zip(rows, step.tokens.tolist(), strict=True)):
                     row.add(token, logprobs[r], _top(self.tokenizer, step, r))
                 if all(row.done for row in rows):
                     break
         completions = [row.result() for row in rows]
-        if opts.prompt_logprobs:
-            values = prompt_logprobs(self.model, ids, mask)  # (prompts, T); NaN where there is no value
+        if prompt_lp is not None:
             per_prompt = len(rows) // len(prompts)
             for i, c in enumerate(completions):
-                row = values[i // per_prompt][mask[i // per_prompt].bool()].tolist()  # the prompt's own tokens
+                row = prompt_lp[i][mask[i // per_prompt].bool()].tolist()  # the prompt's own tokens
                 c.prompt_logprobs = [None if v != v else v for v in row]
         return completions
 

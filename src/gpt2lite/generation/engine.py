@@ -25,7 +25,7 @@ from gpt2lite.models.protocol import DecoderModel
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["GenerateOutput", "Step", "generate", "iter_steps", "iter_tokens", "left_pad", "prompt_logprobs"]
+__all__ = ["GenerateOutput", "Step", "generate", "iter_steps", "iter_tokens", "left_pad"]
 
 Prompt = torch.Tensor | Sequence[int] | Sequence[Sequence[int]]
 
@@ -54,6 +54,7 @@ class Step:
     logprobs: torch.Tensor | None = None  # (B,) log-softmax of the raw logits at the chosen tokens
     top_logprobs: torch.Tensor | None = None  # (B, k)
     top_ids: torch.Tensor | None = None  # (B, k)
+    prompt_logprobs: torch.Tensor | None = None  # (B, T), on the first step only, when asked for
 
 
 @dataclass
@@ -127,7 +128,8 @@ def generate(
         finish_reason=_finish_reasons(steps, B),
         top_logprobs=stacked("top_logprobs"),
         top_ids=stacked("top_ids"),
-        prompt_logprobs=prompt_logprobs(model, prompt, mask) if opts.prompt_logprobs else None,
+        prompt_logprobs=(steps[0].prompt_logprobs if steps else _score_prompt(model, prompt, mask))
+        if opts.prompt_logprobs else None,
     )
 
 
@@ -291,7 +293,9 @@ def _decode(
             if mask is not None:
                 penalty_tokens[:, :T] = torch.where(mask.bool(), prompt, prompt[:, -1:])
         counts = torch.zeros(B, config.vocab_size, device=device) if processors.needs_counts else None
-        logits = session.feed(prompt, input_mask=mask)[:, -1]  # (B, vocab)
+        logits = session.feed(prompt, input_mask=mask, last_only=not opts.prompt_logprobs)  # (B, T or 1, vocab)
+        prompt_lp = _prompt_logprobs(logits, prompt, mask) if opts.prompt_logprobs else None
+        logits = logits[:, -1]  # (B, vocab)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
 
     for step in range(opts.max_new_tokens):
@@ -316,7 +320,7 @@ def _decode(
                 penalty_tokens[:, cur] = next_tokens
             if counts is not None:
                 counts.scatter_add_(1, next_tokens[:, None], (~finished).float()[:, None])
-            out = Step(next_tokens.clone(), finished.clone())
+            out = Step(next_tokens.clone(), finished.clone(), prompt_logprobs=prompt_lp if step == 0 else None)
             if with_logprobs:
                 out.logprobs, out.top_logprobs, out.top_ids = _logprobs(raw, next_tokens, opts.top_logprobs)
                 out.logprobs = out.logprobs.masked_fill(finished, 0.0)  # padding after a row's end
@@ -348,20 +352,26 @@ def _logprobs(
     return chosen_lp, top.values, top.indices
 
 
-def prompt_logprobs(model: DecoderModel, prompt: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Log-probability of each prompt token given the ones before it: ``(B, T)``, NaN where there is none."""
+def _prompt_logprobs(logits: torch.Tensor, prompt: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Each prompt token's log-probability from the prompt's logits ``(B, T, V)``: ``(B, T)``, NaN where none.
+
+    The first token of a row has no context, nor has padding: both get NaN.
+    """
     B, T = prompt.shape
-    with torch.inference_mode():
-        state = model.new_state(B, T)
-        logits = model.decode(prompt, state, input_mask=mask, last_only=False).float()  # (B, T, vocab)
-        out = torch.full((B, T), float("nan"), device=prompt.device)
-        if T > 1:
-            out[:, 1:] = logits[:, :-1].log_softmax(-1).gather(2, prompt[:, 1:, None])[..., 0]
-        if mask is not None:
-            first = mask.argmax(dim=1)  # each row's first real token has no context either
-            out[mask == 0] = float("nan")
-            out[torch.arange(B), first] = float("nan")
+    out = torch.full((B, T), float("nan"), device=prompt.device)
+    if T > 1:
+        out[:, 1:] = logits[:, :-1].float().log_softmax(-1).gather(2, prompt[:, 1:, None])[..., 0]
+    if mask is not None:
+        out[mask == 0] = float("nan")
+        out[torch.arange(B), mask.argmax(dim=1)] = float("nan")  # each row's first real token
     return out
+
+
+def _score_prompt(model: DecoderModel, prompt: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Prompt log-probabilities by a forward pass of their own (when nothing is generated)."""
+    with torch.inference_mode():
+        logits = model.decode(prompt, model.new_state(*prompt.shape), input_mask=mask, last_only=False)
+        return _prompt_logprobs(logits, prompt, mask)
 
 
 def _scored_output(
@@ -376,8 +386,8 @@ def _scored_output(
                                                                        device=mask.device)], dim=1)
     with torch.inference_mode():
         state = model.new_state(N, total)
-        logits = model.decode(sequences, state, input_mask=full_mask, last_only=False)[:, T - 1 : -1]  # (N, new, V)
-        logp = logits.float().log_softmax(-1)
+        every = model.decode(sequences, state, input_mask=full_mask, last_only=False)  # (N, total, V)
+        logp = every[:, T - 1 : -1].float().log_softmax(-1)  # (N, new, V)
         new = sequences[:, T:]
         logprobs = logp.gather(2, new[..., None])[..., 0]
         eos, _ = end_tokens(model.config, opts)
@@ -385,9 +395,9 @@ def _scored_output(
             ended = new == eos
             logprobs = logprobs.masked_fill(ended.cumsum(1) - ended.long() > 0, 0.0)
         top = logp.topk(opts.top_logprobs, dim=-1) if opts.top_logprobs else None
+        prompt_lp = _prompt_logprobs(every[:, :T], sequences[:, :T], mask) if opts.prompt_logprobs else None
     return GenerateOutput(
         sequences=sequences, logprobs=logprobs, finish_reason=reasons,
         top_logprobs=top.values if top is not None else None, top_ids=top.indices if top is not None else None,
-        prompt_logprobs=prompt_logprobs(model, sequences[:, :T], mask) if opts.prompt_logprobs else None,
-        scores=scores,
+        prompt_logprobs=prompt_lp, scores=scores,
     )
