@@ -30,6 +30,8 @@ class GPT2Config:
     resid_pdrop: float = 0.1
     bos_token_id: int | None = 50256
     eos_token_id: int | None = 50256
+    pad_token_id: int | None = None  # read by transformers' sequence classifier to find each row's last token
+    labels: tuple[str, ...] | None = None  # class names of a sequence classifier, by id (id2label)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
@@ -45,6 +47,17 @@ class GPT2Config:
         for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"GPT2Config.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.labels is not None:
+            if isinstance(self.labels, (str, bytes)) or not all(isinstance(n, str) and n for n in self.labels):
+                raise ValueError(f"GPT2Config.labels must be a sequence of non-empty names, got {self.labels!r}")
+            object.__setattr__(self, "labels", tuple(self.labels))
+            if len(set(self.labels)) != len(self.labels) or len(self.labels) < 2:
+                raise ValueError(f"GPT2Config.labels must name at least 2 distinct classes, got {self.labels!r}")
+
+    @property
+    def num_labels(self) -> int:
+        """Number of classes of a sequence classifier (0 for a language model)."""
+        return len(self.labels) if self.labels else 0
 
     @property
     def head_dim(self) -> int:
@@ -81,9 +94,12 @@ class GPT2Config:
         for key, default in unsupported.items():
             if d.get(key, default) != default:
                 raise ValueError(f"config sets {key}={d[key]!r}, which gpt2lite does not support")
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)} - {"labels"}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        if "id2label" in d and any("ForSequenceClassification" in a for a in d.get("architectures") or ()):
+            kwargs["labels"] = _labels_from_id2label(d["id2label"])
         try:
-            return cls(**{k: v for k, v in d.items() if k in names})
+            return cls(**kwargs)
         except TypeError as exc:
             raise ValueError(f"config does not describe a GPT-2: {exc}") from None
 
@@ -103,8 +119,28 @@ class GPT2Config:
     def to_dict(self) -> dict[str, Any]:
         """A ``config.json`` dict that Hugging Face ``transformers`` also reads."""
         d = dataclasses.asdict(self)
+        labels = d.pop("labels")
         d.update(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_ctx=self.n_positions)
+        if labels:
+            d.update(
+                architectures=["GPT2ForSequenceClassification"],
+                id2label={str(i): name for i, name in enumerate(labels)},
+                label2id={name: i for i, name in enumerate(labels)},
+            )
         return d
+
+
+def _labels_from_id2label(id2label: Any) -> tuple[str, ...]:
+    """Class names in id order from a ``config.json`` ``id2label`` (keys are ids as strings)."""
+    if not isinstance(id2label, dict) or not id2label:
+        raise ValueError(f"id2label must be a non-empty object of id -> name, got {id2label!r}")
+    try:
+        by_id = {int(k): v for k, v in id2label.items()}
+    except (TypeError, ValueError):
+        raise ValueError(f"id2label keys must be class ids 0..n-1, got {sorted(id2label)!r}") from None
+    if sorted(by_id) != list(range(len(by_id))):
+        raise ValueError(f"id2label keys must be the class ids 0..{len(by_id) - 1}, got {sorted(by_id)}")
+    return tuple(str(by_id[i]) for i in range(len(by_id)))
 
 
 PRESETS: dict[str, GPT2Config] = {

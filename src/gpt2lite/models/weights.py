@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -179,10 +179,16 @@ def infer_config(files: list[Path]) -> GPT2Config:
 
 def load_state_dict(
     files: list[Path], config: GPT2Config, *, device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None, heads: dict[str, tuple[int, ...]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Read a checkpoint into a state dict for ``GPT2``, checking every key and shape first."""
-    expected = expected_shapes(config)
+    """Read a checkpoint into a state dict for ``GPT2``, checking every key and shape first.
+
+    ``heads`` names extra tensors a task head may find in the checkpoint (for
+    example ``{"score.weight": (num_labels, n_embd)}``), with their shapes: they
+    are returned when present and may be absent.
+    """
+    heads = heads or {}
+    expected = {**expected_shapes(config), **heads}
     found: dict[str, tuple[str, Path]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     lm_head: tuple[str, Path] | None = None
@@ -197,7 +203,7 @@ def load_state_dict(
             shapes[key] = shape
         elif not _IGNORED.fullmatch(key):
             unexpected.append(stored)
-    missing = [k for k in expected if k not in found]
+    missing = [k for k in expected if k not in found and k not in heads]
     if missing or unexpected:
         parts = []
         if missing:
@@ -258,8 +264,12 @@ def load_checkpoint(
     cache_dir: str | os.PathLike[str] | None = None,
     local_files_only: bool = False,
     config: GPT2Config | None = None,
+    heads: Callable[[GPT2Config], dict[str, tuple[int, ...]]] | None = None,
 ) -> tuple[GPT2Config, dict[str, torch.Tensor]]:
-    """Find a checkpoint and read it: its config and a state dict for ``GPT2`` (see ``GPT2.from_pretrained``)."""
+    """Find a checkpoint and read it: its config and a state dict for ``GPT2`` (see ``GPT2.from_pretrained``).
+
+    ``heads(config)`` gives the optional task-head tensors to read as well (see ``load_state_dict``).
+    """
     dtype = resolve_dtype(dtype)
     path = Path(name_or_path).expanduser()
     if path.is_file():
@@ -280,7 +290,7 @@ def load_checkpoint(
             ]
         else:
             files = [weights_file]
-    return config, load_state_dict(files, config, device=device, dtype=dtype)
+    return config, load_state_dict(files, config, device=device, dtype=dtype, heads=heads(config) if heads else None)
 
 
 def save_checkpoint(

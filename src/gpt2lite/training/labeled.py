@@ -1,0 +1,163 @@
+"""Labeled text for classification: read CSV or JSONL, map label names to ids, tokenize, split.
+
+``load_labeled`` reads a file (or two: training and validation), checks every
+row, and returns ``LabeledData`` that ``gpt2lite.train`` takes in place of a
+token stream. Class ids follow the order of ``labels`` when given, otherwise the
+sorted label names; ``GPT2ForSequenceClassification`` stores them as
+``id2label``, as ``transformers`` does.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpt2lite.tokenizer import Tokenizer
+
+__all__ = ["LabeledData", "load_labeled", "read_labeled"]
+
+
+@dataclass
+class LabeledData:
+    """Tokenized examples with class ids, split into training and validation."""
+
+    labels: tuple[str, ...]  # class names by id
+    train_ids: list[list[int]]
+    train_labels: list[int]
+    val_ids: list[list[int]]
+    val_labels: list[int]
+    fingerprint: str = ""  # of the examples and settings, so a resumed run can check its data
+
+    def part(self, part: str) -> tuple[list[list[int]], list[int]]:
+        """Token ids and class ids of ``"train"`` or ``"val"``."""
+        if part not in ("train", "val"):
+            raise ValueError(f"part must be 'train' or 'val', got {part!r}")
+        return (self.train_ids, self.train_labels) if part == "train" else (self.val_ids, self.val_labels)
+
+    def batch(self, part: str, indices: Sequence[int], max_length: int,
+              pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-padded ids ``(B, T)``, attention mask ``(B, T)`` and class ids ``(B,)`` of some examples.
+
+        Texts longer than ``max_length`` tokens keep their first ``max_length``.
+        """
+        ids, labels = self.part(part)
+        rows = [ids[i][:max_length] for i in indices]
+        T = max(len(r) for r in rows)
+        x = torch.full((len(rows), T), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), T), dtype=torch.long)
+        for i, r in enumerate(rows):
+            x[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = 1
+        return x, mask, torch.tensor([labels[i] for i in indices], dtype=torch.long)
+
+
+def read_labeled(path: str | os.PathLike[str], text_column: str = "text",
+                 label_column: str = "label") -> list[tuple[str, str]]:
+    """(text, label name) rows of a ``.csv`` (with a header) or ``.jsonl`` file, each row checked."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".jsonl", ".json", ".tsv"):
+        raise ValueError(f"{str(path)!r}: labeled data must be .csv, .tsv or .jsonl (one JSON object per line)")
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            records = _csv_rows(f, path, suffix) if suffix in (".csv", ".tsv") else _jsonl_rows(f, path)
+            rows = []
+            for where, record in records:
+                missing = [c for c in (text_column, label_column) if c not in record]
+                if missing:
+                    raise ValueError(f"{where} has no {missing[0]!r} column (it has {sorted(record)}); "
+                                     "name the columns with text_column= / label_column= (--text-column, "
+                                     "--label-column)")
+                text, label = record[text_column], record[label_column]
+                if not isinstance(text, str) or not text.strip():
+                    raise ValueError(f"{where}: the text is empty or not a string")
+                if isinstance(label, bool) or not isinstance(label, (str, int)) or str(label).strip() == "":
+                    raise ValueError(f"{where}: the label {label!r} is not a class name or number")
+                rows.append((text, str(label).strip()))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text: {exc}") from None
+    if not rows:
+        raise ValueError(f"{str(path)!r} holds no examples")
+    return rows
+
+
+def _csv_rows(f: Any, path: Path, suffix: str) -> Any:
+    reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+    for n, record in enumerate(reader, start=2):  # line 1 is the header
+        yield f"{str(path)!r} line {n}", record
+
+
+def _jsonl_rows(f: Any, path: Path) -> Any:
+    for n, line in enumerate(f, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{str(path)!r} line {n} is not valid JSON: {exc}") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{str(path)!r} line {n} is not a JSON object")
+        yield f"{str(path)!r} line {n}", record
+
+
+def load_labeled(
+    path: str | os.PathLike[str],
+    *,
+    tokenizer: Tokenizer | None = None,
+    labels: Sequence[str] | None = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    val_path: str | os.PathLike[str] | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+) -> LabeledData:
+    """Read, check and tokenize labeled examples; hold out ``val_fraction`` of them (or use ``val_path``).
+
+    The held-out examples are a seeded random sample, the same for the same
+    file and seed. A label that is not among ``labels`` is an error naming its
+    row. Example::
+
+        data = load_labeled("reviews.csv", labels=["negative", "positive"])
+    """
+    tokenizer = tokenizer or Tokenizer.gpt2()
+    rows = read_labeled(path, text_column, label_column)
+    if val_path is not None:
+        train_rows, val_rows = rows, read_labeled(val_path, text_column, label_column)
+    else:
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+        order = list(range(len(rows)))
+        random.Random(seed).shuffle(order)
+        n_val = max(1, round(len(rows) * val_fraction))
+        if n_val >= len(rows):
+            raise ValueError(f"{str(path)!r} holds {len(rows)} examples: too few to hold out a validation part")
+        held = set(order[:n_val])
+        train_rows = [r for i, r in enumerate(rows) if i not in held]
+        val_rows = [r for i, r in enumerate(rows) if i in held]
+    names = tuple(labels) if labels is not None else tuple(sorted({label for _, label in train_rows + val_rows}))
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise ValueError(f"classification needs at least 2 distinct class names, got {list(names)}")
+    ids = {name: i for i, name in enumerate(names)}
+    for part_rows, where in ((train_rows, str(path)), (val_rows, str(val_path or path))):
+        for text, label in part_rows:
+            if label not in ids:
+                raise ValueError(f"{where!r}: label {label!r} (text {text[:40]!r}) is not one of the classes "
+                                 f"{list(names)}")
+    digest = hashlib.sha256(json.dumps([names, train_rows, val_rows]).encode("utf-8")).hexdigest()[:16]
+    return LabeledData(
+        labels=names,
+        train_ids=[tokenizer.encode(text) for text, _ in train_rows],
+        train_labels=[ids[label] for _, label in train_rows],
+        val_ids=[tokenizer.encode(text) for text, _ in val_rows],
+        val_labels=[ids[label] for _, label in val_rows],
+        fingerprint=digest,
+    )
