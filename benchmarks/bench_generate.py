@@ -6,6 +6,10 @@ no early stop, first gpt2lite then transformers, for each batch size. Prints
 the median tokens/s (new tokens x batch / wall time) and the ratio.
 
     python benchmarks/bench_generate.py [--device cpu|cuda] [--dtype float32|float16] [--rounds 5]
+        [--quantize int8]
+
+``--quantize int8`` also times gpt2lite with int8 weights (same checkpoint, quantized
+at load) in the same alternating rounds.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--compile", action="store_true", help="also time gpt2lite's compiled CUDA-graph path")
+    parser.add_argument("--quantize", choices=["int8"], default=None, help="also time gpt2lite quantized")
     args = parser.parse_args()
 
     import transformers
@@ -43,10 +48,12 @@ def main() -> None:
         torch.manual_seed(0)
         GPT2(GPT2Config.from_preset("gpt2")).save_pretrained(tmp)
         ours = GPT2.from_pretrained(tmp, device=device, dtype=dtype)
+        quantized = GPT2.from_pretrained(tmp, device=device, dtype=dtype, quantize=args.quantize) \
+            if args.quantize else None
         theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp, dtype=dtype).to(device).eval()
 
-    def run_ours(ids, **kw):
-        return generate(ours, ids, max_new_tokens=args.new, temperature=0, ignore_eos=True, **kw)
+    def run_ours(ids, model=ours, **kw):
+        return generate(model, ids, max_new_tokens=args.new, temperature=0, ignore_eos=True, **kw)
 
     def run_theirs(ids):
         with torch.inference_mode():
@@ -58,6 +65,8 @@ def main() -> None:
     runners = {"gpt2lite": run_ours, "transformers": run_theirs}
     if args.compile:
         runners["gpt2lite compiled"] = lambda ids: run_ours(ids, compile=True)
+    if quantized is not None:
+        runners[f"gpt2lite {args.quantize}"] = partial(run_ours, model=quantized)
 
     print(f"device={device} dtype={dtype} threads={torch.get_num_threads()} prompt={args.prompt} "
           f"new={args.new} greedy, {args.rounds} rounds, medians")

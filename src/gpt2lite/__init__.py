@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from gpt2lite.char_tokenizer import CharTokenizer
+    from gpt2lite.classify import Classification, TextClassifier
     from gpt2lite.errors import CheckpointError, ModelNotFoundError, NonFiniteError
     from gpt2lite.generation.engine import (
         GenerateOutput,
@@ -25,18 +26,33 @@ if TYPE_CHECKING:
     from gpt2lite.generation.session import DecodeSession
     from gpt2lite.metrics import TextMetrics, evaluate_texts
     from gpt2lite.models.cache import KVCache
+    from gpt2lite.models.classifier import GPT2ForSequenceClassification
     from gpt2lite.models.config import PRESETS, GPT2Config
     from gpt2lite.models.gpt2 import GPT2
+    from gpt2lite.models.lora import LoraConfig, add_lora, load_adapter, merge_lora, save_adapter
     from gpt2lite.models.protocol import DecoderModel, DecodeState
+    from gpt2lite.models.quantize import quantize
     from gpt2lite.models.recurrent import RecurrentConfig, RecurrentLM
     from gpt2lite.pipeline import Completion, TextGenerator
     from gpt2lite.scoring import perplexity, token_logprobs
     from gpt2lite.tokenizer import StreamDecoder, Tokenizer
     from gpt2lite.training.data import TokenData, prepare_data
+    from gpt2lite.training.labeled import LabeledData, load_labeled
     from gpt2lite.training.trainer import TrainConfig, TrainResult, train
 
 # name -> the module that defines it
 _EXPORTS = {
+    "Classification": "gpt2lite.classify",
+    "TextClassifier": "gpt2lite.classify",
+    "GPT2ForSequenceClassification": "gpt2lite.models.classifier",
+    "LoraConfig": "gpt2lite.models.lora",
+    "add_lora": "gpt2lite.models.lora",
+    "merge_lora": "gpt2lite.models.lora",
+    "load_adapter": "gpt2lite.models.lora",
+    "save_adapter": "gpt2lite.models.lora",
+    "quantize": "gpt2lite.models.quantize",
+    "LabeledData": "gpt2lite.training.labeled",
+    "load_labeled": "gpt2lite.training.labeled",
     "CharTokenizer": "gpt2lite.char_tokenizer",
     "CheckpointError": "gpt2lite.errors",
     "Completion": "gpt2lite.pipeline",
@@ -77,33 +93,44 @@ __all__ = [
     "PRESETS",
     "CharTokenizer",
     "CheckpointError",
+    "Classification",
     "Completion",
     "DecodeSession",
     "DecodeState",
     "DecoderModel",
     "GPT2Config",
+    "GPT2ForSequenceClassification",
     "GenerateOutput",
     "GenerationOptions",
     "KVCache",
+    "LabeledData",
+    "LoraConfig",
     "ModelNotFoundError",
     "NonFiniteError",
     "RecurrentConfig",
     "RecurrentLM",
     "Step",
     "StreamDecoder",
+    "TextClassifier",
     "TextGenerator",
     "TextMetrics",
     "TokenData",
     "Tokenizer",
     "TrainConfig",
     "TrainResult",
+    "add_lora",
     "evaluate_texts",
     "generate",
     "iter_steps",
     "iter_tokens",
     "left_pad",
+    "load_adapter",
+    "load_labeled",
+    "merge_lora",
     "perplexity",
     "prepare_data",
+    "quantize",
+    "save_adapter",
     "token_logprobs",
     "train",
 ]

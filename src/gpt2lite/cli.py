@@ -6,7 +6,10 @@ import argparse
 import dataclasses
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from gpt2lite.pipeline import TextGenerator
 
 __all__ = ["build_parser", "main"]
 
@@ -34,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=_generate)
 
     ft = commands.add_parser("finetune", help="train a model (or fine-tune a checkpoint) on your text")
-    ft.add_argument("--data", required=True, help="a text file, a folder of text files")
+    ft.add_argument("--task", choices=["lm", "classify"], default="lm",
+                    help="lm: language modeling on text (default); classify: a classifier on labeled CSV/JSONL")
+    ft.add_argument("--data", required=True,
+                    help="lm: a text file or a folder of text files; classify: a .csv/.tsv/.jsonl file")
     ft.add_argument("--out", required=True, help="output directory: data cache, checkpoint.pt, final/")
     start = ft.add_mutually_exclusive_group()
     start.add_argument("--model", help="checkpoint to fine-tune: hub id or local path (default: gpt2)")
@@ -63,9 +69,35 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     ft.add_argument("--encoding-errors", choices=["strict", "replace"], default="strict",
                     help="what to do with text that is not UTF-8 (default: strict, an error)")
+    cls = ft.add_argument_group("classification (--task classify)")
+    cls.add_argument("--labels", default=None,
+                     help="class names in id order, comma-separated (default: the sorted names in the data)")
+    cls.add_argument("--text-column", default="text", help="column (CSV) or key (JSONL) of the text")
+    cls.add_argument("--label-column", default="label", help="column (CSV) or key (JSONL) of the label")
+    cls.add_argument("--val-data", default=None, help="a separate validation file (default: hold out --val-fraction)")
+    cls.add_argument("--val-fraction", type=float, default=0.1, help="share of --data held out (default: 0.1)")
+    lora = ft.add_argument_group("LoRA and memory")
+    lora.add_argument("--lora-rank", type=int, default=None, help="train LoRA adapters of this rank, not the model")
+    lora.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default: 2 x rank)")
+    lora.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    lora.add_argument("--lora-targets", default="c_attn",
+                      help="comma-separated layers among c_attn, c_proj, c_fc (default: c_attn)")
+    lora.add_argument("--freeze-blocks", type=int, default=0, help="keep the first N blocks and the embeddings fixed")
+    lora.add_argument("--gradient-checkpointing", action="store_true",
+                      help="recompute activations in backward: less memory, ~30%% more time")
     ft.add_argument("--device", default="auto")
     ft.add_argument("--offline", action="store_true", help="use only files already in the hub cache")
     ft.set_defaults(run=_finetune)
+
+    cl = commands.add_parser("classify", help="classify text with a fine-tuned classifier")
+    cl.add_argument("text", nargs="?", help="the text; one text per line from stdin when omitted or '-'")
+    cl.add_argument("--model", required=True, help="classifier directory (or LoRA adapter directory)")
+    cl.add_argument("--batch-size", type=int, default=16)
+    cl.add_argument("--json", action="store_true", help="one JSON object per text, with every probability")
+    cl.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    cl.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default: float32)")
+    cl.add_argument("--offline", action="store_true", help="use only files already in the hub cache")
+    cl.set_defaults(run=_classify)
 
     srv = commands.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
     srv.add_argument("--model", default="gpt2", help="hub id or local path (default: gpt2)")
@@ -156,6 +188,22 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default: float32)")
     parser.add_argument("--offline", action="store_true", help="use only files already in the hub cache")
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                        help="store the weights in int8 for faster, smaller inference (default: off)")
+    parser.add_argument("--adapter", default=None, help="a LoRA adapter directory (PEFT format) to apply")
+
+
+# gpt2lite.models.quantize.QUANTIZE_MODES, spelled out so that parsing arguments needs no torch.
+QUANTIZE_CHOICES = ("int8",)
+
+
+def _load_generator(args: argparse.Namespace, name_or_path: str, *, draft: bool = False) -> TextGenerator:
+    """The model (``--adapter`` applied, except to a draft model) and tokenizer the options of ``args`` ask for."""
+    from gpt2lite.pipeline import TextGenerator
+
+    return TextGenerator.from_pretrained(name_or_path, device=_device(args.device), dtype=args.dtype,
+                                         local_files_only=args.offline, quantize=args.quantize,
+                                         adapter=None if draft else args.adapter)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -226,14 +274,10 @@ def _generation_options(args: argparse.Namespace) -> Any:
 def _generate(args: argparse.Namespace) -> int:
     import json
 
-    from gpt2lite.pipeline import TextGenerator
-
     options = _generation_options(args)  # bad values fail here, before the model is loaded
-    device = _device(args.device)
     prompt = _read_input(args.prompt, "prompt", is_file=False)
-    load = dict(device=device, dtype=args.dtype, local_files_only=args.offline)
-    generator = TextGenerator.from_pretrained(args.model, **load)
-    draft = TextGenerator.from_pretrained(args.draft_model, **load).model if args.draft_model else None
+    generator = _load_generator(args, args.model)
+    draft = _load_generator(args, args.draft_model, draft=True).model if args.draft_model else None
     call = dict(stop=args.stop_strings, bad_words=args.bad_words, draft_model=draft)
     if args.json:
         for completion in generator.complete(prompt, options, **call):
@@ -261,24 +305,29 @@ def _finetune(args: argparse.Namespace) -> int:
 
     import torch
 
-    from gpt2lite.models.config import GPT2Config
-    from gpt2lite.models.gpt2 import GPT2
-    from gpt2lite.training.data import prepare_data
     from gpt2lite.training.trainer import TrainConfig, check_output_dir, train
 
     recurrent = args.arch != "gpt2"
     if recurrent and (args.model or args.preset):
         raise ValueError(f"--arch {args.arch} trains from scratch: --model and --preset are for GPT-2")
+    if recurrent and (args.task != "lm" or args.lora_rank is not None):
+        raise ValueError(f"--arch {args.arch} trains language models from scratch: --task classify and LoRA "
+                         "are for GPT-2")
     scratch = args.preset is not None or recurrent
-    if args.char and not scratch:
-        raise ValueError("--char builds a new vocabulary: train from scratch with --preset or --arch rnn|lstm|gru")
-    lr = args.lr if args.lr is not None else (6e-4 if scratch else 1e-4)
+    if args.char and (not scratch or args.task != "lm"):
+        raise ValueError("--char builds a new vocabulary: train a language model from scratch with --preset or "
+                         "--arch rnn|lstm|gru")
+    if args.lora_rank is not None and scratch:
+        raise ValueError("--lora-rank adapts a trained model: give --model, not --preset")
+    lr = args.lr if args.lr is not None else (6e-4 if scratch else (1e-3 if args.lora_rank else 1e-4))
     config = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, block_size=args.block_size,
         lr=lr, min_lr=args.min_lr if args.min_lr is not None else lr / 10, warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_interval=args.eval_interval,
         save_interval=args.save_interval, seed=args.seed, autocast=args.autocast, compile=args.compile,
+        freeze_blocks=args.freeze_blocks, gradient_checkpointing=args.gradient_checkpointing,
     )  # bad values fail here, before any data is read
+    lora = _lora_config(args)
     if not os.path.exists(args.data):
         raise FileNotFoundError(f"no such file or folder: {args.data!r}")
     check_output_dir(args.out)
@@ -291,32 +340,15 @@ def _finetune(args: argparse.Namespace) -> int:
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(device)
-    tokenizer = None
-    vocab: dict[str, int] = {}
-    if args.char:
-        from gpt2lite.char_tokenizer import CharTokenizer
-        from gpt2lite.training.data import iter_text
-
-        tokenizer = CharTokenizer.from_texts(iter_text(args.data, args.encoding_errors))
-        vocab = dict(vocab_size=tokenizer.n_vocab, eos_token_id=tokenizer.eot_token)
     try:
-        if recurrent:
-            from gpt2lite.models.recurrent import RecurrentConfig, RecurrentLM
+        model, data, tokenizer = _training_setup(args, device)
+        if lora is not None:
+            from gpt2lite.models.lora import add_lora
 
-            torch.manual_seed(args.seed)
-            model = RecurrentLM(RecurrentConfig(cell=args.arch, n_embd=args.n_embd, n_layer=args.n_layer,
-                                                dropout=args.dropout, **vocab)).to(device)
-        elif scratch:
-            torch.manual_seed(args.seed)
-            extra = dict(vocab, bos_token_id=vocab["eos_token_id"]) if vocab else {}
-            model = GPT2(GPT2Config.from_preset(args.preset, **extra)).to(device)
-        else:
-            model = GPT2.from_pretrained(args.model or "gpt2", device=device, local_files_only=args.offline)
+            add_lora(model, lora)
         context = model.config.n_positions
         if args.block_size is not None and context is not None and args.block_size > context:
             raise ValueError(f"--block-size {args.block_size} exceeds the model's context ({context} positions)")
-        data = prepare_data(args.data, os.path.join(args.out, "data"), tokenizer=tokenizer,
-                            errors=args.encoding_errors)
         result = train(model, data, args.out, config, resume=args.resume)
         if tokenizer is not None and result.final_dir is not None:
             tokenizer.save(result.final_dir)  # the vocabulary travels with the model
@@ -326,9 +358,101 @@ def _finetune(args: argparse.Namespace) -> int:
             torch.distributed.destroy_process_group()
     if rank == 0 and result.val_losses:
         step, val = result.val_losses[-1]
-        print(f"step {step}: train loss {result.losses[-1]:.4f}, validation loss {val:.4f}")
+        line = f"step {step}: train loss {result.losses[-1]:.4f}, validation loss {val:.4f}"
+        if result.val_metrics:
+            metrics = result.val_metrics[-1][1]
+            line += f", accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}"
+        print(line)
     if rank == 0 and result.final_dir is not None:
-        print(f"saved {result.final_dir}")
+        kind = "LoRA adapter (PEFT format)" if lora is not None else "model"
+        print(f"saved {kind} to {result.final_dir}")
+    return 0
+
+
+def _lora_config(args: argparse.Namespace) -> Any:
+    """The ``LoraConfig`` the LoRA flags ask for, or None without ``--lora-rank``."""
+    if args.lora_rank is None:
+        return None
+    from gpt2lite.models.lora import LoraConfig
+
+    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
+    return LoraConfig(r=args.lora_rank, lora_alpha=alpha, lora_dropout=args.lora_dropout, target_modules=targets)
+
+
+def _training_setup(args: argparse.Namespace, device: str) -> tuple[Any, Any, Any]:
+    """The model to train, its data, and a new tokenizer to save beside it (``--char``) or None."""
+    import os
+
+    import torch
+
+    from gpt2lite.models.config import GPT2Config
+    from gpt2lite.models.gpt2 import GPT2
+
+    if args.task == "classify":
+        from gpt2lite.models.classifier import GPT2ForSequenceClassification
+        from gpt2lite.training.labeled import load_labeled
+
+        labels = [n.strip() for n in args.labels.split(",")] if args.labels else None
+        data = load_labeled(args.data, labels=labels, text_column=args.text_column, label_column=args.label_column,
+                            val_path=args.val_data, val_fraction=args.val_fraction, seed=args.seed)
+        if args.preset:
+            torch.manual_seed(args.seed)
+            model = GPT2ForSequenceClassification(GPT2Config.from_preset(args.preset, labels=data.labels,
+                                                                         pad_token_id=50256)).to(device)
+        else:
+            torch.manual_seed(args.seed)  # the new head's initialisation
+            model = GPT2ForSequenceClassification.from_pretrained(
+                args.model or "gpt2", labels=data.labels, device=device, local_files_only=args.offline)
+        return model, data, None
+
+    from gpt2lite.training.data import prepare_data
+
+    tokenizer = None
+    vocab: dict[str, int] = {}
+    if args.char:
+        from gpt2lite.char_tokenizer import CharTokenizer
+        from gpt2lite.training.data import iter_text
+
+        tokenizer = CharTokenizer.from_texts(iter_text(args.data, args.encoding_errors))
+        vocab = dict(vocab_size=tokenizer.n_vocab, eos_token_id=tokenizer.eot_token)
+    if args.arch != "gpt2":
+        from gpt2lite.models.recurrent import RecurrentConfig, RecurrentLM
+
+        torch.manual_seed(args.seed)
+        model: Any = RecurrentLM(RecurrentConfig(cell=args.arch, n_embd=args.n_embd, n_layer=args.n_layer,
+                                                 dropout=args.dropout, **vocab)).to(device)
+    elif args.preset is not None:
+        torch.manual_seed(args.seed)
+        extra = dict(vocab, bos_token_id=vocab["eos_token_id"]) if vocab else {}
+        model = GPT2(GPT2Config.from_preset(args.preset, **extra)).to(device)
+    else:
+        model = GPT2.from_pretrained(args.model or "gpt2", device=device, local_files_only=args.offline)
+    data = prepare_data(args.data, os.path.join(args.out, "data"), tokenizer=tokenizer, errors=args.encoding_errors)
+    return model, data, tokenizer
+
+
+def _classify(args: argparse.Namespace) -> int:
+    import json
+
+    from gpt2lite.classify import TextClassifier
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.text is None or args.text == "-":
+        texts = [line for line in _read_input(None, "text", is_file=False).splitlines() if line.strip()]
+    else:
+        texts = [args.text]
+    if not texts:
+        raise ValueError("no text to classify (give TEXT, or lines on stdin)")
+    classifier = TextClassifier.from_pretrained(args.model, device=_device(args.device), dtype=args.dtype,
+                                                local_files_only=args.offline)
+    for result in classifier.classify(texts, batch_size=args.batch_size):
+        if args.json:
+            print(json.dumps({"label": result.label, "score": result.score,
+                              "probabilities": result.probabilities}, ensure_ascii=False))
+        else:
+            print(f"{result.label}\t{result.score:.4f}")
     return 0
 
 
@@ -341,13 +465,9 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(
             f"serving needs the serve extra ({exc.name} is missing): pip install 'gpt2lite[serve]'"
         ) from None
-    from gpt2lite.pipeline import TextGenerator
-
     if args.max_batch < 1 or args.max_queue < 0:
         raise ValueError("--max-batch must be >= 1 and --max-queue >= 0")
-    device = _device(args.device)
-    generator = TextGenerator.from_pretrained(args.model, device=device, dtype=args.dtype,
-                                              local_files_only=args.offline)
+    generator = _load_generator(args, args.model)
     import threading
 
     app = create_app(generator, model_name=args.model_name or str(args.model), max_batch=args.max_batch,
@@ -383,12 +503,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _perplexity(args: argparse.Namespace) -> int:
-    from gpt2lite.pipeline import TextGenerator
-
-    device = _device(args.device)
     text = _read_input(args.text, "text", is_file=True)
-    scorer = TextGenerator.from_pretrained(args.model, device=device, dtype=args.dtype,
-                                           local_files_only=args.offline)
+    scorer = _load_generator(args, args.model)
     progress = sys.stderr is not None and sys.stderr.isatty()
     print(f"{scorer.perplexity(text, max_length=args.max_length, stride=args.stride, progress=progress):.4f}")
     return 0

@@ -14,15 +14,18 @@ from gpt2lite.generation.engine import generate, iter_steps, left_pad
 from gpt2lite.generation.options import GenerationOptions
 from gpt2lite.hub import HUB_ALIASES
 from gpt2lite.models.gpt2 import GPT2
+from gpt2lite.models.lora import has_lora, merge_lora
+from gpt2lite.models.quantize import QuantizeMode
 from gpt2lite.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
+    from gpt2lite.char_tokenizer import CharTokenizer
     from gpt2lite.generation.options import GenerationKwargs
     from gpt2lite.models.protocol import DecoderModel
 
-__all__ = ["Completion", "TextAssembler", "TextGenerator"]
+__all__ = ["Completion", "TextAssembler", "TextGenerator", "load_tokenizer"]
 
 
 @dataclass
@@ -74,8 +77,14 @@ class TextGenerator:
         revision: str | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         local_files_only: bool = False,
+        quantize: QuantizeMode | None = None,
+        adapter: str | os.PathLike[str] | None = None,
     ) -> TextGenerator:
         """Load model and tokenizer from a hub id or local path (see ``GPT2.from_pretrained``).
+
+        ``quantize="int8"`` loads a GPT-2 with int8 weights (faster, smaller, inference only).
+        ``adapter`` puts a LoRA adapter (PEFT format) on it; a directory that
+        holds only an adapter loads the base model it names.
 
         A directory saved from a ``RecurrentLM`` (RNN, LSTM, GRU) loads that model instead,
         and one with a character vocabulary (``tokenizer.json`` of ``CharTokenizer``) uses it.
@@ -88,25 +97,16 @@ class TextGenerator:
 
         hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
         if is_recurrent_checkpoint(name_or_path):
+            if quantize is not None or adapter is not None:
+                raise ValueError(f"{str(name_or_path)!r} is a recurrent model; quantize and LoRA adapters are "
+                                 "for GPT-2 models")
             model = RecurrentLM.from_pretrained(name_or_path, device=device, dtype=resolve_dtype(dtype))
         else:
-            model = GPT2.from_pretrained(name_or_path, device=device, dtype=dtype, **hub)
-        from gpt2lite.char_tokenizer import CharTokenizer
-
-        chars = CharTokenizer.load(name_or_path) if os.path.isdir(name_or_path) else None
-        if chars is not None:
-            return cls(model, chars)  # type: ignore[arg-type]
-        gpt2_vocab = model.config.vocab_size == 50257
-        if gpt2_vocab and (str(name_or_path) in HUB_ALIASES or os.path.isfile(name_or_path)):
-            tokenizer = Tokenizer.gpt2()  # the published GPT-2 models all use these exact files
-        else:
-            try:
-                tokenizer = Tokenizer.from_pretrained(name_or_path, **hub)
-            except ModelNotFoundError:
-                if not gpt2_vocab:
-                    raise
-                tokenizer = Tokenizer.gpt2()
-        return cls(model, tokenizer)
+            model = GPT2.from_pretrained(name_or_path, device=device, dtype=dtype, quantize=quantize, adapter=adapter,
+                                         **hub)
+            if has_lora(model):  # generation only reads the weights: fold the adapters in once
+                merge_lora(model)
+        return cls(model, load_tokenizer(name_or_path, model.config.vocab_size, **hub))  # type: ignore[arg-type]
 
     def __call__(
         self,
@@ -371,3 +371,28 @@ class TextAssembler:
             self.taken = min(self.taken, len(self.text))
             self.reason = "stop"
             self.done = True
+
+
+def load_tokenizer(
+    name_or_path: str | os.PathLike[str], vocab_size: int, *, revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None, local_files_only: bool = False,
+) -> Tokenizer | CharTokenizer:
+    """The tokenizer that belongs beside a model: its own files, else GPT-2's for a 50257-token vocabulary.
+
+    A directory with a character vocabulary (``tokenizer.json`` of ``CharTokenizer``) gets that.
+    """
+    from gpt2lite.char_tokenizer import CharTokenizer
+
+    chars = CharTokenizer.load(name_or_path) if os.path.isdir(name_or_path) else None
+    if chars is not None:
+        return chars
+    gpt2_vocab = vocab_size == 50257
+    if gpt2_vocab and (str(name_or_path) in HUB_ALIASES or os.path.isfile(name_or_path)):
+        return Tokenizer.gpt2()  # the published GPT-2 models all use these exact files
+    try:
+        return Tokenizer.from_pretrained(name_or_path, revision=revision, cache_dir=cache_dir,
+                                         local_files_only=local_files_only)
+    except ModelNotFoundError:
+        if not gpt2_vocab:
+            raise
+        return Tokenizer.gpt2()

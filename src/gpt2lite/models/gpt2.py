@@ -18,10 +18,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from gpt2lite.models.cache import KVCache, StepPlan, visible_slots
 from gpt2lite.models.config import GPT2Config
+from gpt2lite.models.quantize import QUANTIZE_MODES, QuantizeMode
+from gpt2lite.models.quantize import quantize as quantize_model
 
 __all__ = ["GPT2"]
 
@@ -106,6 +109,9 @@ class GPT2(nn.Module):
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        # Training option: recompute each block's activations in backward instead of storing them.
+        self.gradient_checkpointing = False
+        self.name_or_path: str | None = None  # where from_pretrained found it; LoRA adapters record it
         if not any(p.is_meta for p in self.parameters()):
             self.apply(self._init_weights)
             # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer) so the residual stream
@@ -129,7 +135,7 @@ class GPT2(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         """The parameters' dtype."""
-        return self.wte.weight.dtype
+        return self.ln_f.weight.dtype  # not wte's: a quantized model keeps int8 there
 
     def num_parameters(self) -> int:
         """Number of parameters (the tied LM head counted once)."""
@@ -146,10 +152,20 @@ class GPT2(nn.Module):
     ) -> torch.Tensor:
         """Logits ``(B, T, vocab_size)`` for whole sequences of token ids ``(B, T)`` (training, scoring).
 
-        ``attention_mask`` ``(B, T)`` marks real tokens with 1 and left padding
-        with 0; positions then follow the mask, as in ``transformers``. For
+        ``attention_mask`` ``(B, T)`` marks real tokens with 1 and padding with 0;
+        positions then follow the mask, as in ``transformers``. For
         token-by-token decoding use ``new_state`` and ``decode``.
         """
+        return self._lm_head(self.hidden_states(input_ids, attention_mask=attention_mask, position_ids=position_ids))
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The final hidden states ``(B, T, n_embd)`` (after ``ln_f``) that the heads read; arguments as ``forward``."""
         self._check_inputs(input_ids, attention_mask, position_ids)
         T = input_ids.shape[1]
         if position_ids is None:
@@ -223,23 +239,31 @@ class GPT2(nn.Module):
         the unchecked path of the decoding loop.
         """
         plan = state.plan(input_ids.shape[1], input_mask, rows)
-        logits = self._run(input_ids, plan.position_ids, plan.mask, plan.is_causal, state, plan, last_only)
+        x = self._run(input_ids, plan.position_ids, plan.mask, plan.is_causal, state, plan, last_only)
         state.commit(plan, input_mask)
-        return logits
+        return self._lm_head(x)
 
     def _run(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
         state: KVCache | None, plan: StepPlan | None, last_only: bool = False,
     ) -> torch.Tensor:
+        """Final hidden states ``(B, T or 1, C)`` of new tokens, through ``state`` when decoding."""
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids))  # (B, T, C)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.h:
-            x = block(x, mask, is_causal, state, plan)
+            if recompute:  # keep only each block's input; recompute the rest during backward
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, is_causal, state, plan, use_reentrant=False)
+            else:
+                x = block(x, mask, is_causal, state, plan)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
-        return self._lm_head(self.ln_f(x))  # (B, T, vocab)
+        return self.ln_f(x)
 
     def _lm_head(self, x: torch.Tensor) -> torch.Tensor:
         """Logits from final hidden states ``(B, T, C)``; the head is the token embedding itself."""
+        project = getattr(self.wte, "project", None)
+        if project is not None:  # a quantized embedding multiplies with its own kernel
+            return project(x)  # (B, T, vocab)
         B, T, C = x.shape
         if x.device.type == "cpu" and 8 <= B * T <= 32:
             # MKL picks a slow kernel for 8..32 rows times the (50257, C) embedding; the
@@ -261,9 +285,25 @@ class GPT2(nn.Module):
         cache_dir: str | os.PathLike[str] | None = None,
         local_files_only: bool = False,
         config: GPT2Config | None = None,
+        quantize: QuantizeMode | None = None,
+        adapter: str | os.PathLike[str] | None = None,
     ) -> GPT2:
-        """Load a hub id (``"gpt2"``), a directory, a sharded directory or a bare ``.safetensors`` file."""
+        """Load a hub id (``"gpt2"``), a directory, a sharded directory or a bare ``.safetensors`` file.
+
+        ``adapter`` is a LoRA adapter directory in the PEFT format (ours or
+        ``peft``'s) to put on the loaded weights; a directory that holds only an
+        adapter loads the base model its ``adapter_config.json`` names.
+        ``quantize="int8"`` stores the linear layers and the tied embedding in
+        int8 for faster, smaller inference (see ``gpt2lite.models.quantize``);
+        adapters are merged into the weights first.
+        """
+        if quantize is not None and quantize not in QUANTIZE_MODES:
+            raise ValueError(f"quantize must be one of {QUANTIZE_MODES} or None, got {quantize!r}")
+        from gpt2lite.models.lora import adapter_base, load_adapter, merge_lora
         from gpt2lite.models.weights import load_checkpoint
+
+        if adapter is None and (base := adapter_base(name_or_path)) is not None:
+            name_or_path, adapter = base, name_or_path
 
         config, state = load_checkpoint(
             name_or_path, device=device, dtype=dtype, revision=revision, cache_dir=cache_dir,
@@ -274,10 +314,28 @@ class GPT2(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         model.load_state_dict(state, strict=True, assign=True)
-        return model.eval()
+        model.name_or_path = str(name_or_path)
+        model.eval()
+        if adapter is not None:
+            load_adapter(model, adapter)
+            if quantize:
+                merge_lora(model)
+        return quantize_model(model, quantize) if quantize else model
 
     def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` in the hub layout (``transformers`` loads them too)."""
+        """Write ``config.json`` and ``model.safetensors`` in the hub layout (``transformers`` loads them too).
+
+        A model with LoRA adapters writes only them, in the PEFT format (see
+        ``gpt2lite.models.lora.save_adapter``); ``merge_lora`` first saves the whole model.
+        """
+        from gpt2lite.models.lora import has_lora, save_adapter
+        from gpt2lite.models.quantize import is_quantized
         from gpt2lite.models.weights import save_checkpoint
+
+        if has_lora(self):
+            return save_adapter(self, directory)
+        if is_quantized(self):
+            raise ValueError("saving a quantized model is not supported: save the float model and load it "
+                             "with quantize='int8'")
 
         return save_checkpoint(self.state_dict(), self.config, directory)

@@ -1,8 +1,15 @@
 """Training and fine-tuning: AdamW, warm-up then cosine decay, accumulation, clipping, exact resume.
 
-Any model with ``forward(input_ids) -> logits``, a ``config`` (``to_dict``,
-``n_positions``) and ``save_pretrained`` trains here: GPT-2 and the recurrent
-models alike.
+One loop serves two objectives, chosen by the data:
+
+- ``TokenData`` (``prepare_data``): next-token prediction. Any model with
+  ``forward(input_ids) -> logits``, a ``config`` (``to_dict``, ``n_positions``)
+  and ``save_pretrained`` trains here: GPT-2 and the recurrent models alike.
+- ``LabeledData`` (``load_labeled``): classification with a
+  ``GPT2ForSequenceClassification``; each evaluation reports accuracy and macro-F1.
+
+Only parameters with ``requires_grad`` train (LoRA adapters, unfrozen blocks),
+and only they get optimizer state.
 
 Runs in one process or under ``torchrun`` with DistributedDataParallel: when
 ``torch.distributed`` is initialised, each process takes its share of every
@@ -16,7 +23,7 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,13 +32,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 from gpt2lite.errors import CheckpointError, NonFiniteError
 from gpt2lite.models.gpt2 import GPT2
+from gpt2lite.models.quantize import is_quantized
 from gpt2lite.training.checkpoint import load_training_checkpoint, save_training_checkpoint
 from gpt2lite.training.data import Part, TokenData
+from gpt2lite.training.labeled import LabeledData
 
-__all__ = ["TrainConfig", "TrainResult", "check_output_dir", "evaluate_loss", "train"]
+__all__ = [
+    "TrainConfig", "TrainResult", "check_output_dir", "classification_metrics", "evaluate_classifier",
+    "evaluate_loss", "train",
+]
 
 CHECKPOINT = "checkpoint.pt"
 FINAL = "final"
@@ -41,7 +54,7 @@ FINAL = "final"
 # evaluate, save or show progress.
 _RESUME_FIXED = (
     "batch_size", "grad_accum", "block_size", "lr", "min_lr", "warmup_steps", "weight_decay", "betas",
-    "grad_clip", "seed", "autocast",
+    "grad_clip", "seed", "autocast", "freeze_blocks", "gradient_checkpointing",
 )
 
 
@@ -71,13 +84,15 @@ class TrainConfig:
     autocast: str | None = None  # "bf16" or "fp16", on CUDA
     compile: bool = False
     progress: bool = True
+    freeze_blocks: int = 0  # GPT-2: keep the first N blocks (and the embeddings) fixed
+    gradient_checkpointing: bool = False  # GPT-2: recompute activations in backward to save memory
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_batches"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        for name in ("warmup_steps", "eval_interval", "save_interval", "seed"):
+        for name in ("warmup_steps", "eval_interval", "save_interval", "seed", "freeze_blocks"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -110,10 +125,11 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What a run did: the loss of every step, validation losses, where the model was saved."""
+    """What a run did: the loss of every step, validation losses (and metrics), where the model was saved."""
 
     losses: list[float] = field(default_factory=list)
     val_losses: list[tuple[int, float]] = field(default_factory=list)
+    val_metrics: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # classification
     final_dir: Path | None = None
 
 
@@ -148,9 +164,40 @@ def evaluate_loss(model: GPT2, data: TokenData, *, part: Part = "val", block_siz
     return total / count
 
 
+def classification_metrics(predicted: Sequence[int], actual: Sequence[int], num_labels: int) -> dict[str, float]:
+    """Accuracy and macro-F1 (the unweighted mean of each class's F1; a class never predicted nor present counts 0)."""
+    if len(predicted) != len(actual) or not actual:
+        raise ValueError("need as many predictions as labels, and at least one")
+    accuracy = sum(p == a for p, a in zip(predicted, actual, strict=True)) / len(actual)
+    f1s = []
+    for c in range(num_labels):
+        tp = sum(p == c and a == c for p, a in zip(predicted, actual, strict=True))
+        fp = sum(p == c and a != c for p, a in zip(predicted, actual, strict=True))
+        fn = sum(p != c and a == c for p, a in zip(predicted, actual, strict=True))
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return {"accuracy": accuracy, "macro_f1": sum(f1s) / num_labels}
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, data: LabeledData, *, part: Part = "val", max_length: int,
+                        batch_size: int) -> dict[str, float]:
+    """Mean cross-entropy, accuracy and macro-F1 of a classifier over every example of a part."""
+    ids, labels = data.part(part)
+    was_training = model.training
+    model.eval()
+    total, predicted = 0.0, []
+    for start in range(0, len(ids), batch_size):
+        x, mask, y = data.batch(part, range(start, min(start + batch_size, len(ids))), max_length)
+        logits = model(x.to(model.device), attention_mask=mask.to(model.device)).float()
+        total += F.cross_entropy(logits, y.to(model.device), reduction="sum").item()
+        predicted += logits.argmax(-1).tolist()
+    model.train(was_training)
+    return {"loss": total / len(ids), **classification_metrics(predicted, labels, len(data.labels))}
+
+
 def train(
-    model: GPT2,
-    data: TokenData,
+    model: nn.Module,
+    data: TokenData | LabeledData,
     out_dir: str | os.PathLike[str],
     config: TrainConfig = TrainConfig(),
     *,
@@ -158,6 +205,11 @@ def train(
     on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``data``; checkpoints go to ``out_dir``, the final model to ``out_dir/final``.
+
+    ``data`` from ``prepare_data`` trains a language model; ``data`` from
+    ``load_labeled`` trains a ``GPT2ForSequenceClassification`` (its labels
+    must be the data's). A model with LoRA adapters trains only them and saves
+    them (PEFT format) as ``final``.
 
     ``resume=True`` continues from ``out_dir/checkpoint.pt`` exactly where it
     stopped (model, optimizer, schedule, step and random state); the settings
@@ -167,6 +219,7 @@ def train(
     """
     out_dir = Path(out_dir)
     block = _check_run(model, data, config)
+    _set_trainable(model, config)
     checkpoint_path = out_dir / CHECKPOINT
     if resume and not checkpoint_path.is_file():
         raise FileNotFoundError(f"nothing to resume: {str(checkpoint_path)!r} does not exist")
@@ -210,8 +263,13 @@ def train(
         result.losses.append(step_loss)
         done = step + 1 == config.steps
         if (config.eval_interval and (step + 1) % config.eval_interval == 0) or done:
-            val = evaluate_loss(model, data, block_size=block, batches=config.eval_batches,
-                                batch_size=config.batch_size)
+            if isinstance(data, LabeledData):
+                metrics = evaluate_classifier(model, data, max_length=block, batch_size=config.batch_size)
+                result.val_metrics.append((step + 1, metrics))
+                val = metrics["loss"]
+            else:
+                val = evaluate_loss(model, data, block_size=block, batches=config.eval_batches,
+                                    batch_size=config.batch_size)
             result.val_losses.append((step + 1, val))
         if rank == 0 and ((config.save_interval and (step + 1) % config.save_interval == 0) or done):
             _check_weights(model, step + 1)
@@ -222,6 +280,8 @@ def train(
                                        "tok/s": f"{tokens_per_step / (time.perf_counter() - t0):.0f}"}
             if result.val_losses:
                 postfix["val"] = f"{result.val_losses[-1][1]:.3f}"
+            if result.val_metrics:
+                postfix["acc"] = f"{result.val_metrics[-1][1]['accuracy']:.3f}"
             bar.set_postfix(postfix)
             bar.update(1)
         if on_step is not None:  # after the checkpoint, so a callback that stops the run loses nothing
@@ -237,12 +297,26 @@ def train(
     return result
 
 
-def _check_run(model: GPT2, data: TokenData, config: TrainConfig) -> int:
-    """Check that the model, data and settings fit together; return the window length."""
+def _check_run(model: nn.Module, data: TokenData | LabeledData, config: TrainConfig) -> int:
+    """Check that the model, data and settings fit together; return the window (or longest text) length."""
+    if is_quantized(model):
+        raise ValueError("a quantized model cannot be trained (training stays in floating point): "
+                         "load it without quantize")
     context = model.config.n_positions  # None for recurrent models: no limit
     block = config.block_size or min(context or 256, 256)
     if context is not None and block > context:
         raise ValueError(f"block_size {block} exceeds the model's n_positions ({context})")
+    classifier = hasattr(model, "score")
+    if isinstance(data, LabeledData) or classifier:
+        if not (isinstance(data, LabeledData) and classifier):
+            raise ValueError("labeled data (load_labeled) trains a GPT2ForSequenceClassification, and a classifier "
+                             "trains on labeled data")
+        if tuple(model.config.labels) != data.labels:
+            raise ValueError(f"the model classifies into {list(model.config.labels)} but the data's classes are "
+                             f"{list(data.labels)}: build the model with labels=data.labels")
+        if config.autocast and model.device.type != "cuda":
+            raise ValueError("autocast (bf16/fp16 mixed precision) is for CUDA; train in float32 on the CPU")
+        return block
     for part in ("train", "val"):
         n = len(data.part(part))
         if n < block + 1:
@@ -253,6 +327,22 @@ def _check_run(model: GPT2, data: TokenData, config: TrainConfig) -> int:
     return block
 
 
+def _set_trainable(model: nn.Module, config: TrainConfig) -> None:
+    """Apply ``freeze_blocks`` and ``gradient_checkpointing``; check that something is left to train."""
+    body = getattr(model, "transformer", model)
+    if config.freeze_blocks or config.gradient_checkpointing:
+        if not isinstance(body, GPT2):
+            raise ValueError("freeze_blocks and gradient_checkpointing are options of GPT-2 models")
+        if config.freeze_blocks > len(body.h):
+            raise ValueError(f"freeze_blocks={config.freeze_blocks} but the model has {len(body.h)} blocks")
+        body.gradient_checkpointing = config.gradient_checkpointing
+        if config.freeze_blocks:
+            for module in (body.wte, body.wpe, *body.h[: config.freeze_blocks]):
+                module.requires_grad_(False)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("the model has no trainable parameters (everything is frozen)")
+
+
 def _distributed() -> tuple[bool, int, int]:
     """Whether ``torch.distributed`` is running, this process's rank and the number of processes."""
     if dist.is_available() and dist.is_initialized():
@@ -260,10 +350,11 @@ def _distributed() -> tuple[bool, int, int]:
     return False, 0, 1
 
 
-def _optimizer(model: GPT2, config: TrainConfig) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+def _optimizer(model: nn.Module, config: TrainConfig) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW with weight decay on matrices only, and the warm-up + cosine schedule."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr, betas=config.betas,
@@ -272,7 +363,7 @@ def _optimizer(model: GPT2, config: TrainConfig) -> tuple[torch.optim.AdamW, tor
     return optimizer, scheduler
 
 
-def _restore(path: Path, model: GPT2, optimizer: torch.optim.Optimizer, scheduler: Any, batches: torch.Generator,
+def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, batches: torch.Generator,
              config: TrainConfig, data: TokenData, result: TrainResult) -> int:
     """Load ``path`` into the run's objects after checking that it belongs to this run; return its step."""
     state = load_training_checkpoint(path, map_location=model.device)
@@ -300,6 +391,7 @@ def _restore(path: Path, model: GPT2, optimizer: torch.optim.Optimizer, schedule
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     result.losses = list(state["losses"])
     result.val_losses = [tuple(v) for v in state["val_losses"]]
+    result.val_metrics = [(s, dict(m)) for s, m in state.get("val_metrics", [])]
     return state["step"]
 
 
@@ -307,7 +399,7 @@ def _as_list(value: Any) -> Any:
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
-def _check_weights(model: GPT2, step: int) -> None:
+def _check_weights(model: nn.Module, step: int) -> None:
     """Refuse to save non-finite weights over a good checkpoint."""
     with torch.no_grad():
         finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()])
@@ -319,17 +411,30 @@ def _check_weights(model: GPT2, step: int) -> None:
 class _Run:
     """One optimizer step at a time, on this process's share of every global batch."""
 
-    def __init__(self, model: GPT2, data: TokenData, config: TrainConfig, block: int, optimizer: Any,
-                 scheduler: Any, batches: torch.Generator, distributed: bool, rank: int, world: int) -> None:
+    def __init__(self, model: nn.Module, data: TokenData | LabeledData, config: TrainConfig, block: int,
+                 optimizer: Any, scheduler: Any, batches: torch.Generator, distributed: bool, rank: int,
+                 world: int) -> None:
         self.model, self.data, self.config, self.block = model, data, config, block
         self.optimizer, self.scheduler, self.batches = optimizer, scheduler, batches
         self.distributed, self.rank, self.world = distributed, rank, world
-        self.net: torch.nn.Module = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+        self.net: nn.Module = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
         self.forward = torch.compile(self.net) if config.compile else self.net
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.autocast or "")
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
         self.autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else nullcontext
-        self.last = len(data.train) - block - 1
+        # Language modeling draws window starts; classification draws example indices.
+        self.population = len(data.train_ids) if isinstance(data, LabeledData) else len(data.train) - block
+
+    def loss(self, rows: torch.Tensor) -> torch.Tensor:
+        """The mean loss of some training rows (windows or examples)."""
+        device = self.model.device
+        if isinstance(self.data, LabeledData):
+            x, mask, y = self.data.batch("train", rows.tolist(), self.block)
+            logits = self.forward(x.to(device), attention_mask=mask.to(device))
+            return F.cross_entropy(logits.float(), y.to(device))
+        x, y = self.data.windows("train", rows, self.block)
+        logits = self.forward(x.to(device))
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten())
 
     def step(self) -> float:
         """Accumulate the gradients of ``grad_accum`` micro-batches and update; return the mean loss."""
@@ -338,14 +443,11 @@ class _Run:
         for micro in range(config.grad_accum):
             # Every process draws the whole global batch and keeps its own rows, so the
             # batch does not depend on the number of processes.
-            starts = torch.randint(0, self.last + 1, (config.batch_size * self.world,), generator=self.batches)
-            mine = starts[self.rank * config.batch_size : (self.rank + 1) * config.batch_size]
-            x, y = self.data.windows("train", mine, self.block)
-            x, y = x.to(model.device), y.to(model.device)
+            rows = torch.randint(0, self.population, (config.batch_size * self.world,), generator=self.batches)
+            mine = rows[self.rank * config.batch_size : (self.rank + 1) * config.batch_size]
             sync = self.distributed and micro < config.grad_accum - 1
             with self.net.no_sync() if sync else nullcontext(), self.autocast():  # type: ignore[operator]
-                logits = self.forward(x)
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+                loss = self.loss(mine)
             self.scaler.scale(loss / config.grad_accum).backward()
             step_loss += loss.item() / config.grad_accum
         if not math.isfinite(step_loss):
@@ -353,7 +455,7 @@ class _Run:
             return step_loss  # no update from a non-finite loss
         if config.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -375,4 +477,5 @@ class _Run:
             "step": step,
             "losses": list(result.losses),
             "val_losses": [list(v) for v in result.val_losses],
+            "val_metrics": [[s, dict(m)] for s, m in result.val_metrics],
         }
