@@ -66,7 +66,7 @@ def main() -> None:
     args = parser.parse_args()
 
     final, val = trained_model(Path(args.work), args.steps)
-    block = 256
+    block = 128  # the window length it was trained on: later positions never were
     models = {"float32": GPT2.from_pretrained(final)}
     models.update({mode: GPT2.from_pretrained(final, quantize=mode) for mode in QUANTIZE_MODES})
     prompts = [val[i : i + 32] for i in torch.linspace(0, len(val) - 200, 16).long().tolist()]

@@ -96,3 +96,9 @@ def test_summarize_example_runs(tiny_dir, capsys):
     assert set(scores) >= {"rouge1", "rouge2", "rougeL", "bleu"}
     assert all(0 <= scores[k] <= 1 for k in ("rouge1", "rouge2", "rougeL"))
     assert capsys.readouterr().out.count("reference:") == 3
+
+
+def test_classify_docs_example_beats_the_majority_baseline(tmp_path, capsys):
+    numbers = _example("classify_docs").main(steps=60, out=str(tmp_path / "run"), progress=False)
+    assert numbers["accuracy"] > numbers["baseline"] + 0.15, numbers
+    assert "majority-class baseline" in capsys.readouterr().out
