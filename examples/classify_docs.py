@@ -47,7 +47,8 @@ def docstring_paragraphs(package: str) -> list[str]:
     for module in modules:
         objects.append(module)
         for _, obj in inspect.getmembers(module):
-            if getattr(obj, "__module__", None) == module.__name__ and (inspect.isclass(obj) or inspect.isfunction(obj)):
+            defined_here = getattr(obj, "__module__", None) == module.__name__
+            if defined_here and (inspect.isclass(obj) or inspect.isfunction(obj)):
                 objects.append(obj)
                 if inspect.isclass(obj):
                     objects += [f for _, f in inspect.getmembers(obj, inspect.isfunction)

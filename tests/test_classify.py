@@ -114,12 +114,12 @@ def _write_keyword_data(path, n=160, seed=0):
     import random
 
     rng = random.Random(seed)
-    fillers = "the a of and to in is it that was for on with as by".split()
+    fillers = ["the", "a", "of", "and", "to", "in", "is", "it", "that", "was", "for", "on", "with", "as", "by"]
     words = {"negative": "awful", "neutral": "table", "positive": "lovely"}
     rows = []
     for _ in range(n):
         label = rng.choice(list(words))
-        text = " ".join(rng.choices(fillers, k=rng.randint(3, 9)) + [words[label]] + rng.choices(fillers, k=2))
+        text = " ".join([*rng.choices(fillers, k=rng.randint(3, 9)), words[label], *rng.choices(fillers, k=2)])
         rows.append({"text": text, "label": label})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return rows
@@ -135,13 +135,14 @@ def test_training_a_classifier_through_the_one_trainer(tmp_path):
     config = TrainConfig(steps=60, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=5, eval_interval=30,
                          save_interval=30, progress=False)
     result = train(model, data, tmp_path / "run", config)
-    (step_a, first), (step_b, last) = result.val_metrics
+    (step_a, _first), (step_b, last) = result.val_metrics
     assert (step_a, step_b) == (30, 60)
     majority = max(sum(r["label"] == n for r in rows) for n in LABELS) / len(rows)
     assert last["accuracy"] > majority + 0.2, (last, majority)
     # The reported figures are those of the saved model on the held-out rows.
     clf = TextClassifier.from_pretrained(result.final_dir)
-    val_texts = [r["text"] for i, r in enumerate(rows) if data.val_ids and i in _held_out(rows, data)]
+    held = _held_out(rows, data)
+    val_texts = [r["text"] for i, r in enumerate(rows) if i in held]  # in file order, as load_labeled keeps them
     predicted = [LABELS.index(c.label) for c in clf.classify(val_texts)]
     assert classification_metrics(predicted, data.val_labels, 3)["accuracy"] == pytest.approx(last["accuracy"])
     one = clf.classify("it was lovely")
@@ -160,11 +161,11 @@ def _held_out(rows, data):
 def test_labeled_data_errors_name_the_problem(tmp_path):
     csv_file = tmp_path / "d.csv"
     csv_file.write_text("sentence,label\nhello,a\nworld,b\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="no 'text' column .*text_column"):
+    with pytest.raises(ValueError, match=r"no 'text' column .*text_column"):
         load_labeled(csv_file)
     data = load_labeled(csv_file, text_column="sentence", val_fraction=0.5)
     assert data.labels == ("a", "b")
-    with pytest.raises(ValueError, match="label 'b' .* is not one of the classes"):
+    with pytest.raises(ValueError, match=r"label 'b' .* is not one of the classes"):
         load_labeled(csv_file, text_column="sentence", labels=["a", "c"], val_fraction=0.5)
     csv_file.write_text("text,label\n,a\nworld,b\n", encoding="utf-8")
     with pytest.raises(ValueError, match="line 2: the text is empty"):
@@ -173,7 +174,7 @@ def test_labeled_data_errors_name_the_problem(tmp_path):
     bad.write_text('{"text": "x", "label": "a"}\n{"text": "y"\n', encoding="utf-8")
     with pytest.raises(ValueError, match="line 2 is not valid JSON"):
         load_labeled(bad)
-    with pytest.raises(ValueError, match="must be .csv"):
+    with pytest.raises(ValueError, match=r"must be \.csv"):
         load_labeled(tmp_path / "d.txt")
 
 

@@ -346,9 +346,6 @@ def _finetune(args: argparse.Namespace) -> int:
             from gpt2lite.models.lora import add_lora
 
             add_lora(model, lora)
-        context = model.config.n_positions
-        if args.block_size is not None and context is not None and args.block_size > context:
-            raise ValueError(f"--block-size {args.block_size} exceeds the model's context ({context} positions)")
         result = train(model, data, args.out, config, resume=args.resume)
         if tokenizer is not None and result.final_dir is not None:
             tokenizer.save(result.final_dir)  # the vocabulary travels with the model
@@ -404,6 +401,7 @@ def _training_setup(args: argparse.Namespace, device: str) -> tuple[Any, Any, An
             torch.manual_seed(args.seed)  # the new head's initialisation
             model = GPT2ForSequenceClassification.from_pretrained(
                 args.model or "gpt2", labels=data.labels, device=device, local_files_only=args.offline)
+        _check_block_size(args, model)
         return model, data, None
 
     from gpt2lite.training.data import prepare_data
@@ -428,8 +426,15 @@ def _training_setup(args: argparse.Namespace, device: str) -> tuple[Any, Any, An
         model = GPT2(GPT2Config.from_preset(args.preset, **extra)).to(device)
     else:
         model = GPT2.from_pretrained(args.model or "gpt2", device=device, local_files_only=args.offline)
+    _check_block_size(args, model)  # before the data is tokenized
     data = prepare_data(args.data, os.path.join(args.out, "data"), tokenizer=tokenizer, errors=args.encoding_errors)
     return model, data, tokenizer
+
+
+def _check_block_size(args: argparse.Namespace, model: Any) -> None:
+    context = model.config.n_positions
+    if args.block_size is not None and context is not None and args.block_size > context:
+        raise ValueError(f"--block-size {args.block_size} exceeds the model's context ({context} positions)")
 
 
 def _classify(args: argparse.Namespace) -> int:
