@@ -70,3 +70,22 @@ def test_cuda_training_lowers_loss(autocast, tmp_path):
     first, last = result.val_losses[0][1], result.val_losses[-1][1]
     assert last < first - 1.0
     assert GPT2.from_pretrained(result.final_dir).dtype == torch.float32
+
+
+def test_cuda_int8_is_weight_only_and_equals_the_dequantized_model(gpt2_124m_dir):
+    from gpt2lite.models.quantize import Int8Linear
+
+    quantized = GPT2.from_pretrained(gpt2_124m_dir, device="cuda", quantize="int8")
+    layer = quantized.h[0].attn.c_attn
+    assert isinstance(layer, Int8Linear) and layer._packed is None  # no CPU kernel: activations stay float
+    reference = GPT2.from_pretrained(gpt2_124m_dir, device="cuda")
+    with torch.no_grad():  # the float model with the very weights int8 stands for
+        for q_block, f_block in zip(quantized.h, reference.h, strict=True):
+            for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+                q, f = q_block.get_submodule(name), f_block.get_submodule(name)
+                f.weight.copy_(q.dequantize())
+        reference.wte.weight.copy_(quantized.wte.dequantize())
+        ids = ids_on_cuda((2, 32), seed=3)
+        torch.testing.assert_close(quantized(ids), reference(ids), atol=1e-3, rtol=1e-3)
+    out = generate(quantized, ids, max_new_tokens=8, temperature=0, ignore_eos=True)
+    assert out.device.type == "cuda" and out.shape == (2, 40)

@@ -266,3 +266,12 @@ def test_cli_serve_runs_the_engine_in_its_main_thread(tiny_dir):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_quantized_model_serves_what_the_text_api_gives(tiny_dir):
+    quantized = TextGenerator.from_pretrained(tiny_dir, quantize="int8")
+    app = create_app(quantized, model_name="tiny-int8")
+    with running(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        got = client.completions.create(model="tiny-int8", prompt="Hello there", max_tokens=6, temperature=0)
+    assert got.choices[0].text == quantized("Hello there", max_new_tokens=6, temperature=0)
