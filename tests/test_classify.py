@@ -149,6 +149,25 @@ def test_training_a_classifier_through_the_one_trainer(tmp_path):
     assert one.label in LABELS and sum(one.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
 
 
+def test_classifier_resume_continues_exactly(tmp_path):
+    _write_keyword_data(tmp_path / "train.jsonl", n=80)
+    data = load_labeled(tmp_path / "train.jsonl", val_fraction=0.25)
+
+    def fresh():
+        torch.manual_seed(0)
+        return GPT2ForSequenceClassification(GPT2Config.from_preset("tiny", labels=data.labels, pad_token_id=PAD))
+
+    config = dict(batch_size=8, lr=3e-3, warmup_steps=2, eval_interval=2, save_interval=2, progress=False)
+    whole = train(fresh(), data, tmp_path / "whole", TrainConfig(steps=4, **config))
+    train(fresh(), data, tmp_path / "split", TrainConfig(steps=2, **config))
+    resumed = train(fresh(), data, tmp_path / "split", TrainConfig(steps=4, **config), resume=True)
+    assert resumed.losses == whole.losses  # dropout, batches and optimizer all continue where they stopped
+    assert resumed.val_metrics == whole.val_metrics
+    other = load_labeled(tmp_path / "train.jsonl", val_fraction=0.5)
+    with pytest.raises(ValueError, match="other data"):
+        train(fresh(), other, tmp_path / "split", TrainConfig(steps=6, **config), resume=True)
+
+
 def _held_out(rows, data):
     """Indices of the rows that load_labeled held out (the same seeded sample it draws)."""
     import random

@@ -120,6 +120,9 @@ def test_lora_training_changes_only_the_adapters(tiny_dir, tmp_path):
         assert torch.equal(now, value), key
     assert any(float(p.detach().abs().max()) > 0 for n, p in model.named_parameters() if "lora_B" in n)
     assert (result.final_dir / "adapter_model.safetensors").is_file()
+    theirs = peft.PeftModel.from_pretrained(_hf_lm(tiny_dir), result.final_dir).eval()
+    with torch.no_grad():  # the trained adapter, in peft on transformers' GPT-2
+        torch.testing.assert_close(theirs(input_ids=IDS).logits, model.eval()(IDS), atol=1e-4, rtol=1e-4)
     gen = TextGenerator.from_pretrained(result.final_dir)  # the base comes from adapter_config.json
     assert not has_lora(gen.model)  # merged for generation
     with torch.no_grad():
