@@ -107,6 +107,9 @@ def test_text_api_streams_scores_and_refuses_training(tiny_dir, tmp_path):
 def test_bad_quantize_values_are_errors(tiny_dir):
     with pytest.raises(ValueError, match="quantize must be one of"):
         GPT2.from_pretrained(tiny_dir, quantize="int3")
+    q = GPT2.from_pretrained(tiny_dir, quantize="int8")
+    with pytest.raises(ValueError, match="compile=True cannot trace the CPU int8 kernel"):
+        generate(q, torch.tensor([[1, 2, 3]]), max_new_tokens=2, compile=True)
 
 
 def test_cli_quantize_flag_reaches_the_model(tiny_dir, tmp_path, capsys):
