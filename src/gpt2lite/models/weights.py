@@ -210,6 +210,8 @@ def load_state_dict(
             parts.append(f"missing tensors {missing[:6]}{' ...' if len(missing) > 6 else ''}")
         if unexpected:
             parts.append(f"unexpected tensors {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}")
+        if "score.weight" in unexpected:
+            parts.append("it is a sequence classifier: load it with GPT2ForSequenceClassification.from_pretrained")
         raise CheckpointError(
             f"checkpoint does not match a GPT-2 with {config.n_layer} layers, n_embd={config.n_embd}: "
             + "; ".join(parts)
