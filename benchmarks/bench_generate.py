@@ -6,7 +6,7 @@ no early stop, first gpt2lite then transformers, for each batch size. Prints
 the median tokens/s (new tokens x batch / wall time) and the ratio.
 
     python benchmarks/bench_generate.py [--device cpu|cuda] [--dtype float32|float16] [--rounds 5]
-        [--quantize int8]
+        [--quantize int8] [--prepack]
 
 ``--quantize int8`` also times gpt2lite with int8 weights (same checkpoint, quantized
 at load) in the same alternating rounds.
@@ -32,11 +32,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--compile", action="store_true", help="also time gpt2lite's compiled CUDA-graph path")
     parser.add_argument("--quantize", choices=["int8"], default=None, help="also time gpt2lite quantized")
+    parser.add_argument("--prepack", action="store_true", help="also time gpt2lite with prepack() (CPU, float32)")
     args = parser.parse_args()
 
     import transformers
 
-    from gpt2lite import GPT2, GPT2Config, generate
+    from gpt2lite import GPT2, GPT2Config, generate, prepack
     from gpt2lite.models.weights import resolve_dtype
 
     transformers.logging.set_verbosity_error()
@@ -50,6 +51,7 @@ def main() -> None:
         ours = GPT2.from_pretrained(tmp, device=device, dtype=dtype)
         quantized = GPT2.from_pretrained(tmp, device=device, dtype=dtype, quantize=args.quantize) \
             if args.quantize else None
+        packed = prepack(GPT2.from_pretrained(tmp, device=device, dtype=dtype)) if args.prepack else None
         theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp, dtype=dtype).to(device).eval()
 
     def run_ours(ids, model=ours, **kw):
@@ -67,6 +69,8 @@ def main() -> None:
         runners["gpt2lite compiled"] = lambda ids: run_ours(ids, compile=True)
     if quantized is not None:
         runners[f"gpt2lite {args.quantize}"] = partial(run_ours, model=quantized)
+    if packed is not None:
+        runners["gpt2lite prepacked"] = partial(run_ours, model=packed)
 
     print(f"device={device} dtype={dtype} threads={torch.get_num_threads()} prompt={args.prompt} "
           f"new={args.new} greedy, {args.rounds} rounds, medians")

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from gpt2lite.models.config import PRESETS, GPT2Config
     from gpt2lite.models.gpt2 import GPT2
     from gpt2lite.models.lora import LoraConfig, add_lora, load_adapter, merge_lora, save_adapter
+    from gpt2lite.models.packed import prepack
     from gpt2lite.models.protocol import DecoderModel, DecodeState
     from gpt2lite.models.quantize import quantize
     from gpt2lite.models.recurrent import RecurrentConfig, RecurrentLM
@@ -51,6 +52,7 @@ _EXPORTS = {
     "load_adapter": "gpt2lite.models.lora",
     "save_adapter": "gpt2lite.models.lora",
     "quantize": "gpt2lite.models.quantize",
+    "prepack": "gpt2lite.models.packed",
     "LabeledData": "gpt2lite.training.labeled",
     "load_labeled": "gpt2lite.training.labeled",
     "CharTokenizer": "gpt2lite.char_tokenizer",
@@ -128,6 +130,7 @@ __all__ = [
     "load_labeled",
     "merge_lora",
     "perplexity",
+    "prepack",
     "prepare_data",
     "quantize",
     "save_adapter",

@@ -191,6 +191,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
                         help="store the weights in int8 for faster, smaller inference (default: off)")
     parser.add_argument("--adapter", default=None, help="a LoRA adapter directory (PEFT format) to apply")
+    parser.add_argument("--prepack", action="store_true",
+                        help="float32 on the CPU: faster batches of 4+ rows for twice the weight memory")
 
 
 # gpt2lite.models.quantize.QUANTIZE_MODES, spelled out so that parsing arguments needs no torch.
@@ -203,7 +205,7 @@ def _load_generator(args: argparse.Namespace, name_or_path: str, *, draft: bool 
 
     return TextGenerator.from_pretrained(name_or_path, device=_device(args.device), dtype=args.dtype,
                                          local_files_only=args.offline, quantize=args.quantize,
-                                         adapter=None if draft else args.adapter)
+                                         adapter=None if draft else args.adapter, prepack=args.prepack)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,6 +15,7 @@ from gpt2lite.generation.options import GenerationOptions
 from gpt2lite.hub import HUB_ALIASES
 from gpt2lite.models.gpt2 import GPT2
 from gpt2lite.models.lora import has_lora, merge_lora
+from gpt2lite.models.packed import prepack as prepack_model
 from gpt2lite.models.quantize import QuantizeMode
 from gpt2lite.tokenizer import Tokenizer
 
@@ -79,12 +80,15 @@ class TextGenerator:
         local_files_only: bool = False,
         quantize: QuantizeMode | None = None,
         adapter: str | os.PathLike[str] | None = None,
+        prepack: bool = False,
     ) -> TextGenerator:
         """Load model and tokenizer from a hub id or local path (see ``GPT2.from_pretrained``).
 
         ``quantize="int8"`` loads a GPT-2 with int8 weights (faster, smaller, inference only).
         ``adapter`` puts a LoRA adapter (PEFT format) on it; a directory that
-        holds only an adapter loads the base model it names.
+        holds only an adapter loads the base model it names. ``prepack=True``
+        adds oneDNN-reordered weights for faster float32 CPU batches (see
+        ``gpt2lite.models.packed``; twice the weight memory).
 
         A directory saved from a ``RecurrentLM`` (RNN, LSTM, GRU) loads that model instead,
         and one with a character vocabulary (``tokenizer.json`` of ``CharTokenizer``) uses it.
@@ -97,15 +101,17 @@ class TextGenerator:
 
         hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
         if is_recurrent_checkpoint(name_or_path):
-            if quantize is not None or adapter is not None:
-                raise ValueError(f"{str(name_or_path)!r} is a recurrent model; quantize and LoRA adapters are "
-                                 "for GPT-2 models")
+            if quantize is not None or adapter is not None or prepack:
+                raise ValueError(f"{str(name_or_path)!r} is a recurrent model; quantize, prepack and LoRA "
+                                 "adapters are for GPT-2 models")
             model = RecurrentLM.from_pretrained(name_or_path, device=device, dtype=resolve_dtype(dtype))
         else:
             model = GPT2.from_pretrained(name_or_path, device=device, dtype=dtype, quantize=quantize, adapter=adapter,
                                          **hub)
             if has_lora(model):  # generation only reads the weights: fold the adapters in once
                 merge_lora(model)
+            if prepack:
+                prepack_model(model)
         return cls(model, load_tokenizer(name_or_path, model.config.vocab_size, **hub))  # type: ignore[arg-type]
 
     def __call__(

@@ -1,0 +1,64 @@
+"""prepack: the reordered copy gives the float product, follows weight changes, leaves the model's API alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpt2lite import GPT2, TextGenerator, TrainConfig, generate, prepack, prepare_data, train
+from gpt2lite.cli import build_parser, main
+from gpt2lite.models.packed import MIN_ROWS, PackedLinear
+
+
+@pytest.mark.parametrize("rows", [1, MIN_ROWS, 8, 40])
+def test_packed_product_equals_the_float_product(rows):
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 96)
+    packed = PackedLinear.wrap(layer)
+    x = torch.randn(rows, 64)
+    with torch.no_grad():
+        expected = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+        torch.testing.assert_close(packed(x).double(), expected, atol=1e-5, rtol=1e-5)
+    assert (packed._packed is not None) == (rows >= MIN_ROWS)  # small batches keep the plain product
+
+
+def test_a_changed_weight_is_reordered_again():
+    torch.manual_seed(0)
+    packed = PackedLinear.wrap(nn.Linear(32, 16))
+    x = torch.randn(8, 32)
+    with torch.no_grad():
+        packed(x)
+        packed.weight.mul_(2)  # as an optimizer step or load_state_dict would
+        torch.testing.assert_close(packed(x), F.linear(x, packed.weight, packed.bias), atol=1e-5, rtol=1e-5)
+
+
+def test_prepacked_model_matches_the_float_model_and_keeps_its_state_dict(tiny_dir, tiny, tmp_path):
+    model = prepack(GPT2.from_pretrained(tiny_dir))
+    assert isinstance(model.h[0].mlp.c_fc, PackedLinear)
+    assert model.state_dict().keys() == tiny.state_dict().keys()
+    ids = torch.randint(0, 50257, (8, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), tiny(ids), atol=1e-4, rtol=1e-4)
+    assert torch.equal(generate(model, ids, max_new_tokens=8, temperature=0, ignore_eos=True),
+                       generate(tiny, ids, max_new_tokens=8, temperature=0, ignore_eos=True))
+    data = prepare_data(["Some text to train a step on. " * 100], tmp_path / "data")
+    result = train(model, data, tmp_path / "run", TrainConfig(steps=2, batch_size=2, block_size=16, progress=False))
+    assert GPT2.from_pretrained(result.final_dir).state_dict().keys() == tiny.state_dict().keys()
+
+
+def test_prepack_refuses_what_it_cannot_serve(tiny_dir):
+    with pytest.raises(ValueError, match="float32 models on the CPU"):
+        prepack(GPT2.from_pretrained(tiny_dir, quantize="int8"))
+    with pytest.raises(ValueError, match="float32 models on the CPU"):
+        prepack(GPT2.from_pretrained(tiny_dir, dtype="bfloat16"))
+
+
+def test_prepack_flag_reaches_the_model(tiny_dir, capsys):
+    assert build_parser().parse_args(["serve", "--prepack"]).prepack is True
+    gen = TextGenerator.from_pretrained(tiny_dir, prepack=True)
+    assert isinstance(gen.model.h[1].attn.c_attn, PackedLinear)
+    assert main(["generate", "Hi", "--model", str(tiny_dir), "--device", "cpu", "--prepack", "--max-new-tokens", "3",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.strip() != ""
