@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gpt2lite.generation.engine import right_pad
 from gpt2lite.models.classifier import GPT2ForSequenceClassification
 from gpt2lite.models.lora import has_lora, merge_lora
 from gpt2lite.pipeline import load_tokenizer
@@ -91,12 +92,7 @@ class TextClassifier:
         device = self.model.device
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            T = max(len(encoded[i]) for i in chunk)
-            ids = torch.zeros((len(chunk), T), dtype=torch.long)
-            mask = torch.zeros((len(chunk), T), dtype=torch.long)
-            for row, i in enumerate(chunk):
-                ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
-                mask[row, : len(encoded[i])] = 1
+            ids, mask = right_pad([encoded[i] for i in chunk], 0)
             p = self.model(ids.to(device), attention_mask=mask.to(device)).float().softmax(-1).cpu()  # (B, L)
             for row, i in enumerate(chunk):
                 probs[i] = p[row]

@@ -25,7 +25,7 @@ from gpt2lite.models.protocol import DecoderModel
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["GenerateOutput", "Step", "generate", "iter_steps", "iter_tokens", "left_pad"]
+__all__ = ["GenerateOutput", "Step", "generate", "iter_steps", "iter_tokens", "left_pad", "right_pad"]
 
 Prompt = torch.Tensor | Sequence[int] | Sequence[Sequence[int]]
 
@@ -37,11 +37,30 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch
     >>> ids.tolist(), mask.tolist()
     ([[5, 6, 7], [0, 0, 8]], [[1, 1, 1], [0, 0, 1]])
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("left_pad needs a non-empty list of non-empty prompts")
-    width = max(map(len, prompts))
-    ids = torch.tensor([[pad_token_id] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
+    return _pad(prompts, pad_token_id, left=True)
+
+
+def right_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids ``(B, T)`` and attention mask ``(B, T)`` for rows of any lengths, padded on the right.
+
+    >>> ids, mask = right_pad([[5, 6, 7], [8]], pad_token_id=0)
+    >>> ids.tolist(), mask.tolist()
+    ([[5, 6, 7], [8, 0, 0]], [[1, 1, 1], [1, 0, 0]])
+    """
+    return _pad(rows, pad_token_id, left=False)
+
+
+def _pad(rows: Sequence[Sequence[int]], pad_token_id: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if not rows or any(len(r) == 0 for r in rows):
+        side = "left" if left else "right"
+        raise ValueError(f"{side}_pad needs a non-empty list of non-empty {'prompts' if left else 'rows'}")
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        span = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, span] = torch.as_tensor(r, dtype=torch.long)
+        mask[i, span] = 1
     return ids, mask
 
 

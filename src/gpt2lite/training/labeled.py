@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from gpt2lite.generation.engine import right_pad
 from gpt2lite.tokenizer import Tokenizer
 
 __all__ = ["LabeledData", "load_labeled", "read_labeled"]
@@ -50,13 +51,7 @@ class LabeledData:
         Texts longer than ``max_length`` tokens keep their first ``max_length``.
         """
         ids, labels = self.part(part)
-        rows = [ids[i][:max_length] for i in indices]
-        T = max(len(r) for r in rows)
-        x = torch.full((len(rows), T), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), T), dtype=torch.long)
-        for i, r in enumerate(rows):
-            x[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, : len(r)] = 1
+        x, mask = right_pad([ids[i][:max_length] for i in indices], pad_id)
         return x, mask, torch.tensor([labels[i] for i in indices], dtype=torch.long)
 
 

@@ -306,6 +306,8 @@ def _check_run(model: nn.Module, data: TokenData | LabeledData, config: TrainCon
     block = config.block_size or min(context or 256, 256)
     if context is not None and block > context:
         raise ValueError(f"block_size {block} exceeds the model's n_positions ({context})")
+    if config.autocast and model.device.type != "cuda":
+        raise ValueError("autocast (bf16/fp16 mixed precision) is for CUDA; train in float32 on the CPU")
     classifier = hasattr(model, "score")
     if isinstance(data, LabeledData) or classifier:
         if not (isinstance(data, LabeledData) and classifier):
@@ -314,16 +316,12 @@ def _check_run(model: nn.Module, data: TokenData | LabeledData, config: TrainCon
         if tuple(model.config.labels) != data.labels:
             raise ValueError(f"the model classifies into {list(model.config.labels)} but the data's classes are "
                              f"{list(data.labels)}: build the model with labels=data.labels")
-        if config.autocast and model.device.type != "cuda":
-            raise ValueError("autocast (bf16/fp16 mixed precision) is for CUDA; train in float32 on the CPU")
         return block
     for part in ("train", "val"):
         n = len(data.part(part))
         if n < block + 1:
             raise ValueError(f"the {part} part holds {n} tokens, fewer than block_size + 1 = {block + 1}: "
                              "give more text or a smaller block_size")
-    if config.autocast and model.device.type != "cuda":
-        raise ValueError("autocast (bf16/fp16 mixed precision) is for CUDA; train in float32 on the CPU")
     return block
 
 
