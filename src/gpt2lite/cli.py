@@ -189,7 +189,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default: float32)")
     parser.add_argument("--offline", action="store_true", help="use only files already in the hub cache")
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
-                        help="store the weights in int8 for faster, smaller inference (default: off)")
+                        help="int8 weights: faster inference (default: off)")
     parser.add_argument("--adapter", default=None, help="a LoRA adapter directory (PEFT format) to apply")
     parser.add_argument("--prepack", action="store_true",
                         help="float32 on the CPU: faster batches of 4+ rows for twice the weight memory")

@@ -84,7 +84,7 @@ class TextGenerator:
     ) -> TextGenerator:
         """Load model and tokenizer from a hub id or local path (see ``GPT2.from_pretrained``).
 
-        ``quantize="int8"`` loads a GPT-2 with int8 weights (faster, smaller, inference only).
+        ``quantize="int8"`` loads a GPT-2 with int8 weights (faster, inference only).
         ``adapter`` puts a LoRA adapter (PEFT format) on it; a directory that
         holds only an adapter loads the base model it names. ``prepack=True``
         adds oneDNN-reordered weights for faster float32 CPU batches (see

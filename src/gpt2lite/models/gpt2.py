@@ -294,7 +294,7 @@ class GPT2(nn.Module):
         ``peft``'s) to put on the loaded weights; a directory that holds only an
         adapter loads the base model its ``adapter_config.json`` names.
         ``quantize="int8"`` stores the linear layers and the tied embedding in
-        int8 for faster, smaller inference (see ``gpt2lite.models.quantize``);
+        int8 for faster inference (see ``gpt2lite.models.quantize``);
         adapters are merged into the weights first.
         """
         if quantize is not None and quantize not in QUANTIZE_MODES:

@@ -45,7 +45,7 @@ def _quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 rows and their scales: ``weight ≈ q * scale[:, None]``."""
     w = weight.detach().float()
     scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127  # (out,)
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)  # (out, in)
+    q = (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)  # (out, in); one float temporary
     return q, scale
 
 
@@ -160,5 +160,9 @@ def quantize(model: nn.Module, mode: QuantizeMode = "int8") -> nn.Module:
                 layer = getattr(parent, name)
                 setattr(parent, name, Int8Linear.from_float(layer.weight, layer.bias))
         body.wte = Int8Embedding.from_float(body.wte.weight)
+        # What stays in floating point (positions, LayerNorms) may still be a view of the mapped
+        # checkpoint file, which would keep the whole float file resident: give it its own memory.
+        for p in body.parameters():
+            p.data = p.data.clone()
     body.requires_grad_(False)
     return model
