@@ -249,7 +249,8 @@ def read_adapter_config(directory: str | os.PathLike[str]) -> LoraConfig:
                    "rank_pattern": {}, "alpha_pattern": {}, "trainable_token_indices": None,
                    "target_parameters": None, "layer_replication": None}
     for key, default in unsupported.items():
-        if d.get(key, default) not in (default, None if default == {} else default):
+        allowed = (default, None) if default == {} else (default,)  # an empty pattern may be written as null
+        if d.get(key, default) not in allowed:
             raise CheckpointError(f"{str(path)!r} sets {key}={d[key]!r}, which gpt2lite's LoRA does not support")
     extra = set(d.get("modules_to_save") or ()) - {"score", "classifier"}
     if extra:
