@@ -37,7 +37,7 @@ def main() -> None:
 
     import transformers
 
-    from gpt2lite import GPT2, GPT2Config, generate, prepack
+    from gpt2lite import GPT2, GPT2Config, generate, load_model, prepack
     from gpt2lite.models.weights import resolve_dtype
 
     transformers.logging.set_verbosity_error()
@@ -49,7 +49,7 @@ def main() -> None:
         torch.manual_seed(0)
         GPT2(GPT2Config.from_preset("gpt2")).save_pretrained(tmp)
         ours = GPT2.from_pretrained(tmp, device=device, dtype=dtype)
-        quantized = GPT2.from_pretrained(tmp, device=device, dtype=dtype, quantize=args.quantize) \
+        quantized = load_model(tmp, device=device, dtype=dtype, quantize=args.quantize) \
             if args.quantize else None
         packed = prepack(GPT2.from_pretrained(tmp, device=device, dtype=dtype)) if args.prepack else None
         theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp, dtype=dtype).to(device).eval()

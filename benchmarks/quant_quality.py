@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from gpt2lite import GPT2, GPT2Config, TrainConfig, generate, prepare_data, train
-from gpt2lite.models.quantize import QUANTIZE_MODES
-from gpt2lite.scoring import perplexity
+from gpt2lite import GPT2, GPT2Config, TrainConfig, generate, load_model, prepare_data, train
+from gpt2lite.text.scoring import perplexity
+from gpt2lite.transforms.quantize import QUANTIZE_MODES
 
 
 def python_docs() -> list[str]:
@@ -68,7 +68,7 @@ def main() -> None:
     final, val = trained_model(Path(args.work), args.steps)
     block = 128  # the window length it was trained on: later positions never were
     models = {"float32": GPT2.from_pretrained(final)}
-    models.update({mode: GPT2.from_pretrained(final, quantize=mode) for mode in QUANTIZE_MODES})
+    models.update({mode: load_model(final, quantize=mode) for mode in QUANTIZE_MODES})
     prompts = [val[i : i + 32] for i in torch.linspace(0, len(val) - 200, 16).long().tolist()]
     reference: dict[str, object] = {}
     print(f"held-out: {len(val)} tokens; model {final}")

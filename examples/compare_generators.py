@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from gpt2lite import GPT2, GPT2Config, RecurrentConfig, RecurrentLM, TrainConfig, generate, prepare_data, train
-from gpt2lite.training.trainer import evaluate_loss
+from gpt2lite.training.objectives import evaluate_loss
 
 
 def python_docs() -> list[str]:

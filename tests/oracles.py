@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from gpt2lite.tokenizer_files import bundled_gpt2_files
+from gpt2lite.tokenizers.files import bundled_gpt2_files
 
 # tiktoken's "gpt2" pattern (its own spelling of GPT-2's).
 TIKTOKEN_GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""

@@ -18,7 +18,7 @@ from gpt2lite import (
     train,
 )
 from gpt2lite.cli import main
-from gpt2lite.training.trainer import classification_metrics
+from gpt2lite.training.objectives import classification_metrics
 
 from .conftest import TINY
 

@@ -73,7 +73,7 @@ def test_cuda_training_lowers_loss(autocast, tmp_path):
 
 
 def test_cuda_int8_is_weight_only_and_equals_the_dequantized_model(gpt2_124m_dir):
-    from gpt2lite.models.quantize import Int8Linear
+    from gpt2lite.transforms.quantize import Int8Linear
 
     quantized = GPT2.from_pretrained(gpt2_124m_dir, device="cuda", quantize="int8")
     layer = quantized.h[0].attn.c_attn

@@ -249,8 +249,8 @@ def test_public_api_is_explicit_and_import_is_lazy():
 
 
 def test_no_import_loops_between_model_and_files():
-    code = ("import sys, gpt2lite.models.weights, gpt2lite.tokenizer_files;"
-            "bad = {'gpt2lite.models.gpt2', 'gpt2lite.tokenizer'} & set(sys.modules); assert not bad, bad")
+    code = ("import sys, gpt2lite.models.weights, gpt2lite.tokenizers.files;"
+            "bad = {'gpt2lite.models.gpt2', 'gpt2lite.tokenizers.bpe'} & set(sys.modules); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

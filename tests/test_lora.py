@@ -16,13 +16,15 @@ from gpt2lite import (
     TextGenerator,
     TrainConfig,
     add_lora,
+    load_model,
     merge_lora,
     prepare_data,
+    save_model,
     train,
 )
 from gpt2lite.cli import main
 from gpt2lite.errors import CheckpointError
-from gpt2lite.models.lora import LoraLinear, has_lora
+from gpt2lite.transforms.lora import LoraLinear, has_lora
 
 IDS = torch.randint(0, 50257, (2, 11), generator=torch.Generator().manual_seed(0))
 
@@ -46,7 +48,7 @@ def test_our_adapter_loads_in_peft_with_equal_logits(tiny_dir, tmp_path):
     add_lora(model, LoraConfig(r=4, lora_alpha=12, lora_dropout=0.1, target_modules=("c_attn", "c_proj", "c_fc")))
     _randomize_b(model)
     model.eval()
-    model.save_pretrained(tmp_path)
+    save_model(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == str(tiny_dir)
     theirs = peft.PeftModel.from_pretrained(_hf_lm(tiny_dir), tmp_path).eval()
@@ -54,7 +56,7 @@ def test_our_adapter_loads_in_peft_with_equal_logits(tiny_dir, tmp_path):
         expected = theirs(input_ids=IDS).logits
         torch.testing.assert_close(model(IDS), expected, atol=1e-4, rtol=1e-4)
         # ... the adapter directory alone finds its base; merged weights give the same logits.
-        again = GPT2.from_pretrained(tmp_path)
+        again = load_model(tmp_path)
         torch.testing.assert_close(again(IDS), expected, atol=1e-4, rtol=1e-4)
         merged = merge_lora(again)
         assert not has_lora(merged)
@@ -66,7 +68,7 @@ def test_peft_adapter_loads_here_with_equal_logits(tiny_dir, tmp_path):
                              init_lora_weights=False)  # random B, so the adapter changes the output
     theirs = peft.get_peft_model(_hf_lm(tiny_dir), config).eval()
     theirs.save_pretrained(tmp_path)
-    ours = GPT2.from_pretrained(tiny_dir, adapter=tmp_path)
+    ours = load_model(tiny_dir, adapter=tmp_path)
     assert isinstance(ours.h[0].mlp.c_proj, LoraLinear) and not isinstance(ours.h[0].attn.c_proj, LoraLinear)
     with torch.no_grad():
         expected = theirs(input_ids=IDS).logits
@@ -80,19 +82,19 @@ def test_classifier_adapters_go_both_ways(tiny_dir, tmp_path):
     _randomize_b(ours)
     trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
     assert "score.weight" in trainable and all("lora_" in n or n == "score.weight" for n in trainable)
-    ours.eval().save_pretrained(tmp_path / "ours")
+    save_model(ours.eval(), tmp_path / "ours")
     hf = transformers.GPT2ForSequenceClassification.from_pretrained(tiny_dir, num_labels=3, pad_token_id=50256)
     theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "ours").eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(IDS), theirs(input_ids=IDS).logits, atol=1e-4, rtol=1e-4)
-        back = GPT2ForSequenceClassification.from_pretrained(tmp_path / "ours")  # labels travel with it
+        back = load_model(tmp_path / "ours", kind="classifier")  # labels travel with it
         assert back.labels == ("a", "b", "c")
         torch.testing.assert_close(back(IDS), ours(IDS))
     hf = transformers.GPT2ForSequenceClassification.from_pretrained(tiny_dir, num_labels=2, pad_token_id=50256)
     made = peft.get_peft_model(hf, peft.LoraConfig(r=2, target_modules=["c_attn"], task_type="SEQ_CLS",
                                                    init_lora_weights=False)).eval()
     made.save_pretrained(tmp_path / "peft")
-    loaded = GPT2ForSequenceClassification.from_pretrained(tiny_dir, labels=["no", "yes"], adapter=tmp_path / "peft")
+    loaded = load_model(tiny_dir, kind="classifier", labels=["no", "yes"], adapter=tmp_path / "peft")
     with torch.no_grad():
         torch.testing.assert_close(loaded(IDS), made(input_ids=IDS).logits, atol=1e-4, rtol=1e-4)
 
@@ -101,7 +103,7 @@ def test_unsupported_peft_options_are_refused(tiny_dir, tmp_path):
     theirs = peft.get_peft_model(_hf_lm(tiny_dir), peft.LoraConfig(r=2, target_modules=["c_attn"], use_dora=True))
     theirs.save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="use_dora"):
-        GPT2.from_pretrained(tiny_dir, adapter=tmp_path)
+        load_model(tiny_dir, adapter=tmp_path)
     with pytest.raises(ValueError, match="not a GPT-2 linear layer"):
         LoraConfig(target_modules=("q_proj",))
 

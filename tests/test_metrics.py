@@ -10,7 +10,7 @@ from rouge_score import rouge_scorer
 
 from gpt2lite import evaluate_texts
 from gpt2lite.cli import main
-from gpt2lite.metrics import distinct_n, self_bleu
+from gpt2lite.text.metrics import distinct_n, self_bleu
 
 PREDICTIONS = [
     "The cat sat on the mat and looked out of the window.",

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpt2lite import GPT2, TextGenerator, TrainConfig, generate, prepack, prepare_data, train
+from gpt2lite import GPT2, TextGenerator, TrainConfig, generate, load_model, prepack, prepare_data, train
 from gpt2lite.cli import build_parser, main
-from gpt2lite.models.packed import MIN_ROWS, PackedLinear
+from gpt2lite.transforms.packed import MIN_ROWS, PackedLinear
 
 
 @pytest.mark.parametrize("rows", [1, MIN_ROWS, 8, 40])
@@ -50,7 +50,7 @@ def test_prepacked_model_matches_the_float_model_and_keeps_its_state_dict(tiny_d
 
 def test_prepack_refuses_what_it_cannot_serve(tiny_dir):
     with pytest.raises(ValueError, match="float32 models on the CPU"):
-        prepack(GPT2.from_pretrained(tiny_dir, quantize="int8"))
+        prepack(load_model(tiny_dir, quantize="int8"))
     with pytest.raises(ValueError, match="float32 models on the CPU"):
         prepack(GPT2.from_pretrained(tiny_dir, dtype="bfloat16"))
 

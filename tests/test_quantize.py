@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2lite import GPT2, TextGenerator, TrainConfig, generate, prepare_data, quantize, train
+from gpt2lite import TextGenerator, TrainConfig, generate, load_model, prepare_data, quantize, save_model, train
 from gpt2lite.cli import QUANTIZE_CHOICES, build_parser, main
-from gpt2lite.models.quantize import QUANTIZE_MODES, Int8Embedding, Int8Linear, is_quantized
+from gpt2lite.transforms.quantize import QUANTIZE_MODES, Int8Embedding, Int8Linear, is_quantized
 
 
 def _layer(out_features: int = 96, in_features: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +75,7 @@ def test_moving_a_layer_rebuilds_its_packed_weight():
 
 
 def test_quantized_model_is_close_to_float_and_generates(tiny_dir, tiny):
-    q = GPT2.from_pretrained(tiny_dir, quantize="int8")
+    q = load_model(tiny_dir, quantize="int8")
     assert is_quantized(q) and not is_quantized(tiny)
     assert q.dtype == torch.float32
     ids = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -101,13 +101,15 @@ def test_text_api_streams_scores_and_refuses_training(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match="already quantized"):
         quantize(gen.model)
     with pytest.raises(ValueError, match="saving a quantized model"):
-        gen.model.save_pretrained(tmp_path / "q")
+        save_model(gen.model, tmp_path / "q")
+    with pytest.raises(ValueError, match=r"saved with gpt2lite\.save_model"):
+        gen.model.save_pretrained(tmp_path / "q")  # the model's own class knows nothing of quantization
 
 
 def test_bad_quantize_values_are_errors(tiny_dir):
     with pytest.raises(ValueError, match="quantize must be one of"):
-        GPT2.from_pretrained(tiny_dir, quantize="int3")
-    q = GPT2.from_pretrained(tiny_dir, quantize="int8")
+        load_model(tiny_dir, quantize="int3")
+    q = load_model(tiny_dir, quantize="int8")
     with pytest.raises(ValueError, match="compile=True cannot trace the CPU int8 kernel"):
         generate(q, torch.tensor([[1, 2, 3]]), max_new_tokens=2, compile=True)
 

@@ -10,7 +10,7 @@ import torch
 from gpt2lite import TextGenerator, TrainConfig, generate, prepare_data, train
 from gpt2lite.cli import main
 from gpt2lite.models.recurrent import RecurrentConfig, RecurrentLM
-from gpt2lite.training.trainer import evaluate_loss
+from gpt2lite.training.objectives import evaluate_loss
 
 CELLS = ["rnn", "lstm", "gru"]
 

@@ -16,7 +16,7 @@ import uvicorn
 
 from gpt2lite import GenerationOptions, TextGenerator
 from gpt2lite.serve.app import create_app
-from gpt2lite.serve.engine import BatchEngine, Request
+from gpt2lite.serve.scheduler import Request, Scheduler
 
 
 def free_port() -> int:
@@ -165,7 +165,7 @@ def test_full_queue_is_429(gen):
 
 def test_disconnect_cancels_and_frees_the_row(server):
     url, app = server
-    engine = app.state.engine
+    engine = app.state.scheduler
     before = engine.stats.cancelled
     with httpx.stream("POST", url + "/v1/completions", timeout=30,
                       json={"model": "tiny", "prompt": "go", "max_tokens": 80, "stream": True}) as r:
@@ -193,7 +193,7 @@ def test_metrics_count_requests_and_tokens(server, client):
 
 
 def test_an_error_in_one_request_fails_that_request_only(gen):
-    engine = BatchEngine(gen.model, max_batch=4)
+    engine = Scheduler(gen.model, max_batch=4)
     results: dict[str, object] = {}
     done = threading.Semaphore(0)
 

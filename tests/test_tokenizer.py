@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import oracles
 from gpt2lite import ModelNotFoundError, StreamDecoder, Tokenizer
-from gpt2lite.tokenizer_files import bundled_gpt2_files
+from gpt2lite.tokenizers.files import bundled_gpt2_files
 
 # The hashes tiktoken checks for its "gpt2" encoding: the genuine OpenAI files.
 GENUINE_SHA256 = {
@@ -215,7 +215,7 @@ def test_bad_vocab_files(tmp_path):
 
 
 def test_cache_is_bounded(tok, monkeypatch):
-    import gpt2lite.tokenizer as module
+    import gpt2lite.tokenizers.bpe as module
 
     fresh = Tokenizer.gpt2()
     monkeypatch.setattr(module, "_CACHE_LIMIT", 50)

@@ -98,7 +98,7 @@ def test_training_from_scratch_lowers_held_out_loss(data, tmp_path):
     model = GPT2(GPT2Config.from_preset("tiny"))
     config = TrainConfig(steps=60, batch_size=8, block_size=64, lr=3e-3, min_lr=3e-4, warmup_steps=5,
                          eval_batches=4, progress=False, save_interval=0, eval_interval=0)
-    from gpt2lite.training.trainer import evaluate_loss
+    from gpt2lite.training.objectives import evaluate_loss
 
     before = evaluate_loss(model, data, block_size=64, batches=4, batch_size=8)
     result = train(model, data, tmp_path / "run", config)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
-    from gpt2lite.pipeline import TextGenerator
+    from gpt2lite.text.generator import TextGenerator
 
 __all__ = ["build_parser", "main"]
 
@@ -195,13 +195,13 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="float32 on the CPU: faster batches of 4+ rows for twice the weight memory")
 
 
-# gpt2lite.models.quantize.QUANTIZE_MODES, spelled out so that parsing arguments needs no torch.
+# gpt2lite.transforms.quantize.QUANTIZE_MODES, spelled out so that parsing arguments needs no torch.
 QUANTIZE_CHOICES = ("int8",)
 
 
 def _load_generator(args: argparse.Namespace, name_or_path: str, *, draft: bool = False) -> TextGenerator:
     """The model (``--adapter`` applied, except to a draft model) and tokenizer the options of ``args`` ask for."""
-    from gpt2lite.pipeline import TextGenerator
+    from gpt2lite.text.generator import TextGenerator
 
     return TextGenerator.from_pretrained(name_or_path, device=_device(args.device), dtype=args.dtype,
                                          local_files_only=args.offline, quantize=args.quantize,
@@ -345,7 +345,7 @@ def _finetune(args: argparse.Namespace) -> int:
     try:
         model, data, tokenizer = _training_setup(args, device)
         if lora is not None:
-            from gpt2lite.models.lora import add_lora
+            from gpt2lite.transforms.lora import add_lora
 
             add_lora(model, lora)
         result = train(model, data, args.out, config, resume=args.resume)
@@ -372,7 +372,7 @@ def _lora_config(args: argparse.Namespace) -> Any:
     """The ``LoraConfig`` the LoRA flags ask for, or None without ``--lora-rank``."""
     if args.lora_rank is None:
         return None
-    from gpt2lite.models.lora import LoraConfig
+    from gpt2lite.transforms.lora import LoraConfig
 
     targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
     alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
@@ -385,8 +385,10 @@ def _training_setup(args: argparse.Namespace, device: str) -> tuple[Any, Any, An
 
     import torch
 
+    from gpt2lite.loading import load_model
     from gpt2lite.models.config import GPT2Config
     from gpt2lite.models.gpt2 import GPT2
+    from gpt2lite.tokenizers.bpe import Tokenizer
 
     if args.task == "classify":
         from gpt2lite.models.classifier import GPT2ForSequenceClassification
@@ -395,14 +397,14 @@ def _training_setup(args: argparse.Namespace, device: str) -> tuple[Any, Any, An
         labels = [n.strip() for n in args.labels.split(",")] if args.labels else None
         data = load_labeled(args.data, labels=labels, text_column=args.text_column, label_column=args.label_column,
                             val_path=args.val_data, val_fraction=args.val_fraction, seed=args.seed)
+        torch.manual_seed(args.seed)  # the new head's initialisation
         if args.preset:
-            torch.manual_seed(args.seed)
-            model = GPT2ForSequenceClassification(GPT2Config.from_preset(args.preset, labels=data.labels,
-                                                                         pad_token_id=50256)).to(device)
+            # transformers' classifier finds each row's last token by the pad id: the tokenizer's end token.
+            config = GPT2Config.from_preset(args.preset, labels=data.labels, pad_token_id=Tokenizer.gpt2().eot_token)
+            model = GPT2ForSequenceClassification(config).to(device)
         else:
-            torch.manual_seed(args.seed)  # the new head's initialisation
-            model = GPT2ForSequenceClassification.from_pretrained(
-                args.model or "gpt2", labels=data.labels, device=device, local_files_only=args.offline)
+            model = load_model(args.model or "gpt2", kind="classifier", labels=data.labels, device=device,
+                               local_files_only=args.offline)
         _check_block_size(args, model)
         return model, data, None
 
@@ -411,7 +413,7 @@ def _training_setup(args: argparse.Namespace, device: str) -> tuple[Any, Any, An
     tokenizer = None
     vocab: dict[str, int] = {}
     if args.char:
-        from gpt2lite.char_tokenizer import CharTokenizer
+        from gpt2lite.tokenizers.char import CharTokenizer
         from gpt2lite.training.data import iter_text
 
         tokenizer = CharTokenizer.from_texts(iter_text(args.data, args.encoding_errors))
@@ -427,7 +429,7 @@ def _training_setup(args: argparse.Namespace, device: str) -> tuple[Any, Any, An
         extra = dict(vocab, bos_token_id=vocab["eos_token_id"]) if vocab else {}
         model = GPT2(GPT2Config.from_preset(args.preset, **extra)).to(device)
     else:
-        model = GPT2.from_pretrained(args.model or "gpt2", device=device, local_files_only=args.offline)
+        model = load_model(args.model or "gpt2", device=device, local_files_only=args.offline)
     _check_block_size(args, model)  # before the data is tokenized
     data = prepare_data(args.data, os.path.join(args.out, "data"), tokenizer=tokenizer, errors=args.encoding_errors)
     return model, data, tokenizer
@@ -442,7 +444,7 @@ def _check_block_size(args: argparse.Namespace, model: Any) -> None:
 def _classify(args: argparse.Namespace) -> int:
     import json
 
-    from gpt2lite.classify import TextClassifier
+    from gpt2lite.text.classifier import TextClassifier
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -479,15 +481,16 @@ def _serve(args: argparse.Namespace) -> int:
 
     app = create_app(generator, model_name=args.model_name or str(args.model), max_batch=args.max_batch,
                      max_queue=args.max_queue, api_key=args.api_key, background=False)
-    # The engine loop owns the main thread (torch runs fastest there); HTTP is served beside it.
+    scheduler = app.state.scheduler
+    # The scheduler's loop owns the main thread (torch runs fastest there); HTTP is served beside it.
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
     http = threading.Thread(target=server.run, name="gpt2lite-http", daemon=True)
     http.start()
     try:
-        app.state.engine.run()  # until the server shuts down (its lifespan stops the engine) or Ctrl-C
+        scheduler.run()  # until the server shuts down (its lifespan stops the scheduler) or Ctrl-C
     finally:
         server.should_exit = True
-        app.state.engine.stop()
+        scheduler.stop()
         http.join(timeout=30)
     return 0
 
@@ -495,7 +498,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from gpt2lite.metrics import evaluate_texts
+    from gpt2lite.text.metrics import evaluate_texts
 
     def lines(path: str) -> list[str]:
         return _read_input(path, "text", is_file=True).splitlines()

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 
 from gpt2lite.generation.options import GenerationOptions
-from gpt2lite.generation.processors import LogitsProcessors
-from gpt2lite.generation.session import DecodeSession, end_tokens
+from gpt2lite.generation.rules import TokenRules
+from gpt2lite.generation.session import DecodeSession
 from gpt2lite.models.protocol import DecoderModel
 
 __all__ = ["beam_search"]
@@ -38,12 +38,13 @@ def beam_search(
     B, T = prompt.shape
     nb, device, V = opts.num_beams, prompt.device, model.config.vocab_size
     max_length = T + opts.max_new_tokens
-    eos, pad = end_tokens(model.config, opts)
+    flat_mask = mask.repeat_interleave(nb, dim=0) if mask is not None else None
+    # The rules keep each beam's history (reordered with the beams) for penalties and bans.
+    rules = TokenRules(opts, model.config, prompt.repeat_interleave(nb, dim=0), flat_mask)
+    pad = rules.pad
     lp, early = opts.length_penalty, opts.early_stopping
-    keep = max(2, 1 + (eos is not None)) * nb  # enough that num_beams can go on when the best ones end
+    keep = max(2, 1 + (rules.eos is not None)) * nb  # enough that num_beams can go on when the best ones end
     top_nb = torch.arange(keep, device=device) < nb
-    processors = LogitsProcessors(opts, V, eos, device)
-    stops = [torch.tensor(seq, device=device) for seq in opts.stop]
 
     running = torch.full((B, nb, max_length), pad, dtype=torch.long, device=device)
     running[:, :, :T] = prompt[:, None]
@@ -55,36 +56,19 @@ def beam_search(
     lengths = torch.zeros(B, nb, dtype=torch.long, device=device)  # generated tokens of each hypothesis
     stopped = torch.zeros(B, nb, dtype=torch.bool, device=device)  # ended by the end token or a stop sequence
     improvable = torch.ones(B, 1, dtype=torch.bool, device=device)
-    pad_fill = prompt[:, -1:] if mask is None else torch.where(mask.bool(), prompt, prompt[:, -1:])
 
     session = DecodeSession(model, B * nb, max_length)
-    flat_mask = mask.repeat_interleave(nb, dim=0) if mask is not None else None
     logits = session.feed(prompt.repeat_interleave(nb, dim=0), input_mask=flat_mask)[:, -1]  # (B * nb, V)
     cur = T
     while True:
         new = cur - T
-        flat = running[:, :, :cur].reshape(B * nb, cur)
-        history = None
-        if opts.repetition_penalty != 1.0:  # padding never counts: the row's last prompt token stands in
-            history = torch.cat([pad_fill.repeat_interleave(nb, 0), flat[:, T:]], dim=1)
-        counts = None
-        if processors.needs_counts:
-            counts = torch.zeros(B * nb, V, device=device).scatter_add_(
-                1, flat[:, T:], torch.ones_like(flat[:, T:], dtype=torch.float))
-        logp = processors(logits.float().log_softmax(-1), flat, penalty_history=history, counts=counts,
-                          new_tokens=new)
+        logp = rules.adjust(logits.float().log_softmax(-1))  # the processors see log-probabilities, as in transformers
         scores = (logp.view(B, nb, V) + running_scores[:, :, None]).view(B, nb * V)
         top_scores, top_index = scores.topk(keep, dim=1)  # (B, keep)
         source, token = top_index // V, top_index % V
         candidates = _gather(running, source)  # (B, keep, max_length)
         candidates[:, :, cur] = token
-        ended = torch.zeros_like(token, dtype=torch.bool)
-        if new + 1 >= opts.min_new_tokens:
-            if eos is not None:
-                ended |= token == eos
-            for seq in stops:
-                if new + 1 >= seq.numel():
-                    ended |= (candidates[:, :, cur + 1 - seq.numel() : cur + 1] == seq).all(-1)
+        ended = rules.ends(candidates[:, :, : cur + 1].reshape(B * keep, cur + 1), new + 1).view(B, keep)
         hits = ended | (cur + 1 >= max_length)
 
         # The best unfinished candidates run on.
@@ -115,7 +99,10 @@ def beam_search(
         go_on = bool(improvable.any()) and not (bool(finished.all()) and early is True) and not bool(hits.all())
         if not go_on:
             break
-        session.reorder((running_source + torch.arange(B, device=device)[:, None] * nb).flatten())
+        beam_rows = (running_source + torch.arange(B, device=device)[:, None] * nb).flatten()
+        session.reorder(beam_rows)
+        rules.reorder(beam_rows)
+        rules.append(running[:, :, cur - 1].reshape(B * nb))
         logits = session.feed(running[:, :, cur - 1].reshape(B * nb, 1))[:, -1]
 
     n = opts.num_return_sequences

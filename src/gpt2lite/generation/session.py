@@ -1,10 +1,10 @@
-"""A decoding session: ``B`` rows over one decoding state that the session owns, and its helpers.
+"""A decoding session: ``B`` rows over one decoding state that the session owns.
 
 ``DecodeSession`` feeds tokens to any model that follows
 ``gpt2lite.models.protocol`` and owns the state it made: nothing is kept on the
 model, two sessions never share a cache, and a session's memory goes with it. The
-decode loop (``engine.py``), beam search, speculative decoding and the serving
-engine all run on sessions.
+decode loop (``decode.py``), beam search, speculative decoding and the server's
+scheduler all run on sessions.
 """
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from gpt2lite.errors import NonFiniteError
-from gpt2lite.generation.options import GenerationOptions
 from gpt2lite.models.protocol import DecoderModel, DecodeState
+from gpt2lite.transforms.quantize import Int8Linear
 
-__all__ = ["DecodeSession", "check_finite", "end_tokens", "ends_with_stop"]
+__all__ = ["DecodeSession"]
 
 
 class DecodeSession:
@@ -94,8 +93,6 @@ def _decode_one(model: DecoderModel, input_ids: torch.Tensor, state: DecodeState
 
 def _has_cpu_int8_kernel(model: object) -> bool:
     """Whether a layer of ``model`` multiplies with fbgemm's packed int8 weights (which dynamo cannot trace)."""
-    from gpt2lite.models.quantize import Int8Linear
-
     modules = model.modules() if isinstance(model, torch.nn.Module) else ()
     return any(isinstance(m, Int8Linear) and m._packed is not None for m in modules)
 
@@ -111,30 +108,3 @@ def _compiled_step(device_type: str) -> Callable[..., torch.Tensor]:
         mode = "reduce-overhead" if device_type == "cuda" else None
         _COMPILED[device_type] = torch.compile(_decode_one, mode=mode, fullgraph=True)
     return _COMPILED[device_type]
-
-
-def end_tokens(config: object, opts: GenerationOptions) -> tuple[int | None, int]:
-    """The token that ends rows (None with ignore_eos), and the one that pads rows that ended."""
-    end = opts.eos_token_id if opts.eos_token_id is not None else config.eos_token_id
-    pad = next((t for t in (opts.pad_token_id, end) if t is not None), 0)
-    return (None if opts.ignore_eos else end), pad
-
-
-def check_finite(row_values: torch.Tensor, step: int) -> None:
-    """Stop with one clear error when a row's deciding logit (its max, or the one chosen) is NaN or inf.
-
-    NaN and +inf propagate to both; a row of -inf leaves nothing to choose.
-    """
-    bad = ~torch.isfinite(row_values)
-    if bool(bad.any()):
-        rows = bad.nonzero().flatten().tolist()
-        raise NonFiniteError(
-            f"the model produced non-finite logits (NaN or inf) at generation step {step}, rows {rows[:8]}: its "
-            "weights are likely non-finite (a diverged training run) or half precision overflowed; check the "
-            "checkpoint, or load it in float32"
-        )
-
-
-def ends_with_stop(tokens: Sequence[int], stops: Sequence[Sequence[int]]) -> bool:
-    """Whether the token list ``tokens`` ends with one of the ``stops`` sequences (for loops that keep lists)."""
-    return any(len(tokens) >= len(s) and list(tokens[len(tokens) - len(s) :]) == list(s) for s in stops)

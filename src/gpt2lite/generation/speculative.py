@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 
 from gpt2lite.generation.options import GenerationOptions
-from gpt2lite.generation.processors import LogitsProcessors
+from gpt2lite.generation.rules import TokenRules, check_finite
 from gpt2lite.generation.sampling import filtered_logits
-from gpt2lite.generation.session import DecodeSession, check_finite, end_tokens, ends_with_stop
+from gpt2lite.generation.session import DecodeSession
 from gpt2lite.models.protocol import DecoderModel
 
 __all__ = ["speculative_generate"]
@@ -56,16 +56,15 @@ def speculative_generate(
     if draft.config.vocab_size != target.config.vocab_size:
         raise ValueError(f"the draft model's vocabulary ({draft.config.vocab_size}) differs from the target's "
                          f"({target.config.vocab_size}): speculative decoding needs the same tokenizer")
-    if LogitsProcessors(opts, target.config.vocab_size, None, prompt.device).active:
+    rules = TokenRules(opts, target.config, prompt, mask, generator=generator)
+    if rules.processors.active:
         raise ValueError("speculative decoding supports temperature, top_k, top_p and min_p; not penalties, "
                          "biases, bans, min_new_tokens or logits_processor hooks")
     if opts.compile:
         raise ValueError("speculative decoding does not support compile")
     B, T = prompt.shape
     device = prompt.device
-    if generator is None and opts.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(opts.seed)
-    eos, pad = end_tokens(target.config, opts)
+    generator = rules.generator
     k = opts.num_draft_tokens
     contexts = [c for c in (target.config.n_positions, draft.config.n_positions) if c is not None]
     capacity = min([T + opts.max_new_tokens + k + 1, *contexts])
@@ -77,15 +76,13 @@ def speculative_generate(
     pending = prompt[:, -1].clone()  # (B,) the token neither model has seen
     behind = [False] * B  # the draft also lacks the last proposal, which was accepted
     lagging = torch.zeros(B, dtype=torch.long, device=device)  # which token that is
-    out: list[list[int]] = [[] for _ in range(B)]
     done = [opts.max_new_tokens == 0] * B
-    reasons = ["length"] * B
 
     while not all(done):
         active = [r for r in range(B) if not done[r]]
         rows = None if len(active) == B else active  # finished rows are fed no more
         at = torch.tensor(active, device=device)
-        generated = max(len(out[r]) for r in active)
+        generated = max(rules.generated[r] for r in active)
         k_round = max(0, min(k, capacity - 1 - max(filled[r] for r in active), opts.max_new_tokens - generated - 1))
         # The draft catches up (the last proposal it never fed, where all were accepted), then proposes.
         late = [r for r in active if behind[r]]
@@ -146,16 +143,23 @@ def speculative_generate(
             lagging[at] = d[:, -1]
         pending[at] = new_token
 
-        proposed, corrected = d.tolist(), new_token.tolist()
-        for j, r in enumerate(active):
-            for t in [*proposed[j][: accepted[j]], corrected[j]]:
-                out[r].append(t)
-                stop = (eos is not None and t == eos) or ends_with_stop(out[r], opts.stop)
-                if stop or len(out[r]) == opts.max_new_tokens:
-                    done[r] = True
-                    reasons[r] = "stop" if stop else "length"
-                    break
+        # Record the accepted tokens and the correction, one column at a time, until each row ends.
+        made = torch.cat([d, new_token[:, None]], 1)  # (R, k_round + 1): row j's are made[j, : accepted[j] + 1]
+        made[index, n_acc] = new_token
+        for column in range(k_round + 1):
+            going = [j for j, r in enumerate(active) if column <= accepted[j] and not done[r]]
+            if not going:
+                break
+            rows = [active[j] for j in going]
+            rules.append(made[going, column], rows=rows)
+            ended = rules.finished[rows].tolist()
+            for r, end in zip(rows, ended, strict=True):
+                done[r] = end or rules.generated[r] == opts.max_new_tokens
 
-    width = max(len(o) for o in out)
-    new = torch.tensor([o + [pad] * (width - len(o)) for o in out], dtype=torch.long, device=device)
+    width = max(rules.generated)
+    new = rules.tokens[:, T : T + width]
+    # Rows that ended early hold whatever the buffer had past their end: pad them.
+    ended_at = torch.tensor(rules.generated, device=device)[:, None]
+    new = torch.where(torch.arange(width, device=device) < ended_at, new, rules.pad)
+    reasons = ["stop" if f else "length" for f in rules.finished.tolist()]
     return torch.cat([prompt, new], 1), reasons

@@ -19,6 +19,7 @@ from torch import nn
 
 from gpt2lite.models.config import GPT2Config
 from gpt2lite.models.gpt2 import GPT2
+from gpt2lite.models.weights import load_checkpoint, save_checkpoint
 
 __all__ = ["GPT2ForSequenceClassification"]
 
@@ -86,26 +87,17 @@ class GPT2ForSequenceClassification(nn.Module):
         revision: str | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         local_files_only: bool = False,
-        adapter: str | os.PathLike[str] | None = None,
     ) -> GPT2ForSequenceClassification:
         """Load a classifier checkpoint (ours or ``transformers``'), or a GPT-2 language model with a new head.
 
         A checkpoint that has a ``score`` head and ``id2label`` in its config
         loads as it is. A language-model checkpoint (``"gpt2"``, a fine-tuned
         directory) needs ``labels``: the body is loaded and the head starts
-        random, ready for training. ``adapter`` (or a directory that holds only
-        one) adds LoRA adapters and the head saved in the PEFT format. Example::
+        random, ready for training (``gpt2lite.load_model`` also puts LoRA
+        adapters on it). Example::
 
             clf = GPT2ForSequenceClassification.from_pretrained("gpt2", labels=["negative", "positive"])
         """
-        from gpt2lite.models.lora import adapter_base, adapter_labels, load_adapter
-        from gpt2lite.models.weights import load_checkpoint
-
-        if adapter is None and (base := adapter_base(name_or_path)) is not None:
-            name_or_path, adapter = base, name_or_path
-        if adapter is not None and labels is None:
-            labels = adapter_labels(adapter)
-
         def head(config: GPT2Config) -> dict[str, tuple[int, ...]]:
             n = len(labels) if labels is not None else config.num_labels
             return {"score.weight": (n, config.n_embd)} if n else {}
@@ -134,21 +126,13 @@ class GPT2ForSequenceClassification(nn.Module):
             nn.init.normal_(score, mean=0.0, std=0.02)
         model.score.load_state_dict({"weight": score}, assign=True)
         model.transformer.name_or_path = str(name_or_path)
-        if adapter is not None:
-            load_adapter(model, adapter)
         return model.eval()
 
     def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``config.json`` and ``model.safetensors`` as ``transformers`` saves this class.
 
-        With LoRA adapters, only they and the head are written, in the PEFT format.
+        With LoRA adapters, save it with ``gpt2lite.save_model``.
         """
-        from gpt2lite.models.lora import has_lora, save_adapter
-        from gpt2lite.models.weights import save_checkpoint
-
-        if has_lora(self):
-            return save_adapter(self, directory)
-
         state = {f"transformer.{k}": v for k, v in self.transformer.state_dict().items()}
         state["score.weight"] = self.score.weight
         return save_checkpoint(state, self.config, directory)

@@ -23,8 +23,7 @@ from torch import nn
 
 from gpt2lite.models.cache import KVCache, StepPlan, visible_slots
 from gpt2lite.models.config import GPT2Config
-from gpt2lite.models.quantize import QUANTIZE_MODES, QuantizeMode
-from gpt2lite.models.quantize import quantize as quantize_model
+from gpt2lite.models.weights import load_checkpoint, save_checkpoint
 
 __all__ = ["GPT2"]
 
@@ -285,26 +284,12 @@ class GPT2(nn.Module):
         cache_dir: str | os.PathLike[str] | None = None,
         local_files_only: bool = False,
         config: GPT2Config | None = None,
-        quantize: QuantizeMode | None = None,
-        adapter: str | os.PathLike[str] | None = None,
     ) -> GPT2:
         """Load a hub id (``"gpt2"``), a directory, a sharded directory or a bare ``.safetensors`` file.
 
-        ``adapter`` is a LoRA adapter directory in the PEFT format (ours or
-        ``peft``'s) to put on the loaded weights; a directory that holds only an
-        adapter loads the base model its ``adapter_config.json`` names.
-        ``quantize="int8"`` stores the linear layers and the tied embedding in
-        int8 for faster inference (see ``gpt2lite.models.quantize``);
-        adapters are merged into the weights first.
+        This reads the checkpoint alone; ``gpt2lite.load_model`` also puts a LoRA
+        adapter on it, quantizes or prepacks it.
         """
-        if quantize is not None and quantize not in QUANTIZE_MODES:
-            raise ValueError(f"quantize must be one of {QUANTIZE_MODES} or None, got {quantize!r}")
-        from gpt2lite.models.lora import adapter_base, load_adapter, merge_lora
-        from gpt2lite.models.weights import load_checkpoint
-
-        if adapter is None and (base := adapter_base(name_or_path)) is not None:
-            name_or_path, adapter = base, name_or_path
-
         config, state = load_checkpoint(
             name_or_path, device=device, dtype=dtype, revision=revision, cache_dir=cache_dir,
             local_files_only=local_files_only, config=config,
@@ -315,27 +300,12 @@ class GPT2(nn.Module):
             model = cls(config)
         model.load_state_dict(state, strict=True, assign=True)
         model.name_or_path = str(name_or_path)
-        model.eval()
-        if adapter is not None:
-            load_adapter(model, adapter)
-            if quantize:
-                merge_lora(model)
-        return quantize_model(model, quantize) if quantize else model
+        return model.eval()
 
     def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``config.json`` and ``model.safetensors`` in the hub layout (``transformers`` loads them too).
 
-        A model with LoRA adapters writes only them, in the PEFT format (see
-        ``gpt2lite.models.lora.save_adapter``); ``merge_lora`` first saves the whole model.
+        A model with LoRA adapters or quantized layers has other tensors than
+        GPT-2's: save it with ``gpt2lite.save_model``.
         """
-        from gpt2lite.models.lora import has_lora, save_adapter
-        from gpt2lite.models.quantize import is_quantized
-        from gpt2lite.models.weights import save_checkpoint
-
-        if has_lora(self):
-            return save_adapter(self, directory)
-        if is_quantized(self):
-            raise ValueError("saving a quantized model is not supported: save the float model and load it "
-                             "with quantize='int8'")
-
         return save_checkpoint(self.state_dict(), self.config, directory)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from gpt2lite.errors import CheckpointError
-from gpt2lite.files import atomic_write
+from gpt2lite.io.files import atomic_write
 
 __all__ = ["MODEL_TYPE", "RecurrentConfig", "RecurrentLM", "RecurrentState", "is_recurrent_checkpoint"]
 

@@ -24,8 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from gpt2lite.errors import CheckpointError, ModelNotFoundError
-from gpt2lite.files import atomic_write
-from gpt2lite.hub import resolve_files
+from gpt2lite.io.files import atomic_write
+from gpt2lite.io.hub import resolve_files
 from gpt2lite.models.config import PRESETS, GPT2Config
 
 __all__ = [
@@ -303,6 +303,12 @@ def save_checkpoint(
     The weights file also carries the config in its metadata, so it describes
     itself when copied alone.
     """
+    expected = {**expected_shapes(config), "score.weight": (config.num_labels, config.n_embd)}
+    odd = [k for k, t in state_dict.items() if not t.is_floating_point()
+           or tuple(t.shape[::-1] if _is_conv1d(k) else t.shape) != expected.get(_normalize_key(k))]
+    if odd:
+        raise ValueError(f"the model holds tensors that GPT-2's checkpoint layout has no place for ({odd[:4]}); "
+                         "a model with LoRA adapters or quantized layers is saved with gpt2lite.save_model")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {}

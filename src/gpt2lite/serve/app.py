@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP layer: requests in, engine submissions out, responses back. No model code here.
+"""The OpenAI-compatible HTTP layer: requests in, scheduler submissions out, responses back. No model code here.
 
 ``create_app(generator)`` builds a FastAPI app around an already loaded
 ``TextGenerator``; ``gpt2lite serve`` runs it under uvicorn. Endpoints:
@@ -25,9 +25,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 
 from gpt2lite.generation.options import GenerationOptions
-from gpt2lite.pipeline import TextAssembler, TextGenerator
-from gpt2lite.serve.engine import BatchEngine, QueueFull
-from gpt2lite.serve.engine import Request as EngineRequest
+from gpt2lite.serve.scheduler import QueueFull, Scheduler
+from gpt2lite.serve.scheduler import Request as ScheduledRequest
+from gpt2lite.text.assembler import TextAssembler
+from gpt2lite.text.generator import TextGenerator
 
 __all__ = ["CompletionRequest", "create_app"]
 
@@ -67,14 +68,14 @@ def _error(status: int, message: str, param: str | None, kind: str) -> JSONRespo
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
 
 
-class _EngineCollector:
-    """Reads the engine's counters at each scrape."""
+class _SchedulerCollector:
+    """Reads the scheduler's counters at each scrape."""
 
-    def __init__(self, engine: BatchEngine) -> None:
-        self.engine = engine
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
 
     def collect(self):
-        s = self.engine.stats
+        s = self.scheduler.stats
         for name, value, text in (
             ("gpt2lite_requests", s.requests, "requests accepted"),
             ("gpt2lite_requests_finished", s.finished, "requests that ended by stop or length"),
@@ -85,12 +86,12 @@ class _EngineCollector:
             ("gpt2lite_decode_steps", s.steps, "batched decode steps"),
         ):
             yield CounterMetricFamily(name, text, value=value)
-        yield GaugeMetricFamily("gpt2lite_queue_depth", "requests waiting for a row", value=self.engine.queue_depth)
-        yield GaugeMetricFamily("gpt2lite_running_batch_size", "requests decoding", value=self.engine.running)
+        yield GaugeMetricFamily("gpt2lite_queue_depth", "requests waiting for a row", value=self.scheduler.queue_depth)
+        yield GaugeMetricFamily("gpt2lite_running_batch_size", "requests decoding", value=self.scheduler.running)
 
 
 class _Choice:
-    """One choice of a request: its engine request, its text, and events passed from the engine thread."""
+    """One choice of a request: its scheduler request, its text, and events passed from the scheduler thread."""
 
     def __init__(self, index: int, prompt_ids: list[int], prompt_text: str, generator: TextGenerator,
                  stops: list[str], options: GenerationOptions, loop: asyncio.AbstractEventLoop) -> None:
@@ -101,7 +102,7 @@ class _Choice:
         self.prompt_logprobs: list[float | None] | None = None
         self.reason: str | None = None
         call = loop.call_soon_threadsafe
-        self.engine_request = EngineRequest(
+        self.scheduled = ScheduledRequest(
             prompt=prompt_ids, options=options,
             on_token=lambda t, lp, top: call(self.events.put_nowait, ("token", (t, lp, top))),
             on_done=lambda reason, exc: call(self.events.put_nowait, ("done", (reason, exc))),
@@ -111,7 +112,7 @@ class _Choice:
         def keep(values: list[float | None]) -> None:
             self.prompt_logprobs = values
 
-        self.engine_request.on_prompt_logprobs = keep
+        self.scheduled.on_prompt_logprobs = keep
 
     async def next_piece(self) -> tuple[str, list[tuple[int, float, list[tuple[int, float]]]], bool]:
         """Wait for the next event: (new text, its tokens, whether the choice is over)."""
@@ -128,9 +129,9 @@ class _Choice:
         token, logprob, top = payload
         self.text.add(token, logprob, top)
         piece = self.text.take()
-        if self.text.done:  # a stop string or the end token: the engine can drop the row now
+        if self.text.done:  # a stop string or the end token: the scheduler can drop the row now
             self.reason = "stop"
-            self.engine_request.cancel()
+            self.scheduled.cancel()
             self.text.finish()
             return piece + self.text.take(), [(token, logprob, top)], True
         return piece, [(token, logprob, top)], False
@@ -145,14 +146,14 @@ def create_app(
     api_key: str | None = None,
     background: bool = True,
 ) -> FastAPI:
-    """An OpenAI-compatible app serving ``generator``'s model; one engine loop owns the model.
+    """An OpenAI-compatible app serving ``generator``'s model; one scheduler loop owns the model.
 
     The loop runs in a thread of its own; with ``background=False`` the caller runs
-    ``app.state.engine.run()`` in the thread that should own the model (see ``BatchEngine``).
+    ``app.state.scheduler.run()`` in the thread that should own the model (see ``Scheduler``).
     """
-    engine = BatchEngine(generator.model, max_batch=max_batch, max_queue=max_queue, background=background)
+    scheduler = Scheduler(generator.model, max_batch=max_batch, max_queue=max_queue, background=background)
     registry = CollectorRegistry()
-    registry.register(_EngineCollector(engine))
+    registry.register(_SchedulerCollector(scheduler))
     latency = Histogram("gpt2lite_request_latency_seconds", "time from request to last token",
                         registry=registry, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
     tokenizer = generator.tokenizer
@@ -160,10 +161,10 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        engine.stop()
+        scheduler.stop()
 
     app = FastAPI(title="gpt2lite", lifespan=lifespan)
-    app.state.engine = engine
+    app.state.scheduler = scheduler
 
     @app.exception_handler(_ApiError)
     async def api_error(request: Request, exc: _ApiError) -> JSONResponse:
@@ -187,9 +188,9 @@ def create_app(
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        ok = engine.alive
-        return JSONResponse({"status": "ok" if ok else "engine stopped", "running": engine.running,
-                             "waiting": engine.queue_depth}, 200 if ok else 503)
+        ok = scheduler.alive
+        return JSONResponse({"status": "ok" if ok else "scheduler stopped", "running": scheduler.running,
+                             "waiting": scheduler.queue_depth}, 200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -205,14 +206,14 @@ def create_app(
         started = time.perf_counter()
         prompts = _prompts(body.prompt, tokenizer, generator.model.config.vocab_size)
         choices = _make_choices(body, prompts, generator)
-        if not engine.alive:
-            raise _ApiError(503, "the engine is not running", kind="server_error")
+        if not scheduler.alive:
+            raise _ApiError(503, "the scheduler is not running", kind="server_error")
         try:
             for c in choices:
-                engine.submit(c.engine_request)
+                scheduler.submit(c.scheduled)
         except QueueFull as exc:
             for c in choices:
-                c.engine_request.cancel()
+                c.scheduled.cancel()
             raise _ApiError(429, f"server busy: {exc}; retry later", kind="rate_limit_error") from None
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model_name}
@@ -330,7 +331,7 @@ async def _complete(choices: list[_Choice], body: CompletionRequest, meta: dict[
     except BaseException:
         work.cancel()
         for c in choices:
-            c.engine_request.cancel()
+            c.scheduled.cancel()
         raise
     latency.observe(time.perf_counter() - started)
     completion_tokens = sum(r.pop("_tokens") for r in results)
@@ -380,9 +381,9 @@ async def _stream(choices: list[_Choice], body: CompletionRequest, meta: dict[st
             open_choices -= done
         latency.observe(time.perf_counter() - started)
         yield {"data": "[DONE]"}
-    finally:  # also when the client disconnects: the engine frees the rows at its next step
+    finally:  # also when the client disconnects: the scheduler frees the rows at its next step
         for task in tasks:
             task.cancel()
         for c in choices:
-            c.engine_request.cancel()
+            c.scheduled.cancel()
 

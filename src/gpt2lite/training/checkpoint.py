@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from gpt2lite.errors import CheckpointError
-from gpt2lite.files import atomic_write
+from gpt2lite.io.files import atomic_write
 
 __all__ = ["load_training_checkpoint", "save_training_checkpoint"]
 

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from gpt2lite.files import atomic_write
-from gpt2lite.tokenizer import Tokenizer
+from gpt2lite.io.files import atomic_write
+from gpt2lite.tokenizers.bpe import Tokenizer
 
 __all__ = ["Part", "TokenData", "iter_text", "prepare_data"]
 

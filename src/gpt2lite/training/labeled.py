@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from gpt2lite.generation.engine import right_pad
-from gpt2lite.tokenizer import Tokenizer
+from gpt2lite.generation.batching import right_pad
+from gpt2lite.tokenizers.bpe import Tokenizer
 
 __all__ = ["LabeledData", "load_labeled", "read_labeled"]
 

@@ -1,12 +1,9 @@
 """Training and fine-tuning: AdamW, warm-up then cosine decay, accumulation, clipping, exact resume.
 
-One loop serves two objectives, chosen by the data:
-
-- ``TokenData`` (``prepare_data``): next-token prediction. Any model with
-  ``forward(input_ids) -> logits``, a ``config`` (``to_dict``, ``n_positions``)
-  and ``save_pretrained`` trains here: GPT-2 and the recurrent models alike.
-- ``LabeledData`` (``load_labeled``): classification with a
-  ``GPT2ForSequenceClassification``; each evaluation reports accuracy and macro-F1.
+One loop serves both objectives of ``objectives.py``, chosen by the data:
+language modelling on a token stream (``prepare_data``; GPT-2 and the recurrent
+models alike) and classification on labeled texts (``load_labeled``; a
+``GPT2ForSequenceClassification``, with accuracy and macro-F1 at each evaluation).
 
 Only parameters with ``requires_grad`` train (LoRA adapters, unfrozen blocks),
 and only they get optimizer state.
@@ -23,7 +20,7 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,20 +28,18 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from gpt2lite.errors import CheckpointError, NonFiniteError
+from gpt2lite.loading import save_model
 from gpt2lite.models.gpt2 import GPT2
-from gpt2lite.models.quantize import is_quantized
 from gpt2lite.training.checkpoint import load_training_checkpoint, save_training_checkpoint
-from gpt2lite.training.data import Part, TokenData
+from gpt2lite.training.data import TokenData
 from gpt2lite.training.labeled import LabeledData
+from gpt2lite.training.objectives import Objective, objective_for
+from gpt2lite.transforms.quantize import is_quantized
 
-__all__ = [
-    "TrainConfig", "TrainResult", "check_output_dir", "classification_metrics", "evaluate_classifier",
-    "evaluate_loss", "train",
-]
+__all__ = ["TrainConfig", "TrainResult", "check_output_dir", "train"]
 
 CHECKPOINT = "checkpoint.pt"
 FINAL = "final"
@@ -145,56 +140,6 @@ def check_output_dir(out_dir: str | os.PathLike[str]) -> None:
         raise PermissionError(f"output directory {str(out_dir)!r} is not writable: {exc}") from None
 
 
-@torch.no_grad()
-def evaluate_loss(model: GPT2, data: TokenData, *, part: Part = "val", block_size: int, batches: int,
-                  batch_size: int) -> float:
-    """Mean next-token loss over evenly spaced windows of a part (the same windows every time)."""
-    stream = data.part(part)
-    last = len(stream) - block_size - 1
-    count = batches * batch_size
-    starts = torch.linspace(0, last, count).round().long()
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    for chunk in starts.split(batch_size):
-        x, y = data.windows(part, chunk, block_size)
-        logits = model(x.to(model.device))
-        total += F.cross_entropy(logits.flatten(0, 1).float(), y.to(model.device).flatten()).item() * len(chunk)
-    model.train(was_training)
-    return total / count
-
-
-def classification_metrics(predicted: Sequence[int], actual: Sequence[int], num_labels: int) -> dict[str, float]:
-    """Accuracy and macro-F1 (the unweighted mean of each class's F1; a class never predicted nor present counts 0)."""
-    if len(predicted) != len(actual) or not actual:
-        raise ValueError("need as many predictions as labels, and at least one")
-    accuracy = sum(p == a for p, a in zip(predicted, actual, strict=True)) / len(actual)
-    f1s = []
-    for c in range(num_labels):
-        tp = sum(p == c and a == c for p, a in zip(predicted, actual, strict=True))
-        fp = sum(p == c and a != c for p, a in zip(predicted, actual, strict=True))
-        fn = sum(p != c and a == c for p, a in zip(predicted, actual, strict=True))
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
-    return {"accuracy": accuracy, "macro_f1": sum(f1s) / num_labels}
-
-
-@torch.no_grad()
-def evaluate_classifier(model: nn.Module, data: LabeledData, *, part: Part = "val", max_length: int,
-                        batch_size: int) -> dict[str, float]:
-    """Mean cross-entropy, accuracy and macro-F1 of a classifier over every example of a part."""
-    ids, labels = data.part(part)
-    was_training = model.training
-    model.eval()
-    total, predicted = 0.0, []
-    for start in range(0, len(ids), batch_size):
-        x, mask, y = data.batch(part, range(start, min(start + batch_size, len(ids))), max_length)
-        logits = model(x.to(model.device), attention_mask=mask.to(model.device)).float()
-        total += F.cross_entropy(logits, y.to(model.device), reduction="sum").item()
-        predicted += logits.argmax(-1).tolist()
-    model.train(was_training)
-    return {"loss": total / len(ids), **classification_metrics(predicted, labels, len(data.labels))}
-
-
 def train(
     model: nn.Module,
     data: TokenData | LabeledData,
@@ -218,7 +163,8 @@ def train(
     infinite stops the run with ``NonFiniteError``, keeping the last checkpoint.
     """
     out_dir = Path(out_dir)
-    block = _check_run(model, data, config)
+    objective = objective_for(data)
+    block = _check_run(model, objective, config)
     _set_trainable(model, config)
     checkpoint_path = out_dir / CHECKPOINT
     if resume and not checkpoint_path.is_file():
@@ -226,78 +172,76 @@ def train(
     distributed, rank, world = _distributed()
     if rank == 0:
         check_output_dir(out_dir)
-
-    # Parameters loaded from a file are read-only-mapped views; training writes them, so give
-    # each its own contiguous memory once, up front.
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.is_contiguous():
-                p.data = p.data.contiguous()
-    optimizer, scheduler = _optimizer(model, config)
-    batches = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
+    _own_parameters(model)
+    run = _Run(model, objective, config, block, distributed, rank, world)
     result = TrainResult()
-    start = 0
-    if resume:
-        start = _restore(checkpoint_path, model, optimizer, scheduler, batches, config, data, result)
-    run = _Run(model, data, config, block, optimizer, scheduler, batches, distributed, rank, world)
+    start = run.restore(checkpoint_path, result) if resume else 0
+    saved = start if resume else None  # the step of the checkpoint on disk
 
     bar = None
     if config.progress and rank == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, initial=start, desc="train", unit="step")
-    tokens_per_step = config.batch_size * config.grad_accum * world * block
-    model.train()
-    saved = start if resume else None
-    for step in range(start, config.steps):
-        t0 = time.perf_counter()
-        step_loss = run.step()
-        if not math.isfinite(step_loss):
-            kept = (f"the last checkpoint ({str(checkpoint_path)!r}, step {saved}) is kept"
-                    if saved is not None else "no checkpoint was written")
-            raise NonFiniteError(
-                f"training diverged at step {step + 1}: the loss is {step_loss}; stopped without saving, and {kept}. "
-                "Lower the learning rate (lr) or clip gradients (grad_clip)"
-            )
-        result.losses.append(step_loss)
-        done = step + 1 == config.steps
-        if (config.eval_interval and (step + 1) % config.eval_interval == 0) or done:
-            if isinstance(data, LabeledData):
-                metrics = evaluate_classifier(model, data, max_length=block, batch_size=config.batch_size)
-                result.val_metrics.append((step + 1, metrics))
-                val = metrics["loss"]
-            else:
-                val = evaluate_loss(model, data, block_size=block, batches=config.eval_batches,
-                                    batch_size=config.batch_size)
-            result.val_losses.append((step + 1, val))
-        if rank == 0 and ((config.save_interval and (step + 1) % config.save_interval == 0) or done):
-            _check_weights(model, step + 1)
-            save_training_checkpoint(checkpoint_path, run.state(step + 1, result))
-            saved = step + 1
+    try:  # the bar is closed before any error leaves, so the error is the last thing shown
+        model.train()
+        for step in range(start, config.steps):
+            t0 = time.perf_counter()
+            step_loss = run.step()
+            if not math.isfinite(step_loss):
+                kept = (f"the last checkpoint ({str(checkpoint_path)!r}, step {saved}) is kept"
+                        if saved is not None else "no checkpoint was written")
+                raise NonFiniteError(
+                    f"training diverged at step {step + 1}: the loss is {step_loss}; stopped without saving, and "
+                    f"{kept}. Lower the learning rate (lr) or clip gradients (grad_clip)"
+                )
+            result.losses.append(step_loss)
+            done = step + 1 == config.steps
+            if _due(config.eval_interval, step) or done:
+                metrics = objective.evaluate(model, block, config.eval_batches, config.batch_size)
+                result.val_losses.append((step + 1, metrics["loss"]))
+                if len(metrics) > 1:
+                    result.val_metrics.append((step + 1, metrics))
+            if rank == 0 and (_due(config.save_interval, step) or done):
+                _check_weights(model, step + 1)
+                save_training_checkpoint(checkpoint_path, run.state(step + 1, result))
+                saved = step + 1
+            if bar is not None:
+                bar.set_postfix(_postfix(step_loss, run, result, time.perf_counter() - t0))
+                bar.update(1)
+            if on_step is not None:  # after the checkpoint, so a callback that stops the run loses nothing
+                on_step(step, step_loss)
+    finally:
         if bar is not None:
-            postfix: dict[str, Any] = {"loss": f"{step_loss:.3f}", "lr": f"{scheduler.get_last_lr()[0]:.2e}",
-                                       "tok/s": f"{tokens_per_step / (time.perf_counter() - t0):.0f}"}
-            if result.val_losses:
-                postfix["val"] = f"{result.val_losses[-1][1]:.3f}"
-            if result.val_metrics:
-                postfix["acc"] = f"{result.val_metrics[-1][1]['accuracy']:.3f}"
-            bar.set_postfix(postfix)
-            bar.update(1)
-        if on_step is not None:  # after the checkpoint, so a callback that stops the run loses nothing
-            on_step(step, step_loss)
-    if bar is not None:
-        bar.close()
+            bar.close()
     model.eval()
     if rank == 0:
         _check_weights(model, config.steps)
-        result.final_dir = model.save_pretrained(out_dir / FINAL)
+        result.final_dir = save_model(model, out_dir / FINAL)
     if distributed:
         dist.barrier()
     return result
 
 
-def _check_run(model: nn.Module, data: TokenData | LabeledData, config: TrainConfig) -> int:
+def _due(interval: int, step: int) -> bool:
+    """Whether an every-``interval``-steps event falls after ``step`` (0: never, only at the end)."""
+    return bool(interval) and (step + 1) % interval == 0
+
+
+def _postfix(loss: float, run: _Run, result: TrainResult, seconds: float) -> dict[str, Any]:
+    """What the progress bar shows after a step."""
+    config = run.config
+    tokens = config.batch_size * config.grad_accum * run.world * run.block
+    postfix: dict[str, Any] = {"loss": f"{loss:.3f}", "lr": f"{run.scheduler.get_last_lr()[0]:.2e}",
+                               "tok/s": f"{tokens / seconds:.0f}"}
+    if result.val_losses:
+        postfix["val"] = f"{result.val_losses[-1][1]:.3f}"
+    if result.val_metrics:
+        postfix["acc"] = f"{result.val_metrics[-1][1]['accuracy']:.3f}"
+    return postfix
+
+
+def _check_run(model: nn.Module, objective: Objective, config: TrainConfig) -> int:
     """Check that the model, data and settings fit together; return the window (or longest text) length."""
     if is_quantized(model):
         raise ValueError("a quantized model cannot be trained (training stays in floating point): "
@@ -308,21 +252,16 @@ def _check_run(model: nn.Module, data: TokenData | LabeledData, config: TrainCon
         raise ValueError(f"block_size {block} exceeds the model's n_positions ({context})")
     if config.autocast and model.device.type != "cuda":
         raise ValueError("autocast (bf16/fp16 mixed precision) is for CUDA; train in float32 on the CPU")
-    classifier = hasattr(model, "score")
-    if isinstance(data, LabeledData) or classifier:
-        if not (isinstance(data, LabeledData) and classifier):
-            raise ValueError("labeled data (load_labeled) trains a GPT2ForSequenceClassification, and a classifier "
-                             "trains on labeled data")
-        if tuple(model.config.labels) != data.labels:
-            raise ValueError(f"the model classifies into {list(model.config.labels)} but the data's classes are "
-                             f"{list(data.labels)}: build the model with labels=data.labels")
-        return block
-    for part in ("train", "val"):
-        n = len(data.part(part))
-        if n < block + 1:
-            raise ValueError(f"the {part} part holds {n} tokens, fewer than block_size + 1 = {block + 1}: "
-                             "give more text or a smaller block_size")
+    objective.check(model, block)
     return block
+
+
+def _own_parameters(model: nn.Module) -> None:
+    """Give each parameter its own contiguous memory (loaded ones are read-only-mapped views of the file)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.is_contiguous():
+                p.data = p.data.contiguous()
 
 
 def _set_trainable(model: nn.Module, config: TrainConfig) -> None:
@@ -361,38 +300,6 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> tuple[torch.optim.AdamW
     return optimizer, scheduler
 
 
-def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, batches: torch.Generator,
-             config: TrainConfig, data: TokenData, result: TrainResult) -> int:
-    """Load ``path`` into the run's objects after checking that it belongs to this run; return its step."""
-    state = load_training_checkpoint(path, map_location=model.device)
-    if state["model_config"] != model.config.to_dict():
-        raise ValueError(f"{str(path)!r} was made for another model config")
-    saved = state["train_config"]
-    now = dataclasses.asdict(config)
-    differ = [f"{k}: {_as_list(saved.get(k))!r} then, {_as_list(now[k])!r} now" for k in _RESUME_FIXED
-              if _as_list(saved.get(k)) != _as_list(now[k])]
-    if differ:
-        raise ValueError(f"cannot resume {str(path)!r} with other settings ({'; '.join(differ)}): "
-                         "resume with the settings it was started with, or start a new run in another directory")
-    if state["data_fingerprint"] != data.fingerprint:
-        raise ValueError(f"cannot resume {str(path)!r} on other data: it was trained on data with another "
-                         "fingerprint (other files, contents or settings); resume with the same --data")
-    try:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        batches.set_state(state["batch_rng"])
-        torch.set_rng_state(state["torch_rng"])
-    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{str(path)!r} does not fit this model and optimizer: {exc}") from None
-    if torch.cuda.is_available() and state["cuda_rng"] is not None:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    result.losses = list(state["losses"])
-    result.val_losses = [tuple(v) for v in state["val_losses"]]
-    result.val_metrics = [(s, dict(m)) for s, m in state.get("val_metrics", [])]
-    return state["step"]
-
-
 def _as_list(value: Any) -> Any:
     return list(value) if isinstance(value, (list, tuple)) else value
 
@@ -409,30 +316,19 @@ def _check_weights(model: nn.Module, step: int) -> None:
 class _Run:
     """One optimizer step at a time, on this process's share of every global batch."""
 
-    def __init__(self, model: nn.Module, data: TokenData | LabeledData, config: TrainConfig, block: int,
-                 optimizer: Any, scheduler: Any, batches: torch.Generator, distributed: bool, rank: int,
-                 world: int) -> None:
-        self.model, self.data, self.config, self.block = model, data, config, block
-        self.optimizer, self.scheduler, self.batches = optimizer, scheduler, batches
+    def __init__(self, model: nn.Module, objective: Objective, config: TrainConfig, block: int,
+                 distributed: bool, rank: int, world: int) -> None:
+        self.model, self.objective, self.config, self.block = model, objective, config, block
+        self.optimizer, self.scheduler = _optimizer(model, config)
+        self.batches = torch.Generator().manual_seed(config.seed)  # which rows each step trains on
+        torch.manual_seed(config.seed)  # dropout
         self.distributed, self.rank, self.world = distributed, rank, world
         self.net: nn.Module = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
         self.forward = torch.compile(self.net) if config.compile else self.net
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.autocast or "")
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
         self.autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else nullcontext
-        # Language modeling draws window starts; classification draws example indices.
-        self.population = len(data.train_ids) if isinstance(data, LabeledData) else len(data.train) - block
-
-    def loss(self, rows: torch.Tensor) -> torch.Tensor:
-        """The mean loss of some training rows (windows or examples)."""
-        device = self.model.device
-        if isinstance(self.data, LabeledData):
-            x, mask, y = self.data.batch("train", rows.tolist(), self.block)
-            logits = self.forward(x.to(device), attention_mask=mask.to(device))
-            return F.cross_entropy(logits.float(), y.to(device))
-        x, y = self.data.windows("train", rows, self.block)
-        logits = self.forward(x.to(device))
-        return F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten())
+        self.population = objective.population(block)  # window starts, or examples
 
     def step(self) -> float:
         """Accumulate the gradients of ``grad_accum`` micro-batches and update; return the mean loss."""
@@ -445,7 +341,7 @@ class _Run:
             mine = rows[self.rank * config.batch_size : (self.rank + 1) * config.batch_size]
             sync = self.distributed and micro < config.grad_accum - 1
             with self.net.no_sync() if sync else nullcontext(), self.autocast():  # type: ignore[operator]
-                loss = self.loss(mine)
+                loss = self.objective.loss(self.forward, mine, self.block, model.device)
             self.scaler.scale(loss / config.grad_accum).backward()
             step_loss += loss.item() / config.grad_accum
         if not math.isfinite(step_loss):
@@ -466,7 +362,7 @@ class _Run:
             "model": self.model.state_dict(),
             "model_config": self.model.config.to_dict(),
             "train_config": dataclasses.asdict(self.config),
-            "data_fingerprint": self.data.fingerprint,
+            "data_fingerprint": self.objective.data.fingerprint,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "batch_rng": self.batches.get_state(),
@@ -477,3 +373,35 @@ class _Run:
             "val_losses": [list(v) for v in result.val_losses],
             "val_metrics": [[s, dict(m)] for s, m in result.val_metrics],
         }
+
+    def restore(self, path: Path, result: TrainResult) -> int:
+        """Load ``path`` into the run's objects after checking that it belongs to this run; return its step."""
+        model, optimizer, scheduler, batches = self.model, self.optimizer, self.scheduler, self.batches
+        config, data = self.config, self.objective.data
+        state = load_training_checkpoint(path, map_location=model.device)
+        if state["model_config"] != model.config.to_dict():
+            raise ValueError(f"{str(path)!r} was made for another model config")
+        saved = state["train_config"]
+        now = dataclasses.asdict(config)
+        differ = [f"{k}: {_as_list(saved.get(k))!r} then, {_as_list(now[k])!r} now" for k in _RESUME_FIXED
+                  if _as_list(saved.get(k)) != _as_list(now[k])]
+        if differ:
+            raise ValueError(f"cannot resume {str(path)!r} with other settings ({'; '.join(differ)}): "
+                             "resume with the settings it was started with, or start a new run in another directory")
+        if state["data_fingerprint"] != data.fingerprint:
+            raise ValueError(f"cannot resume {str(path)!r} on other data: it was trained on data with another "
+                             "fingerprint (other files, contents or settings); resume with the same --data")
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            batches.set_state(state["batch_rng"])
+            torch.set_rng_state(state["torch_rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{str(path)!r} does not fit this model and optimizer: {exc}") from None
+        if torch.cuda.is_available() and state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        result.losses = list(state["losses"])
+        result.val_losses = [tuple(v) for v in state["val_losses"]]
+        result.val_metrics = [(s, dict(m)) for s, m in state.get("val_metrics", [])]
+        return state["step"]

@@ -1,4 +1,4 @@
-"""The decoding engine: the one decode loop, on a ``DecodeSession`` (``session.py``).
+"""The decode loop behind ``generate``: prompts in, one token per row per step, on a ``DecodeSession``.
 
 ``generate``, ``iter_tokens`` and ``iter_steps`` run the loop: prefill the
 prompts, then pick a token per row, stop rows, feed the tokens back. Beam search
@@ -16,64 +16,17 @@ import torch
 
 from gpt2lite.generation.beam import beam_search
 from gpt2lite.generation.options import GenerationKwargs, GenerationOptions
-from gpt2lite.generation.processors import LogitsProcessors
-from gpt2lite.generation.sampling import choose_next
-from gpt2lite.generation.session import DecodeSession, check_finite, end_tokens
+from gpt2lite.generation.rules import Step, TokenRules, end_tokens, prompt_logprobs
+from gpt2lite.generation.session import DecodeSession
 from gpt2lite.generation.speculative import speculative_generate
 from gpt2lite.models.protocol import DecoderModel
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["GenerateOutput", "Step", "generate", "iter_steps", "iter_tokens", "left_pad", "right_pad"]
+__all__ = ["GenerateOutput", "generate", "iter_steps", "iter_tokens"]
 
 Prompt = torch.Tensor | Sequence[int] | Sequence[Sequence[int]]
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids ``(B, T)`` and attention mask ``(B, T)`` for prompts of any lengths, padded on the left.
-
-    >>> ids, mask = left_pad([[5, 6, 7], [8]], pad_token_id=0)
-    >>> ids.tolist(), mask.tolist()
-    ([[5, 6, 7], [0, 0, 8]], [[1, 1, 1], [0, 0, 1]])
-    """
-    return _pad(prompts, pad_token_id, left=True)
-
-
-def right_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids ``(B, T)`` and attention mask ``(B, T)`` for rows of any lengths, padded on the right.
-
-    >>> ids, mask = right_pad([[5, 6, 7], [8]], pad_token_id=0)
-    >>> ids.tolist(), mask.tolist()
-    ([[5, 6, 7], [8, 0, 0]], [[1, 1, 1], [1, 0, 0]])
-    """
-    return _pad(rows, pad_token_id, left=False)
-
-
-def _pad(rows: Sequence[Sequence[int]], pad_token_id: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    if not rows or any(len(r) == 0 for r in rows):
-        side = "left" if left else "right"
-        raise ValueError(f"{side}_pad needs a non-empty list of non-empty {'prompts' if left else 'rows'}")
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        span = slice(width - len(r), width) if left else slice(0, len(r))
-        ids[i, span] = torch.as_tensor(r, dtype=torch.long)
-        mask[i, span] = 1
-    return ids, mask
-
-
-@dataclass
-class Step:
-    """One step of every row: the tokens chosen and, when asked for, their log-probabilities."""
-
-    tokens: torch.Tensor  # (B,)
-    finished: torch.Tensor  # (B,) rows finished with this token or before
-    logprobs: torch.Tensor | None = None  # (B,) log-softmax of the raw logits at the chosen tokens
-    top_logprobs: torch.Tensor | None = None  # (B, k)
-    top_ids: torch.Tensor | None = None  # (B, k)
-    prompt_logprobs: torch.Tensor | None = None  # (B, T), on the first step only, when asked for
 
 
 @dataclass
@@ -289,108 +242,36 @@ def _decode(
     if opts.max_new_tokens == 0:
         return  # nothing to generate, so no forward pass either
     B, T = prompt.shape
-    total = T + opts.max_new_tokens
-    device = prompt.device
     config = model.config
-    if generator is None and opts.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(opts.seed)
-    eos, pad = end_tokens(config, opts)
-    stops = [torch.tensor(seq, device=device) for seq in opts.stop]
-    processors = LogitsProcessors(opts, config.vocab_size, eos, device)
     # A compiled step is made for the whole context, so that one graph serves every prompt length.
-    length = config.n_positions if opts.compile and config.n_positions is not None else total
+    length = config.n_positions if opts.compile and config.n_positions is not None else T + opts.max_new_tokens
 
     # Made outside inference mode: a compiled step's state outlives this call's first graph.
     session = DecodeSession(model, B, length, compile=opts.compile)
     with torch.inference_mode():
-        tokens = torch.empty(B, total, dtype=torch.long, device=device)  # every token so far, padding as given
-        tokens[:, :T] = prompt
-        # The repetition penalty skips padding: it sees the row's last prompt token there instead.
-        penalty_tokens = None
-        if opts.repetition_penalty != 1.0:
-            penalty_tokens = tokens.clone()
-            if mask is not None:
-                penalty_tokens[:, :T] = torch.where(mask.bool(), prompt, prompt[:, -1:])
-        counts = torch.zeros(B, config.vocab_size, device=device) if processors.needs_counts else None
+        rules = TokenRules(opts, config, prompt, mask, generator=generator)
         logits = session.feed(prompt, input_mask=mask, last_only=not opts.prompt_logprobs)  # (B, T or 1, vocab)
-        prompt_lp = _prompt_logprobs(logits, prompt, mask) if opts.prompt_logprobs else None
+        prompt_lp = prompt_logprobs(logits, prompt, mask)[0] if opts.prompt_logprobs else None
         logits = logits[:, -1]  # (B, vocab)
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
-
-    for step in range(opts.max_new_tokens):
+    first = True
+    while True:
         with torch.inference_mode():
-            cur = T + step
-            raw = logits
-            if processors.active:
-                history = penalty_tokens[:, :cur] if penalty_tokens is not None else None
-                logits = processors(logits.float(), tokens[:, :cur], penalty_history=history, counts=counts,
-                                    new_tokens=step)
-            if opts.greedy:
-                next_tokens = choose_next(logits, opts, generator=generator)
-                # argmax picks NaN and +inf, and a row of -inf gives -inf: the chosen logit tells.
-                check_finite(logits.gather(1, next_tokens[:, None])[:, 0], step)
-            else:
-                logits = logits.contiguous()  # the batched LM head hands out a transposed view
-                check_finite(logits.amax(dim=-1), step)  # before sampling, which would fail on NaN
-                next_tokens = choose_next(logits, opts, generator=generator)
-            next_tokens = torch.where(finished, pad, next_tokens)
-            tokens[:, cur] = next_tokens
-            if penalty_tokens is not None:
-                penalty_tokens[:, cur] = next_tokens
-            if counts is not None:
-                counts.scatter_add_(1, next_tokens[:, None], (~finished).float()[:, None])
-            out = Step(next_tokens.clone(), finished.clone(), prompt_logprobs=prompt_lp if step == 0 else None)
-            if with_logprobs:
-                out.logprobs, out.top_logprobs, out.top_ids = _logprobs(raw, next_tokens, opts.top_logprobs)
-                out.logprobs = out.logprobs.masked_fill(finished, 0.0)  # padding after a row's end
-            if step + 1 >= opts.min_new_tokens:  # before that, neither the end token nor a stop sequence ends a row
-                if eos is not None:
-                    finished |= next_tokens == eos
-                for seq in stops:
-                    n = seq.numel()
-                    if step + 1 >= n:
-                        finished |= (tokens[:, cur + 1 - n : cur + 1] == seq).all(dim=1)
-            out.finished = finished.clone()
-            done = step + 1 == opts.max_new_tokens or bool(finished.all())
+            out = rules.step(logits, logprobs=with_logprobs)
+            if first:
+                out.prompt_logprobs, first = prompt_lp, False
+            done = rules.done
         yield out  # before the next forward, so a stream shows each token as soon as it is chosen
         if done:
             return
         with torch.inference_mode():
-            logits = session.feed(next_tokens[:, None])[:, -1]
-
-
-def _logprobs(
-    logits: torch.Tensor, chosen: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Log-softmax of raw logits ``(B, V)`` at the chosen tokens, and the ``k`` most likely (or None)."""
-    logp = logits.float().log_softmax(dim=-1)
-    chosen_lp = logp.gather(1, chosen[:, None])[:, 0]
-    if k == 0:
-        return chosen_lp, None, None
-    top = logp.topk(k, dim=-1)
-    return chosen_lp, top.values, top.indices
-
-
-def _prompt_logprobs(logits: torch.Tensor, prompt: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Each prompt token's log-probability from the prompt's logits ``(B, T, V)``: ``(B, T)``, NaN where none.
-
-    The first token of a row has no context, nor has padding: both get NaN.
-    """
-    B, T = prompt.shape
-    out = torch.full((B, T), float("nan"), device=prompt.device)
-    if T > 1:
-        out[:, 1:] = logits[:, :-1].float().log_softmax(-1).gather(2, prompt[:, 1:, None])[..., 0]
-    if mask is not None:
-        out[mask == 0] = float("nan")
-        out[torch.arange(B), mask.argmax(dim=1)] = float("nan")  # each row's first real token
-    return out
+            logits = session.feed(out.tokens[:, None])[:, -1]
 
 
 def _score_prompt(model: DecoderModel, prompt: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Prompt log-probabilities by a forward pass of their own (when nothing is generated)."""
     with torch.inference_mode():
         logits = model.decode(prompt, model.new_state(*prompt.shape), input_mask=mask, last_only=False)
-        return _prompt_logprobs(logits, prompt, mask)
+        return prompt_logprobs(logits, prompt, mask)[0]
 
 
 def _scored_output(
@@ -414,7 +295,7 @@ def _scored_output(
             ended = new == eos
             logprobs = logprobs.masked_fill(ended.cumsum(1) - ended.long() > 0, 0.0)
         top = logp.topk(opts.top_logprobs, dim=-1) if opts.top_logprobs else None
-        prompt_lp = _prompt_logprobs(every[:, :T], sequences[:, :T], mask) if opts.prompt_logprobs else None
+        prompt_lp = prompt_logprobs(every[:, :T], sequences[:, :T], mask)[0] if opts.prompt_logprobs else None
     return GenerateOutput(
         sequences=sequences, logprobs=logprobs, finish_reason=reasons,
         top_logprobs=top.values if top is not None else None, top_ids=top.indices if top is not None else None,

@@ -1,12 +1,11 @@
 """GPT-2's byte-level BPE tokenizer, in pure Python.
 
-The constructor takes data and does no I/O; ``gpt2lite.tokenizer_files`` reads
+The constructor takes data and does no I/O; ``gpt2lite.tokenizers.files`` reads
 the vocabulary files (bundled, local or from the hub).
 """
 
 from __future__ import annotations
 
-import codecs
 import heapq
 import operator
 import os
@@ -16,9 +15,10 @@ from typing import Literal
 
 import regex
 
-from gpt2lite.tokenizer_files import ENDOFTEXT, bundled_gpt2_files, find_vocab_files, read_vocab_files
+from gpt2lite.tokenizers.files import ENDOFTEXT, bundled_gpt2_files, find_vocab_files, read_vocab_files
+from gpt2lite.tokenizers.protocol import StreamDecoder
 
-__all__ = ["GPT2_PATTERN", "StreamDecoder", "Tokenizer"]
+__all__ = ["GPT2_PATTERN", "Tokenizer"]
 
 # The pre-tokenization pattern of OpenAI's GPT-2 encoder.py.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -341,41 +341,6 @@ class Tokenizer:
     def stream_decoder(self) -> StreamDecoder:
         """A fresh incremental decoder that turns tokens into text at UTF-8 boundaries."""
         return StreamDecoder(self)
-
-
-class StreamDecoder:
-    """Turns tokens, given one at a time, into text that never ends mid-character.
-
-    A character split across tokens (emoji, CJK) is held back until complete;
-    bytes that can never form valid UTF-8 come out as U+FFFD.
-    """
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        """Start an empty stream for ``tokenizer``."""
-        self._tokenizer = tokenizer
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def add(self, token: int) -> str:
-        """Take one token; return the text that is now complete (maybe empty)."""
-        return self._utf8.decode(self._tokenizer.decode_token_bytes(int(token)))
-
-    def add_many(self, tokens: Iterable[int]) -> str:
-        """Take several tokens; return the text that is now complete."""
-        return self._utf8.decode(self._tokenizer.decode_bytes([int(t) for t in tokens]))
-
-    def flush(self) -> str:
-        """End the stream: return what is held back (U+FFFD for an unfinished character)."""
-        return self._utf8.decode(b"", final=True)
-
-    def iter_text(self, tokens: Iterable[int]) -> Iterator[str]:
-        """Yield the non-empty text pieces of a token stream, flushing at its end."""
-        for t in tokens:
-            piece = self.add(t)
-            if piece:
-                yield piece
-        tail = self.flush()
-        if tail:
-            yield tail
 
 
 def _replace_lone_surrogates(text: str) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 
-from gpt2lite.hub import resolve_files
+from gpt2lite.io.hub import resolve_files
 
 __all__ = [
     "ENDOFTEXT",

@@ -13,8 +13,8 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from gpt2lite.files import atomic_write
-from gpt2lite.tokenizer import StreamDecoder
+from gpt2lite.io.files import atomic_write
+from gpt2lite.tokenizers.protocol import StreamDecoder
 
 __all__ = ["CHAR_TOKENIZER_FILE", "CharTokenizer"]
 
@@ -87,7 +87,7 @@ class CharTokenizer:
 
     def stream_decoder(self) -> StreamDecoder:
         """An incremental decoder (see ``StreamDecoder``)."""
-        return StreamDecoder(self)  # type: ignore[arg-type]
+        return StreamDecoder(self)
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``tokenizer.json`` into ``directory``."""

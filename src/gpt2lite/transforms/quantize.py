@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpt2lite.models.gpt2 import GPT2
+
 __all__ = ["QUANTIZE_MODES", "Int8Embedding", "Int8Linear", "QuantizeMode", "is_quantized", "quantize"]
 
 QuantizeMode = Literal["int8"]
@@ -144,8 +146,6 @@ def quantize(model: nn.Module, mode: QuantizeMode = "int8") -> nn.Module:
 
         model = quantize(GPT2.from_pretrained("gpt2"), "int8")
     """
-    from gpt2lite.models.gpt2 import GPT2  # here: gpt2 imports this module
-
     if mode not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {mode!r}")
     body = getattr(model, "transformer", model)

@@ -4,50 +4,24 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gpt2lite.errors import ModelNotFoundError
-from gpt2lite.generation.engine import generate, iter_steps, left_pad
-from gpt2lite.generation.options import GenerationOptions
-from gpt2lite.hub import HUB_ALIASES
-from gpt2lite.models.gpt2 import GPT2
-from gpt2lite.models.lora import has_lora, merge_lora
-from gpt2lite.models.packed import prepack as prepack_model
-from gpt2lite.models.quantize import QuantizeMode
-from gpt2lite.tokenizer import Tokenizer
+from gpt2lite.generation.batching import left_pad
+from gpt2lite.generation.decode import generate, iter_steps
+from gpt2lite.generation.options import GenerationKwargs, GenerationOptions
+from gpt2lite.loading import load_model, load_tokenizer
+from gpt2lite.models.protocol import DecoderModel
+from gpt2lite.text.assembler import Completion, TextAssembler
+from gpt2lite.text.scoring import perplexity, token_logprobs
+from gpt2lite.tokenizers.protocol import TokenizerProtocol
+from gpt2lite.transforms.quantize import QuantizeMode
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-    from gpt2lite.char_tokenizer import CharTokenizer
-    from gpt2lite.generation.options import GenerationKwargs
-    from gpt2lite.models.protocol import DecoderModel
-
-__all__ = ["Completion", "TextAssembler", "TextGenerator", "load_tokenizer"]
-
-
-@dataclass
-class Completion:
-    """One generated text with its tokens, their log-probabilities and why it ended (``TextGenerator.complete``)."""
-
-    text: str
-    token_ids: list[int]  # the tokens behind `text` (a stop string's tokens are dropped)
-    tokens: list[str]  # each token's text (a piece of a character shows as U+FFFD)
-    logprobs: list[float]  # log-probability of each token under the model (raw logits)
-    top_logprobs: list[dict[str, float]]  # the top_logprobs most likely tokens at each step
-    finish_reason: str  # "stop" (end token or stop string) or "length"
-    prompt_logprobs: list[float | None] | None = None  # with prompt_logprobs=True; None for the first token
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        d = asdict(self)
-        d.pop("extra")
-        return d
-
+__all__ = ["TextGenerator"]
 
 
 class TextGenerator:
@@ -59,7 +33,7 @@ class TextGenerator:
         gen("The meaning of life is", max_new_tokens=20, seed=0)
     """
 
-    def __init__(self, model: GPT2, tokenizer: Tokenizer) -> None:
+    def __init__(self, model: DecoderModel, tokenizer: TokenizerProtocol) -> None:
         """Pair a loaded model with the tokenizer its vocabulary was built with."""
         if tokenizer.n_vocab > model.config.vocab_size:
             raise ValueError(
@@ -82,13 +56,13 @@ class TextGenerator:
         adapter: str | os.PathLike[str] | None = None,
         prepack: bool = False,
     ) -> TextGenerator:
-        """Load model and tokenizer from a hub id or local path (see ``GPT2.from_pretrained``).
+        """Load model and tokenizer from a hub id or local path (see ``gpt2lite.load_model``).
 
         ``quantize="int8"`` loads a GPT-2 with int8 weights (faster, inference only).
-        ``adapter`` puts a LoRA adapter (PEFT format) on it; a directory that
-        holds only an adapter loads the base model it names. ``prepack=True``
-        adds oneDNN-reordered weights for faster float32 CPU batches (see
-        ``gpt2lite.models.packed``; twice the weight memory).
+        ``adapter`` puts a LoRA adapter (PEFT format) on it, merged into the weights;
+        a directory that holds only an adapter loads the base model it names.
+        ``prepack=True`` adds oneDNN-reordered weights for faster float32 CPU
+        batches (see ``gpt2lite.transforms.packed``; twice the weight memory).
 
         A directory saved from a ``RecurrentLM`` (RNN, LSTM, GRU) loads that model instead,
         and one with a character vocabulary (``tokenizer.json`` of ``CharTokenizer``) uses it.
@@ -96,23 +70,10 @@ class TextGenerator:
         Where no tokenizer files are found beside a model with GPT-2's 50257-token
         vocabulary, the GPT-2 tokenizer bundled with the package is used.
         """
-        from gpt2lite.models.recurrent import RecurrentLM, is_recurrent_checkpoint
-        from gpt2lite.models.weights import resolve_dtype
-
         hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
-        if is_recurrent_checkpoint(name_or_path):
-            if quantize is not None or adapter is not None or prepack:
-                raise ValueError(f"{str(name_or_path)!r} is a recurrent model; quantize, prepack and LoRA "
-                                 "adapters are for GPT-2 models")
-            model = RecurrentLM.from_pretrained(name_or_path, device=device, dtype=resolve_dtype(dtype))
-        else:
-            model = GPT2.from_pretrained(name_or_path, device=device, dtype=dtype, quantize=quantize, adapter=adapter,
-                                         **hub)
-            if has_lora(model):  # generation only reads the weights: fold the adapters in once
-                merge_lora(model)
-            if prepack:
-                prepack_model(model)
-        return cls(model, load_tokenizer(name_or_path, model.config.vocab_size, **hub))  # type: ignore[arg-type]
+        model = load_model(name_or_path, device=device, dtype=dtype, quantize=quantize, adapter=adapter,
+                           merge_adapter=True, prepack=prepack, **hub)
+        return cls(model, load_tokenizer(name_or_path, model.config.vocab_size, **hub))
 
     def __call__(
         self,
@@ -236,8 +197,6 @@ class TextGenerator:
         self, text: str, *, max_length: int | None = None, stride: int | None = None, progress: bool = False
     ) -> float:
         """Perplexity of ``text`` (sliding windows; see ``gpt2lite.perplexity``)."""
-        from gpt2lite.scoring import perplexity
-
         return perplexity(
             self.model, self.tokenizer.encode(text), max_length=max_length, stride=stride, progress=progress
         )
@@ -247,8 +206,6 @@ class TextGenerator:
 
         An empty prompt means the start of a document (``<|endoftext|>``).
         """
-        from gpt2lite.scoring import token_logprobs
-
         prompt_ids = self.tokenizer.encode(prompt) or [self.tokenizer.eot_token]
         ids = self.tokenizer.encode(continuation)
         scores = token_logprobs(self.model, prompt_ids, ids)
@@ -298,7 +255,7 @@ class TextGenerator:
         return left_pad([self.tokenizer.encode(p) or [eot] for p in prompts], eot)
 
 
-def _top(tokenizer: Tokenizer, step: Any, row: int, index: int | None = None) -> dict[str, float]:
+def _top(tokenizer: TokenizerProtocol, step: Any, row: int, index: int | None = None) -> dict[str, float]:
     """The top alternatives of one row at one step, as {token text: log-probability}."""
     if step.top_ids is None:
         return {}
@@ -306,99 +263,3 @@ def _top(tokenizer: Tokenizer, step: Any, row: int, index: int | None = None) ->
     if index is not None:
         ids, values = ids[index], values[index]
     return {tokenizer.decode([i]): v for i, v in zip(ids.tolist(), values.tolist(), strict=True)}
-
-
-class TextAssembler:
-    """The text of one row as tokens arrive: decoded at character boundaries, cut at a stop string.
-
-    Shared by the text API and the server; ``take()`` hands out the text that is final.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, stops: list[str], eos: int | None) -> None:
-        self.tokenizer = tokenizer
-        self.decoder = tokenizer.stream_decoder()
-        self.stops = stops
-        self.hold = max(map(len, stops), default=1) - 1  # characters that could start a stop string
-        self.eos = eos
-        self.text = ""
-        self.taken = 0  # text[:taken] was handed out by take()
-        self.done = False
-        self.reason = "length"
-        self.ids: list[int] = []
-        self.starts: list[int] = []  # where each token's text begins in `text`
-        self.logprobs: list[float] = []
-        self.tops: list[dict[str, float]] = []
-
-    def add(self, token: int, logprob: float | None = None, top: Any = None) -> None:
-        """Take the next token (with its log-probability and alternatives, kept as given)."""
-        if self.done:
-            return
-        if token == self.eos:
-            self.reason = "stop"
-            self.finish()
-            return
-        self.ids.append(token)
-        self.starts.append(len(self.text))
-        self.logprobs.append(logprob if logprob is not None else float("nan"))
-        self.tops.append(top or {})
-        self._append(self.decoder.add(token))
-
-    def finish(self) -> None:
-        """End the text: flush a held-back partial character."""
-        if not self.done:
-            self._append(self.decoder.flush())
-            self.done = True
-
-    def take(self) -> str:
-        """The text that is now certain and not yet taken."""
-        end = len(self.text) if self.done else max(self.taken, len(self.text) - self.hold)
-        piece = self.text[self.taken : end]
-        self.taken = end
-        return piece
-
-    def result(self) -> Completion:
-        """The finished ``Completion``."""
-        self.finish()
-        # Tokens whose text starts past a stop string's cut are not part of the completion.
-        n = sum(1 for s in self.starts if s < len(self.text)) if self.reason == "stop" else len(self.ids)
-        return Completion(
-            text=self.text, token_ids=self.ids[:n], tokens=[self.tokenizer.decode([t]) for t in self.ids[:n]],
-            logprobs=self.logprobs[:n], top_logprobs=self.tops[:n], finish_reason=self.reason,
-        )
-
-    def _append(self, piece: str) -> None:
-        if not piece:
-            return
-        start = max(0, len(self.text) - self.hold)
-        self.text += piece
-        hits = [i for s in self.stops if (i := self.text.find(s, start)) >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
-            self.taken = min(self.taken, len(self.text))
-            self.reason = "stop"
-            self.done = True
-
-
-def load_tokenizer(
-    name_or_path: str | os.PathLike[str], vocab_size: int, *, revision: str | None = None,
-    cache_dir: str | os.PathLike[str] | None = None, local_files_only: bool = False,
-) -> Tokenizer | CharTokenizer:
-    """The tokenizer that belongs beside a model: its own files, else GPT-2's for a 50257-token vocabulary.
-
-    A directory with a character vocabulary (``tokenizer.json`` of ``CharTokenizer``) gets that.
-    """
-    from gpt2lite.char_tokenizer import CharTokenizer
-
-    chars = CharTokenizer.load(name_or_path) if os.path.isdir(name_or_path) else None
-    if chars is not None:
-        return chars
-    gpt2_vocab = vocab_size == 50257
-    if gpt2_vocab and (str(name_or_path) in HUB_ALIASES or os.path.isfile(name_or_path)):
-        return Tokenizer.gpt2()  # the published GPT-2 models all use these exact files
-    try:
-        return Tokenizer.from_pretrained(name_or_path, revision=revision, cache_dir=cache_dir,
-                                         local_files_only=local_files_only)
-    except ModelNotFoundError:
-        if not gpt2_vocab:
-            raise
-        return Tokenizer.gpt2()

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2lite.errors import NonFiniteError
-from gpt2lite.models.gpt2 import GPT2
+from gpt2lite.models.protocol import DecoderModel
 
 __all__ = ["perplexity", "token_logprobs"]
 
@@ -45,7 +45,7 @@ def _windows(n: int, max_length: int, stride: int) -> list[tuple[int, int, int]]
 
 @torch.inference_mode()
 def perplexity(
-    model: GPT2,
+    model: DecoderModel,
     ids: Sequence[int] | torch.Tensor,
     *,
     max_length: int | None = None,
@@ -107,7 +107,7 @@ def perplexity(
 
 @torch.inference_mode()
 def token_logprobs(
-    model: GPT2, prompt_ids: Sequence[int] | torch.Tensor, continuation_ids: Sequence[int] | torch.Tensor
+    model: DecoderModel, prompt_ids: Sequence[int] | torch.Tensor, continuation_ids: Sequence[int] | torch.Tensor
 ) -> torch.Tensor:
     """Log-probability of each continuation token given the prompt and the tokens before it: ``(n,)``."""
     prompt = _as_ids(prompt_ids, "prompt_ids", model.config.vocab_size)

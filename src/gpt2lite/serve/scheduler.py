@@ -1,11 +1,13 @@
 """Continuous batching: one thread owns the model and a ``DecodeSession`` of ``max_batch`` rows.
 
-Between decode steps the loop prefills waiting requests into free rows; every step
-then decodes all running rows together, and a row that finishes (end token, stop
-sequence, length, or its client went away) leaves at once, freeing its row. Each row
-keeps its own options and its own seeded ``torch.Generator``, so a request draws the
-same tokens alone or in company. Running rows are kept at the front of the batch
-(rows ``0 .. n-1``), so a step reads the cache through views, never copies.
+The scheduler only decides which rows run. Between decode steps it prefills
+waiting requests into free rows; every step then decodes all running rows
+together, and a row that finishes (end token, stop sequence, length, or its client
+went away) leaves at once, freeing its row. Tokens are chosen by
+``gpt2lite.generation.rules``: each row has its own ``TokenRules`` (its options and
+its own seeded ``torch.Generator``), so a request draws the same tokens alone or in
+company, and the same as ``generate`` would. Running rows are kept at the front of
+the batch (rows ``0 .. n-1``), so a step reads the cache through views, never copies.
 
 The HTTP layer only submits ``Request`` objects and receives their events.
 """
@@ -21,21 +23,20 @@ from dataclasses import dataclass, field
 import torch
 
 from gpt2lite.generation.options import GenerationOptions
-from gpt2lite.generation.processors import LogitsProcessors
-from gpt2lite.generation.sampling import choose_next
-from gpt2lite.generation.session import DecodeSession, end_tokens, ends_with_stop
+from gpt2lite.generation.rules import TokenRules, prompt_logprobs, step_rows
+from gpt2lite.generation.session import DecodeSession
 from gpt2lite.models.protocol import DecoderModel
 
-__all__ = ["BatchEngine", "EngineStats", "QueueFull", "Request"]
+__all__ = ["QueueFull", "Request", "Scheduler", "SchedulerStats"]
 
 
 class QueueFull(RuntimeError):
-    """The engine's queue is at capacity: the request was not accepted."""
+    """The queue is at capacity: the request was not accepted."""
 
 
 @dataclass
 class Request:
-    """One sequence to generate. Events arrive through ``on_token``/``on_done`` from the engine's thread.
+    """One sequence to generate. Events arrive through ``on_token``/``on_done`` from the scheduler's thread.
 
     ``on_token(token, logprob, top)`` gets each token, its log-probability and the
     ``top_logprobs`` best ``[(id, logprob)]``; ``on_done(reason, error)`` ends the
@@ -51,12 +52,12 @@ class Request:
     submitted: float = field(default_factory=time.perf_counter)
 
     def cancel(self) -> None:
-        """Ask the engine to drop this request at its next step (its row is freed)."""
+        """Ask the scheduler to drop this request at its next step (its row is freed)."""
         self.cancelled = True
 
 
 @dataclass
-class EngineStats:
+class SchedulerStats:
     """Counters for ``/metrics``."""
 
     requests: int = 0
@@ -69,22 +70,16 @@ class EngineStats:
 
 
 class _Row:
-    """A running request: its tokens, its generator and its logits for the next choice."""
+    """A running request, the rules that choose its tokens, and its logits for the next choice."""
 
-    def __init__(self, request: Request, eos: int | None, vocab: int, device: torch.device) -> None:
+    def __init__(self, request: Request, rules: TokenRules, logits: torch.Tensor) -> None:
         self.request = request
-        self.options = request.options
-        self.tokens = list(request.prompt)
-        self.generated = 0
-        self.eos = eos
-        self.processors = LogitsProcessors(self.options, vocab, eos, device)
-        seed = self.options.seed
-        self.generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-        self.logits: torch.Tensor | None = None
+        self.rules = rules
+        self.logits = logits
 
 
-class BatchEngine:
-    """The engine loop: ``submit()`` requests from any thread; the loop runs in its own thread."""
+class Scheduler:
+    """The serving loop: ``submit()`` requests from any thread; the loop runs in its own thread."""
 
     def __init__(
         self, model: DecoderModel, *, max_batch: int = 16, max_queue: int = 256, background: bool = True
@@ -102,7 +97,7 @@ class BatchEngine:
         self.max_queue = max_queue
         self.context = model.config.n_positions
         self.session = DecodeSession(model, max_batch, self.context)
-        self.stats = EngineStats()
+        self.stats = SchedulerStats()
         self._rows: list[_Row] = []
         self._waiting: collections.deque[Request] = collections.deque()
         self._wake = threading.Condition()
@@ -110,7 +105,7 @@ class BatchEngine:
         self._running = background
         self._thread = None
         if background:
-            self._thread = threading.Thread(target=self._loop, name="gpt2lite-engine", daemon=True)
+            self._thread = threading.Thread(target=self._loop, name="gpt2lite-scheduler", daemon=True)
             self._thread.start()
 
     @property
@@ -131,14 +126,14 @@ class BatchEngine:
     def run(self) -> None:
         """Run the loop in the calling thread until ``stop()``."""
         if self._thread is not None:
-            raise RuntimeError("this engine already runs in a background thread")
+            raise RuntimeError("this scheduler already runs in a background thread")
         self._running = True
         self._loop()
 
     def submit(self, request: Request) -> None:
         """Queue ``request``; ``QueueFull`` when ``max_queue`` requests already wait."""
         if not self.alive:
-            raise RuntimeError("the engine is not running")
+            raise RuntimeError("the scheduler is not running")
         with self._wake:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting, the most this server queues")
@@ -154,7 +149,7 @@ class BatchEngine:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
 
-    # the loop (engine thread only) ---------------------------------------------------------
+    # the loop (its own thread only) ---------------------------------------------------------
 
     def _loop(self) -> None:
         try:
@@ -189,51 +184,59 @@ class BatchEngine:
             if not request.prompt or len(request.prompt) + opts.max_new_tokens > self.context:
                 raise ValueError(f"the prompt of {len(request.prompt)} tokens + max_tokens={opts.max_new_tokens} "
                                  f"does not fit the context of {self.context} tokens")
-            eos, _ = end_tokens(self.model.config, opts)
-            row = _Row(request, eos, self.model.config.vocab_size, self.session.state.device)
+            device = self.session.state.device
+            ids = torch.tensor([request.prompt], device=device)
+            rules = TokenRules(opts, self.model.config, ids)
             self.session.reset([slot])
-            ids = torch.tensor([request.prompt], device=self.session.state.device)
             echo = request.on_prompt_logprobs is not None
-            logits = self.session.feed(ids, rows=[slot], last_only=not echo)[0]  # (T or 1, vocab)
+            logits = self.session.feed(ids, rows=[slot], last_only=not echo)  # (1, T or 1, vocab)
             if echo:
-                logp = logits[:-1].float().log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0].tolist()
-                request.on_prompt_logprobs([None, *logp])
+                values, _, _ = prompt_logprobs(logits, ids)
+                request.on_prompt_logprobs([None if v != v else v for v in values[0].tolist()])
             self.stats.prompt_tokens += len(request.prompt)
             if opts.max_new_tokens == 0:  # only the prompt was asked for (echo)
                 self.stats.finished += 1
                 request.on_done("length", None)
                 return
-            row.logits = logits[-1]
-            self._rows.append(row)
+            self._rows.append(_Row(request, rules, logits[0, -1]))
         except Exception as exc:  # one bad request fails alone
             self.stats.failed += 1
             request.on_done("error", exc)
 
     def _step(self) -> None:
-        """Choose each row's next token, retire finished rows, then decode the rest in one batch."""
+        """Have each row's rules choose its next token, retire finished rows, then decode the rest in one batch."""
         rows = self._rows
-        logits = torch.stack([row.logits for row in rows])  # (n, vocab)
-        logp = logits.float().log_softmax(-1)  # (n, vocab): what is reported, before any processing
-        tokens: list[int | None] = [None] * len(rows)
-        plain = [i for i, row in enumerate(rows) if row.options.greedy and not row.processors.active]
-        if plain:  # the common case, for all such rows at once
-            for i, t in zip(plain, logits[plain].argmax(-1).tolist(), strict=True):
-                tokens[i] = t
+        live = [i for i, row in enumerate(rows) if not row.request.cancelled]
+        steps = dict(zip(live, step_rows([rows[i].rules for i in live], torch.stack([rows[i].logits for i in live])),
+                         strict=True)) if live else {}
         finished: list[bool] = []
         chosen: list[int] = []
         for i, row in enumerate(rows):
-            try:
-                token, reason = self._choose(row, logits[i], logp[i], tokens[i])
-            except Exception as exc:  # one bad request fails alone
+            step = steps.get(i)
+            token, reason = 0, None
+            if step is None:
+                reason = "cancelled"
+                self.stats.cancelled += 1
+            elif isinstance(step, Exception):
+                reason = "error"
                 self.stats.failed += 1
-                row.request.on_done("error", exc)
-                token, reason = 0, "error"
+            else:
+                token = int(step.tokens[0])
+                top: list[tuple[int, float]] = []
+                if step.top_ids is not None:
+                    top = list(zip(step.top_ids[0].tolist(), step.top_logprobs[0].tolist(), strict=True))
+                self.stats.generated_tokens += 1
+                row.request.on_token(token, float(step.logprobs[0]), top)
+                if bool(step.finished[0]):
+                    reason = "stop"
+                elif row.rules.done:
+                    reason = "length"
+                if reason is not None:
+                    self.stats.finished += 1
             chosen.append(token)
             finished.append(reason is not None)
-            if reason is not None and reason != "error":
-                self.stats.finished += reason != "cancelled"
-                self.stats.cancelled += reason == "cancelled"
-                row.request.on_done(reason, None)
+            if reason is not None:
+                row.request.on_done(reason, step if isinstance(step, Exception) else None)
         self.stats.steps += 1
         if any(finished):
             # Keep running rows at the front: move the last running ones into the holes.
@@ -254,42 +257,3 @@ class BatchEngine:
         logits = self.session.feed(ids, rows=None if n == self.max_batch else range(n))[:, -1]  # (n, vocab)
         for row, row_logits in zip(self._rows, logits, strict=True):
             row.logits = row_logits
-
-    def _choose(
-        self, row: _Row, raw: torch.Tensor, logp: torch.Tensor, token: int | None
-    ) -> tuple[int, str | None]:
-        """Pick a row's next token (unless given) and report it; return it and why the row ends (None: it goes on)."""
-        request, opts = row.request, row.options
-        if request.cancelled:
-            return 0, "cancelled"
-        if token is None:
-            logits = raw[None]  # (1, vocab)
-            if row.processors.active:
-                history = torch.tensor([row.tokens], device=raw.device)
-                counts = None
-                if row.processors.needs_counts:
-                    counts = torch.zeros_like(logits, dtype=torch.float).index_add_(
-                        1, history[0, len(request.prompt) :], torch.ones(row.generated, device=raw.device))
-                logits = row.processors(logits.float(), history, counts=counts, new_tokens=row.generated)
-            if not opts.greedy:
-                logits = logits.float().contiguous()
-            token = int(choose_next(logits, opts, generator=row.generator)[0])
-        value = float(logp[token])
-        if value != value or value == float("inf"):
-            raise FloatingPointError("the model produced non-finite logits (NaN or inf)")
-        top: list[tuple[int, float]] = []
-        if opts.top_logprobs:
-            best = logp.topk(opts.top_logprobs)
-            top = list(zip(best.indices.tolist(), best.values.tolist(), strict=True))
-        row.tokens.append(token)
-        row.generated += 1
-        self.stats.generated_tokens += 1
-        request.on_token(token, value, top)
-        if row.generated >= opts.min_new_tokens:
-            if token == row.eos:
-                return token, "stop"
-            if ends_with_stop(row.tokens, opts.stop):
-                return token, "stop"
-        if row.generated >= opts.max_new_tokens:
-            return token, "length"
-        return token, None

@@ -8,11 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
-from gpt2lite.generation.engine import right_pad
+from gpt2lite.generation.batching import right_pad
+from gpt2lite.loading import load_model, load_tokenizer
 from gpt2lite.models.classifier import GPT2ForSequenceClassification
-from gpt2lite.models.lora import has_lora, merge_lora
-from gpt2lite.pipeline import load_tokenizer
-from gpt2lite.tokenizer import Tokenizer
+from gpt2lite.tokenizers.protocol import TokenizerProtocol
 
 __all__ = ["Classification", "TextClassifier"]
 
@@ -35,7 +34,7 @@ class TextClassifier:
         clf.classify("a fine, warm film").label   # 'positive'
     """
 
-    def __init__(self, model: GPT2ForSequenceClassification, tokenizer: Tokenizer) -> None:
+    def __init__(self, model: GPT2ForSequenceClassification, tokenizer: TokenizerProtocol) -> None:
         """Pair a classifier with the tokenizer it was trained with."""
         if tokenizer.n_vocab > model.config.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.n_vocab} tokens but the model only {model.config.vocab_size}")
@@ -53,11 +52,8 @@ class TextClassifier:
         local_files_only: bool = False,
     ) -> TextClassifier:
         """Load a classifier directory (ours or ``transformers``'), or a LoRA adapter directory saved by training."""
-        model = GPT2ForSequenceClassification.from_pretrained(
-            name_or_path, device=device, dtype=dtype, adapter=adapter, local_files_only=local_files_only
-        )
-        if has_lora(model):  # inference only reads the weights: fold the adapters in once
-            merge_lora(model)
+        model = load_model(name_or_path, kind="classifier", device=device, dtype=dtype, adapter=adapter,
+                           merge_adapter=True, local_files_only=local_files_only)
         tokenizer = load_tokenizer(name_or_path, model.config.vocab_size, local_files_only=local_files_only)
         return cls(model, tokenizer)  # type: ignore[arg-type]
 

@@ -18,6 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpt2lite.models.gpt2 import GPT2
+from gpt2lite.transforms.quantize import is_quantized
+
 __all__ = ["MIN_ROWS", "PackedEmbedding", "PackedLinear", "prepack"]
 
 MIN_ROWS = 4  # below this many rows the plain product is faster (measured: 1 row 48 vs 41 tok/s)
@@ -83,9 +86,6 @@ def prepack(model: nn.Module, rows: int = 8) -> nn.Module:
 
         model = prepack(GPT2.from_pretrained("gpt2"))  # then generate() with batches of 4+ rows
     """
-    from gpt2lite.models.gpt2 import GPT2  # here: gpt2 imports this module
-    from gpt2lite.models.quantize import is_quantized
-
     body = getattr(model, "transformer", model)
     if not isinstance(body, GPT2):
         raise TypeError(f"prepack works on GPT-2 models, not {type(model).__name__}")

@@ -1,0 +1,138 @@
+"""The one loading layer: a checkpoint, its LoRA adapter, quantization and prepacking, combined here only.
+
+``load_model`` finds what a path or hub id holds (a GPT-2, a classifier, a
+recurrent model, or a LoRA adapter that names its base) and builds it in this
+order: the checkpoint (``models/``), the adapter (``transforms/peft.py``), merging
+it, quantizing, prepacking (``transforms/``). ``load_tokenizer`` finds the
+tokenizer that belongs beside a model, and ``save_model`` writes any of them back.
+``TextGenerator``, ``TextClassifier``, the trainer and the command line all load
+and save through here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from gpt2lite.errors import ModelNotFoundError
+from gpt2lite.io.hub import HUB_ALIASES
+from gpt2lite.models.classifier import GPT2ForSequenceClassification
+from gpt2lite.models.gpt2 import GPT2
+from gpt2lite.models.recurrent import RecurrentLM, is_recurrent_checkpoint
+from gpt2lite.models.weights import resolve_dtype
+from gpt2lite.tokenizers.bpe import Tokenizer
+from gpt2lite.tokenizers.char import CharTokenizer
+from gpt2lite.tokenizers.protocol import TokenizerProtocol
+from gpt2lite.transforms.lora import has_lora, merge_lora
+from gpt2lite.transforms.packed import prepack as prepack_model
+from gpt2lite.transforms.peft import adapter_base, adapter_labels, load_adapter, save_adapter
+from gpt2lite.transforms.quantize import QUANTIZE_MODES, QuantizeMode, is_quantized
+from gpt2lite.transforms.quantize import quantize as quantize_model
+
+__all__ = ["ModelKind", "load_model", "load_tokenizer", "save_model"]
+
+ModelKind = Literal["lm", "classifier"]
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str],
+    *,
+    kind: ModelKind = "lm",
+    labels: list[str] | tuple[str, ...] | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_files_only: bool = False,
+    adapter: str | os.PathLike[str] | None = None,
+    merge_adapter: bool = False,
+    quantize: QuantizeMode | None = None,
+    prepack: bool = False,
+) -> nn.Module:
+    """Load a model for inference or training: ``GPT2``, ``GPT2ForSequenceClassification`` or ``RecurrentLM``.
+
+    ``name_or_path`` is a hub id (``"gpt2"``), a directory, a sharded directory, a
+    bare ``.safetensors`` file, or a directory holding only a LoRA adapter (its
+    base model is loaded under it). ``kind="classifier"`` loads a sequence
+    classifier; ``labels`` puts a new head for those classes on a language model.
+    ``adapter`` is a LoRA adapter directory in the PEFT format (ours or ``peft``'s);
+    ``merge_adapter=True`` folds it into the weights (inference). ``quantize="int8"``
+    stores the linear layers in int8 (inference only; adapters are merged first);
+    ``prepack=True`` adds oneDNN-reordered weights for float32 CPU batches. Example::
+
+        model = load_model("gpt2", quantize="int8")
+    """
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_MODES} or None, got {quantize!r}")
+    if kind not in ("lm", "classifier"):
+        raise ValueError(f"kind must be 'lm' or 'classifier', got {kind!r}")
+    if adapter is None and (base := adapter_base(name_or_path)) is not None:
+        name_or_path, adapter = base, name_or_path
+    hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+
+    model: nn.Module
+    if is_recurrent_checkpoint(name_or_path):
+        if quantize is not None or adapter is not None or prepack or kind != "lm":
+            raise ValueError(f"{str(name_or_path)!r} is a recurrent language model; classification heads, "
+                             "quantize, prepack and LoRA adapters are for GPT-2 models")
+        return RecurrentLM.from_pretrained(name_or_path, device=device, dtype=resolve_dtype(dtype))
+    if kind == "classifier":
+        if adapter is not None and labels is None:
+            labels = adapter_labels(adapter)
+        model = GPT2ForSequenceClassification.from_pretrained(name_or_path, labels=labels, device=device,
+                                                              dtype=dtype, **hub)
+    else:
+        if labels is not None:
+            raise ValueError("labels are for a classifier: load_model(..., kind='classifier', labels=[...])")
+        model = GPT2.from_pretrained(name_or_path, device=device, dtype=dtype, **hub)
+    if adapter is not None:
+        load_adapter(model, adapter)
+        if merge_adapter or quantize:
+            merge_lora(model)
+    if quantize:
+        quantize_model(model, quantize)
+    if prepack:
+        prepack_model(model)
+    return model
+
+
+def save_model(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
+    """Write a model where ``load_model`` (and ``transformers``, ``peft``) reads it; return the directory.
+
+    A GPT-2 or classifier is written in the hub layout; one with LoRA adapters
+    writes only them (and a classifier's head), in the PEFT format; a quantized
+    model is refused (save the float model, quantize when loading).
+    """
+    if has_lora(model):
+        return save_adapter(model, directory)
+    if is_quantized(model):
+        raise ValueError("saving a quantized model is not supported: save the float model and load it "
+                         "with quantize='int8'")
+    return model.save_pretrained(directory)
+
+
+def load_tokenizer(
+    name_or_path: str | os.PathLike[str], vocab_size: int, *, revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None, local_files_only: bool = False,
+) -> TokenizerProtocol:
+    """The tokenizer that belongs beside a model: its own files, else GPT-2's for a 50257-token vocabulary.
+
+    A directory with a character vocabulary (``CharTokenizer``) gets that.
+    """
+    chars = CharTokenizer.load(name_or_path) if os.path.isdir(name_or_path) else None
+    if chars is not None:
+        return chars
+    gpt2_vocab = vocab_size == 50257
+    if gpt2_vocab and (str(name_or_path) in HUB_ALIASES or os.path.isfile(name_or_path)):
+        return Tokenizer.gpt2()  # the published GPT-2 models all use these exact files
+    try:
+        return Tokenizer.from_pretrained(name_or_path, revision=revision, cache_dir=cache_dir,
+                                         local_files_only=local_files_only)
+    except ModelNotFoundError:
+        if not gpt2_vocab:
+            raise
+        return Tokenizer.gpt2()
