@@ -28,7 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gpt2lite {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
+    for add in (_add_generate, _add_finetune, _add_classify, _add_serve, _add_evaluate, _add_perplexity):
+        add(commands)
+    return parser
 
+
+def _add_generate(commands: Any) -> None:
+    """The ``generate`` command's flags: one per generation option."""
     gen = commands.add_parser("generate", help="continue a prompt, streaming the text to stdout")
     gen.add_argument("prompt", nargs="?", help="the prompt; read from stdin when omitted or '-'")
     gen.add_argument("--model", default="gpt2", help="hub id or local path (default: gpt2)")
@@ -36,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(gen)
     gen.set_defaults(run=_generate)
 
+
+def _add_finetune(commands: Any) -> None:
+    """The ``finetune`` command's flags: data, model, schedule, classification, LoRA."""
     ft = commands.add_parser("finetune", help="train a model (or fine-tune a checkpoint) on your text")
     ft.add_argument("--task", choices=["lm", "classify"], default="lm",
                     help="lm: language modeling on text (default); classify: a classifier on labeled CSV/JSONL")
@@ -89,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--offline", action="store_true", help="use only files already in the hub cache")
     ft.set_defaults(run=_finetune)
 
+
+def _add_classify(commands: Any) -> None:
+    """The ``classify`` command's flags."""
     cl = commands.add_parser("classify", help="classify text with a fine-tuned classifier")
     cl.add_argument("text", nargs="?", help="the text; one text per line from stdin when omitted or '-'")
     cl.add_argument("--model", required=True, help="classifier directory (or LoRA adapter directory)")
@@ -99,17 +111,50 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--offline", action="store_true", help="use only files already in the hub cache")
     cl.set_defaults(run=_classify)
 
+
+def _add_serve(commands: Any) -> None:
+    """The ``serve`` command's flags: the model, the address, the limits, the shutdown."""
     srv = commands.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
     srv.add_argument("--model", default="gpt2", help="hub id or local path (default: gpt2)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
-    srv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    srv.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default: 16)")
-    srv.add_argument("--max-queue", type=int, default=256, help="requests that may wait; more get 429 (default: 256)")
-    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
-    srv.add_argument("--model-name", default=None, help="the id /v1/models reports (default: --model)")
+    srv.add_argument("--port", type=_port, default=8000, help="port (default: 8000)")
+    srv.add_argument("--max-batch", type=_positive, default=16, help="requests decoded together (default: 16)")
+    srv.add_argument("--max-queue", type=_positive, default=256,
+                     help="requests that may wait; more get 429 (default: 256)")
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (not for /health)")
+    srv.add_argument("--served-model-name", "--model-name", dest="served_model_name", default=None,
+                     help="the model id clients send and /v1/models lists (default: the model folder's name)")
+    srv.add_argument("--max-body-size", type=_positive, default=4 * 2**20,
+                     help="largest request body in bytes; larger ones get 413 (default: 4 MiB)")
+    srv.add_argument("--chat-template", default=None,
+                     help="a Jinja chat template file for /v1/chat/completions (default: the model's own)")
+    srv.add_argument("--shutdown-timeout", type=float, default=30.0,
+                     help="on SIGTERM or Ctrl-C, seconds to let running requests finish (default: 30)")
+    srv.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json (behind the key)")
+    srv.add_argument("--no-prefix-cache", action="store_true",
+                     help="always prefill whole prompts (default: reuse a cached shared prefix)")
     _add_model_options(srv)
     srv.set_defaults(run=_serve)
 
+
+def _port(value: str) -> int:
+    if not value.isdigit() or not 0 <= int(value) <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number in 0..65535, got {value!r}")
+    return int(value)
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
+    return number
+
+
+def _add_evaluate(commands: Any) -> None:
+    """The ``evaluate`` command's flags."""
     ev = commands.add_parser("evaluate", help="BLEU, chrF, ROUGE, distinct-n and self-BLEU of generated text")
     ev.add_argument("--predictions", required=True, help="a text file, one prediction per line")
     ev.add_argument("--references", required=True, nargs="+",
@@ -117,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(run=_evaluate)
 
+
+def _add_perplexity(commands: Any) -> None:
+    """The ``perplexity`` command's flags."""
     ppl = commands.add_parser("perplexity", help="perplexity of a model on a text file")
     ppl.add_argument("text", nargs="?", help="text file; stdin when omitted or '-'")
     ppl.add_argument("--model", default="gpt2", help="hub id or local path (default: gpt2)")
@@ -124,7 +172,6 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--stride", type=int, default=None, help="window step (default: half a window)")
     _add_model_options(ppl)
     ppl.set_defaults(run=_perplexity)
-    return parser
 
 
 # Options the CLI takes in another form: stop strings (--stop) and bad words (--bad-word) as text;
@@ -199,7 +246,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 QUANTIZE_CHOICES = ("int8",)
 
 
-def _load_generator(args: argparse.Namespace, name_or_path: str, *, draft: bool = False) -> TextGenerator:
+def _load_text_generator(args: argparse.Namespace, name_or_path: str, *, draft: bool = False) -> TextGenerator:
     """The model (``--adapter`` applied, except to a draft model) and tokenizer the options of ``args`` ask for."""
     from gpt2lite.text.generator import TextGenerator
 
@@ -278,23 +325,23 @@ def _generate(args: argparse.Namespace) -> int:
 
     options = _generation_options(args)  # bad values fail here, before the model is loaded
     prompt = _read_input(args.prompt, "prompt", is_file=False)
-    generator = _load_generator(args, args.model)
-    draft = _load_generator(args, args.draft_model, draft=True).model if args.draft_model else None
+    text_generator = _load_text_generator(args, args.model)
+    draft = _load_text_generator(args, args.draft_model, draft=True).model if args.draft_model else None
     call = dict(stop=args.stop_strings, bad_words=args.bad_words, draft_model=draft)
     if args.json:
-        for completion in generator.complete(prompt, options, **call):
+        for completion in text_generator.complete(prompt, options, **call):
             sys.stdout.write(json.dumps(completion.to_dict(), ensure_ascii=False) + "\n")
         sys.stdout.flush()
         return 0
     if options.num_return_sequences > 1 or options.num_beams > 1 or draft is not None:
-        texts = generator(prompt, options, **call)
+        texts = text_generator(prompt, options, **call)
         texts = texts if isinstance(texts, list) else [texts]
         for i, text in enumerate(texts):
             header = f"=== {i + 1} ===\n" if len(texts) > 1 else ""
             sys.stdout.write(f"{'' if i == 0 else chr(10)}{header}{text}\n")
         sys.stdout.flush()
         return 0
-    for piece in generator.stream(prompt, options, stop=args.stop_strings, bad_words=args.bad_words):
+    for piece in text_generator.stream(prompt, options, stop=args.stop_strings, bad_words=args.bad_words):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -466,33 +513,83 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    import threading
+    from pathlib import Path
+
     try:
         import uvicorn
 
-        from gpt2lite.serve.app import create_app
+        from gpt2lite.serve.app import ServerOptions, create_app
     except ImportError as exc:
         raise ValueError(
             f"serving needs the serve extra ({exc.name} is missing): pip install 'gpt2lite[serve]'"
         ) from None
-    if args.max_batch < 1 or args.max_queue < 0:
-        raise ValueError("--max-batch must be >= 1 and --max-queue >= 0")
-    generator = _load_generator(args, args.model)
-    import threading
-
-    app = create_app(generator, model_name=args.model_name or str(args.model), max_batch=args.max_batch,
-                     max_queue=args.max_queue, api_key=args.api_key, background=False)
+    name = args.served_model_name or _served_name(args.model)
+    options = ServerOptions(model_name=name, max_batch=args.max_batch, max_queue=args.max_queue,
+                            api_key=args.api_key, max_body_size=args.max_body_size, docs=args.docs,
+                            prefix_cache=not args.no_prefix_cache)
+    template = Path(args.chat_template).read_text(encoding="utf-8") if args.chat_template else None
+    listener = _listen(args.host, args.port)  # before the model loads: a port in use fails at once
+    text_generator = _load_text_generator(args, args.model)
+    if template is not None:
+        text_generator.chat_template = template
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    app = create_app(text_generator, options, background=False)
     scheduler = app.state.scheduler
     # The scheduler's loop owns the main thread (torch runs fastest there); HTTP is served beside it.
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
-    http = threading.Thread(target=server.run, name="gpt2lite-http", daemon=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
+    http = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, name="gpt2lite-http", daemon=True)
+
+    def shut_down(signum: int, frame: object) -> None:
+        if scheduler.accepting:  # the first signal: finish what runs, then exit
+            logging.getLogger("gpt2lite.serve").info(
+                "shutting down: %d requests running, %d waiting; they may finish for %.0f s",
+                scheduler.running, scheduler.queue_depth, args.shutdown_timeout)
+            scheduler.drain()
+            deadline = threading.Timer(args.shutdown_timeout, scheduler.stop)
+            deadline.daemon = True
+            deadline.start()
+        else:  # a second signal: now
+            scheduler.stop()
+
+    previous = {s: signal.signal(s, shut_down) for s in (signal.SIGTERM, signal.SIGINT)}
     http.start()
     try:
-        scheduler.run()  # until the server shuts down (its lifespan stops the scheduler) or Ctrl-C
+        scheduler.run()  # until a drain finished, or stop()
     finally:
-        server.should_exit = True
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         scheduler.stop()
-        http.join(timeout=30)
+        server.should_exit = True
+        http.join(timeout=10)
+        listener.close()
     return 0
+
+
+def _served_name(model: str) -> str:
+    """The model id the server shows: a local model's folder name, or the hub id."""
+    from pathlib import Path
+
+    path = Path(model).expanduser()
+    if path.is_file():
+        path = path.parent
+    return path.resolve().name if path.exists() else model
+
+
+def _listen(host: str, port: int) -> Any:
+    """A socket bound to ``host:port``; an address in use or unknown is one clear error."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        listener = socket.socket(family, kind, proto)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+    except OSError as exc:
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return listener
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -514,7 +611,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _perplexity(args: argparse.Namespace) -> int:
     text = _read_input(args.text, "text", is_file=True)
-    scorer = _load_generator(args, args.model)
+    scorer = _load_text_generator(args, args.model)
     progress = sys.stderr is not None and sys.stderr.isatty()
     print(f"{scorer.perplexity(text, max_length=args.max_length, stride=args.stride, progress=progress):.4f}")
     return 0

@@ -11,6 +11,7 @@ and save through here.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Literal
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from gpt2lite.errors import ModelNotFoundError
-from gpt2lite.io.hub import HUB_ALIASES
+from gpt2lite.io.hub import HUB_ALIASES, resolve_files
 from gpt2lite.models.classifier import GPT2ForSequenceClassification
 from gpt2lite.models.gpt2 import GPT2
 from gpt2lite.models.recurrent import RecurrentLM, is_recurrent_checkpoint
@@ -33,7 +34,7 @@ from gpt2lite.transforms.peft import adapter_base, adapter_labels, load_adapter,
 from gpt2lite.transforms.quantize import QUANTIZE_MODES, QuantizeMode, is_quantized
 from gpt2lite.transforms.quantize import quantize as quantize_model
 
-__all__ = ["ModelKind", "load_model", "load_tokenizer", "save_model"]
+__all__ = ["ModelKind", "load_chat_template", "load_model", "load_tokenizer", "save_model"]
 
 ModelKind = Literal["lm", "classifier"]
 
@@ -126,7 +127,8 @@ def load_tokenizer(
     chars = CharTokenizer.load(name_or_path) if os.path.isdir(name_or_path) else None
     if chars is not None:
         return chars
-    gpt2_vocab = vocab_size == 50257
+    # GPT-2's 50257 tokens, or them padded to a multiple of 64 or 128 rows (nanoGPT's 50304).
+    gpt2_vocab = 50257 <= vocab_size < 50257 + 128
     if gpt2_vocab and (str(name_or_path) in HUB_ALIASES or os.path.isfile(name_or_path)):
         return Tokenizer.gpt2()  # the published GPT-2 models all use these exact files
     try:
@@ -136,3 +138,37 @@ def load_tokenizer(
         if not gpt2_vocab:
             raise
         return Tokenizer.gpt2()
+
+
+def load_chat_template(
+    name_or_path: str | os.PathLike[str], *, revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None, local_files_only: bool = False,
+) -> str | None:
+    """The Jinja chat template beside a model, as transformers finds it; None when the model has none.
+
+    ``chat_template.jinja`` wins over the ``chat_template`` entry of
+    ``tokenizer_config.json``; of a list of named templates, the one named
+    ``default`` is taken. A hub repo whose files cannot be reached has none.
+    """
+    hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    if os.path.isfile(name_or_path):
+        return None  # a bare weights file has no tokenizer files beside it
+    for name in ("chat_template.jinja", "tokenizer_config.json"):
+        try:
+            (path,) = resolve_files(name_or_path, [(name,)], what=name, **hub)
+        except ModelNotFoundError:
+            continue
+        text = path.read_text(encoding="utf-8")
+        if name.endswith(".jinja"):
+            return text
+        try:
+            template = json.loads(text).get("chat_template")
+        except (json.JSONDecodeError, AttributeError) as exc:
+            raise ValueError(f"{str(path)!r} is not a JSON object: {exc}") from None
+        if isinstance(template, list):
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        if template is not None and not isinstance(template, str):
+            raise ValueError(f"{str(path)!r}: chat_template must be a string or a list of named templates")
+        return template
+    return None

@@ -41,34 +41,28 @@ def beam_search(
     flat_mask = mask.repeat_interleave(nb, dim=0) if mask is not None else None
     # The rules keep each beam's history (reordered with the beams) for penalties and bans.
     rules = TokenRules(opts, model.config, prompt.repeat_interleave(nb, dim=0), flat_mask)
-    pad = rules.pad
     lp, early = opts.length_penalty, opts.early_stopping
     keep = max(2, 1 + (rules.eos is not None)) * nb  # enough that num_beams can go on when the best ones end
     top_nb = torch.arange(keep, device=device) < nb
 
-    running = torch.full((B, nb, max_length), pad, dtype=torch.long, device=device)
+    running = torch.full((B, nb, max_length), rules.pad, dtype=torch.long, device=device)
     running[:, :, :T] = prompt[:, None]
-    sequences = running.clone()  # the finished hypotheses
     running_scores = torch.zeros(B, nb, device=device)
     running_scores[:, 1:] = _NEG  # the beams start identical: only the first may expand
-    beam_scores = torch.full((B, nb), _NEG, device=device)
-    finished = torch.zeros(B, nb, dtype=torch.bool, device=device)
-    lengths = torch.zeros(B, nb, dtype=torch.long, device=device)  # generated tokens of each hypothesis
-    stopped = torch.zeros(B, nb, dtype=torch.bool, device=device)  # ended by the end token or a stop sequence
+    hypotheses = _Hypotheses(running)
     improvable = torch.ones(B, 1, dtype=torch.bool, device=device)
 
     session = DecodeSession(model, B * nb, max_length)
     logits = session.feed(prompt.repeat_interleave(nb, dim=0), input_mask=flat_mask)[:, -1]  # (B * nb, V)
-    cur = T
-    while True:
-        new = cur - T
+    for cur in range(T, max_length):
+        new = cur - T + 1  # tokens each candidate holds after this step
         logp = rules.adjust(logits.float().log_softmax(-1))  # the processors see log-probabilities, as in transformers
         scores = (logp.view(B, nb, V) + running_scores[:, :, None]).view(B, nb * V)
         top_scores, top_index = scores.topk(keep, dim=1)  # (B, keep)
         source, token = top_index // V, top_index % V
         candidates = _gather(running, source)  # (B, keep, max_length)
         candidates[:, :, cur] = token
-        ended = rules.ends(candidates[:, :, : cur + 1].reshape(B * keep, cur + 1), new + 1).view(B, keep)
+        ended = rules.ends(candidates[:, :, : cur + 1].reshape(B * keep, cur + 1), new).view(B, keep)
         hits = ended | (cur + 1 >= max_length)
 
         # The best unfinished candidates run on.
@@ -76,37 +70,54 @@ def beam_search(
         chosen = run_scores.topk(nb, dim=1).indices
         running = _gather(candidates, chosen)
         running_scores = run_scores.gather(1, chosen)
-        running_source = source.gather(1, chosen)
 
-        # Finished candidates among the best num_beams join the finished hypotheses if they score higher.
-        just = hits & top_nb
-        final = top_scores / ((cur + 1 - T) ** lp)
-        final = final + (finished.all(-1, keepdim=True) & (early is True)).float() * _NEG
-        final = final + (~improvable).float() * _NEG
-        final = final + (~just).float() * _NEG
-        best = torch.cat([beam_scores, final], 1).topk(nb, dim=1).indices
-        sequences = _gather(torch.cat([sequences, candidates], 1), best)
-        beam_scores = torch.cat([beam_scores, final], 1).gather(1, best)
-        finished = torch.cat([finished, just], 1).gather(1, best)
-        lengths = torch.cat([lengths, torch.full_like(token, new + 1)], 1).gather(1, best)
-        stopped = torch.cat([stopped, ended], 1).gather(1, best)
+        # Finished candidates among the best num_beams join the hypotheses if they score higher.
+        closed = hypotheses.finished.all(-1, keepdim=True) & (early is True)
+        hypotheses.offer(candidates, top_scores / (new**lp), new, ended, hits & top_nb & improvable & ~closed)
 
-        cur += 1
-        longest = max_length - T if early == "never" and lp > 0 else cur - T
-        best_running = running_scores[:, :1] / (longest**lp)
-        worst_finished = torch.where(finished, beam_scores.min(dim=1, keepdim=True).values, _NEG)
-        improvable = improvable & (best_running > worst_finished).any(dim=-1, keepdim=True)
-        go_on = bool(improvable.any()) and not (bool(finished.all()) and early is True) and not bool(hits.all())
-        if not go_on:
+        longest = max_length - T if early == "never" and lp > 0 else new
+        improvable = improvable & (running_scores[:, :1] / (longest**lp) > hypotheses.worst()).any(-1, keepdim=True)
+        go_on = bool(improvable.any()) and not (bool(hypotheses.finished.all()) and early is True)
+        if not go_on or bool(hits.all()):
             break
-        beam_rows = (running_source + torch.arange(B, device=device)[:, None] * nb).flatten()
+        beam_rows = (source.gather(1, chosen) + torch.arange(B, device=device)[:, None] * nb).flatten()
         session.reorder(beam_rows)
         rules.reorder(beam_rows)
-        rules.append(running[:, :, cur - 1].reshape(B * nb))
-        logits = session.feed(running[:, :, cur - 1].reshape(B * nb, 1))[:, -1]
+        rules.append(token.gather(1, chosen).flatten())
+        logits = session.feed(running[:, :, cur : cur + 1].reshape(B * nb, 1))[:, -1]
+    return hypotheses.best(opts.num_return_sequences, T)
 
-    n = opts.num_return_sequences
-    out_length = T + int(lengths[:, :n].max())
-    out = sequences[:, :n, :out_length].reshape(B * n, out_length)
-    reasons = ["stop" if s else "length" for s in stopped[:, :n].flatten().tolist()]
-    return out, beam_scores[:, :n].flatten(), reasons
+
+class _Hypotheses:
+    """The ``num_beams`` best finished hypotheses of each prompt, with their scores, lengths and how they ended."""
+
+    def __init__(self, running: torch.Tensor) -> None:
+        B, nb, _ = running.shape
+        self.sequences = running.clone()  # (B, nb, max_length)
+        self.scores = torch.full((B, nb), _NEG, device=running.device)
+        self.finished = torch.zeros(B, nb, dtype=torch.bool, device=running.device)
+        self.lengths = torch.zeros(B, nb, dtype=torch.long, device=running.device)  # generated tokens
+        self.stopped = torch.zeros(B, nb, dtype=torch.bool, device=running.device)  # end token or stop sequence
+
+    def offer(self, candidates: torch.Tensor, scores: torch.Tensor, length: int, stopped: torch.Tensor,
+              eligible: torch.Tensor) -> None:
+        """Let the ``eligible`` of ``candidates`` ``(B, keep, L)`` replace lower-scoring hypotheses."""
+        scores = torch.cat([self.scores, scores + (~eligible).float() * _NEG], 1)
+        best = scores.topk(self.scores.shape[1], dim=1).indices
+        self.sequences = _gather(torch.cat([self.sequences, candidates], 1), best)
+        self.scores = scores.gather(1, best)
+        self.finished = torch.cat([self.finished, eligible], 1).gather(1, best)
+        self.lengths = torch.cat([self.lengths, torch.full_like(stopped, length, dtype=torch.long)], 1).gather(1, best)
+        self.stopped = torch.cat([self.stopped, stopped], 1).gather(1, best)
+
+    def worst(self) -> torch.Tensor:
+        """Each prompt's lowest finished score, ``(B, nb)`` (a score nothing loses to where one is still open)."""
+        return torch.where(self.finished, self.scores.min(dim=1, keepdim=True).values, _NEG)
+
+    def best(self, n: int, T: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """The ``n`` best of each prompt ``(B * n, T + longest)``, their scores and finish reasons."""
+        B = self.sequences.shape[0]
+        out_length = T + int(self.lengths[:, :n].max())
+        out = self.sequences[:, :n, :out_length].reshape(B * n, out_length)
+        reasons = ["stop" if s else "length" for s in self.stopped[:, :n].flatten().tolist()]
+        return out, self.scores[:, :n].flatten(), reasons

@@ -251,7 +251,7 @@ def _decode(
     with torch.inference_mode():
         rules = TokenRules(opts, config, prompt, mask, generator=generator)
         logits = session.feed(prompt, input_mask=mask, last_only=not opts.prompt_logprobs)  # (B, T or 1, vocab)
-        prompt_lp = prompt_logprobs(logits, prompt, mask)[0] if opts.prompt_logprobs else None
+        prompt_lp = prompt_logprobs(logits, prompt, mask).values if opts.prompt_logprobs else None
         logits = logits[:, -1]  # (B, vocab)
     first = True
     while True:
@@ -271,7 +271,7 @@ def _score_prompt(model: DecoderModel, prompt: torch.Tensor, mask: torch.Tensor 
     """Prompt log-probabilities by a forward pass of their own (when nothing is generated)."""
     with torch.inference_mode():
         logits = model.decode(prompt, model.new_state(*prompt.shape), input_mask=mask, last_only=False)
-        return prompt_logprobs(logits, prompt, mask)[0]
+        return prompt_logprobs(logits, prompt, mask).values
 
 
 def _scored_output(
@@ -295,7 +295,7 @@ def _scored_output(
             ended = new == eos
             logprobs = logprobs.masked_fill(ended.cumsum(1) - ended.long() > 0, 0.0)
         top = logp.topk(opts.top_logprobs, dim=-1) if opts.top_logprobs else None
-        prompt_lp = prompt_logprobs(every[:, :T], sequences[:, :T], mask)[0] if opts.prompt_logprobs else None
+        prompt_lp = prompt_logprobs(every[:, :T], sequences[:, :T], mask).values if opts.prompt_logprobs else None
     return GenerateOutput(
         sequences=sequences, logprobs=logprobs, finish_reason=reasons,
         top_logprobs=top.values if top is not None else None, top_ids=top.indices if top is not None else None,

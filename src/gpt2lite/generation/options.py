@@ -48,7 +48,8 @@ class GenerationOptions:
     top_k: int = _option(0, "sample only among the k most likely tokens; 0 disables it")
     top_p: float = _option(1.0, "nucleus sampling: the smallest set of tokens holding this mass; 1 disables it")
     min_p: float = _option(0.0, "drop tokens less likely than min_p times the most likely one; 0 disables it")
-    repetition_penalty: float = _option(1.0, "divide the logits of tokens seen so far by this (CTRL); 1 disables it")
+    repetition_penalty: float = _option(1.0, "divide the positive logits of tokens seen so far by this, multiply the "
+                                             "negative ones (CTRL; 0.001..1000); 1 disables it")
     presence_penalty: float = _option(0.0, "subtract this from the logit of every token generated so far (OpenAI)")
     frequency_penalty: float = _option(0.0, "subtract this times its count from each generated token's logit (OpenAI)")
     no_repeat_ngram_size: int = _option(0, "never repeat an n-gram of this size; 0 disables it")
@@ -104,8 +105,9 @@ class GenerationOptions:
             raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {p!r}")
         if not _is_number(m) or not 0 <= m <= 1:
             raise ValueError(f"min_p must be in [0, 1] (0 disables it), got {m!r}")
-        if not _is_number(r) or not math.isfinite(r) or r <= 0:
-            raise ValueError(f"repetition_penalty must be a finite number > 0 (1 disables it), got {r!r}")
+        if not _is_number(r) or not 1e-3 <= r <= 1e3:
+            # Outside this range dividing logits by it overflows float32, or the penalty only saturates.
+            raise ValueError(f"repetition_penalty must be a number in [0.001, 1000] (1 disables it), got {r!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not _is_number(value) or not -2 <= value <= 2:

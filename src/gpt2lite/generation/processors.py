@@ -65,10 +65,11 @@ def ban_bad_words(logits: torch.Tensor, tokens: torch.Tensor, bad_words: tuple[t
     """Forbid the last token of each sequence in ``bad_words`` where ``tokens`` end with the rest of it."""
     banned = torch.zeros_like(logits, dtype=torch.bool)
     T = tokens.shape[1]
+    single = [seq[0] for seq in bad_words if len(seq) == 1]
+    if single:  # one write for every single-token ban (a padded vocabulary bans dozens)
+        banned[:, single] = True
     for seq in bad_words:
-        if len(seq) == 1:
-            banned[:, seq[0]] = True
-        elif len(seq) - 1 <= T:
+        if len(seq) > 1 and len(seq) - 1 <= T:
             before = torch.tensor(seq[:-1], device=tokens.device)
             banned[:, seq[-1]] |= (tokens[:, T - len(seq) + 1 :] == before).all(dim=1)
     return logits.masked_fill(banned, float("-inf"))

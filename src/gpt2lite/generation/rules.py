@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -31,6 +32,7 @@ from gpt2lite.generation.sampling import choose_next
 from gpt2lite.models.protocol import ModelConfig
 
 __all__ = [
+    "PromptLogprobs",
     "Step",
     "TokenRules",
     "check_finite",
@@ -87,32 +89,46 @@ def chosen_logprobs(
     return chosen_lp, top.values, top.indices
 
 
+class PromptLogprobs(NamedTuple):
+    """Each prompt token's log-probability, and the alternatives at its position (see ``prompt_logprobs``)."""
+
+    values: torch.Tensor  # (B, T): NaN for each row's first token and for padding
+    ranks: torch.Tensor  # (B, T): 1 for the most likely token; 0 where there is no value
+    top_values: torch.Tensor | None  # (B, T, k), with k
+    top_ids: torch.Tensor | None  # (B, T, k), with k
+
+
 def prompt_logprobs(
     logits: torch.Tensor, prompt: torch.Tensor, mask: torch.Tensor | None = None, k: int = 0
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Each prompt token's log-probability from the prompt's logits ``(B, T, V)``: ``(B, T)``, NaN where none.
+) -> PromptLogprobs:
+    """Each prompt token's log-probability from the prompt's logits ``(B, T, V)``, its rank, and the ``k`` best.
 
-    The first token of a row has no context, nor has padding: both get NaN. With
-    ``k`` the ``k`` most likely tokens at each position come too, ``(B, T, k)``
-    (the first position's are those of the distribution after the first token,
-    shifted like the values: position ``t`` holds the alternatives to token ``t``).
+    The first token of a row has no context, nor has padding: both get NaN.
+    Position ``t`` holds token ``t``'s value and the alternatives to it (from
+    the distribution after tokens ``0..t-1``), so the values and the top ones
+    come from the same numbers and compare exactly.
     """
     B, T = prompt.shape
-    out = torch.full((B, T), float("nan"), device=prompt.device)
+    values = torch.full((B, T), float("nan"), device=prompt.device)
+    ranks = torch.zeros((B, T), dtype=torch.long, device=prompt.device)
     top_values = top_ids = None
     if k:
         top_values = torch.full((B, T, k), float("nan"), device=prompt.device)
         top_ids = torch.zeros((B, T, k), dtype=torch.long, device=prompt.device)
     if T > 1:
         logp = logits[:, :-1].float().log_softmax(-1)  # (B, T-1, V): the distribution of tokens 1..T-1
-        out[:, 1:] = logp.gather(2, prompt[:, 1:, None])[..., 0]
+        chosen = logp.gather(2, prompt[:, 1:, None])  # (B, T-1, 1)
+        values[:, 1:] = chosen[..., 0]
+        ranks[:, 1:] = (logp > chosen).sum(-1) + 1
         if k:
             top = logp.topk(k, dim=-1)
             top_values[:, 1:], top_ids[:, 1:] = top.values, top.indices
     if mask is not None:
-        out[mask == 0] = float("nan")
-        out[torch.arange(B), mask.argmax(dim=1)] = float("nan")  # each row's first real token
-    return out, top_values, top_ids
+        none = mask == 0
+        none[torch.arange(B), mask.argmax(dim=1)] = True  # each row's first real token
+        values[none] = float("nan")
+        ranks[none] = 0
+    return PromptLogprobs(values, ranks, top_values, top_ids)
 
 
 class TokenRules:

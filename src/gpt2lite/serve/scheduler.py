@@ -9,29 +9,46 @@ its own seeded ``torch.Generator``), so a request draws the same tokens alone or
 company, and the same as ``generate`` would. Running rows are kept at the front of
 the batch (rows ``0 .. n-1``), so a step reads the cache through views, never copies.
 
+Prefix caching: a freed row keeps the keys and values of the tokens it held. A
+new request goes into the free row that shares the longest prefix with its prompt
+(as llama.cpp's server reuses a slot), which is cut back to that prefix; only the
+rest of the prompt is prefilled. Few-shot prompts and chat histories repeat their
+beginnings, so their prefills shrink to the new part.
+
+Faults stay with their requests: a request whose prefill or token choice fails
+ends with an error alone; a batched forward that fails is retried row by row, so
+only the rows that fail again end. ``drain()`` stops taking requests and lets the
+running ones finish (a graceful shutdown); ``stop()`` ends everything at once.
+
 The HTTP layer only submits ``Request`` objects and receives their events.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from gpt2lite.generation.options import GenerationOptions
-from gpt2lite.generation.rules import TokenRules, prompt_logprobs, step_rows
+from gpt2lite.generation.rules import Step, TokenRules, prompt_logprobs, step_rows
 from gpt2lite.generation.session import DecodeSession
 from gpt2lite.models.protocol import DecoderModel
 
-__all__ = ["QueueFull", "Request", "Scheduler", "SchedulerStats"]
+__all__ = ["PromptToken", "QueueFull", "Request", "Scheduler", "SchedulerStats"]
+
+log = logging.getLogger("gpt2lite.serve")
+
+# A prompt token's log-probability (None for the first), its rank and the best alternatives [(id, logprob)].
+PromptToken = tuple[float | None, int, list[tuple[int, float]]]
 
 
 class QueueFull(RuntimeError):
-    """The queue is at capacity: the request was not accepted."""
+    """The queue is at capacity: the requests were not accepted."""
 
 
 @dataclass
@@ -40,14 +57,17 @@ class Request:
 
     ``on_token(token, logprob, top)`` gets each token, its log-probability and the
     ``top_logprobs`` best ``[(id, logprob)]``; ``on_done(reason, error)`` ends the
-    request with "stop", "length", "cancelled" or "error".
+    request with "stop", "length", "cancelled", "shutdown" or "error". With
+    ``on_prompt_logprobs``, the prompt's tokens are scored first (``prompt_top``
+    alternatives each) and the prompt is prefilled whole.
     """
 
     prompt: list[int]
     options: GenerationOptions
     on_token: Callable[[int, float, list[tuple[int, float]]], None]
     on_done: Callable[[str, BaseException | None], None]
-    on_prompt_logprobs: Callable[[list[float | None]], None] | None = None
+    on_prompt_logprobs: Callable[[list[PromptToken]], None] | None = None
+    prompt_top: int = 0
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
 
@@ -66,6 +86,7 @@ class SchedulerStats:
     cancelled: int = 0
     generated_tokens: int = 0
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     steps: int = 0
 
 
@@ -79,10 +100,11 @@ class _Row:
 
 
 class Scheduler:
-    """The serving loop: ``submit()`` requests from any thread; the loop runs in its own thread."""
+    """The serving loop: ``submit()`` requests from any thread; the loop runs in its own thread or in ``run()``."""
 
     def __init__(
-        self, model: DecoderModel, *, max_batch: int = 16, max_queue: int = 256, background: bool = True
+        self, model: DecoderModel, *, max_batch: int = 16, max_queue: int = 256, background: bool = True,
+        prefix_cache: bool = True,
     ) -> None:
         """Allocate ``max_batch`` rows of the model's whole context; start the loop in a thread if ``background``.
 
@@ -90,18 +112,21 @@ class Scheduler:
         CPUs torch's kernels run markedly slower outside the main thread (60% here),
         so ``gpt2lite serve`` runs the loop in its main thread and the HTTP server beside it.
         """
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        if max_batch < 1 or max_queue < 1:
+            raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
         self.model = model
         self.max_batch = max_batch
         self.max_queue = max_queue
-        self.context = model.config.n_positions
-        self.session = DecodeSession(model, max_batch, self.context)
+        self.context = model.config.n_positions  # None: no limit (recurrent models)
+        self.session = DecodeSession(model, max_batch, self.context or 1)
         self.stats = SchedulerStats()
+        self.prefix_cache = prefix_cache
         self._rows: list[_Row] = []
+        self._held: list[list[int]] = [[] for _ in range(max_batch)]  # the tokens each row's state holds
         self._waiting: collections.deque[Request] = collections.deque()
         self._wake = threading.Condition()
         self._stopped = False
+        self._draining = False
         self._running = background
         self._thread = None
         if background:
@@ -111,7 +136,7 @@ class Scheduler:
     @property
     def queue_depth(self) -> int:
         """Requests waiting for a row."""
-        return len(self._waiting)
+        return sum(not r.cancelled for r in list(self._waiting))
 
     @property
     def running(self) -> int:
@@ -120,88 +145,153 @@ class Scheduler:
 
     @property
     def alive(self) -> bool:
-        """Whether the loop runs (or is about to: requests are accepted)."""
+        """Whether the loop runs (or is about to)."""
         return self._running and not self._stopped
 
+    @property
+    def accepting(self) -> bool:
+        """Whether new requests are taken (not once a drain or stop began)."""
+        return self.alive and not self._draining
+
     def run(self) -> None:
-        """Run the loop in the calling thread until ``stop()``."""
+        """Run the loop in the calling thread until ``stop()``, or until a drain has finished every request."""
         if self._thread is not None:
             raise RuntimeError("this scheduler already runs in a background thread")
         self._running = True
         self._loop()
 
-    def submit(self, request: Request) -> None:
-        """Queue ``request``; ``QueueFull`` when ``max_queue`` requests already wait."""
-        if not self.alive:
-            raise RuntimeError("the scheduler is not running")
+    def submit(self, requests: Request | Sequence[Request]) -> None:
+        """Queue requests, all or none: ``QueueFull`` when they do not fit beside those that wait."""
+        batch = [requests] if isinstance(requests, Request) else list(requests)
         with self._wake:
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are waiting, the most this server queues")
-            self._waiting.append(request)
-            self.stats.requests += 1
+            if not self.accepting:
+                raise RuntimeError("the server is shutting down" if self._draining else "the scheduler is not running")
+            self._prune()
+            if len(self._waiting) + len(batch) > self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting and this server queues {self.max_queue}")
+            self._waiting.extend(batch)
+            self.stats.requests += len(batch)
+            self._wake.notify()
+
+    def drain(self) -> None:
+        """Take no new requests; the loop ends once those waiting and running have finished."""
+        with self._wake:
+            self._draining = True
             self._wake.notify()
 
     def stop(self) -> None:
-        """End the loop; waiting and running requests end as cancelled."""
+        """End the loop; waiting and running requests end with reason "shutdown"."""
         with self._wake:
             self._stopped = True
             self._wake.notify()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=30)
 
     # the loop (its own thread only) ---------------------------------------------------------
 
+    def _prune(self) -> None:
+        """Forget waiting requests whose clients went away (with the lock held)."""
+        if any(r.cancelled for r in self._waiting):
+            gone = [r for r in self._waiting if r.cancelled]
+            self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
+            for r in gone:
+                self.stats.cancelled += 1
+                r.on_done("cancelled", None)
+
     def _loop(self) -> None:
         try:
-            self._serve_requests()
+            while True:
+                with self._wake:
+                    self._prune()
+                    while not self._stopped and not self._waiting and not self._rows:
+                        if self._draining:
+                            return
+                        self._wake.wait(timeout=0.5)
+                        self._prune()
+                    if self._stopped:
+                        return
+                    admitted = []
+                    while self._waiting and len(self._rows) + len(admitted) < self.max_batch:
+                        admitted.append(self._waiting.popleft())
+                try:
+                    with torch.inference_mode():
+                        for request in admitted:
+                            self._prefill(request)
+                        if self._rows:
+                            self._step()
+                except Exception as exc:  # a fault outside any one request: fail those running, start afresh
+                    log.exception("a decode step failed; ending the %d running requests", len(self._rows))
+                    running, self._rows = self._rows, []
+                    self._held = [[] for _ in range(self.max_batch)]
+                    self.session.reset()
+                    for row in running:
+                        self.stats.failed += 1
+                        row.request.on_done("error", exc)
         finally:
             self._running = False
-
-    def _serve_requests(self) -> None:
-        while True:
             with self._wake:
-                while not self._stopped and not self._waiting and not self._rows:
-                    self._wake.wait()
-                if self._stopped:
-                    break
-                admitted = []
-                while self._waiting and len(self._rows) + len(admitted) < self.max_batch:
-                    admitted.append(self._waiting.popleft())
-            with torch.inference_mode():
-                for request in admitted:
-                    self._prefill(request)
-                if self._rows:
-                    self._step()
-        for row in self._rows:
-            row.request.on_done("cancelled", None)
-        for request in self._waiting:
-            request.on_done("cancelled", None)
+                ending = [row.request for row in self._rows] + list(self._waiting)
+                self._rows, self._waiting = [], collections.deque()
+            for request in ending:
+                request.on_done("shutdown", None)
 
     def _prefill(self, request: Request) -> None:
         slot = len(self._rows)
         try:
+            if request.cancelled:
+                self.stats.cancelled += 1
+                request.on_done("cancelled", None)
+                return
             opts = request.options
-            if not request.prompt or len(request.prompt) + opts.max_new_tokens > self.context:
+            if not request.prompt or (self.context is not None
+                                      and len(request.prompt) + opts.max_new_tokens > self.context):
                 raise ValueError(f"the prompt of {len(request.prompt)} tokens + max_tokens={opts.max_new_tokens} "
                                  f"does not fit the context of {self.context} tokens")
             device = self.session.state.device
             ids = torch.tensor([request.prompt], device=device)
             rules = TokenRules(opts, self.model.config, ids)
-            self.session.reset([slot])
             echo = request.on_prompt_logprobs is not None
-            logits = self.session.feed(ids, rows=[slot], last_only=not echo)  # (1, T or 1, vocab)
+            cached = self._reuse_prefix(slot, request.prompt, echo)
+            logits = self.session.feed(ids[:, cached:], rows=[slot], last_only=not echo)  # (1, T or 1, vocab)
+            self._held[slot] = list(request.prompt)
             if echo:
-                values, _, _ = prompt_logprobs(logits, ids)
-                request.on_prompt_logprobs([None if v != v else v for v in values[0].tolist()])
+                request.on_prompt_logprobs(_prompt_tokens(logits, ids, request.prompt_top))
             self.stats.prompt_tokens += len(request.prompt)
+            self.stats.cached_prompt_tokens += cached
             if opts.max_new_tokens == 0:  # only the prompt was asked for (echo)
                 self.stats.finished += 1
                 request.on_done("length", None)
                 return
             self._rows.append(_Row(request, rules, logits[0, -1]))
         except Exception as exc:  # one bad request fails alone
+            self._held[slot] = []
             self.stats.failed += 1
             request.on_done("error", exc)
+
+    def _reuse_prefix(self, slot: int, prompt: list[int], whole: bool) -> int:
+        """Put the free row sharing the longest prefix with ``prompt`` at ``slot``, cut back to it; its length.
+
+        With ``whole`` (the prompt's logits are wanted) the row is emptied instead.
+        """
+        best, common = slot, 0
+        if self.prefix_cache and not whole:
+            for row in range(slot, self.max_batch):
+                n = _common_prefix(self._held[row], prompt, len(prompt) - 1)  # at least one token is fed
+                if n > common:
+                    best, common = row, n
+        if best != slot:
+            index = list(range(self.max_batch))
+            index[slot], index[best] = best, slot
+            self.session.reorder(index)
+            self._held[slot], self._held[best] = self._held[best], self._held[slot]
+        if common:
+            try:
+                self.session.truncate([slot], [common])
+                return common
+            except NotImplementedError:  # a recurrent state cannot be cut back: no prefix cache for it
+                self.prefix_cache = False
+        self.session.reset([slot])
+        return 0
 
     def _step(self) -> None:
         """Have each row's rules choose its next token, retire finished rows, then decode the rest in one batch."""
@@ -209,51 +299,112 @@ class Scheduler:
         live = [i for i, row in enumerate(rows) if not row.request.cancelled]
         steps = dict(zip(live, step_rows([rows[i].rules for i in live], torch.stack([rows[i].logits for i in live])),
                          strict=True)) if live else {}
-        finished: list[bool] = []
         chosen: list[int] = []
+        finished: list[bool] = []
         for i, row in enumerate(rows):
-            step = steps.get(i)
-            token, reason = 0, None
-            if step is None:
-                reason = "cancelled"
-                self.stats.cancelled += 1
-            elif isinstance(step, Exception):
-                reason = "error"
-                self.stats.failed += 1
-            else:
-                token = int(step.tokens[0])
-                top: list[tuple[int, float]] = []
-                if step.top_ids is not None:
-                    top = list(zip(step.top_ids[0].tolist(), step.top_logprobs[0].tolist(), strict=True))
-                self.stats.generated_tokens += 1
-                row.request.on_token(token, float(step.logprobs[0]), top)
-                if bool(step.finished[0]):
-                    reason = "stop"
-                elif row.rules.done:
-                    reason = "length"
-                if reason is not None:
-                    self.stats.finished += 1
+            token, reason = self._report(row, steps.get(i))
             chosen.append(token)
             finished.append(reason is not None)
-            if reason is not None:
-                row.request.on_done(reason, step if isinstance(step, Exception) else None)
         self.stats.steps += 1
-        if any(finished):
-            # Keep running rows at the front: move the last running ones into the holes.
-            n = finished.count(False)
-            holes = [i for i in range(n) if finished[i]]
-            movers = [i for i in range(n, len(finished)) if not finished[i]]
-            if holes:
-                index = list(range(self.max_batch))
-                for hole, mover in zip(holes, movers, strict=True):
-                    index[hole] = mover
-                    self._rows[hole], chosen[hole] = self._rows[mover], chosen[mover]
-                self.session.reorder(index)
-            self._rows, chosen = self._rows[:n], chosen[:n]
-        if not self._rows:
+        self._compact(finished, chosen)
+        if self._rows:
+            self._decode([chosen[i] for i in range(len(self._rows))])
+
+    def _report(self, row: _Row, step: Step | Exception | None) -> tuple[int, str | None]:
+        """Hand a row's new token to its request; return the token and why the row ends (None: it goes on)."""
+        token, reason, error = 0, None, None
+        if step is None:
+            reason = "cancelled"
+            self.stats.cancelled += 1
+        elif isinstance(step, Exception):
+            reason, error = "error", step
+            self.stats.failed += 1
+        else:
+            token = int(step.tokens[0])
+            top = list(zip(step.top_ids[0].tolist(), step.top_logprobs[0].tolist(), strict=True)) \
+                if step.top_ids is not None else []
+            self.stats.generated_tokens += 1
+            row.request.on_token(token, float(step.logprobs[0]), top)
+            if bool(step.finished[0]):
+                reason = "stop"
+            elif row.rules.done:
+                reason = "length"
+            self.stats.finished += reason is not None
+        if reason is not None:
+            row.request.on_done(reason, error)
+        return token, reason
+
+    def _compact(self, finished: list[bool], chosen: list[int]) -> None:
+        """Drop finished rows, keeping running rows at the front; a freed row's cache moves, not vanishes."""
+        if not any(finished):
             return
+        n = finished.count(False)
+        holes = [i for i in range(n) if finished[i]]
+        movers = [i for i in range(n, len(finished)) if not finished[i]]
+        if holes:
+            index = list(range(self.max_batch))
+            for hole, mover in zip(holes, movers, strict=True):
+                index[hole], index[mover] = mover, hole  # a swap: the finished row's keys and values stay cached
+                self._rows[hole], self._rows[mover] = self._rows[mover], self._rows[hole]
+                chosen[hole], chosen[mover] = chosen[mover], chosen[hole]
+                self._held[hole], self._held[mover] = self._held[mover], self._held[hole]
+            self.session.reorder(index)
+        self._rows = self._rows[:n]
+
+    def _decode(self, chosen: list[int]) -> None:
+        """Feed each running row its chosen token in one batch; rows whose forward fails alone end."""
         n = len(self._rows)
         ids = torch.tensor(chosen, device=self.session.state.device)[:, None]
-        logits = self.session.feed(ids, rows=None if n == self.max_batch else range(n))[:, -1]  # (n, vocab)
-        for row, row_logits in zip(self._rows, logits, strict=True):
-            row.logits = row_logits
+        try:
+            logits = self.session.feed(ids, rows=None if n == self.max_batch else range(n))[:, -1]  # (n, vocab)
+            results: list[torch.Tensor | Exception] = list(logits)
+        except Exception as exc:
+            log.warning("a batched forward of %d rows failed (%s); retrying each row alone", n, exc)
+            results = self._decode_alone(ids)
+        failed = []
+        for i, (row, result) in enumerate(zip(self._rows, results, strict=True)):
+            if isinstance(result, Exception):
+                failed.append(i)
+                self._held[i] = []
+                self.stats.failed += 1
+                row.request.on_done("error", result)
+            else:
+                row.logits = result
+                self._held[i].append(chosen[i])
+        if failed:
+            self._compact([i in failed for i in range(n)], [0] * n)
+
+    def _decode_alone(self, ids: torch.Tensor) -> list[torch.Tensor | Exception]:
+        """Each row's step on its own, after the batch failed: rolled back first, so nothing is fed twice."""
+        n = len(self._rows)
+        try:
+            self.session.truncate(range(n), [len(self._held[i]) for i in range(n)])
+        except NotImplementedError as exc:  # a recurrent state cannot be rolled back: the batch fails
+            return [exc] * n
+        results: list[torch.Tensor | Exception] = []
+        for i in range(n):
+            try:
+                results.append(self.session.feed(ids[i : i + 1], rows=[i])[0, -1])
+            except Exception as exc:  # this row fails; its state is reset when the row is reused
+                results.append(exc)
+        return results
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """The length of the longest common prefix of ``a`` and ``b``, at most ``limit``."""
+    n = min(len(a), len(b), limit)
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _prompt_tokens(logits: torch.Tensor, ids: torch.Tensor, k: int) -> list[PromptToken]:
+    """Each prompt token's log-probability, rank and ``k`` best alternatives, from the prompt's logits."""
+    scored = prompt_logprobs(logits, ids, k=k)
+    values, ranks = scored.values[0].tolist(), scored.ranks[0].tolist()
+    tops: list[list[tuple[int, float]]] = [[] for _ in values]
+    if scored.top_ids is not None:
+        tops = [list(zip(i, v, strict=True)) for i, v in zip(scored.top_ids[0].tolist(),
+                                                             scored.top_values[0].tolist(), strict=True)]
+    return [(None if v != v else v, r, top) for v, r, top in zip(values, ranks, tops, strict=True)]

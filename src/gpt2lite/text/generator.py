@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from gpt2lite.generation.batching import left_pad
 from gpt2lite.generation.decode import generate, iter_steps
 from gpt2lite.generation.options import GenerationKwargs, GenerationOptions
-from gpt2lite.loading import load_model, load_tokenizer
+from gpt2lite.loading import load_chat_template, load_model, load_tokenizer
 from gpt2lite.models.protocol import DecoderModel
 from gpt2lite.text.assembler import Completion, TextAssembler
+from gpt2lite.text.chat import ChatTemplate
 from gpt2lite.text.scoring import perplexity, token_logprobs
 from gpt2lite.tokenizers.protocol import TokenizerProtocol
 from gpt2lite.transforms.quantize import QuantizeMode
@@ -33,14 +34,22 @@ class TextGenerator:
         gen("The meaning of life is", max_new_tokens=20, seed=0)
     """
 
-    def __init__(self, model: DecoderModel, tokenizer: TokenizerProtocol) -> None:
-        """Pair a loaded model with the tokenizer its vocabulary was built with."""
+    def __init__(self, model: DecoderModel, tokenizer: TokenizerProtocol, *, chat_template: str | None = None,
+                 name: str | None = None) -> None:
+        """Pair a loaded model with the tokenizer its vocabulary was built with.
+
+        ``chat_template`` is the model's Jinja chat template (None: DialoGPT's
+        convention, see ``gpt2lite.text.chat``); ``name`` is where it came from.
+        """
         if tokenizer.n_vocab > model.config.vocab_size:
             raise ValueError(
                 f"tokenizer has {tokenizer.n_vocab} tokens but the model only {model.config.vocab_size}"
             )
         self.model = model
         self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.name = name
+        self._chat: ChatTemplate | None = None
 
     @classmethod
     def from_pretrained(
@@ -73,7 +82,8 @@ class TextGenerator:
         hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
         model = load_model(name_or_path, device=device, dtype=dtype, quantize=quantize, adapter=adapter,
                            merge_adapter=True, prepack=prepack, **hub)
-        return cls(model, load_tokenizer(name_or_path, model.config.vocab_size, **hub))
+        tokenizer = load_tokenizer(name_or_path, model.config.vocab_size, **hub)
+        return cls(model, tokenizer, chat_template=load_chat_template(name_or_path, **hub), name=str(name_or_path))
 
     def __call__(
         self,
@@ -114,19 +124,22 @@ class TextGenerator:
         bad_words: Sequence[str] | None = None,
         draft_model: DecoderModel | None = None,
         generator: torch.Generator | None = None,
+        allowed_special: Literal["all"] | Sequence[str] = (),
         **overrides: Unpack[GenerationKwargs],
     ) -> list[Completion]:
         """Like calling the generator, but return a ``Completion`` per text: tokens, log-probabilities, finish reason.
 
         ``top_logprobs=k`` adds the ``k`` most likely tokens at each step and
         ``prompt_logprobs=True`` the log-probability of each prompt token.
+        Special-token strings (``<|endoftext|>``) in a prompt are ordinary text
+        unless ``allowed_special`` names them (``"all"``: every one).
         """
         opts = self._options(options, overrides, bad_words, "complete")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompt must be a str or a non-empty list of str")
         rows = self._rows(prompts, stop, opts)
-        ids, mask = self._encode(prompts, opts)
+        ids, mask = self._encode(prompts, opts, allowed_special)
         prompt_lp = None  # (completions, T) with prompt_logprobs; NaN where there is no value
         if opts.num_beams > 1 or draft_model is not None:
             out = generate(self.model, ids, opts, attention_mask=mask, generator=generator, return_dict=True,
@@ -152,6 +165,35 @@ class TextGenerator:
                 row = prompt_lp[i][mask[i // per_prompt].bool()].tolist()  # the prompt's own tokens
                 c.prompt_logprobs = [None if v != v else v for v in row]
         return completions
+
+    def chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        options: GenerationOptions | None = None,
+        *,
+        stop: str | Sequence[str] | None = None,
+        bad_words: Sequence[str] | None = None,
+        generator: torch.Generator | None = None,
+        **overrides: Unpack[GenerationKwargs],
+    ) -> str:
+        """The model's reply to a conversation, rendered with its chat template (see ``chat_prompt``). Example::
+
+            gen.chat([{"role": "user", "content": "Does money buy happiness?"}], max_new_tokens=40)
+        """
+        prompt = self.chat_prompt(messages)  # the template's special tokens are meant as such
+        return self.complete(prompt, options, stop=stop, bad_words=bad_words, generator=generator,
+                             allowed_special="all", **overrides)[0].text
+
+    def chat_prompt(self, messages: Sequence[dict[str, Any]]) -> str:
+        """The prompt text for ``messages`` (``[{"role": "user", "content": "..."}, ...]``), ready to continue.
+
+        The model's chat template renders it; without one, each turn's text is
+        followed by the end token (DialoGPT's convention).
+        """
+        if self._chat is None:
+            eos = self.tokenizer.decode([self.tokenizer.eot_token])
+            self._chat = ChatTemplate(self.chat_template, {"eos_token": eos, "bos_token": eos})
+        return self._chat.render(messages)
 
     def stream(
         self,
@@ -215,16 +257,27 @@ class TextGenerator:
         self, options: GenerationOptions | None, overrides: dict[str, Any], bad_words: Sequence[str] | None,
         where: str,
     ) -> GenerationOptions:
-        """The options with the tokenizer's end token as default, and ``bad_words`` turned into token ids."""
-        opts = GenerationOptions.build(options, overrides, where)
+        """``text_options`` of the options object with keyword ``overrides`` applied."""
+        return self.text_options(GenerationOptions.build(options, overrides, where), bad_words)
+
+    def text_options(self, opts: GenerationOptions, bad_words: Sequence[str] | None = None) -> GenerationOptions:
+        """``opts`` as the text API (and the server) decode with them.
+
+        The end token defaults to the tokenizer's, ``bad_words`` become token ids
+        (with and without a leading space), and ids the tokenizer cannot decode
+        (the padding rows of a vocabulary padded to 50304) are never chosen.
+        """
         changes: dict[str, Any] = {}
         if opts.eos_token_id is None:
             changes["eos_token_id"] = self.tokenizer.eot_token
+        banned = list(opts.bad_words_ids)
         if bad_words:
             if isinstance(bad_words, str) or not all(isinstance(w, str) and w for w in bad_words):
                 raise ValueError("bad_words must be a list of non-empty str")
-            ids = {tuple(self.tokenizer.encode(v)) for w in bad_words for v in (w, " " + w.lstrip(" "))}
-            changes["bad_words_ids"] = (*opts.bad_words_ids, *sorted(ids))
+            banned += sorted({tuple(self.tokenizer.encode(v)) for w in bad_words for v in (w, " " + w.lstrip(" "))})
+        banned += [(i,) for i in range(self.tokenizer.n_vocab, self.model.config.vocab_size)]
+        if len(banned) > len(opts.bad_words_ids):
+            changes["bad_words_ids"] = tuple(banned)
         return opts.replace(**changes) if changes else opts
 
     def _rows(
@@ -237,7 +290,8 @@ class TextGenerator:
         n = opts.num_return_sequences
         return [TextAssembler(self.tokenizer, stops, eos) for _ in range(len(prompts) * n)]
 
-    def _encode(self, prompts: list[str], opts: GenerationOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode(self, prompts: list[str], opts: GenerationOptions,
+                allowed_special: Literal["all"] | Sequence[str] = ()) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode and left-pad the prompts, refusing one that cannot fit before encoding it."""
         eot = self.tokenizer.eot_token
         context = self.model.config.n_positions
@@ -252,7 +306,8 @@ class TextGenerator:
                         f"{context} positions with max_new_tokens={opts.max_new_tokens}; shorten it"
                     )
         # An empty prompt starts from <|endoftext|>, as GPT-2's unconditional samples do.
-        return left_pad([self.tokenizer.encode(p) or [eot] for p in prompts], eot)
+        encode = self.tokenizer.encode
+        return left_pad([encode(p, allowed_special=allowed_special) or [eot] for p in prompts], eot)
 
 
 def _top(tokenizer: TokenizerProtocol, step: Any, row: int, index: int | None = None) -> dict[str, float]:

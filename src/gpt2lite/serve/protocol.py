@@ -1,0 +1,209 @@
+"""The OpenAI (and vLLM) wire format: request bodies, their translation into options, and response pieces.
+
+Request models refuse unknown fields (a 400 that names them) and check each
+value; ``sampling_options`` turns a body into ``GenerationOptions``. Token
+strings follow OpenAI's legacy convention: a token that is not whole UTF-8 is
+written ``bytes:\\xNN...``, one ``\\xNN`` per byte.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gpt2lite.generation.options import MAX_TOP_LOGPROBS, GenerationOptions
+from gpt2lite.tokenizers.protocol import TokenizerProtocol
+
+__all__ = [
+    "MAX_STOP_STRINGS",
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "CompletionRequest",
+    "DetokenizeRequest",
+    "StreamOptions",
+    "TokenizeRequest",
+    "chat_logprobs",
+    "completion_logprobs",
+    "sampling_options",
+    "token_text",
+]
+
+MAX_STOP_STRINGS = 64  # OpenAI takes 4; lm-evaluation-harness sends more, vLLM has no limit
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Body):
+    """``stream_options``: a last chunk with the usage (``include_usage``)."""
+
+    include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's name; accepted, not acted on
+
+
+class _Sampling(_Body):
+    """The sampling fields both endpoints share: OpenAI's, and the extras vLLM accepts."""
+
+    model: str | None = None
+    n: int = Field(1, ge=1, le=16)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**64)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # vLLM's extras
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = None
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+
+
+class CompletionRequest(_Sampling):
+    """The body of ``POST /v1/completions``."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    suffix: str | None = None
+    max_tokens: int | None = Field(16, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
+    best_of: int | None = Field(None, ge=1, le=16)
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+
+class ChatMessage(BaseModel):
+    """One message of a conversation (fields other than these are kept for the template)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+
+class ResponseFormat(_Body):
+    """``response_format``: only plain text is produced."""
+
+    type: Literal["text"] = "text"
+
+
+class ChatCompletionRequest(_Sampling):
+    """The body of ``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    add_generation_prompt: bool = True
+
+
+class TokenizeRequest(_Body):
+    """The body of ``POST /tokenize`` (vLLM's): a prompt, or chat messages."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Body):
+    """The body of ``POST /detokenize``."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
+def stop_strings(stop: str | list[str] | None) -> list[str]:
+    """``stop`` as a list of non-empty strings; too many or empty ones are a ValueError."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOP_STRINGS or not all(stops):
+        raise ValueError(f"stop takes up to {MAX_STOP_STRINGS} non-empty strings")
+    return stops
+
+
+def sampling_options(body: _Sampling, *, max_tokens: int, eos: int, vocab: int, top_logprobs: int) -> GenerationOptions:
+    """The ``GenerationOptions`` a request body asks for (the seed of choice 0; add ``i`` for choice ``i``)."""
+    bias: dict[int, float] = {}
+    if body.logit_bias:
+        if len(body.logit_bias) > vocab:
+            raise ValueError(f"logit_bias names {len(body.logit_bias)} tokens; the vocabulary has {vocab}")
+        try:
+            bias = {int(k): v for k, v in body.logit_bias.items()}
+        except ValueError:
+            raise ValueError("logit_bias keys must be token ids") from None
+        if not all(0 <= k < vocab for k in bias):
+            raise ValueError(f"logit_bias names a token outside the vocabulary (0..{vocab - 1})")
+    stop_ids = [[t] for t in body.stop_token_ids or []]
+    if any(not 0 <= t < vocab for (t,) in stop_ids):
+        raise ValueError(f"stop_token_ids holds an id outside the vocabulary (0..{vocab - 1})")
+    given = {
+        "temperature": body.temperature, "top_p": body.top_p, "min_p": body.min_p,
+        "repetition_penalty": body.repetition_penalty, "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty, "seed": body.seed,
+        "top_k": None if body.top_k in (None, -1) else body.top_k,  # vLLM writes "off" as -1
+    }
+    return GenerationOptions(
+        max_new_tokens=max_tokens, min_new_tokens=min(body.min_tokens, max_tokens), logit_bias=bias,
+        stop=stop_ids, ignore_eos=body.ignore_eos, eos_token_id=eos, top_logprobs=top_logprobs,
+        **{k: v for k, v in given.items() if v is not None},
+    )
+
+
+def token_text(tokenizer: TokenizerProtocol, token: int) -> str:
+    """A token as OpenAI writes it: its text, or ``bytes:\\xNN...`` when its bytes are not whole UTF-8."""
+    data = tokenizer.decode_token_bytes(token)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+
+
+def _top_dict(tokenizer: TokenizerProtocol, token: int, logprob: float,
+              top: Sequence[tuple[int, float]]) -> dict[str, float]:
+    """The alternatives at one position, the chosen token among them (up to k + 1 entries, as OpenAI and vLLM)."""
+    out = {token_text(tokenizer, i): v for i, v in top}
+    out.setdefault(token_text(tokenizer, token), logprob)
+    return out
+
+
+def completion_logprobs(
+    tokenizer: TokenizerProtocol, tokens: Sequence[tuple[int, float | None, Sequence[tuple[int, float]] | None]],
+    offsets: Sequence[int],
+) -> dict[str, Any]:
+    """OpenAI's legacy ``logprobs`` object: ``tokens``, ``token_logprobs``, ``top_logprobs``, ``text_offset``.
+
+    Each token comes as (id, log-probability or None, top alternatives or None);
+    ``offsets`` gives where each token's text begins in the choice's text.
+    """
+    out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": list(offsets)}
+    for token, logprob, top in tokens:
+        out["tokens"].append(token_text(tokenizer, token))
+        out["token_logprobs"].append(logprob)
+        out["top_logprobs"].append(None if logprob is None or top is None else
+                                   _top_dict(tokenizer, token, logprob, top))
+    return out
+
+
+def chat_logprobs(tokenizer: TokenizerProtocol, tokens: Sequence[tuple[int, float, Sequence[tuple[int, float]]]],
+                  ) -> dict[str, Any]:
+    """The chat ``logprobs`` object: ``{"content": [{token, logprob, bytes, top_logprobs: [...]}, ...]}``."""
+
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        return {"token": token_text(tokenizer, token), "logprob": logprob,
+                "bytes": list(tokenizer.decode_token_bytes(token))}
+
+    return {"content": [{**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in top]} for t, lp, top in tokens],
+            "refusal": None}
