@@ -290,6 +290,28 @@ def test_chat_logprobs_n_and_stop(client, gen):
     assert cut.finish_reason == "stop"
 
 
+def test_chat_accepts_what_sdks_always_send_and_names_what_it_cannot_do(client):
+    messages = [{"role": "user", "content": "Hi"}]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0)
+    extras = client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0, store=False,
+                                            metadata={"run": "1"}, tools=[tool], tool_choice="none",
+                                            response_format={"type": "text"}, service_tier="auto")
+    assert extras.choices[0].message.content == plain.choices[0].message.content
+    for kw, param in ((dict(tools=[tool]), "tools"), (dict(response_format={"type": "json_object"}),
+                                                       "response_format")):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, **kw)
+        assert info.value.body["param"] == param
+
+
+def test_top_p_zero_is_greedy_and_a_negative_seed_is_no_seed(client):
+    greedy = client.completions.create(model="tiny", prompt="A b", max_tokens=8, temperature=0)
+    assert client.completions.create(model="tiny", prompt="A b", max_tokens=8, top_p=0).choices[0].text == \
+        greedy.choices[0].text
+    assert client.completions.create(model="tiny", prompt="A b", max_tokens=2, seed=-1).choices[0].text is not None
+
+
 def test_chat_template_of_the_model_is_used(tiny_dir, tmp_path):
     import shutil
 
@@ -307,7 +329,7 @@ def test_chat_template_of_the_model_is_used(tiny_dir, tmp_path):
     ("body", "param"),
     [
         (dict(prompt="x", temperature=-1), "temperature"),
-        (dict(prompt="x", top_p=0), "top_p"),
+        (dict(prompt="x", top_p=1.5), "top_p"),
         (dict(prompt="x", logprobs=21), "logprobs"),
         (dict(prompt="x", max_tokens=5000), "max_tokens"),
         (dict(prompt=[99999999]), "prompt"),
@@ -339,7 +361,9 @@ def test_api_key(gen):
             openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
         good = openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0)
         assert good.completions.create(model="tiny", prompt="a", max_tokens=2).choices[0].text is not None
-        assert httpx.get(url + "/openapi.json").status_code == 401  # the docs are behind the key
+        refused = httpx.get(url + "/openapi.json")
+        assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"  # docs behind the key
+        assert httpx.get(url + "/v1/models", headers={"Authorization": "bearer sekret"}).status_code == 200
         assert httpx.get(url + "/openapi.json", headers={"Authorization": "Bearer sekret"}).status_code == 200
         assert httpx.get(url + "/health").status_code == 200
 

@@ -297,20 +297,34 @@ def _device(name: str) -> str:
     return name
 
 
+def _lines(text: str) -> list[str]:
+    """One entry per line, split at newlines only (a U+2028 or form feed inside a line stays in it); CRLF too."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
+    return [line.removesuffix("\r") for line in lines]
+
+
 def _read_input(value: str | None, what: str, *, is_file: bool) -> str:
+    """The text of an argument, a file or stdin, as written: UTF-8 (a byte-order mark dropped), newlines kept."""
     if value is None or value == "-":
         if sys.stdin is None or sys.stdin.isatty():
             raise ValueError(f"no {what}: give one as an argument or pipe it on stdin")
-        return sys.stdin.read()
+        stream = getattr(sys.stdin, "buffer", None)
+        if stream is None:  # a text stream without bytes underneath (a test's StringIO)
+            return sys.stdin.read()
+        return _decode(stream.read(), "stdin")
     if is_file:
-        try:
-            with open(value, encoding="utf-8") as f:
-                return f.read()
-        except UnicodeDecodeError as exc:
-            raise ValueError(
-                f"{value!r} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8"
-            ) from None
+        with open(value, "rb") as f:
+            return _decode(f.read(), repr(value))
     return value
+
+
+def _decode(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8-sig")  # Excel and Notepad begin UTF-8 with a byte-order mark
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{where} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8") from None
 
 
 def _generation_options(args: argparse.Namespace) -> Any:
@@ -496,7 +510,7 @@ def _classify(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.text is None or args.text == "-":
-        texts = [line for line in _read_input(None, "text", is_file=False).splitlines() if line.strip()]
+        texts = [line for line in _lines(_read_input(None, "text", is_file=False)) if line.strip()]
     else:
         texts = [args.text]
     if not texts:
@@ -598,7 +612,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from gpt2lite.text.metrics import evaluate_texts
 
     def lines(path: str) -> list[str]:
-        return _read_input(path, "text", is_file=True).splitlines()
+        return _lines(_read_input(path, "text", is_file=True))
 
     scores = evaluate_texts(lines(args.predictions), [lines(r) for r in args.references]).to_dict()
     if args.json:

@@ -11,7 +11,6 @@ and save through here.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Literal
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from gpt2lite.errors import ModelNotFoundError
+from gpt2lite.io.files import read_json
 from gpt2lite.io.hub import HUB_ALIASES, resolve_files
 from gpt2lite.models.classifier import GPT2ForSequenceClassification
 from gpt2lite.models.gpt2 import GPT2
@@ -158,13 +158,12 @@ def load_chat_template(
             (path,) = resolve_files(name_or_path, [(name,)], what=name, **hub)
         except ModelNotFoundError:
             continue
-        text = path.read_text(encoding="utf-8")
         if name.endswith(".jinja"):
-            return text
-        try:
-            template = json.loads(text).get("chat_template")
-        except (json.JSONDecodeError, AttributeError) as exc:
-            raise ValueError(f"{str(path)!r} is not a JSON object: {exc}") from None
+            return path.read_text(encoding="utf-8")
+        settings = read_json(path)
+        if not isinstance(settings, dict):
+            raise ValueError(f"{str(path)!r} holds a JSON {type(settings).__name__}, not an object of settings")
+        template = settings.get("chat_template")
         if isinstance(template, list):
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")

@@ -1,13 +1,17 @@
-"""Writing files so that a reader never sees a torn one: the one atomic-write helper of the library."""
+"""Files: writing them so that a reader never sees a torn one (the one atomic-write helper), reading small JSON."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_write"]
+__all__ = ["MAX_JSON_BYTES", "atomic_write", "read_json"]
+
+MAX_JSON_BYTES = 8 * 2**20  # a config or settings file is a few KB; a larger one is refused before it is parsed
 
 
 @contextlib.contextmanager
@@ -35,3 +39,18 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp.unlink()
         raise
 
+
+
+def read_json(path: str | os.PathLike[str], *, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """The parsed JSON of a settings file (a model config, an adapter config), refusing a huge one unread.
+
+    A problem is a ``ValueError`` naming the file (``FileNotFoundError`` when it is missing).
+    """
+    size = os.path.getsize(path)
+    if size > max_bytes:
+        raise ValueError(f"{str(path)!r} is {size} bytes; a settings file is a few KB (at most {max_bytes})")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{str(path)!r} is not valid JSON: {exc}") from None

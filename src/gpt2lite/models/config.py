@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["PRESETS", "GPT2Config"]
+from gpt2lite.io.files import read_json
+
+__all__ = ["MAX_LABELS", "PRESETS", "GPT2Config"]
 
 _ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu")
+
+MAX_LABELS = 100_000  # class names a classifier may have: a bound on what a config file can make us build
 
 
 @dataclass(frozen=True)
@@ -36,23 +39,36 @@ class GPT2Config:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 raise ValueError(f"GPT2Config.{name} must be a positive int, got {value!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.activation_function not in _ACTIVATIONS:
+        if self.n_inner is not None and (not _is_int(self.n_inner) or self.n_inner <= 0):
+            raise ValueError(f"GPT2Config.n_inner must be a positive int or null (4 * n_embd), got {self.n_inner!r}")
+        eps = self.layer_norm_epsilon
+        if not _is_number(eps) or not 0 < eps < 1:
+            raise ValueError(f"GPT2Config.layer_norm_epsilon must be a number in (0, 1), got {eps!r}")
+        if not isinstance(self.activation_function, str) or self.activation_function not in _ACTIVATIONS:
             raise ValueError(
                 f"activation_function {self.activation_function!r} is not supported; use one of {_ACTIVATIONS}"
             )
         for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"GPT2Config.{name} must be in [0, 1), got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not _is_number(value) or not 0.0 <= value < 1.0:
+                raise ValueError(f"GPT2Config.{name} must be a number in [0, 1), got {value!r}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 0):
+                raise ValueError(f"GPT2Config.{name} must be null or a token id (an int >= 0), got {value!r}")
         if self.labels is not None:
-            if isinstance(self.labels, (str, bytes)) or not all(isinstance(n, str) and n for n in self.labels):
-                raise ValueError(f"GPT2Config.labels must be a sequence of non-empty names, got {self.labels!r}")
-            object.__setattr__(self, "labels", tuple(self.labels))
+            labels = self.labels
+            if isinstance(labels, (str, bytes)) or not all(isinstance(n, str) and n for n in labels):
+                raise ValueError(f"GPT2Config.labels must be a sequence of non-empty names, got {labels!r:.200}")
+            if len(labels) > MAX_LABELS:
+                raise ValueError(f"GPT2Config.labels names {len(labels)} classes; gpt2lite takes at most {MAX_LABELS}")
+            object.__setattr__(self, "labels", tuple(labels))
             if len(set(self.labels)) != len(self.labels) or len(self.labels) < 2:
-                raise ValueError(f"GPT2Config.labels must name at least 2 distinct classes, got {self.labels!r}")
+                raise ValueError(f"GPT2Config.labels must name at least 2 distinct classes, got {labels!r:.200}")
 
     @property
     def num_labels(self) -> int:
@@ -105,14 +121,9 @@ class GPT2Config:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike[str]) -> GPT2Config:
-        """Read a Hugging Face ``config.json``."""
-        with open(path, encoding="utf-8") as f:
-            try:
-                d = json.load(f)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise ValueError(f"{str(path)!r} is not valid JSON: {exc}") from None
+        """Read a Hugging Face ``config.json``; any problem is one error naming the file and the field."""
         try:
-            return cls.from_dict(d)
+            return cls.from_dict(read_json(path))
         except ValueError as exc:
             raise ValueError(f"{str(path)!r}: {exc}") from None
 
@@ -130,16 +141,26 @@ class GPT2Config:
         return d
 
 
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # not NaN
+
+
 def _labels_from_id2label(id2label: Any) -> tuple[str, ...]:
     """Class names in id order from a ``config.json`` ``id2label`` (keys are ids as strings)."""
     if not isinstance(id2label, dict) or not id2label:
-        raise ValueError(f"id2label must be a non-empty object of id -> name, got {id2label!r}")
+        raise ValueError(f"id2label must be a non-empty object of id -> name, got {id2label!r:.200}")
+    if len(id2label) > MAX_LABELS:
+        raise ValueError(f"id2label names {len(id2label)} classes; gpt2lite takes at most {MAX_LABELS}")
     try:
         by_id = {int(k): v for k, v in id2label.items()}
     except (TypeError, ValueError):
-        raise ValueError(f"id2label keys must be class ids 0..n-1, got {sorted(id2label)!r}") from None
+        raise ValueError(f"id2label keys must be class ids 0..n-1, got {list(id2label)!r:.200}") from None
     if sorted(by_id) != list(range(len(by_id))):
-        raise ValueError(f"id2label keys must be the class ids 0..{len(by_id) - 1}, got {sorted(by_id)}")
+        raise ValueError(f"id2label keys must be the class ids 0..{len(by_id) - 1}, got {sorted(by_id)!r:.200}")
     return tuple(str(by_id[i]) for i in range(len(by_id)))
 
 

@@ -18,13 +18,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from gpt2lite.errors import CheckpointError
-from gpt2lite.io.files import atomic_write
+from gpt2lite.io.files import atomic_write, read_json
 
-__all__ = ["MODEL_TYPE", "RecurrentConfig", "RecurrentLM", "RecurrentState", "is_recurrent_checkpoint"]
+__all__ = [
+    "MODEL_TYPE", "RecurrentConfig", "RecurrentLM", "RecurrentState", "expected_shapes", "is_recurrent_checkpoint",
+]
 
 MODEL_TYPE = "gpt2lite-recurrent"  # config.json's model_type for these models
 _CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
@@ -34,7 +37,7 @@ def is_recurrent_checkpoint(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a local directory holding a recurrent model's ``config.json``."""
     config = Path(path).expanduser() / "config.json"
     try:
-        return json.loads(config.read_text(encoding="utf-8")).get("model_type") == MODEL_TYPE
+        return read_json(config).get("model_type") == MODEL_TYPE
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -51,14 +54,17 @@ class RecurrentConfig:
     eos_token_id: int | None = 50256
 
     def __post_init__(self) -> None:
-        if self.cell not in _CELLS:
+        if not isinstance(self.cell, str) or self.cell not in _CELLS:
             raise ValueError(f"cell must be one of {sorted(_CELLS)}, got {self.cell!r}")
         for name in ("vocab_size", "n_embd", "n_layer"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"RecurrentConfig.{name} must be a positive int, got {value!r}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"RecurrentConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
+        eos = self.eos_token_id
+        if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int) or eos < 0):
+            raise ValueError(f"RecurrentConfig.eos_token_id must be null or a token id (an int >= 0), got {eos!r}")
 
     @property
     def n_positions(self) -> None:
@@ -76,6 +82,19 @@ class RecurrentConfig:
             raise ValueError(f"not a {MODEL_TYPE} config")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+_GATES = {"rnn": 1, "lstm": 4, "gru": 3}  # weight rows per hidden unit, as torch's recurrent layers stack them
+
+
+def expected_shapes(config: RecurrentConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a saved model of ``config`` holds, with its shape (the tied output weight is not saved)."""
+    V, C, G = config.vocab_size, config.n_embd, _GATES[config.cell] * config.n_embd
+    shapes: dict[str, tuple[int, ...]] = {"encoder.weight": (V, C), "decoder.bias": (V,)}
+    for k in range(config.n_layer):
+        shapes.update({f"rnn.weight_ih_l{k}": (G, C), f"rnn.weight_hh_l{k}": (G, C), f"rnn.bias_ih_l{k}": (G,),
+                       f"rnn.bias_hh_l{k}": (G,)})
+    return shapes
 
 
 class RecurrentState:
@@ -210,15 +229,26 @@ class RecurrentLM(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike[str], *, device: torch.device | str | None = None,
                         dtype: torch.dtype | None = None) -> RecurrentLM:
-        """Load a directory written by ``save_pretrained``."""
+        """Load a directory written by ``save_pretrained``; the config is checked against the weights first."""
         directory = Path(directory)
-        config = RecurrentConfig.from_dict(json.loads((directory / "config.json").read_text(encoding="utf-8")))
-        model = cls(config)
+        config_file, weights = directory / "config.json", directory / "model.safetensors"
         try:
-            state = load_file(str(directory / "model.safetensors"))
-            model.load_state_dict({**state, "decoder.weight": state["encoder.weight"]}, strict=True)
-        except (RuntimeError, KeyError, OSError) as exc:
-            raise CheckpointError(
-                f"{str(directory)!r} does not hold a {config.cell} model of this config: {exc}"
-            ) from None
+            config = RecurrentConfig.from_dict(read_json(config_file))
+        except (ValueError, TypeError) as exc:
+            raise CheckpointError(f"{str(config_file)!r}: {exc}") from None
+        # The shapes the config implies, against those the file's header declares: nothing is built before.
+        expected = expected_shapes(config)
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+        except Exception as exc:  # safetensors raises its own error types for a bad file
+            raise CheckpointError(f"{str(weights)!r} is not a readable safetensors file: {exc}") from None
+        if found != expected:
+            odd = sorted(set(found) ^ set(expected)) or [k for k in expected if found[k] != expected[k]]
+            raise CheckpointError(f"{str(config_file)!r} does not describe the weights in {str(weights)!r} "
+                                  f"(a {config.cell} of n_embd={config.n_embd}, n_layer={config.n_layer}, "
+                                  f"vocab_size={config.vocab_size}); they differ at {odd[:4]}")
+        model = cls(config)
+        state = load_file(str(weights))
+        model.load_state_dict({**state, "decoder.weight": state["encoder.weight"]}, strict=True)
         return model.to(device=device, dtype=dtype).eval()

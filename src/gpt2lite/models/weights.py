@@ -24,12 +24,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from gpt2lite.errors import CheckpointError, ModelNotFoundError
-from gpt2lite.io.files import atomic_write
+from gpt2lite.io.files import atomic_write, read_json
 from gpt2lite.io.hub import resolve_files
 from gpt2lite.models.config import PRESETS, GPT2Config
 
 __all__ = [
     "CONV1D_WEIGHTS",
+    "check_config",
     "expected_shapes",
     "infer_config",
     "load_checkpoint",
@@ -126,10 +127,9 @@ def _read_metadata(path: Path) -> dict[str, str]:
 def _shard_names(index_file: Path) -> list[str]:
     """The shard files an index names; each must be a plain file name in the index's own directory."""
     try:
-        with open(index_file, encoding="utf-8") as f:
-            index = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{str(index_file)!r} is not valid JSON: {exc}") from None
+        index = read_json(index_file)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{str(index_file)!r} has no weight_map")
@@ -177,6 +177,33 @@ def infer_config(files: list[Path]) -> GPT2Config:
     )
 
 
+_LAYER = re.compile(r"h\.(\d+)\.")
+
+
+def check_config(config: GPT2Config, shapes: dict[str, tuple[int, ...]], files: list[Path]) -> None:
+    """Refuse a config that does not describe the checkpoint's tensors, naming the field, before anything is built.
+
+    The tensor shapes come from the files' headers (cheap to read), so a config
+    that claims a million layers is refused at once instead of allocating them.
+    """
+    where = str(files[0]) if len(files) == 1 else f"{files[0].parent}"
+    layers = {int(m.group(1)) for key in shapes if (m := _LAYER.match(key))}
+    held = max(layers) + 1 if layers else 0
+    problems = []
+    if held != config.n_layer:
+        problems.append(f"n_layer is {config.n_layer} but the weights hold {held} layers")
+    wte, wpe, fc = shapes.get("wte.weight"), shapes.get("wpe.weight"), shapes.get("h.0.mlp.c_fc.weight")
+    if wte is not None and wte != (config.vocab_size, config.n_embd):
+        problems.append(f"vocab_size x n_embd is {config.vocab_size} x {config.n_embd} but wte.weight is "
+                        f"{wte[0]} x {wte[1] if len(wte) > 1 else '?'}")
+    if wpe is not None and wpe[:1] != (config.n_positions,):
+        problems.append(f"n_positions is {config.n_positions} but wpe.weight has {wpe[0]} rows")
+    if fc is not None and fc[1:] != (config.mlp_dim,):
+        problems.append(f"the MLP width (n_inner) is {config.mlp_dim} but h.0.mlp.c_fc.weight is {fc}")
+    if problems:
+        raise CheckpointError(f"the config does not describe {where!r}: " + "; ".join(problems))
+
+
 def load_state_dict(
     files: list[Path], config: GPT2Config, *, device: torch.device | str | None = None,
     dtype: torch.dtype | None = None, heads: dict[str, tuple[int, ...]] | None = None,
@@ -187,6 +214,8 @@ def load_state_dict(
     example ``{"score.weight": (num_labels, n_embd)}``), with their shapes: they
     are returned when present and may be absent.
     """
+    entries = list(_iter_checkpoint(files))
+    check_config(config, {key: shape for key, _, _, shape, _ in entries}, files)  # before building anything
     heads = heads or {}
     expected = {**expected_shapes(config), **heads}
     found: dict[str, tuple[str, Path]] = {}
@@ -194,7 +223,7 @@ def load_state_dict(
     lm_head: tuple[str, Path] | None = None
     unexpected = []
     dtypes: dict[str, str] = {}
-    for key, stored, path, shape, dtype_name in _iter_checkpoint(files):
+    for key, stored, path, shape, dtype_name in entries:
         dtypes[key] = dtype_name
         if key == "lm_head.weight":
             lm_head = (stored, path)

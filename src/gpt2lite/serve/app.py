@@ -43,6 +43,7 @@ from gpt2lite.serve.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
     chat_logprobs,
+    check_chat_extras,
     completion_logprobs,
     sampling_options,
     stop_strings,
@@ -111,17 +112,21 @@ class _Gate:
 
     def __init__(self, app: Any, api_key: str | None, max_body_size: int) -> None:
         self.app = app
-        self.key = f"Bearer {api_key}".encode() if api_key is not None else None
+        self.key = api_key.encode() if api_key is not None else None
         self.limit = max_body_size
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if (self.key is not None and scope["path"] not in PUBLIC_PATHS
-                and not hmac.compare_digest(headers.get(b"authorization", b""), self.key)):
-            return await _error(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                                kind=_KINDS[401])(scope, receive, send)
+        if self.key is not None and scope["path"] not in PUBLIC_PATHS:
+            scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+            # Both compared whatever the scheme, so the time taken says nothing about the key.
+            if not hmac.compare_digest(token.strip(), self.key) or scheme.lower() != b"bearer":
+                response = _error(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                  kind=_KINDS[401])
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return await response(scope, receive, send)
         too_big = _error(413, f"the request body is larger than this server's limit of {self.limit} bytes",
                          kind=_KINDS[413])
         length = headers.get(b"content-length")
@@ -596,6 +601,10 @@ class _Server:
             raise ApiError(400, "stream_options needs stream=true", "stream_options")
         if body.top_logprobs and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs=true", "top_logprobs")
+        try:
+            check_chat_extras(body)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), str(exc).split(":")[0]) from None
         try:
             stops = stop_strings(body.stop)
         except ValueError as exc:

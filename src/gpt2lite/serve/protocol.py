@@ -25,6 +25,7 @@ __all__ = [
     "StreamOptions",
     "TokenizeRequest",
     "chat_logprobs",
+    "check_chat_extras",
     "completion_logprobs",
     "sampling_options",
     "token_text",
@@ -50,9 +51,9 @@ class _Sampling(_Body):
     model: str | None = None
     n: int = Field(1, ge=1, le=16)
     temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = Field(None, ge=0, le=1)  # 0 keeps only the most likely token: greedy
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, lt=2**64)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # negative (llama.cpp's -1): no seed
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
@@ -90,10 +91,12 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
 
-class ResponseFormat(_Body):
-    """``response_format``: only plain text is produced."""
+class ResponseFormat(BaseModel):
+    """``response_format``: only plain text is produced (a JSON mode is refused by name, not as unknown)."""
 
-    type: Literal["text"] = "text"
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
 
 
 class ChatCompletionRequest(_Sampling):
@@ -106,6 +109,15 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
     add_generation_prompt: bool = True
+    # OpenAI's fields that change nothing here: accepted and ignored (a tool call or another modality is refused).
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    store: bool | None = None
+    metadata: dict[str, Any] | None = None
+    service_tier: str | None = None
+    reasoning_effort: str | None = None
+    modalities: list[str] | None = None
 
 
 class TokenizeRequest(_Body):
@@ -124,6 +136,17 @@ class DetokenizeRequest(_Body):
 
     model: str | None = None
     tokens: list[int]
+
+
+def check_chat_extras(body: ChatCompletionRequest) -> None:
+    """Refuse, by name, what a chat request asks that GPT-2 cannot do: tools, a JSON mode, other modalities."""
+    if body.tools and body.tool_choice != "none":
+        raise ValueError("tools: this model cannot call tools (send tool_choice='none', or no tools)")
+    if body.response_format is not None and body.response_format.type != "text":
+        raise ValueError(f"response_format: {body.response_format.type!r} is not supported; this model writes "
+                         "free text (type 'text')")
+    if body.modalities and body.modalities != ["text"]:
+        raise ValueError(f"modalities: only ['text'] is produced, got {body.modalities}")
 
 
 def stop_strings(stop: str | list[str] | None) -> list[str]:
@@ -150,9 +173,10 @@ def sampling_options(body: _Sampling, *, max_tokens: int, eos: int, vocab: int, 
     if any(not 0 <= t < vocab for (t,) in stop_ids):
         raise ValueError(f"stop_token_ids holds an id outside the vocabulary (0..{vocab - 1})")
     given = {
-        "temperature": body.temperature, "top_p": body.top_p, "min_p": body.min_p,
-        "repetition_penalty": body.repetition_penalty, "presence_penalty": body.presence_penalty,
-        "frequency_penalty": body.frequency_penalty, "seed": body.seed,
+        "temperature": 0 if body.top_p == 0 else body.temperature, "top_p": body.top_p or None,
+        "min_p": body.min_p, "repetition_penalty": body.repetition_penalty,
+        "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
+        "seed": body.seed if body.seed is None or body.seed >= 0 else None,
         "top_k": None if body.top_k in (None, -1) else body.top_k,  # vLLM writes "off" as -1
     }
     return GenerationOptions(

@@ -75,9 +75,13 @@ class TextClassifier:
         items = [texts] if single else list(texts)
         if not all(isinstance(t, str) for t in items):
             raise TypeError("classify takes a string or a sequence of strings")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        limit = max_length or self.model.config.n_positions
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        context = self.model.config.n_positions
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                       or not 1 <= max_length <= context):
+            raise ValueError(f"max_length must be an int in 1..{context} (the model's context), got {max_length!r}")
+        limit = max_length or context
         encoded = [self.tokenizer.encode(t)[:limit] for t in items]
         empty = next((i for i, ids in enumerate(encoded) if not ids), None)
         if empty is not None:

@@ -89,17 +89,19 @@ def perplexity(
             groups[-1].append(w)
         else:
             groups.append([w])
-    for group in groups:
-        batch = torch.stack([ids[begin:end] for begin, end, _ in group])  # (G, T)
-        logits = model(batch).float()  # (G, T, vocab)
-        for row, (begin, end, first) in enumerate(group):
-            f = first - begin  # first target position within the window
-            total += F.cross_entropy(logits[row, f - 1 : -1], batch[row, f:], reduction="sum").item()
-            count += end - first
+    try:  # the bar is closed before any error leaves, so the error is the last thing shown
+        for group in groups:
+            batch = torch.stack([ids[begin:end] for begin, end, _ in group])  # (G, T)
+            logits = model(batch).float()  # (G, T, vocab)
+            for row, (begin, end, first) in enumerate(group):
+                f = first - begin  # first target position within the window
+                total += F.cross_entropy(logits[row, f - 1 : -1], batch[row, f:], reduction="sum").item()
+                count += end - first
+            if bar is not None:
+                bar.update(len(group))
+    finally:
         if bar is not None:
-            bar.update(len(group))
-    if bar is not None:
-        bar.close()
+            bar.close()
     if not math.isfinite(total):
         raise NonFiniteError(_NON_FINITE)
     return math.exp(total / count)

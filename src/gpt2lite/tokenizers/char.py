@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from gpt2lite.io.files import atomic_write
+from gpt2lite.io.files import atomic_write, read_json
 from gpt2lite.tokenizers.protocol import StreamDecoder
 
 __all__ = ["CHAR_TOKENIZER_FILE", "CharTokenizer"]
@@ -101,9 +101,15 @@ class CharTokenizer:
         """The character tokenizer saved in ``directory``, or None if there is none."""
         path = Path(directory).expanduser() / CHAR_TOKENIZER_FILE
         try:
-            d = json.loads(path.read_text(encoding="utf-8"))
+            d = read_json(path)
         except (OSError, ValueError):
             return None
         if not isinstance(d, dict) or d.get("type") != "char":
-            return None
-        return cls(d["chars"])
+            return None  # another tokenizer's file of the same name (Hugging Face's tokenizer.json)
+        chars = d.get("chars")
+        if not isinstance(chars, list) or not all(isinstance(c, str) for c in chars):
+            raise ValueError(f"{str(path)!r}: chars must be a list of single characters (the vocabulary in id order)")
+        try:
+            return cls(chars)
+        except ValueError as exc:
+            raise ValueError(f"{str(path)!r}: chars: {exc}") from None

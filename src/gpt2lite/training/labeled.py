@@ -56,14 +56,18 @@ class LabeledData:
 
 
 def read_labeled(path: str | os.PathLike[str], text_column: str = "text",
-                 label_column: str = "label") -> list[tuple[str, str]]:
-    """(text, label name) rows of a ``.csv`` (with a header) or ``.jsonl`` file, each row checked."""
+                 label_column: str = "label") -> list[tuple[str, str, str]]:
+    """(text, label name, where) rows of a ``.csv`` (with a header) or ``.jsonl`` file, each row checked.
+
+    ``where`` names the file and line, for errors about the row later. A UTF-8
+    byte-order mark (Excel's CSV) is dropped.
+    """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".jsonl", ".json", ".tsv"):
         raise ValueError(f"{str(path)!r}: labeled data must be .csv, .tsv or .jsonl (one JSON object per line)")
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:
             records = _csv_rows(f, path, suffix) if suffix in (".csv", ".tsv") else _jsonl_rows(f, path)
             rows = []
             for where, record in records:
@@ -77,7 +81,7 @@ def read_labeled(path: str | os.PathLike[str], text_column: str = "text",
                     raise ValueError(f"{where}: the text is empty or not a string")
                 if isinstance(label, bool) or not isinstance(label, (str, int)) or str(label).strip() == "":
                     raise ValueError(f"{where}: the label {label!r} is not a class name or number")
-                rows.append((text, str(label).strip()))
+                rows.append((text, str(label).strip(), where))
     except UnicodeDecodeError as exc:
         raise ValueError(f"{str(path)!r} is not UTF-8 text: {exc}") from None
     if not rows:
@@ -87,8 +91,18 @@ def read_labeled(path: str | os.PathLike[str], text_column: str = "text",
 
 def _csv_rows(f: Any, path: Path, suffix: str) -> Any:
     reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-    for n, record in enumerate(reader, start=2):  # line 1 is the header
-        yield f"{str(path)!r} line {n}", record
+    try:
+        header = reader.fieldnames
+        for record in reader:
+            where = f"{str(path)!r} line {reader.line_num}"
+            if None in record:  # DictReader's place for fields past the header's
+                raise ValueError(f"{where} has more fields than the header {header}: quote a text that holds "
+                                 f"{'a tab' if suffix == '.tsv' else 'a comma'} (\"like, this\")")
+            if any(v is None for v in record.values()):
+                raise ValueError(f"{where} has fewer fields than the header {header}")
+            yield where, record
+    except csv.Error as exc:  # a field past the csv module's size limit, a stray quote at the end
+        raise ValueError(f"{str(path)!r} line {reader.line_num + 1}: {exc}; for very long texts use JSONL") from None
 
 
 def _jsonl_rows(f: Any, path: Path) -> Any:
@@ -138,15 +152,16 @@ def load_labeled(
         held = set(order[:n_val])
         train_rows = [r for i, r in enumerate(rows) if i not in held]
         val_rows = [r for i, r in enumerate(rows) if i in held]
-    names = tuple(labels) if labels is not None else tuple(sorted({label for _, label in train_rows + val_rows}))
+    names = tuple(labels) if labels is not None else tuple(sorted({label for _, label, _ in train_rows + val_rows}))
     if len(names) < 2 or len(set(names)) != len(names):
-        raise ValueError(f"classification needs at least 2 distinct class names, got {list(names)}")
+        raise ValueError(f"classification needs at least 2 distinct class names, got {list(names)[:20]}")
     ids = {name: i for i, name in enumerate(names)}
-    for part_rows, where in ((train_rows, str(path)), (val_rows, str(val_path or path))):
-        for text, label in part_rows:
-            if label not in ids:
-                raise ValueError(f"{where!r}: label {label!r} (text {text[:40]!r}) is not one of the classes "
-                                 f"{list(names)}")
+    for text, label, where in train_rows + val_rows:
+        if label not in ids:
+            raise ValueError(f"{where}: label {label!r} (text {text[:40]!r}) is not one of the classes "
+                             f"{list(names)[:20]}")
+    train_rows = [(text, label) for text, label, _ in train_rows]
+    val_rows = [(text, label) for text, label, _ in val_rows]
     digest = hashlib.sha256(json.dumps([names, train_rows, val_rows]).encode("utf-8")).hexdigest()[:16]
     return LabeledData(
         labels=names,

@@ -44,8 +44,11 @@ class LoraConfig:
             raise ValueError(f"LoRA rank r must be an int >= 1, got {self.r!r}")
         if not isinstance(self.lora_alpha, (int, float)) or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
             raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        d = self.lora_dropout
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
+            raise ValueError(f"lora_dropout must be a number in [0, 1), got {d!r}")
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"use_rslora must be True or False, got {self.use_rslora!r}")
         targets = (self.target_modules,) if isinstance(self.target_modules, str) else tuple(self.target_modules)
         if not targets:
             raise ValueError(f"target_modules must name at least one of {TARGETS}")

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from gpt2lite.errors import CheckpointError
-from gpt2lite.io.files import atomic_write
+from gpt2lite.io.files import atomic_write, read_json
 from gpt2lite.transforms.lora import TARGETS, LoraConfig, add_lora, has_lora
 
 __all__ = [
@@ -86,15 +86,21 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
 
 
 def read_adapter_config(directory: str | os.PathLike[str]) -> LoraConfig:
-    """The ``LoraConfig`` of a PEFT adapter directory, refusing PEFT options gpt2lite does not implement."""
+    """The ``LoraConfig`` of a PEFT adapter directory, refusing PEFT options gpt2lite does not implement.
+
+    Every field is checked for its type too: a problem is one ``CheckpointError``
+    naming the file and the field.
+    """
     path = Path(directory) / ADAPTER_CONFIG
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
+        d = read_json(path)
     except FileNotFoundError:
         raise CheckpointError(f"{str(directory)!r} is not a LoRA adapter: it has no {ADAPTER_CONFIG}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{str(path)!r} is not valid JSON: {exc}") from None
-    if not isinstance(d, dict) or d.get("peft_type") != "LORA":
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{str(path)!r} holds a JSON {type(d).__name__}, not an object of settings")
+    if d.get("peft_type") != "LORA":
         raise CheckpointError(f"{str(path)!r} is not a LoRA adapter (peft_type {d.get('peft_type')!r})")
     unsupported = {"use_dora": False, "lora_bias": False, "bias": "none", "layers_to_transform": None,
                    "rank_pattern": {}, "alpha_pattern": {}, "trainable_token_indices": None,
@@ -102,20 +108,38 @@ def read_adapter_config(directory: str | os.PathLike[str]) -> LoraConfig:
     for key, default in unsupported.items():
         allowed = (default, None) if default == {} else (default,)  # an empty pattern may be written as null
         if d.get(key, default) not in allowed:
-            raise CheckpointError(f"{str(path)!r} sets {key}={d[key]!r}, which gpt2lite's LoRA does not support")
-    extra = set(d.get("modules_to_save") or ()) - {"score", "classifier"}
+            raise CheckpointError(f"{str(path)!r} sets {key}={d[key]!r:.100}, which gpt2lite's LoRA does not support")
+    saved = d.get("modules_to_save") or []
+    if not isinstance(saved, list) or not all(isinstance(m, str) for m in saved):
+        raise CheckpointError(f"{str(path)!r}: modules_to_save must be a list of module names")
+    extra = set(saved) - {"score", "classifier"}
     if extra:
         raise CheckpointError(f"{str(path)!r} saves whole modules {sorted(extra)}; gpt2lite supports only 'score'")
     targets = d.get("target_modules")
     if isinstance(targets, str):
-        raise CheckpointError(f"{str(path)!r} gives target_modules as a pattern ({targets!r}); "
+        raise CheckpointError(f"{str(path)!r} gives target_modules as a pattern ({targets!r:.100}); "
                               f"gpt2lite needs a list of layer names from {TARGETS}")
+    fields = {"r": int, "lora_alpha": (int, float), "lora_dropout": (int, float), "use_rslora": bool,
+              "base_model_name_or_path": (str, type(None)), "target_modules": (list, type(None))}
+    for key, kind in fields.items():
+        value = d.get(key)
+        if key in d and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
+            raise CheckpointError(f"{str(path)!r}: {key} must be {_kind_name(kind)}, got {value!r:.100}")
+    if "r" not in d or "lora_alpha" not in d:
+        raise CheckpointError(f"{str(path)!r} is not a usable LoRA config: it needs r and lora_alpha")
     try:
         return LoraConfig(r=d["r"], lora_alpha=d["lora_alpha"], lora_dropout=d.get("lora_dropout", 0.0),
-                          target_modules=tuple(targets or ()), use_rslora=bool(d.get("use_rslora", False)),
+                          target_modules=tuple(targets or ()), use_rslora=d.get("use_rslora", False),
                           base_model_name_or_path=d.get("base_model_name_or_path"))
-    except (KeyError, TypeError, ValueError) as exc:
+    except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{str(path)!r} is not a usable LoRA config: {exc}") from None
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {int: "an int", float: "a number", bool: "true or false", str: "a string", list: "a list",
+             type(None): "null"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(dict.fromkeys(names[k] for k in kinds if not (k is int and float in kinds)))
 
 
 def adapter_base(path: str | os.PathLike[str]) -> str | None:
@@ -130,48 +154,75 @@ def adapter_base(path: str | os.PathLike[str]) -> str | None:
     return base
 
 
-def adapter_labels(directory: str | os.PathLike[str]) -> tuple[str, ...] | None:
-    """The class names a classifier's adapter was saved with (None for others, and for ``peft``'s files)."""
+def _header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """The tensor shapes and the metadata of a safetensors file, read from its header alone."""
     try:
-        with safe_open(str(Path(directory) / ADAPTER_WEIGHTS), framework="pt") as f:
-            stored = (f.metadata() or {}).get(LABELS_METADATA_KEY)
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+            return shapes, f.metadata() or {}
+    except FileNotFoundError:
+        raise CheckpointError(f"{str(path.parent)!r} has no {path.name}") from None
     except Exception as exc:  # safetensors raises its own error types for a bad file
-        raise CheckpointError(f"{str(directory)!r} has no readable {ADAPTER_WEIGHTS}: {exc}") from None
-    return tuple(json.loads(stored)) if stored else None
+        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file: {exc}") from None
+
+
+def adapter_labels(directory: str | os.PathLike[str]) -> tuple[str, ...] | None:
+    """The class names a classifier's adapter was saved with (None for others, and for ``peft``'s files).
+
+    They must be as many as the rows of the saved ``score`` head.
+    """
+    path = Path(directory) / ADAPTER_WEIGHTS
+    shapes, metadata = _header(path)
+    stored = metadata.get(LABELS_METADATA_KEY)
+    if not stored:
+        return None
+    rows = next((shape[0] for key, shape in shapes.items() if key.endswith("score.weight")), None)
+    if rows is None or len(stored) > 1024 * (rows + 1):  # names of at most about a KiB each
+        raise CheckpointError(f"{str(path)!r}: its class names ({LABELS_METADATA_KEY}) do not fit its score head")
+    try:
+        labels = json.loads(stored)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{str(path)!r}: {LABELS_METADATA_KEY} is not valid JSON: {exc}") from None
+    if not isinstance(labels, list) or len(labels) != rows or not all(isinstance(n, str) for n in labels):
+        raise CheckpointError(f"{str(path)!r}: {LABELS_METADATA_KEY} must list {rows} class names, one per row of "
+                              "the score head")
+    return tuple(labels)
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
-    """Add the adapters saved in a PEFT directory (ours or ``peft``'s) to ``model`` in place; return it."""
+    """Add the adapters saved in a PEFT directory (ours or ``peft``'s) to ``model`` in place; return it.
+
+    The file's tensor shapes are checked against the config's rank before any
+    adapter is made.
+    """
     config = read_adapter_config(directory)
+    path = Path(directory) / ADAPTER_WEIGHTS
+    shapes, _ = _header(path)
+    stored = {_without_adapter_name(k): k for k in shapes}
+    ranks = {shapes[k][0 if ".lora_A." in k else 1] for k in shapes if ".lora_A." in k or ".lora_B." in k}
+    if ranks != {config.r}:
+        raise CheckpointError(f"{str(path)!r} holds adapters of rank {sorted(ranks)[:4]}, but its "
+                              f"{ADAPTER_CONFIG} says r={config.r}")
     add_lora(model, config)
     expected = {_peft_key(model, name): name for name, p in model.named_parameters()
                 if ".lora_A." in name or ".lora_B." in name}
     if hasattr(model, "score"):
         expected[_peft_key(model, "score.weight")] = "score.weight"
-    path = Path(directory) / ADAPTER_WEIGHTS
+    missing = [k for k in expected if k not in stored and not k.endswith("score.weight")]
+    unexpected = [k for k in stored if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(f"{str(path)!r} does not fit this model: missing {missing[:4]}, "
+                              f"unexpected {unexpected[:4]}")
+    params = dict(model.named_parameters())
+    for key, name in expected.items():
+        if key in stored and shapes[stored[key]] != tuple(params[name].shape):
+            raise CheckpointError(f"{key!r} in {str(path)!r} has shape {shapes[stored[key]]}, "
+                                  f"the model needs {tuple(params[name].shape)}")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            stored = {_without_adapter_name(k): k for k in f.keys()}  # noqa: SIM118
-            missing = [k for k in expected if k not in stored and not k.endswith("score.weight")]
-            unexpected = [k for k in stored if k not in expected]
-            if missing or unexpected:
-                raise CheckpointError(f"{str(path)!r} does not fit this model: missing {missing[:4]}, "
-                                      f"unexpected {unexpected[:4]}")
-            params = dict(model.named_parameters())
-            with torch.no_grad():
-                for key, name in expected.items():
-                    if key not in stored:
-                        continue
-                    t = f.get_tensor(stored[key])
-                    p = params[name]
-                    if tuple(t.shape) != tuple(p.shape):
-                        raise CheckpointError(f"{key!r} in {str(path)!r} has shape {tuple(t.shape)}, "
-                                              f"the model needs {tuple(p.shape)}")
-                    p.copy_(t)
-    except FileNotFoundError:
-        raise CheckpointError(f"{str(directory)!r} has no {ADAPTER_WEIGHTS}") from None
-    except CheckpointError:
-        raise
+        with safe_open(str(path), framework="pt") as f, torch.no_grad():
+            for key, name in expected.items():
+                if key in stored:
+                    params[name].copy_(f.get_tensor(stored[key]))
     except Exception as exc:  # safetensors raises its own error types for a bad file
         raise CheckpointError(f"{str(path)!r} is not a readable safetensors file: {exc}") from None
     return model

@@ -30,12 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpt2lite.errors import NonFiniteError
 from gpt2lite.models.gpt2 import GPT2
 
 __all__ = ["QUANTIZE_MODES", "Int8Embedding", "Int8Linear", "QuantizeMode", "is_quantized", "quantize"]
 
 QuantizeMode = Literal["int8"]
 QUANTIZE_MODES: tuple[str, ...] = get_args(QuantizeMode)
+
+_OVERFLOWED = ("the model's activations overflowed (NaN or inf) in its int8 layers; load the model without "
+               "quantize, or check the checkpoint")
 
 # The activations fbgemm quantizes are kept to 7 bits: without VNNI (AVX2-only CPUs) its kernels
 # add pairs of u8*s8 products in int16, which 8-bit activations could overflow; torch's own
@@ -44,8 +48,11 @@ _REDUCE_RANGE = True
 
 
 def _quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 rows and their scales: ``weight ≈ q * scale[:, None]``."""
+    """Symmetric int8 rows and their scales: ``weight ≈ q * scale[:, None]``; a non-finite weight is refused."""
     w = weight.detach().float()
+    if not bool(torch.isfinite(w).all()):  # its row's scale would be inf: the row would become zeros
+        raise NonFiniteError("the weights hold NaN or inf values, which int8 cannot represent (a diverged "
+                             "training run?); check the checkpoint")
     scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127  # (out,)
     q = (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)  # (out, in); one float temporary
     return q, scale
@@ -104,7 +111,12 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + b`` for ``x`` ``(..., in)``."""
         if self._packed is not None and x.device.type == "cpu" and x.dtype == torch.float32:
-            return torch.ops.quantized.linear_dynamic(x, self._packed, _REDUCE_RANGE)
+            try:
+                return torch.ops.quantized.linear_dynamic(x, self._packed, _REDUCE_RANGE)
+            except RuntimeError:  # fbgemm's own words for NaN input: "min should be less than or equal to max"
+                if bool(torch.isfinite(x).all()):
+                    raise
+                raise NonFiniteError(_OVERFLOWED) from None
         y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)  # (..., out)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
@@ -129,7 +141,14 @@ class Int8Embedding(Int8Linear):
         return self.weight[ids].to(self.scale.dtype) * self.scale[ids].unsqueeze(-1)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``x @ E.T`` of hidden states ``(..., n_embd)`` against every embedding row."""
+        """Logits ``x @ E.T`` of hidden states ``(..., n_embd)`` against every embedding row.
+
+        The CPU kernel turns NaN activations into finite numbers, so the final
+        hidden states are checked here: once a value overflows, the residual
+        stream keeps it to the end.
+        """
+        if self._packed is not None and not bool(torch.isfinite(x).all()):
+            raise NonFiniteError(_OVERFLOWED)
         return super().forward(x)
 
 
@@ -153,6 +172,10 @@ def quantize(model: nn.Module, mode: QuantizeMode = "int8") -> nn.Module:
         raise TypeError(f"quantize works on GPT-2 models, not {type(model).__name__}")
     if is_quantized(body):
         raise ValueError("the model is already quantized")
+    bad = [name for name, p in body.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise NonFiniteError(f"the weights {bad[:4]} hold NaN or inf values, which int8 cannot represent (a "
+                             "diverged training run?); check the checkpoint")
     with torch.no_grad():
         for block in body.h:
             for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"),

@@ -1,0 +1,339 @@
+"""Hostile and careless files, data and inputs outside the server; each case failed on the earlier code.
+
+Hostile configs, adapters and metadata are loaded in a child process that measures
+its own time and peak memory: each must be refused in under a second and under
+300 MB, with one error that names the file and the field.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from gpt2lite import (
+    GPT2,
+    LoraConfig,
+    NonFiniteError,
+    RecurrentConfig,
+    RecurrentLM,
+    TextClassifier,
+    add_lora,
+    load_labeled,
+    quantize,
+    save_model,
+)
+from gpt2lite.cli import main
+
+_PROBE = textwrap.dedent("""
+    import json, resource, sys, time
+    import gpt2lite, torch
+    from gpt2lite import load_model, load_tokenizer
+    {setup}
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    try:
+        {call}
+        outcome = {{"error": None}}
+    except Exception as exc:
+        outcome = {{"error": type(exc).__name__, "message": str(exc)}}
+    outcome["seconds"] = time.perf_counter() - t0
+    outcome["grew_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    print(json.dumps(outcome))
+""")
+
+
+def refused(call: str, setup: str = "pass") -> dict:
+    """Run ``call`` in a fresh interpreter (imports done before measuring); its error, time and memory growth."""
+    code = _PROBE.format(setup=setup, call=call)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    assert outcome["error"] is not None, "the hostile file was accepted"
+    assert outcome["seconds"] < 1.0 and outcome["grew_mb"] < 300, outcome
+    return outcome
+
+
+def _copy(tiny_dir, tmp_path, name="m"):
+    target = tmp_path / name
+    shutil.copytree(tiny_dir, target)
+    return target
+
+
+def _edit_config(directory, **changes):
+    config = json.loads((directory / "config.json").read_text())
+    config.update(changes)
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+# configs that would build far more than the weights hold ----------------------------------------------------
+
+
+@pytest.mark.parametrize(("field", "value"), [("n_layer", 1_000_000), ("n_embd", 16384), ("n_positions", 10**7),
+                                              ("n_inner", 10**8)])
+def test_gpt2_config_larger_than_its_weights(tiny_dir, tmp_path, field, value):
+    m = _copy(tiny_dir, tmp_path)
+    _edit_config(m, **{field: value}, n_head=1 if field == "n_embd" else 4)
+    out = refused(f"load_model({str(m)!r})")
+    assert str(m) in out["message"] and (field if field != "n_inner" else "n_inner") in out["message"]
+
+
+@pytest.mark.parametrize(("field", "value", "named"), [
+    ("n_inner", -5, "n_inner"), ("n_inner", "big", "n_inner"), ("layer_norm_epsilon", -1.0, "layer_norm_epsilon"),
+    ("layer_norm_epsilon", float("nan"), "layer_norm_epsilon"), ("eos_token_id", "x", "eos_token_id"),
+    ("eos_token_id", [1], "eos_token_id"), ("n_layer", True, "n_layer"), ("attn_pdrop", "0.1", "attn_pdrop"),
+    ("activation_function", ["gelu"], "activation_function"),
+])
+def test_gpt2_config_fields_are_checked(tiny_dir, tmp_path, field, value, named):
+    m = _copy(tiny_dir, tmp_path)
+    _edit_config(m, **{field: value})
+    out = refused(f"load_model({str(m)!r})")
+    assert str(m / "config.json") in out["message"] and named in out["message"], out
+
+
+def test_a_huge_config_file_is_refused_unread(tiny_dir, tmp_path):
+    m = _copy(tiny_dir, tmp_path)
+    config = json.loads((m / "config.json").read_text())
+    config["id2label"] = {str(i): f"class {i}" for i in range(2_000_000)}
+    config["architectures"] = ["GPT2ForSequenceClassification"]
+    (m / "config.json").write_text(json.dumps(config))
+    out = refused(f"load_model({str(m)!r}, kind='classifier')")
+    assert str(m / "config.json") in out["message"] and "bytes" in out["message"]
+
+
+def test_classifier_labels_beyond_the_bound(tiny_dir, tmp_path):
+    m = _copy(tiny_dir, tmp_path)
+    config = json.loads((m / "config.json").read_text())
+    config["id2label"] = {str(i): str(i) for i in range(200_000)}  # under the size bound, over the count bound
+    config["architectures"] = ["GPT2ForSequenceClassification"]
+    (m / "config.json").write_text(json.dumps(config))
+    out = refused(f"load_model({str(m)!r}, kind='classifier')")
+    assert "id2label" in out["message"] and "100000" in out["message"]
+
+
+def _recurrent(tmp_path, **config):
+    directory = tmp_path / "rnn"
+    RecurrentLM(RecurrentConfig(cell="lstm", n_embd=16, n_layer=1, vocab_size=300)).save_pretrained(directory)
+    if config:
+        d = json.loads((directory / "config.json").read_text())
+        d.update(config)
+        (directory / "config.json").write_text(json.dumps(d))
+    return directory
+
+
+@pytest.mark.parametrize(("field", "value"), [("n_embd", 6000), ("vocab_size", 10**7), ("n_layer", 500),
+                                              ("cell", ["lstm"]), ("cell", "transformer"), ("eos_token_id", "x"),
+                                              ("dropout", "0.2")])
+def test_recurrent_config_is_checked_against_its_weights(tmp_path, field, value):
+    d = _recurrent(tmp_path, **{field: value})
+    out = refused(f"load_model({str(d)!r})")
+    assert str(d / "config.json") in out["message"], out
+    assert field in out["message"] or "does not describe" in out["message"], out
+
+
+def _adapter(tmp_path, tiny_dir, **changes):
+    model = GPT2.from_pretrained(tiny_dir)
+    add_lora(model, LoraConfig(r=2, target_modules=("c_attn",)))
+    directory = save_model(model, tmp_path / "adapter")
+    config = json.loads((directory / "adapter_config.json").read_text())
+    config.update(changes)
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    return directory
+
+
+@pytest.mark.parametrize(("changes", "named"), [
+    (dict(r=200_000), "r=200000"), (dict(use_rslora="false"), "use_rslora"), (dict(base_model_name_or_path=42),
+                                                                              "base_model_name_or_path"),
+    (dict(lora_alpha="16"), "lora_alpha"), (dict(target_modules={"c_attn": 1}), "target_modules"),
+    (dict(lora_dropout=[0.1]), "lora_dropout"),
+])
+def test_hostile_adapter_configs(tiny_dir, tmp_path, changes, named):
+    adapter = _adapter(tmp_path, tiny_dir, **changes)
+    out = refused(f"load_model({str(tiny_dir)!r}, adapter={str(adapter)!r})")
+    assert "adapter" in out["message"] and named in out["message"], out
+
+
+def test_an_adapter_config_that_is_a_list(tiny_dir, tmp_path):
+    adapter = _adapter(tmp_path, tiny_dir)
+    (adapter / "adapter_config.json").write_text("[1, 2, 3]")
+    out = refused(f"load_model({str(adapter)!r})")
+    assert str(adapter / "adapter_config.json") in out["message"] and "list" in out["message"]
+
+
+def test_adapter_label_metadata_beyond_its_head(tiny_dir, tmp_path):
+    from gpt2lite import GPT2ForSequenceClassification
+
+    clf = GPT2ForSequenceClassification.from_pretrained(tiny_dir, labels=["a", "b"])
+    add_lora(clf, LoraConfig(r=2))
+    adapter = save_model(clf, tmp_path / "clf")
+    tensors = dict(__import__("safetensors.torch", fromlist=["load_file"]).load_file(
+        adapter / "adapter_model.safetensors"))
+    labels = json.dumps([f"label {i}" for i in range(2_000_000)])
+    save_file(tensors, adapter / "adapter_model.safetensors", metadata={"format": "pt", "gpt2lite.labels": labels})
+    out = refused(f"load_model({str(adapter)!r}, kind='classifier')")
+    assert "gpt2lite.labels" in out["message"] and "adapter_model.safetensors" in out["message"]
+
+
+def test_a_character_vocabulary_without_chars(tiny_dir, tmp_path):
+    m = _copy(tiny_dir, tmp_path)
+    (m / "tokenizer.json").write_text(json.dumps({"type": "char", "letters": ["a"]}))
+    out = refused(f"load_tokenizer({str(m)!r}, 50257)")
+    assert str(m / "tokenizer.json") in out["message"] and "chars" in out["message"]
+
+
+# text metrics ------------------------------------------------------------------------------------------------
+
+
+def test_self_bleu_equals_the_quadratic_definition():
+    import sacrebleu
+
+    from gpt2lite.text.metrics import self_bleu
+
+    rng = random.Random(0)
+    words = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", ",", ".", "and", "or", "but"]
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(0, 15))) for _ in range(60)]
+    texts += texts[:3]  # exact duplicates, whose n-grams tie for the largest count
+    expected = sum(sacrebleu.sentence_bleu(t, texts[:i] + texts[i + 1 :]).score for i, t in enumerate(texts))
+    assert self_bleu(texts) == pytest.approx(expected / len(texts), abs=1e-9)
+
+
+def test_rouge_l_refuses_a_pair_too_large_to_compare(tmp_path, capsys):
+    pred, ref = tmp_path / "p.txt", tmp_path / "r.txt"
+    pred.write_text("short line\n" + " ".join(["word"] * 4000) + "\n")
+    ref.write_text("a short line\n" + " ".join(["other"] * 4000) + "\n")
+    assert main(["evaluate", "--predictions", str(pred), "--references", str(ref)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "line 2" in err and "ROUGE-L" in err
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\f", "\x1c", "\r"])
+def test_evaluate_splits_lines_at_newlines_only(tmp_path, capsys, separator):
+    pred, ref = tmp_path / "p.txt", tmp_path / "r.txt"
+    pred.write_text(f"the cat{separator}sat here\nthe dog ran\n", newline="")
+    ref.write_text(f"the cat{separator}sat here\nthe dog ran\n", newline="")
+    assert main(["evaluate", "--predictions", str(pred), "--references", str(ref), "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["rougeL"] == pytest.approx(1.0) and scores["chrf"] == pytest.approx(100.0)
+
+
+def test_evaluate_accepts_a_byte_order_mark(tmp_path, capsys):
+    pred, ref = tmp_path / "p.txt", tmp_path / "r.txt"
+    pred.write_bytes("\ufeffthe cat sat on the mat\r\nthe dog ran in the park\r\n".encode())
+    ref.write_bytes(b"the cat sat on the mat\nthe dog ran in the park\n")
+    assert main(["evaluate", "--predictions", str(pred), "--references", str(ref), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["bleu"] == pytest.approx(100.0)
+
+
+# classification data -------------------------------------------------------------------------------------
+
+
+def _csv(tmp_path, rows, header=("text", "label"), bom=False):
+    path = tmp_path / "data.csv"
+    with open(path, "w", newline="", encoding="utf-8-sig" if bom else "utf-8") as f:
+        f.write(",".join(header) + "\n")
+        for row in rows:
+            f.write(row + "\n")
+    return path
+
+
+def test_an_unquoted_comma_is_refused_naming_its_line(tmp_path):
+    path = _csv(tmp_path, ["good film,positive", "bad film,negative"] * 5 + ["a lovely, warm film,positive"])
+    with pytest.raises(ValueError, match="line 12 has more fields than the header"):
+        load_labeled(path)
+
+
+def test_a_label_outside_the_given_classes_names_its_line(tmp_path):
+    path = _csv(tmp_path, ["good film,positive", "bad film,negative"] * 5 + ["odd film,neutral"])
+    with pytest.raises(ValueError, match=r"line 12: label 'neutral'"):
+        load_labeled(path, labels=["negative", "positive"])
+
+
+def test_a_field_past_the_csv_limit_is_one_clear_error(tmp_path):
+    path = _csv(tmp_path, ["good film,positive", f"{'x' * 200_000},negative"])
+    with pytest.raises(ValueError, match=r"line 3: .*field larger than field limit.*JSONL"):
+        load_labeled(path)
+
+
+def test_extra_fields_with_a_missing_label_column(tmp_path):
+    path = _csv(tmp_path, ["good film,positive,extra"], header=("text", "category"))
+    with pytest.raises(ValueError, match="more fields than the header"):
+        load_labeled(path)
+
+
+def test_an_excel_byte_order_mark_is_accepted(tmp_path):
+    path = _csv(tmp_path, ["good film,positive", "bad film,negative"] * 5, bom=True)
+    data = load_labeled(path)
+    assert data.labels == ("negative", "positive")
+
+
+def test_classify_reads_stdin_lines_at_newlines_only(tmp_path, monkeypatch, capsys, tiny_dir):
+    import io
+
+    from gpt2lite import GPT2ForSequenceClassification
+
+    clf = GPT2ForSequenceClassification.from_pretrained(tiny_dir, labels=["a", "b"])
+    clf.save_pretrained(tmp_path / "clf")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first\u2028still first\nsecond\n"))
+    assert main(["classify", "--model", str(tmp_path / "clf")]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+
+
+def test_classify_checks_max_length(tiny_dir):
+    from gpt2lite import GPT2ForSequenceClassification, Tokenizer
+
+    clf = TextClassifier(GPT2ForSequenceClassification.from_pretrained(tiny_dir, labels=["a", "b"]),
+                         Tokenizer.gpt2())
+    for bad in (-5, 0, 10_000, 2.5):
+        with pytest.raises(ValueError, match="max_length"):
+            clf.classify("some text", max_length=bad)
+
+
+# int8 --------------------------------------------------------------------------------------------------
+
+
+def test_quantizing_infinite_weights_is_refused(tiny_dir):
+    model = GPT2.from_pretrained(tiny_dir)
+    with torch.no_grad():
+        model.h[1].mlp.c_fc.weight[3, 5] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"h\.1\.mlp\.c_fc\.weight"):
+        quantize(model)
+
+
+def test_overflowing_int8_activations_are_a_non_finite_error(tiny_dir):
+    from gpt2lite import generate
+
+    model = quantize(GPT2.from_pretrained(tiny_dir))
+    with torch.no_grad():  # finite numbers whose sum overflows: the residual stream at position 3
+        model.wpe.weight[3] = 3e38
+        model.h[0].attn.c_proj.bias.fill_(3e38)
+    with pytest.raises(NonFiniteError, match="overflowed"):
+        generate(model, [[1, 2, 3, 4, 5]], max_new_tokens=2, temperature=0)
+
+
+# training output ----------------------------------------------------------------------------------------
+
+
+def test_a_training_error_is_the_last_thing_on_stderr(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 300)
+    done = subprocess.run(
+        [sys.executable, "-m", "gpt2lite", "finetune", "--data", str(corpus), "--out", str(tmp_path / "run"),
+         "--preset", "tiny", "--steps", "40", "--lr", "1e4", "--min-lr", "1e4", "--grad-clip", "0",
+         "--warmup-steps", "0", "--batch-size", "2", "--block-size", "16", "--eval-interval", "0"],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    lines = [line for line in done.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert lines[-1].startswith("gpt2lite: error: training diverged"), done.stderr[-2000:]
+    assert sum("gpt2lite: error" in line for line in lines) == 1
+
+
+def test_csv_module_is_left_as_it_was():
+    assert csv.field_size_limit() == 131072  # no global setting changed behind the user's back
