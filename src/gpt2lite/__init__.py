@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from gpt2lite.generation.rules import Step as Step
     from gpt2lite.generation.rules import TokenRules as TokenRules
     from gpt2lite.generation.session import DecodeSession as DecodeSession
+    from gpt2lite.io.hub import push_to_hub as push_to_hub
     from gpt2lite.loading import load_model as load_model
     from gpt2lite.loading import load_tokenizer as load_tokenizer
     from gpt2lite.loading import save_model as save_model
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     from gpt2lite.text.scoring import token_logprobs as token_logprobs
     from gpt2lite.tokenizers.bpe import Tokenizer as Tokenizer
     from gpt2lite.tokenizers.char import CharTokenizer as CharTokenizer
+    from gpt2lite.tokenizers.hf import HFTokenizer as HFTokenizer
     from gpt2lite.tokenizers.protocol import StreamDecoder as StreamDecoder
     from gpt2lite.tokenizers.protocol import TokenizerProtocol as TokenizerProtocol
     from gpt2lite.training.data import TokenData as TokenData

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gpt2lite {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
-    for add in (_add_generate, _add_finetune, _add_classify, _add_serve, _add_evaluate, _add_perplexity):
+    for add in (_add_generate, _add_finetune, _add_classify, _add_serve, _add_evaluate, _add_perplexity, _add_push):
         add(commands)
     return parser
 
@@ -135,6 +135,23 @@ def _add_serve(commands: Any) -> None:
                      help="always prefill whole prompts (default: reuse a cached shared prefix)")
     _add_model_options(srv)
     srv.set_defaults(run=_serve)
+
+
+def _add_push(commands: Any) -> None:
+    """The ``push`` command's flags."""
+    push = commands.add_parser("push", help="upload a saved model folder to the Hugging Face hub")
+    push.add_argument("directory", help="a saved model: final/ of a training run, or save_model's folder")
+    push.add_argument("repo_id", help="the hub repo, owner/name (made if missing)")
+    push.add_argument("--private", action="store_true", help="make the repo private")
+    push.add_argument("--token", default=None, help="a hub token (default: the one `hf auth login` saved)")
+    push.set_defaults(run=_push)
+
+
+def _push(args: argparse.Namespace) -> int:
+    from gpt2lite.io.hub import push_to_hub
+
+    print(push_to_hub(args.directory, args.repo_id, token=args.token, private=args.private))
+    return 0
 
 
 def _port(value: str) -> int:
@@ -409,9 +426,7 @@ def _finetune(args: argparse.Namespace) -> int:
             from gpt2lite.transforms.lora import add_lora
 
             add_lora(model, lora)
-        result = train(model, data, args.out, config, resume=args.resume)
-        if tokenizer is not None and result.final_dir is not None:
-            tokenizer.save(result.final_dir)  # the vocabulary travels with the model
+        result = train(model, data, args.out, config, resume=args.resume, tokenizer=tokenizer)
         rank = torch.distributed.get_rank() if distributed else 0
     finally:
         if distributed:
@@ -441,37 +456,43 @@ def _lora_config(args: argparse.Namespace) -> Any:
 
 
 def _training_setup(args: argparse.Namespace, device: str) -> tuple[Any, Any, Any]:
-    """The model to train, its data, and a new tokenizer to save beside it (``--char``) or None."""
+    """The model to train, its data, and the tokenizer both were made with (saved beside the model)."""
     import os
 
     import torch
 
-    from gpt2lite.loading import load_model
+    from gpt2lite.loading import load_model, load_tokenizer
     from gpt2lite.models.config import GPT2Config
     from gpt2lite.models.gpt2 import GPT2
     from gpt2lite.tokenizers.bpe import Tokenizer
 
+    torch.manual_seed(args.seed)  # a new model's (or head's) initialisation
     if args.task == "classify":
         from gpt2lite.models.classifier import GPT2ForSequenceClassification
         from gpt2lite.training.labeled import load_labeled
 
         labels = [n.strip() for n in args.labels.split(",")] if args.labels else None
-        data = load_labeled(args.data, labels=labels, text_column=args.text_column, label_column=args.label_column,
-                            val_path=args.val_data, val_fraction=args.val_fraction, seed=args.seed)
-        torch.manual_seed(args.seed)  # the new head's initialisation
+        # The model's own tokenizer files, else GPT-2's (the vocabulary size only picks that fallback).
+        tokenizer: Any = Tokenizer.gpt2() if args.preset else load_tokenizer(args.model or "gpt2", 50257,
+                                                                             local_files_only=args.offline)
+        data = load_labeled(args.data, tokenizer=tokenizer, labels=labels, text_column=args.text_column,
+                            label_column=args.label_column, val_path=args.val_data, val_fraction=args.val_fraction,
+                            seed=args.seed)
         if args.preset:
             # transformers' classifier finds each row's last token by the pad id: the tokenizer's end token.
-            config = GPT2Config.from_preset(args.preset, labels=data.labels, pad_token_id=Tokenizer.gpt2().eot_token)
+            config = GPT2Config.from_preset(args.preset, labels=data.labels, pad_token_id=tokenizer.eot_token)
             model = GPT2ForSequenceClassification(config).to(device)
         else:
             model = load_model(args.model or "gpt2", kind="classifier", labels=data.labels, device=device,
                                local_files_only=args.offline)
+        if tokenizer.n_vocab > model.config.vocab_size:
+            raise ValueError(f"the tokenizer beside {args.model!r} has {tokenizer.n_vocab} tokens, the model "
+                             f"{model.config.vocab_size}")
         _check_block_size(args, model)
-        return model, data, None
+        return model, data, tokenizer
 
     from gpt2lite.training.data import prepare_data
 
-    tokenizer = None
     vocab: dict[str, int] = {}
     if args.char:
         from gpt2lite.tokenizers.char import CharTokenizer
@@ -479,18 +500,19 @@ def _training_setup(args: argparse.Namespace, device: str) -> tuple[Any, Any, An
 
         tokenizer = CharTokenizer.from_texts(iter_text(args.data, args.encoding_errors))
         vocab = dict(vocab_size=tokenizer.n_vocab, eos_token_id=tokenizer.eot_token)
+    else:
+        tokenizer = Tokenizer.gpt2()
     if args.arch != "gpt2":
         from gpt2lite.models.recurrent import RecurrentConfig, RecurrentLM
 
-        torch.manual_seed(args.seed)
         model: Any = RecurrentLM(RecurrentConfig(cell=args.arch, n_embd=args.n_embd, n_layer=args.n_layer,
                                                  dropout=args.dropout, **vocab)).to(device)
     elif args.preset is not None:
-        torch.manual_seed(args.seed)
         extra = dict(vocab, bos_token_id=vocab["eos_token_id"]) if vocab else {}
         model = GPT2(GPT2Config.from_preset(args.preset, **extra)).to(device)
     else:
         model = load_model(args.model or "gpt2", device=device, local_files_only=args.offline)
+        tokenizer = load_tokenizer(args.model or "gpt2", model.config.vocab_size, local_files_only=args.offline)
     _check_block_size(args, model)  # before the data is tokenized
     data = prepare_data(args.data, os.path.join(args.out, "data"), tokenizer=tokenizer, errors=args.encoding_errors)
     return model, data, tokenizer

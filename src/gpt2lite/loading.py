@@ -11,6 +11,8 @@ and save through here.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 from pathlib import Path
 from typing import Literal
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 
 from gpt2lite.errors import ModelNotFoundError
-from gpt2lite.io.files import read_json
+from gpt2lite.io.files import atomic_write, read_json
 from gpt2lite.io.hub import HUB_ALIASES, resolve_files
 from gpt2lite.models.classifier import GPT2ForSequenceClassification
 from gpt2lite.models.gpt2 import GPT2
@@ -27,6 +29,7 @@ from gpt2lite.models.recurrent import RecurrentLM, is_recurrent_checkpoint
 from gpt2lite.models.weights import resolve_dtype
 from gpt2lite.tokenizers.bpe import Tokenizer
 from gpt2lite.tokenizers.char import CharTokenizer
+from gpt2lite.tokenizers.hf import HFTokenizer
 from gpt2lite.tokenizers.protocol import TokenizerProtocol
 from gpt2lite.transforms.lora import has_lora, merge_lora
 from gpt2lite.transforms.packed import prepack as prepack_model
@@ -101,43 +104,80 @@ def load_model(
     return model
 
 
-def save_model(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
-    """Write a model where ``load_model`` (and ``transformers``, ``peft``) reads it; return the directory.
+def save_model(model: nn.Module, directory: str | os.PathLike[str], *,
+               tokenizer: TokenizerProtocol | None = None) -> Path:
+    """Write a model where ``load_model`` (and ``transformers``, ``peft``, vLLM, llama.cpp) reads it; the directory.
 
-    A GPT-2 or classifier is written in the hub layout; one with LoRA adapters
-    writes only them (and a classifier's head), in the PEFT format; a quantized
-    model is refused (save the float model, quantize when loading).
+    A GPT-2 or classifier is written in the hub layout with a ``generation_config.json``;
+    one with LoRA adapters writes only them (and a classifier's head), in the PEFT
+    format; a quantized model is refused (save the float model, quantize when
+    loading). ``tokenizer``'s files go beside it: GPT-2's ``vocab.json`` +
+    ``merges.txt``, another vocabulary's ``tokenizer.json``, with
+    ``tokenizer_config.json`` and ``special_tokens_map.json``.
     """
-    if has_lora(model):
-        return save_adapter(model, directory)
     if is_quantized(model):
         raise ValueError("saving a quantized model is not supported: save the float model and load it "
                          "with quantize='int8'")
-    return model.save_pretrained(directory)
+    if has_lora(model):
+        directory = save_adapter(model, directory)
+    else:
+        directory = Path(model.save_pretrained(directory))
+        config = model.config
+        settings = {"bos_token_id": getattr(config, "bos_token_id", None), "eos_token_id": config.eos_token_id,
+                    "pad_token_id": getattr(config, "pad_token_id", None)}
+        with atomic_write(directory / "generation_config.json") as tmp:
+            tmp.write_text(json.dumps({k: v for k, v in settings.items() if v is not None}, indent=2) + "\n",
+                           encoding="utf-8")
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    return directory
 
 
 def load_tokenizer(
     name_or_path: str | os.PathLike[str], vocab_size: int, *, revision: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None, local_files_only: bool = False,
 ) -> TokenizerProtocol:
-    """The tokenizer that belongs beside a model: its own files, else GPT-2's for a 50257-token vocabulary.
+    """The tokenizer that belongs beside a model, found in this order:
 
-    A directory with a character vocabulary (``CharTokenizer``) gets that.
+    1. a character vocabulary (``CharTokenizer``);
+    2. GPT-2's own vocabulary (a hub alias, a bare weights file, or ``vocab.json`` +
+       ``merges.txt`` equal to GPT-2's): the exact pure-Python BPE;
+    3. a ``tokenizer.json``, or a BERT ``vocab.txt`` (the Chinese GPT-2s): Hugging
+       Face's ``tokenizers`` (the ``tokenizers`` extra);
+    4. another ``vocab.json`` + ``merges.txt`` (or OpenAI's ``encoder.json`` + ``vocab.bpe``): the pure-Python BPE;
+    5. no files beside a model with GPT-2's vocabulary (or one padded to 50304): GPT-2's.
     """
-    chars = CharTokenizer.load(name_or_path) if os.path.isdir(name_or_path) else None
-    if chars is not None:
-        return chars
+    hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     # GPT-2's 50257 tokens, or them padded to a multiple of 64 or 128 rows (nanoGPT's 50304).
     gpt2_vocab = 50257 <= vocab_size < 50257 + 128
+    if os.path.isdir(name_or_path):
+        chars = CharTokenizer.load(name_or_path)
+        if chars is not None:
+            return chars
     if gpt2_vocab and (str(name_or_path) in HUB_ALIASES or os.path.isfile(name_or_path)):
         return Tokenizer.gpt2()  # the published GPT-2 models all use these exact files
     try:
-        return Tokenizer.from_pretrained(name_or_path, revision=revision, cache_dir=cache_dir,
-                                         local_files_only=local_files_only)
+        bpe = Tokenizer.from_pretrained(name_or_path, **hub)
     except ModelNotFoundError:
-        if not gpt2_vocab:
-            raise
+        bpe = None
+    if bpe is not None and bpe.n_vocab == 50257 and bpe.fingerprint == Tokenizer.gpt2().fingerprint:
         return Tokenizer.gpt2()
+    for files in (("tokenizer.json",), ("vocab.txt",)):
+        try:
+            (found,) = resolve_files(name_or_path, [files], what=files[0], **hub)
+        except ModelNotFoundError:
+            continue
+        for extra in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+            with contextlib.suppress(ModelNotFoundError):  # fetched from the hub beside it, when there
+                resolve_files(name_or_path, [(extra,)], what=extra, **hub)
+        return HFTokenizer.from_directory(found.parent)
+    if bpe is not None:
+        return bpe
+    if gpt2_vocab:
+        return Tokenizer.gpt2()
+    raise ModelNotFoundError(f"{str(name_or_path)!r} holds no tokenizer files (char_vocab.json, tokenizer.json, "
+                             "vocab.txt, vocab.json + merges.txt) for its vocabulary of "
+                             f"{vocab_size} tokens")
 
 
 def load_chat_template(

@@ -1,4 +1,4 @@
-"""Finding files: a local path, or a Hugging Face hub repo through ``huggingface_hub``.
+"""Finding files (a local path, or a Hugging Face hub repo) and publishing them, through ``huggingface_hub``.
 
 All network access of the library goes through here, so the hub's cache,
 revision pinning and ``HF_HUB_OFFLINE`` work as they do everywhere else.
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from gpt2lite.errors import ModelNotFoundError
 
-__all__ = ["HUB_ALIASES", "resolve_files"]
+__all__ = ["HUB_ALIASES", "push_to_hub", "resolve_files"]
 
 # The short names GPT-2 was published under, and where they live on the hub now.
 HUB_ALIASES = {
@@ -115,3 +115,31 @@ def _hub_download(
         raise ModelNotFoundError(
             f"{repo_id!r} is neither an existing local path nor a valid hub repo id ({exc})"
         ) from None
+
+
+def push_to_hub(
+    directory: str | os.PathLike[str], repo_id: str, *, token: str | None = None, private: bool = False,
+    commit_message: str = "Upload with gpt2lite", api: object | None = None,
+) -> str:
+    """Upload a saved model folder to a hub repo (made if missing); return the repo's URL.
+
+    The folder is uploaded as it is: weights, config, tokenizer files and its
+    ``README.md`` model card (the trainer writes one; a folder without gets a short
+    one naming its files). ``token`` defaults to the one ``hf auth login`` saved.
+    ``api`` is an ``HfApi``-like object (for tests); by default ``huggingface_hub.HfApi()``.
+    """
+    from huggingface_hub import HfApi
+
+    directory = Path(directory)
+    if not (directory / "config.json").is_file() and not (directory / "adapter_config.json").is_file():
+        raise ModelNotFoundError(f"{str(directory)!r} holds no saved model (config.json or adapter_config.json)")
+    if not (directory / "README.md").is_file():
+        files = ", ".join(sorted(p.name for p in directory.iterdir() if p.is_file()))
+        (directory / "README.md").write_text(
+            f"---\nlibrary_name: transformers\ntags: [gpt2, text-generation, gpt2lite]\n---\n\n# {repo_id}\n\n"
+            f"A GPT-2 model saved by gpt2lite ({files}).\n", encoding="utf-8")
+    hub = api if api is not None else HfApi()
+    url = hub.create_repo(repo_id, token=token, private=private, exist_ok=True)  # type: ignore[attr-defined]
+    hub.upload_folder(repo_id=repo_id, folder_path=str(directory), token=token,  # type: ignore[attr-defined]
+                      commit_message=commit_message)
+    return str(url)

@@ -9,9 +9,11 @@ from typing import Any
 
 from gpt2lite.io.files import read_json
 
-__all__ = ["MAX_LABELS", "PRESETS", "GPT2Config"]
+__all__ = ["ACTIVATIONS", "MAX_LABELS", "PRESETS", "GPT2Config"]
 
-_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu")
+# The MLP activations transformers' GPT-2 takes (its ACT2FN names), all of which models/gpt2.py computes.
+ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "quick_gelu", "relu", "silu", "swish", "tanh",
+               "sigmoid", "linear")
 
 MAX_LABELS = 100_000  # class names a classifier may have: a bound on what a config file can make us build
 
@@ -35,6 +37,11 @@ class GPT2Config:
     eos_token_id: int | None = 50256
     pad_token_id: int | None = None  # read by transformers' sequence classifier to find each row's last token
     labels: tuple[str, ...] | None = None  # class names of a sequence classifier, by id (id2label)
+    # Variants transformers' GPT-2 supports (codeparrot, Cerebras-GPT, Mistral's GPT-2s use some of them):
+    scale_attn_weights: bool = True  # attention scores divided by sqrt(head width)
+    scale_attn_by_inverse_layer_idx: bool = False  # ... and by the layer's number (from 1)
+    reorder_and_upcast_attn: bool = False  # attention computed in float32 whatever the model's dtype
+    tie_word_embeddings: bool = True  # the LM head is the token embedding; False: an lm_head of its own
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
@@ -48,10 +55,14 @@ class GPT2Config:
         eps = self.layer_norm_epsilon
         if not _is_number(eps) or not 0 < eps < 1:
             raise ValueError(f"GPT2Config.layer_norm_epsilon must be a number in (0, 1), got {eps!r}")
-        if not isinstance(self.activation_function, str) or self.activation_function not in _ACTIVATIONS:
+        if not isinstance(self.activation_function, str) or self.activation_function not in ACTIVATIONS:
             raise ValueError(
-                f"activation_function {self.activation_function!r} is not supported; use one of {_ACTIVATIONS}"
+                f"activation_function {self.activation_function!r} is not supported; use one of {ACTIVATIONS}"
             )
+        for name in ("scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn",
+                     "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GPT2Config.{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
             value = getattr(self, name)
             if not _is_number(value) or not 0.0 <= value < 1.0:
@@ -101,15 +112,9 @@ class GPT2Config:
         model_type = d.get("model_type", "gpt2")
         if model_type != "gpt2":
             raise ValueError(f"config is for model_type {model_type!r}; gpt2lite loads GPT-2 models only")
-        unsupported = {
-            "scale_attn_weights": True,
-            "scale_attn_by_inverse_layer_idx": False,
-            "reorder_and_upcast_attn": False,
-            "add_cross_attention": False,
-        }
-        for key, default in unsupported.items():
-            if d.get(key, default) != default:
-                raise ValueError(f"config sets {key}={d[key]!r}, which gpt2lite does not support")
+        if d.get("add_cross_attention", False) is not False:
+            raise ValueError(f"config sets add_cross_attention={d['add_cross_attention']!r}: an encoder-decoder "
+                             "GPT-2, which gpt2lite does not support")
         names = {f.name for f in dataclasses.fields(cls)} - {"labels"}
         kwargs = {k: v for k, v in d.items() if k in names}
         if "id2label" in d and any("ForSequenceClassification" in a for a in d.get("architectures") or ()):

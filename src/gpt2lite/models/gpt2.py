@@ -40,6 +40,10 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.attn_pdrop = config.attn_pdrop
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
+        # Scores are q.k / sqrt(hs) (scale_attn_weights), also / (layer + 1) in some GPT-2 variants.
+        scale = 1.0 / math.sqrt(config.head_dim) if config.scale_attn_weights else 1.0
+        self.scale = scale / (layer + 1) if config.scale_attn_by_inverse_layer_idx else scale
+        self.upcast = config.reorder_and_upcast_attn  # attention in float32 whatever the model's dtype
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, state: KVCache | None,
@@ -52,11 +56,31 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if state is not None:
             k, v = state.write(self.layer, k, v, plan)  # (B, nh, S, hs): the cached slots and these
+        dtype = q.dtype
+        if self.upcast:
+            q, k, v = q.float(), k.float(), v.float()
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.attn_pdrop if self.training else 0.0
-        )  # (B, nh, T, hs)
+            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.attn_pdrop if self.training else 0.0,
+            scale=self.scale,
+        ).to(dtype)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+
+# GPT-2 was trained with the tanh approximation of GELU ("gelu_new"); variants name others, as transformers does.
+_ACTIVATION_FUNCTIONS = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "linear": lambda x: x,
+}
 
 
 class MLP(nn.Module):
@@ -66,12 +90,11 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, config.mlp_dim)
         self.c_proj = nn.Linear(config.mlp_dim, config.n_embd)
-        # GPT-2 was trained with the tanh approximation of GELU ("gelu_new").
-        self.approximate = "none" if config.activation_function == "gelu" else "tanh"
+        self.act = _ACTIVATION_FUNCTIONS[config.activation_function]
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class Block(nn.Module):
@@ -93,7 +116,10 @@ class Block(nn.Module):
 
 
 class GPT2(nn.Module):
-    """GPT-2: token and learned position embeddings, pre-LN blocks, final LayerNorm, tied LM head."""
+    """GPT-2: token and learned position embeddings, pre-LN blocks, final LayerNorm, tied LM head.
+
+    With ``tie_word_embeddings=False`` the LM head is a weight of its own (``lm_head``).
+    """
 
     def __init__(self, config: GPT2Config) -> None:
         """A model with GPT-2's random initialisation; use ``from_pretrained`` for trained weights."""
@@ -108,6 +134,7 @@ class GPT2(nn.Module):
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Training option: recompute each block's activations in backward instead of storing them.
         self.gradient_checkpointing = False
         self.name_or_path: str | None = None  # where from_pretrained found it; LoRA adapters record it
@@ -123,7 +150,7 @@ class GPT2(nn.Module):
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
     @property
@@ -259,7 +286,9 @@ class GPT2(nn.Module):
         return self.ln_f(x)
 
     def _lm_head(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits from final hidden states ``(B, T, C)``; the head is the token embedding itself."""
+        """Logits from final hidden states ``(B, T, C)``; the head is the token embedding itself, unless untied."""
+        if self.lm_head is not None:
+            return self.lm_head(x)  # (B, T, vocab)
         project = getattr(self.wte, "project", None)
         if project is not None:  # a quantized embedding multiplies with its own kernel
             return project(x)  # (B, T, vocab)

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from gpt2lite.errors import CheckpointError
 from gpt2lite.io.files import atomic_write, read_json
+from gpt2lite.io.tensors import open_tensors
 
 __all__ = [
     "MODEL_TYPE", "RecurrentConfig", "RecurrentLM", "RecurrentState", "expected_shapes", "is_recurrent_checkpoint",
@@ -238,11 +238,8 @@ class RecurrentLM(nn.Module):
             raise CheckpointError(f"{str(config_file)!r}: {exc}") from None
         # The shapes the config implies, against those the file's header declares: nothing is built before.
         expected = expected_shapes(config)
-        try:
-            with safe_open(str(weights), framework="pt") as f:
-                found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-        except Exception as exc:  # safetensors raises its own error types for a bad file
-            raise CheckpointError(f"{str(weights)!r} is not a readable safetensors file: {exc}") from None
+        with open_tensors(weights) as f:
+            found = {k: f.shape(k) for k in f.names()}
         if found != expected:
             odd = sorted(set(found) ^ set(expected)) or [k for k in expected if found[k] != expected[k]]
             raise CheckpointError(f"{str(config_file)!r} does not describe the weights in {str(weights)!r} "

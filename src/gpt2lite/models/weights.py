@@ -1,13 +1,15 @@
-"""Reading and writing GPT-2 safetensors checkpoints in the published (hub) layout.
+"""Reading and writing GPT-2 checkpoints in the published (hub) layout: safetensors, or ``pytorch_model.bin``.
 
 This module deals in files, configs and state dicts; ``GPT2.from_pretrained``
-builds the model from what it returns.
+builds the model from what it returns. ``gpt2lite.io.tensors`` reads the files:
+safetensors (preferred where both are there) and PyTorch pickles, which are read
+without running code.
 
 The hub files store the four Conv1D weights of each block as ``[in, out]``;
 ``nn.Linear`` wants ``[out, in]``, so exactly those are transposed on the way in
 and out. The ``h.N.attn.bias`` / ``masked_bias`` causal-mask buffers are
 ignored, and ``transformers``' ``transformer.`` prefix and tied ``lm_head`` are
-accepted.
+accepted; an untied ``lm_head`` is read when the config says so.
 """
 
 from __future__ import annotations
@@ -15,17 +17,17 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from gpt2lite.errors import CheckpointError, ModelNotFoundError
 from gpt2lite.io.files import atomic_write, read_json
 from gpt2lite.io.hub import resolve_files
+from gpt2lite.io.tensors import TensorFile, open_tensors
 from gpt2lite.models.config import PRESETS, GPT2Config
 
 __all__ = [
@@ -44,7 +46,10 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 # Per-layer causal-mask buffers that old checkpoints carry; the model builds its mask itself.
 _IGNORED = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 
-_CHECKPOINT_FILES = [("config.json", "model.safetensors"), ("config.json", "model.safetensors.index.json")]
+# In this order: safetensors first where a repo holds both (DialoGPT's and others' older branches hold only .bin).
+_CHECKPOINT_FILES = [("config.json", "model.safetensors"), ("config.json", "model.safetensors.index.json"),
+                     ("config.json", "pytorch_model.bin"), ("config.json", "pytorch_model.bin.index.json")]
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 _FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
@@ -89,6 +94,8 @@ def expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
             f"h.{i}.mlp.c_fc.weight": (C, M), f"h.{i}.mlp.c_fc.bias": (M,),
             f"h.{i}.mlp.c_proj.weight": (M, C), f"h.{i}.mlp.c_proj.bias": (C,),
         })
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, C)
     return shapes
 
 
@@ -100,28 +107,12 @@ def _normalize_key(key: str) -> str:
     return key.removeprefix("transformer.")
 
 
-def _iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, str, Path, tuple[int, ...], str]]:
-    """(normalized key, key as stored, file, shape, dtype name) for every tensor of a (possibly sharded) checkpoint.
+def _entries(handles: list[TensorFile]) -> list[tuple[str, str, TensorFile, tuple[int, ...], str]]:
+    """(normalized key, key as stored, file, shape, dtype name) of every tensor of a (possibly sharded) checkpoint.
 
-    Only the headers are read: each file is opened once, and no tensor data is touched.
+    No tensor data is read: safetensors' headers, or a pickle's mapped tensors, say it all.
     """
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                entries = [(key, f.get_slice(key)) for key in f.keys()]  # noqa: SIM118
-                entries = [(key, tuple(t.get_shape()), t.get_dtype()) for key, t in entries]
-        except Exception as exc:  # safetensors raises its own error types for a bad header
-            raise CheckpointError(f"{str(path)!r} is not a readable safetensors file: {exc}") from None
-        for key, shape, dtype in entries:
-            yield _normalize_key(key), key, path, shape, dtype
-
-
-def _read_metadata(path: Path) -> dict[str, str]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}
-    except Exception as exc:  # safetensors raises its own error types for a bad header
-        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file: {exc}") from None
+    return [(_normalize_key(key), key, f, f.shape(key), f.dtype(key)) for f in handles for key in f.names()]
 
 
 def _shard_names(index_file: Path) -> list[str]:
@@ -144,34 +135,35 @@ def _shard_names(index_file: Path) -> list[str]:
     return names
 
 
-def infer_config(files: list[Path]) -> GPT2Config:
-    """The config of a bare ``.safetensors`` file that has no ``config.json`` beside it.
+def infer_config(handles: list[TensorFile]) -> GPT2Config:
+    """The config of a bare weights file that has no ``config.json`` beside it.
 
     A file written by ``save_pretrained`` carries its config in its metadata.
     Otherwise the shapes are matched against the published GPT-2 models: the
     number of heads is in no shape, so any other shape is an error that asks for
     ``config=`` rather than a guess that would silently give other logits.
     """
-    stored = _read_metadata(files[0]).get(CONFIG_METADATA_KEY)
+    where = str(handles[0].path)
+    stored = handles[0].metadata().get(CONFIG_METADATA_KEY)
     if stored is not None:
         try:
             return GPT2Config.from_dict(json.loads(stored))
         except (json.JSONDecodeError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{str(files[0])!r} carries an unreadable config in its metadata: {exc}") from None
-    shapes = {key: shape for key, _, _, shape, _ in _iter_checkpoint(files)}
+            raise CheckpointError(f"{where!r} carries an unreadable config in its metadata: {exc}") from None
+    shapes = {key: shape for key, _, _, shape, _ in _entries(handles)}
     try:
         vocab_size, n_embd = shapes["wte.weight"]
         n_positions = shapes["wpe.weight"][0]
         mlp_dim = shapes["h.0.mlp.c_fc.weight"][1]
-    except KeyError as exc:
-        raise CheckpointError(f"cannot infer a GPT-2 config: the checkpoint has no {exc.args[0]!r} tensor") from None
-    n_layer = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"h\.(\d+)\.", k)))
+    except (KeyError, ValueError, IndexError) as exc:
+        raise CheckpointError(f"cannot infer a GPT-2 config from {where!r}: it has no GPT-2 tensor {exc}") from None
+    n_layer = 1 + max(int(m.group(1)) for k in shapes if (m := _LAYER.match(k)))
     for name, preset in PRESETS.items():
         published = (preset.vocab_size, preset.n_positions, preset.n_embd, preset.n_layer, preset.mlp_dim)
         if name != "tiny" and published == (vocab_size, n_positions, n_embd, n_layer, mlp_dim):
             return preset
     raise CheckpointError(
-        f"{str(files[0])!r} has no config.json beside it and its shapes (n_layer={n_layer}, n_embd={n_embd}, "
+        f"{where!r} has no config.json beside it and its shapes (n_layer={n_layer}, n_embd={n_embd}, "
         f"n_positions={n_positions}, vocab_size={vocab_size}) are not those of a published GPT-2, so its number "
         "of attention heads is unknown: put its config.json beside it or pass config=GPT2Config(...)"
     )
@@ -180,13 +172,12 @@ def infer_config(files: list[Path]) -> GPT2Config:
 _LAYER = re.compile(r"h\.(\d+)\.")
 
 
-def check_config(config: GPT2Config, shapes: dict[str, tuple[int, ...]], files: list[Path]) -> None:
+def check_config(config: GPT2Config, shapes: dict[str, tuple[int, ...]], where: str) -> None:
     """Refuse a config that does not describe the checkpoint's tensors, naming the field, before anything is built.
 
     The tensor shapes come from the files' headers (cheap to read), so a config
     that claims a million layers is refused at once instead of allocating them.
     """
-    where = str(files[0]) if len(files) == 1 else f"{files[0].parent}"
     layers = {int(m.group(1)) for key in shapes if (m := _LAYER.match(key))}
     held = max(layers) + 1 if layers else 0
     problems = []
@@ -194,8 +185,7 @@ def check_config(config: GPT2Config, shapes: dict[str, tuple[int, ...]], files: 
         problems.append(f"n_layer is {config.n_layer} but the weights hold {held} layers")
     wte, wpe, fc = shapes.get("wte.weight"), shapes.get("wpe.weight"), shapes.get("h.0.mlp.c_fc.weight")
     if wte is not None and wte != (config.vocab_size, config.n_embd):
-        problems.append(f"vocab_size x n_embd is {config.vocab_size} x {config.n_embd} but wte.weight is "
-                        f"{wte[0]} x {wte[1] if len(wte) > 1 else '?'}")
+        problems.append(f"vocab_size x n_embd is {config.vocab_size} x {config.n_embd} but wte.weight is {wte}")
     if wpe is not None and wpe[:1] != (config.n_positions,):
         problems.append(f"n_positions is {config.n_positions} but wpe.weight has {wpe[0]} rows")
     if fc is not None and fc[1:] != (config.mlp_dim,):
@@ -214,21 +204,28 @@ def load_state_dict(
     example ``{"score.weight": (num_labels, n_embd)}``), with their shapes: they
     are returned when present and may be absent.
     """
-    entries = list(_iter_checkpoint(files))
-    check_config(config, {key: shape for key, _, _, shape, _ in entries}, files)  # before building anything
-    heads = heads or {}
+    with ExitStack() as stack:
+        handles = [stack.enter_context(open_tensors(p)) for p in files]
+        return _read_state(handles, config, device, dtype, heads or {})
+
+
+def _read_state(handles: list[TensorFile], config: GPT2Config, device: torch.device | str | None,
+                dtype: torch.dtype | None, heads: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    where = str(handles[0].path) if len(handles) == 1 else str(handles[0].path.parent)
+    entries = _entries(handles)
+    check_config(config, {key: shape for key, _, _, shape, _ in entries}, where)  # before building anything
     expected = {**expected_shapes(config), **heads}
-    found: dict[str, tuple[str, Path]] = {}
+    found: dict[str, tuple[str, TensorFile]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
-    lm_head: tuple[str, Path] | None = None
+    tied_head: tuple[str, TensorFile] | None = None
     unexpected = []
     dtypes: dict[str, str] = {}
-    for key, stored, path, shape, dtype_name in entries:
+    for key, stored, handle, shape, dtype_name in entries:
         dtypes[key] = dtype_name
-        if key == "lm_head.weight":
-            lm_head = (stored, path)
+        if key == "lm_head.weight" and config.tie_word_embeddings:
+            tied_head = (stored, handle)
         elif key in expected:
-            found[key] = (stored, path)
+            found[key] = (stored, handle)
             shapes[key] = shape
         elif not _IGNORED.fullmatch(key):
             unexpected.append(stored)
@@ -240,9 +237,9 @@ def load_state_dict(
         if unexpected:
             parts.append(f"unexpected tensors {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}")
         if "score.weight" in unexpected:
-            parts.append("it is a sequence classifier: load it with GPT2ForSequenceClassification.from_pretrained")
+            parts.append("it is a sequence classifier: load it with load_model(..., kind='classifier')")
         raise CheckpointError(
-            f"checkpoint does not match a GPT-2 with {config.n_layer} layers, n_embd={config.n_embd}: "
+            f"{where!r} does not match a GPT-2 with {config.n_layer} layers, n_embd={config.n_embd}: "
             + "; ".join(parts)
         )
 
@@ -262,27 +259,24 @@ def load_state_dict(
                 "dtypes; load it with dtype='float32' (or another) to convert every tensor to one"
             )
 
-    # safetensors hands out tensors that map the file (no copy), and a transposed view
+    # Both formats hand out tensors that map the file (no copy), and a transposed view
     # multiplies as fast as a contiguous copy, so a float32 load on the CPU copies nothing;
     # a dtype or device change converts one tensor at a time.
     state: dict[str, torch.Tensor] = {}
-    with ExitStack() as stack:
-        handles = {p: stack.enter_context(safe_open(str(p), framework="pt")) for p in dict.fromkeys(files)}
-        for key, (stored, path) in found.items():
-            t = handles[path].get_tensor(stored)
-            if _is_conv1d(key):
-                t = t.t()  # [in, out] -> [out, in], as a view
-            if dtype is not None and t.dtype != dtype:
-                t = t.to(dtype)
-            state[key] = t.to(device) if device is not None else t
-        if lm_head is not None:
-            stored, path = lm_head
-            head = handles[path].get_tensor(stored)
-            wte = state["wte.weight"]
-            if head.shape != wte.shape or not torch.equal(head.to(wte), wte):
-                raise CheckpointError(
-                    f"{stored!r} differs from wte.weight; gpt2lite ties the LM head to the token embedding"
-                )
+    for key, (stored, handle) in found.items():
+        t = handle.tensor(stored)
+        if _is_conv1d(key):
+            t = t.t()  # [in, out] -> [out, in], as a view
+        if dtype is not None and t.dtype != dtype:
+            t = t.to(dtype)
+        state[key] = t.to(device) if device is not None else t
+    if tied_head is not None:
+        stored, handle = tied_head
+        head = handle.tensor(stored)
+        wte = state["wte.weight"]
+        if head.shape != wte.shape or not torch.equal(head.to(wte), wte):
+            raise CheckpointError(f"{stored!r} differs from wte.weight, but the config ties the LM head to the "
+                                  "token embedding; set tie_word_embeddings: false in its config.json")
     return state
 
 
@@ -299,17 +293,20 @@ def load_checkpoint(
 ) -> tuple[GPT2Config, dict[str, torch.Tensor]]:
     """Find a checkpoint and read it: its config and a state dict for ``GPT2`` (see ``GPT2.from_pretrained``).
 
-    ``heads(config)`` gives the optional task-head tensors to read as well (see ``load_state_dict``).
+    A directory or hub repo holds ``config.json`` and ``model.safetensors`` (or its
+    sharded index), else ``pytorch_model.bin`` (or its index); a bare weights file
+    takes the config beside it or in its metadata. ``heads(config)`` gives the
+    optional task-head tensors to read as well (see ``load_state_dict``).
     """
     dtype = resolve_dtype(dtype)
     path = Path(name_or_path).expanduser()
     if path.is_file():
-        if path.suffix != ".safetensors":
-            raise ModelNotFoundError(f"{str(path)!r} is not a .safetensors file")
+        if path.suffix not in _WEIGHT_SUFFIXES:
+            raise ModelNotFoundError(f"{str(path)!r} is not a weights file ({', '.join(_WEIGHT_SUFFIXES)})")
         files = [path]
         beside = path.with_name("config.json")
-        if config is None:
-            config = GPT2Config.from_json_file(beside) if beside.is_file() else infer_config(files)
+        if config is None and beside.is_file():
+            config = GPT2Config.from_json_file(beside)
     else:
         hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
         config_file, weights_file = resolve_files(name_or_path, _CHECKPOINT_FILES, what="GPT-2 checkpoint", **hub)
@@ -321,7 +318,10 @@ def load_checkpoint(
             ]
         else:
             files = [weights_file]
-    return config, load_state_dict(files, config, device=device, dtype=dtype, heads=heads(config) if heads else None)
+    with ExitStack() as stack:
+        handles = [stack.enter_context(open_tensors(p)) for p in files]
+        config = config or infer_config(handles)
+        return config, _read_state(handles, config, device, dtype, heads(config) if heads else {})
 
 
 def save_checkpoint(

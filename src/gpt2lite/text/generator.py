@@ -74,7 +74,8 @@ class TextGenerator:
         batches (see ``gpt2lite.transforms.packed``; twice the weight memory).
 
         A directory saved from a ``RecurrentLM`` (RNN, LSTM, GRU) loads that model instead,
-        and one with a character vocabulary (``tokenizer.json`` of ``CharTokenizer``) uses it.
+        and one with a character vocabulary (``CharTokenizer``) uses it; another vocabulary
+        (``tokenizer.json``, a BERT ``vocab.txt``) goes through Hugging Face's ``tokenizers``.
 
         Where no tokenizer files are found beside a model with GPT-2's 50257-token
         vocabulary, the GPT-2 tokenizer bundled with the package is used.

@@ -6,16 +6,25 @@ the vocabulary files (bundled, local or from the hub).
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import operator
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Literal
 
 import regex
 
-from gpt2lite.tokenizers.files import ENDOFTEXT, bundled_gpt2_files, find_vocab_files, read_vocab_files
+from gpt2lite.tokenizers.files import (
+    ENDOFTEXT,
+    bundled_gpt2_files,
+    find_vocab_files,
+    read_vocab_files,
+    write_bpe_files,
+    write_tokenizer_config,
+)
 from gpt2lite.tokenizers.protocol import StreamDecoder
 
 __all__ = ["GPT2_PATTERN", "Tokenizer"]
@@ -110,6 +119,7 @@ class Tokenizer:
             self._special_split = regex.compile(f"({alternatives})").split
         # Tuples of ints, unlike lists, drop out of the garbage collector's view.
         self._cache: dict[str, tuple[int, ...]] = {}
+        self._fingerprint: str | None = None
 
     # construction from files -------------------------------------------------
 
@@ -145,8 +155,40 @@ class Tokenizer:
         except KeyError:
             raise ValueError("this tokenizer has no <|endoftext|> token") from None
 
+    @property
+    def fingerprint(self) -> str:
+        """A digest of the tokens, merges and special tokens: equal for the same vocabulary."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            for token in self._decoder:
+                digest.update(b"\x00" if token is None else len(token).to_bytes(2, "big") + token)
+            digest.update(repr(sorted(self._merges.items())).encode())
+            digest.update(repr(sorted(self.special_tokens.items())).encode())
+            self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
+
     def __repr__(self) -> str:
         return f"Tokenizer(n_vocab={self.n_vocab}, special_tokens={self.special_tokens})"
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``vocab.json``, ``merges.txt`` and ``tokenizer_config.json`` as transformers' ``GPT2Tokenizer`` does.
+
+        ``AutoTokenizer``, vLLM and llama.cpp's GGUF converter read them.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        specials = set(self.special_tokens.values())
+        vocab = {t: i for i, t in enumerate(self._decoder) if t is not None and i not in specials}
+        by_rank = sorted((rank, left, right) for key, (rank, _) in self._merges.items()
+                         for left, right in [(key >> 32, key & 0xFFFFFFFF)])
+        merges = [(self._decoder[left], self._decoder[right]) for _, left, right in by_rank]
+        write_bpe_files(directory, vocab, merges, self.special_tokens)  # type: ignore[arg-type]
+        end = ENDOFTEXT if ENDOFTEXT in self.special_tokens else None
+        settings = {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False, "errors": "replace"}
+        if end is not None:
+            settings.update(bos_token=end, eos_token=end, unk_token=end)
+        write_tokenizer_config(directory, settings)
+        return directory
 
     # encoding -----------------------------------------------------------------
 

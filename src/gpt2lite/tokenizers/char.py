@@ -1,7 +1,8 @@
 """A character-level tokenizer: one id per character of the training text, plus ``<|endoftext|>``.
 
 nanoGPT's ``shakespeare_char`` setting: the vocabulary is read off the data,
-saved beside the model (``tokenizer.json``), and serves any architecture, GPT-2
+saved beside the model (``char_vocab.json``; earlier versions wrote ``tokenizer.json``,
+which is still read), and serves any architecture, GPT-2
 included. It has the same interface as ``Tokenizer`` where the library uses one.
 """
 
@@ -18,7 +19,8 @@ from gpt2lite.tokenizers.protocol import StreamDecoder
 
 __all__ = ["CHAR_TOKENIZER_FILE", "CharTokenizer"]
 
-CHAR_TOKENIZER_FILE = "tokenizer.json"
+CHAR_TOKENIZER_FILE = "char_vocab.json"
+_OLD_FILE = "tokenizer.json"  # the name earlier versions used, which Hugging Face's tokenizers also use
 ENDOFTEXT = "<|endoftext|>"
 
 
@@ -90,16 +92,20 @@ class CharTokenizer:
         return StreamDecoder(self)
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write ``tokenizer.json`` into ``directory``."""
-        path = Path(directory) / CHAR_TOKENIZER_FILE
-        with atomic_write(path) as tmp:
+        """Write ``char_vocab.json`` into ``directory``; return the directory."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with atomic_write(directory / CHAR_TOKENIZER_FILE) as tmp:
             tmp.write_text(json.dumps({"type": "char", "chars": self.chars}, ensure_ascii=False), encoding="utf-8")
-        return path
+        return directory
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> CharTokenizer | None:
         """The character tokenizer saved in ``directory``, or None if there is none."""
-        path = Path(directory).expanduser() / CHAR_TOKENIZER_FILE
+        directory = Path(directory).expanduser()
+        path = directory / CHAR_TOKENIZER_FILE
+        if not path.is_file():
+            path = directory / _OLD_FILE
         try:
             d = read_json(path)
         except (OSError, ValueError):

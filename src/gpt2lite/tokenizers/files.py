@@ -11,21 +11,29 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
+from gpt2lite.io.files import atomic_write
 from gpt2lite.io.hub import resolve_files
 
 __all__ = [
     "ENDOFTEXT",
+    "SPECIAL_KEYS",
     "VOCAB_FILE_NAMES",
     "bundled_gpt2_files",
     "bytes_to_unicode",
     "find_vocab_files",
     "parse_vocab",
     "read_vocab_files",
+    "write_bpe_files",
+    "write_tokenizer_config",
 ]
+
+# The special tokens tokenizer_config.json and special_tokens_map.json name (transformers' names).
+SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 ENDOFTEXT = "<|endoftext|>"
 
@@ -126,3 +134,31 @@ def find_vocab_files(
         local_files_only=local_files_only, what="tokenizer files",
     )
     return vocab, merges
+
+
+def write_bpe_files(directory: str | os.PathLike[str], vocab: Mapping[bytes, int],
+                    merges: Sequence[tuple[bytes, bytes]], special_tokens: Mapping[str, int]) -> None:
+    """``vocab.json`` and ``merges.txt`` in GPT-2's spelling (what transformers' ``GPT2Tokenizer`` reads)."""
+    directory = Path(directory)
+    to_text = bytes_to_unicode()
+
+    def spell(token: bytes) -> str:
+        return "".join(to_text[b] for b in token)
+
+    entries = {spell(t): i for t, i in vocab.items()}
+    entries.update(special_tokens)
+    with atomic_write(directory / "vocab.json") as tmp:
+        tmp.write_text(json.dumps(dict(sorted(entries.items(), key=lambda kv: kv[1])), ensure_ascii=False),
+                       encoding="utf-8")
+    with atomic_write(directory / "merges.txt") as tmp:
+        tmp.write_text("#version: 0.2\n" + "".join(f"{spell(a)} {spell(b)}\n" for a, b in merges), encoding="utf-8")
+
+
+def write_tokenizer_config(directory: str | os.PathLike[str], settings: Mapping[str, Any]) -> None:
+    """``tokenizer_config.json`` (the class and special tokens) and ``special_tokens_map.json``."""
+    directory = Path(directory)
+    specials = {k: v for k, v in settings.items() if k in SPECIAL_KEYS}
+    with atomic_write(directory / "tokenizer_config.json") as tmp:
+        tmp.write_text(json.dumps(dict(settings), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    with atomic_write(directory / "special_tokens_map.json") as tmp:
+        tmp.write_text(json.dumps(specials, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -8,7 +8,9 @@ vocabulary (``char.py``) serve them alike.
 from __future__ import annotations
 
 import codecs
+import os
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 __all__ = ["StreamDecoder", "TokenizerProtocol"]
@@ -40,7 +42,11 @@ class TokenizerProtocol(Protocol):
         ...
 
     def stream_decoder(self) -> StreamDecoder:
-        """A fresh incremental decoder."""
+        """A fresh incremental decoder (``add(token) -> text``, ``flush() -> text``)."""
+        ...
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write the vocabulary's files into ``directory`` (those transformers reads, where it can)."""
         ...
 
 

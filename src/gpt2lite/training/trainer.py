@@ -33,6 +33,9 @@ from torch import nn
 from gpt2lite.errors import CheckpointError, NonFiniteError
 from gpt2lite.loading import save_model
 from gpt2lite.models.gpt2 import GPT2
+from gpt2lite.tokenizers.bpe import Tokenizer
+from gpt2lite.tokenizers.protocol import TokenizerProtocol
+from gpt2lite.training.card import write_model_card
 from gpt2lite.training.checkpoint import load_training_checkpoint, save_training_checkpoint
 from gpt2lite.training.data import TokenData
 from gpt2lite.training.labeled import LabeledData
@@ -148,13 +151,16 @@ def train(
     *,
     resume: bool = False,
     on_step: Callable[[int, float], None] | None = None,
+    tokenizer: TokenizerProtocol | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``data``; checkpoints go to ``out_dir``, the final model to ``out_dir/final``.
 
     ``data`` from ``prepare_data`` trains a language model; ``data`` from
     ``load_labeled`` trains a ``GPT2ForSequenceClassification`` (its labels
     must be the data's). A model with LoRA adapters trains only them and saves
-    them (PEFT format) as ``final``.
+    them (PEFT format) as ``final``. ``tokenizer`` (the one the data was made
+    with; default: GPT-2's, for a model with its vocabulary) is saved beside the
+    model, so transformers' ``AutoTokenizer`` and vLLM read ``final`` too.
 
     ``resume=True`` continues from ``out_dir/checkpoint.pt`` exactly where it
     stopped (model, optimizer, schedule, step and random state); the settings
@@ -217,7 +223,11 @@ def train(
     model.eval()
     if rank == 0:
         _check_weights(model, config.steps)
-        result.final_dir = save_model(model, out_dir / FINAL)
+        if tokenizer is None and 50257 <= model.config.vocab_size < 50257 + 128:
+            tokenizer = Tokenizer.gpt2()
+        result.final_dir = save_model(model, out_dir / FINAL, tokenizer=tokenizer)
+        write_model_card(result.final_dir, model, data, config.steps, result.losses, result.val_losses,
+                         result.val_metrics)
     if distributed:
         dist.barrier()
     return result

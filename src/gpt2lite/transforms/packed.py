@@ -101,4 +101,6 @@ def prepack(model: nn.Module, rows: int = 8) -> nn.Module:
                 setattr(parent, name, PackedLinear.wrap(layer, rows))
     if type(body.wte) is nn.Embedding:
         body.wte = PackedEmbedding.wrap(body.wte, rows)
+    if type(body.lm_head) is nn.Linear:  # an untied head (tie_word_embeddings: false)
+        body.lm_head = PackedLinear.wrap(body.lm_head, rows)
     return model

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from gpt2lite.errors import CheckpointError
 from gpt2lite.io.files import atomic_write, read_json
+from gpt2lite.io.tensors import open_tensors
 from gpt2lite.transforms.lora import TARGETS, LoraConfig, add_lora, has_lora
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_OLD_ADAPTER_WEIGHTS = "adapter_model.bin"  # older peft versions saved a pickle (read without running code)
 _PEFT_PREFIX = "base_model.model."
 LABELS_METADATA_KEY = "gpt2lite.labels"
 
@@ -154,16 +155,19 @@ def adapter_base(path: str | os.PathLike[str]) -> str | None:
     return base
 
 
+def _weights_file(directory: str | os.PathLike[str]) -> Path:
+    """The adapter's weights: ``adapter_model.safetensors``, else an older ``adapter_model.bin``."""
+    directory = Path(directory)
+    old = directory / _OLD_ADAPTER_WEIGHTS
+    return old if old.is_file() and not (directory / ADAPTER_WEIGHTS).is_file() else directory / ADAPTER_WEIGHTS
+
+
 def _header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """The tensor shapes and the metadata of a safetensors file, read from its header alone."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-            return shapes, f.metadata() or {}
-    except FileNotFoundError:
-        raise CheckpointError(f"{str(path.parent)!r} has no {path.name}") from None
-    except Exception as exc:  # safetensors raises its own error types for a bad file
-        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file: {exc}") from None
+    if not path.is_file():
+        raise CheckpointError(f"{str(path.parent)!r} has no {path.name}")
+    with open_tensors(path) as f:
+        return {k: f.shape(k) for k in f.names()}, f.metadata()
 
 
 def adapter_labels(directory: str | os.PathLike[str]) -> tuple[str, ...] | None:
@@ -171,7 +175,7 @@ def adapter_labels(directory: str | os.PathLike[str]) -> tuple[str, ...] | None:
 
     They must be as many as the rows of the saved ``score`` head.
     """
-    path = Path(directory) / ADAPTER_WEIGHTS
+    path = _weights_file(directory)
     shapes, metadata = _header(path)
     stored = metadata.get(LABELS_METADATA_KEY)
     if not stored:
@@ -196,7 +200,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Modu
     adapter is made.
     """
     config = read_adapter_config(directory)
-    path = Path(directory) / ADAPTER_WEIGHTS
+    path = _weights_file(directory)
     shapes, _ = _header(path)
     stored = {_without_adapter_name(k): k for k in shapes}
     ranks = {shapes[k][0 if ".lora_A." in k else 1] for k in shapes if ".lora_A." in k or ".lora_B." in k}
@@ -218,13 +222,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Modu
         if key in stored and shapes[stored[key]] != tuple(params[name].shape):
             raise CheckpointError(f"{key!r} in {str(path)!r} has shape {shapes[stored[key]]}, "
                                   f"the model needs {tuple(params[name].shape)}")
-    try:
-        with safe_open(str(path), framework="pt") as f, torch.no_grad():
-            for key, name in expected.items():
-                if key in stored:
-                    params[name].copy_(f.get_tensor(stored[key]))
-    except Exception as exc:  # safetensors raises its own error types for a bad file
-        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file: {exc}") from None
+    with open_tensors(path) as f, torch.no_grad():
+        for key, name in expected.items():
+            if key in stored:
+                params[name].copy_(f.tensor(stored[key]))
     return model
 
 

@@ -183,6 +183,8 @@ def quantize(model: nn.Module, mode: QuantizeMode = "int8") -> nn.Module:
                 layer = getattr(parent, name)
                 setattr(parent, name, Int8Linear.from_float(layer.weight, layer.bias))
         body.wte = Int8Embedding.from_float(body.wte.weight)
+        if body.lm_head is not None:  # an untied head (tie_word_embeddings: false)
+            body.lm_head = Int8Linear.from_float(body.lm_head.weight)
         # What stays in floating point (positions, LayerNorms) may still be a view of the mapped
         # checkpoint file, which would keep the whole float file resident: give it its own memory.
         for p in body.parameters():

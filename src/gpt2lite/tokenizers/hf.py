@@ -1,0 +1,218 @@
+"""Any other vocabulary through Hugging Face's ``tokenizers``: a ``tokenizer.json``, or a BERT ``vocab.txt``.
+
+The Chinese GPT-2s (uer/gpt2-chinese-*) use BERT's WordPiece vocabulary, and many
+fine-tuned GPT-2s ship a ``tokenizer.json``; ``HFTokenizer`` wraps the library that
+wrote them behind the same small protocol as GPT-2's BPE, so ``TextGenerator``,
+training, the server and the command line use it alike. Special-token strings in
+text are ordinary text unless allowed (``allowed_special``), as for GPT-2's BPE;
+streaming decodes whole characters with the library's own ``DecodeStream``.
+
+It needs the ``tokenizers`` extra: ``pip install "gpt2lite[tokenizers]"``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from gpt2lite.io.files import atomic_write, read_json
+from gpt2lite.tokenizers.files import SPECIAL_KEYS, bytes_to_unicode, write_tokenizer_config
+
+__all__ = ["HFTokenizer"]
+
+# The special tokens tokenizer_config.json may name, in the order an end-of-text token is looked for.
+_END_TOKENS = ("eos_token", "sep_token", "pad_token")
+
+
+def _library() -> Any:
+    try:
+        import tokenizers
+    except ImportError:
+        raise ImportError("this model's vocabulary needs Hugging Face's tokenizers: "
+                          "pip install 'gpt2lite[tokenizers]'") from None
+    return tokenizers
+
+
+def _token_text(value: object) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or an AddedToken dict with "content"."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizers.Tokenizer`` with the special tokens its ``tokenizer_config.json`` names.
+
+    >>> import tokenizers
+    >>> from tokenizers.models import WordLevel
+    >>> from tokenizers.pre_tokenizers import Whitespace
+    >>> inner = tokenizers.Tokenizer(WordLevel({"[UNK]": 0, "[SEP]": 1, "hello": 2, "world": 3}, unk_token="[UNK]"))
+    >>> inner.pre_tokenizer = Whitespace()
+    >>> tok = HFTokenizer(inner, {"sep_token": "[SEP]", "unk_token": "[UNK]"})
+    >>> tok.encode("hello world"), tok.eot_token
+    ([2, 3], 1)
+    """
+
+    def __init__(self, tokenizer: Any, special: Mapping[str, object] | None = None) -> None:
+        """Wrap a loaded ``tokenizers.Tokenizer``; ``special`` maps ``eos_token``, ``sep_token`` ... to their text."""
+        self._tok = tokenizer
+        self.special = {k: t for k in SPECIAL_KEYS if (t := _token_text((special or {}).get(k))) is not None}
+        added = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+        named = {t: tokenizer.token_to_id(t) for t in self.special.values()}
+        self.special_tokens: dict[str, int] = {**added, **{t: i for t, i in named.items() if i is not None}}
+        self.n_vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+        end = next((self.special[k] for k in _END_TOKENS if k in self.special), None)
+        self.eot_token = self.special_tokens.get(end)  # type: ignore[arg-type]
+        vocab = tokenizer.get_vocab(with_added_tokens=True)
+        self.max_token_bytes = max((len(t.encode("utf-8")) for t in vocab), default=1)
+        # A copy that matches special-token strings in text as tokens, for allowed_special.
+        self._with_specials = type(tokenizer).from_str(tokenizer.to_str())
+        self._tok.encode_special_tokens = True  # by default, "<|endoftext|>" or "[SEP]" in text is text
+        self._with_specials.encode_special_tokens = False
+        self._byte_level = "ByteLevel" in type(tokenizer.decoder).__name__ if tokenizer.decoder else False
+        self._unbyte = {ch: b for b, ch in bytes_to_unicode().items()} if self._byte_level else None
+
+    # construction from files -------------------------------------------------
+
+    @classmethod
+    def from_directory(cls, directory: str | os.PathLike[str]) -> HFTokenizer:
+        """Read ``tokenizer.json``, else a BERT ``vocab.txt``, with ``tokenizer_config.json`` and
+        ``special_tokens_map.json`` for the special tokens (and ``added_tokens.json``)."""
+        tokenizers = _library()
+        directory = Path(directory)
+        settings: dict[str, Any] = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the config's entries win
+            path = directory / name
+            if path.is_file():
+                loaded = read_json(path)
+                if not isinstance(loaded, dict):
+                    raise ValueError(f"{str(path)!r} holds a JSON {type(loaded).__name__}, not an object of settings")
+                settings.update(loaded)
+        if (directory / "tokenizer.json").is_file():
+            try:
+                inner = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
+            except Exception as exc:  # the library's own error type for a bad file
+                raise ValueError(f"{str(directory / 'tokenizer.json')!r} is not a tokenizers file: {exc}") from None
+        elif (directory / "vocab.txt").is_file():
+            inner = _wordpiece(directory / "vocab.txt", settings)
+        else:
+            raise FileNotFoundError(f"{str(directory)!r} holds no tokenizer.json or vocab.txt")
+        added = directory / "added_tokens.json"
+        if added.is_file():
+            extra = read_json(added)
+            if not isinstance(extra, dict) or not all(isinstance(v, int) for v in extra.values()):
+                raise ValueError(f"{str(added)!r} must map token strings to ids")
+            inner.add_special_tokens([t for t, _ in sorted(extra.items(), key=lambda kv: kv[1])])
+        return cls(inner, settings)
+
+    # the tokenizer protocol --------------------------------------------------
+
+    def encode(self, text: str, *, allowed_special: Literal["all"] | Iterable[str] = ()) -> list[int]:
+        """The ids of ``text``; special-token strings are ordinary text unless ``allowed_special`` allows them."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
+        tok = self._with_specials if allowed else self._tok
+        ids = tok.encode(text, add_special_tokens=False).ids
+        if allowed and allowed != set(self.special_tokens):  # only some allowed: the others back to text
+            out: list[int] = []
+            for i in ids:
+                content = self._tok.id_to_token(i)
+                out += self._tok.encode(content, add_special_tokens=False).ids \
+                    if content in self.special_tokens and content not in allowed else [i]
+            ids = out
+        return ids
+
+    def encode_stream(self, chunks: Iterable[str]) -> Iterator[list[int]]:
+        """Encode text that arrives in pieces, cut where a line ends before a word (no token spans such a cut)."""
+        carry = ""
+        for chunk in chunks:
+            text = carry + chunk
+            cut = max((i + 1 for i in range(len(text) - 1, -1, -1) if text[i] == "\n"
+                       and i + 1 < len(text) and not text[i + 1].isspace()), default=0)
+            carry = text[cut:]
+            if cut:
+                yield self.encode(text[:cut])
+        if carry:
+            yield self.encode(carry)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of ``ids``, as transformers' ``decode`` gives it (special tokens kept)."""
+        ids = [self._check_id(i) for i in ids]
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+    def decode_token_bytes(self, token: int) -> bytes:
+        """The bytes of one token's text (a byte-level piece of a character, or a word piece without ``##``)."""
+        piece = self._tok.id_to_token(self._check_id(token))
+        if piece in self.special_tokens or self._unbyte is None:
+            return piece.removeprefix("##").encode("utf-8")
+        try:
+            return bytes(self._unbyte[ch] for ch in piece)
+        except KeyError:  # an added token written as plain text
+            return piece.encode("utf-8")
+
+    def stream_decoder(self) -> _HFStream:
+        """An incremental decoder that yields text only at whole characters."""
+        return _HFStream(self)
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``tokenizer.json`` and ``tokenizer_config.json`` (transformers' ``AutoTokenizer`` reads them)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with atomic_write(directory / "tokenizer.json") as tmp:
+            self._with_specials.save(str(tmp))
+        write_tokenizer_config(directory, {"tokenizer_class": "PreTrainedTokenizerFast", **self.special})
+        return directory
+
+    def _check_id(self, i: object) -> int:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_vocab \
+                or self._tok.id_to_token(i) is None:
+            raise ValueError(f"token id {i!r} is outside the vocabulary (0..{self.n_vocab - 1})")
+        return i
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer(n_vocab={self.n_vocab}, special={self.special})"
+
+
+class _HFStream:
+    """Tokens in, text out at whole characters, through ``tokenizers``' ``DecodeStream``."""
+
+    def __init__(self, tokenizer: HFTokenizer) -> None:
+        from tokenizers.decoders import DecodeStream
+
+        self._owner = tokenizer
+        self._stream = DecodeStream(skip_special_tokens=False)
+
+    def add(self, token: int) -> str:
+        """Take one token; return the text that is now complete (maybe empty)."""
+        return self._stream.step(self._owner._tok, self._owner._check_id(int(token))) or ""
+
+    def flush(self) -> str:
+        """End the stream (the library holds back nothing that a later token could not complete)."""
+        return ""
+
+
+def _wordpiece(vocab_file: Path, settings: Mapping[str, Any]) -> Any:
+    """BERT's WordPiece tokenizer over ``vocab.txt``, with the settings transformers' ``BertTokenizer`` reads."""
+    tokenizers = _library()
+    from tokenizers import decoders, normalizers, pre_tokenizers
+    from tokenizers.models import WordPiece
+
+    unk = _token_text(settings.get("unk_token")) or "[UNK]"
+    try:
+        vocab = tokenizers.models.WordPiece.read_file(str(vocab_file))
+    except Exception as exc:  # the library's own error type for a bad file
+        raise ValueError(f"{str(vocab_file)!r} is not a WordPiece vocabulary: {exc}") from None
+    inner = tokenizers.Tokenizer(WordPiece(vocab, unk_token=unk))
+    inner.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=bool(settings.get("tokenize_chinese_chars", True)),
+        strip_accents=settings.get("strip_accents"), lowercase=bool(settings.get("do_lower_case", True)))
+    inner.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    inner.decoder = decoders.WordPiece(prefix="##")
+    specials = [t for k in SPECIAL_KEYS if (t := _token_text(settings.get(k))) is not None and t in vocab]
+    inner.add_special_tokens(specials)
+    return inner

@@ -1,0 +1,305 @@
+"""The GPT-2 family in and out: .bin checkpoints, config variants, other tokenizers, files others read.
+
+transformers writes every fixture here and is the oracle for logits, tokens and
+generation; what gpt2lite saves must load in transformers' AutoTokenizer and
+AutoModelForCausalLM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import transformers
+
+from gpt2lite import (
+    GPT2,
+    CharTokenizer,
+    CheckpointError,
+    GPT2Config,
+    HFTokenizer,
+    TextGenerator,
+    Tokenizer,
+    TrainConfig,
+    load_model,
+    load_tokenizer,
+    prepare_data,
+    push_to_hub,
+    train,
+)
+from gpt2lite.cli import main
+
+IDS = torch.randint(0, 50257, (2, 13), generator=torch.Generator().manual_seed(0))
+SMALL = dict(n_layer=2, n_head=4, n_embd=64, n_positions=64)
+
+
+def _hf(seed=0, **config):
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**SMALL, **config})).eval()
+    with torch.no_grad():  # random LayerNorms and biases, so a swapped tensor shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def _same_logits(ours, theirs, ids=IDS):
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def _save_bin(model, directory, shards: int = 1) -> None:
+    """A checkpoint as transformers' older save_pretrained wrote it: pytorch_model.bin (or shards and an index)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.to_json_file(directory / "config.json")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    if shards == 1:
+        torch.save(state, directory / "pytorch_model.bin")
+        return
+    keys = list(state)
+    weight_map = {}
+    for i in range(shards):
+        name = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        part = {k: state[k] for k in keys[i::shards]}
+        torch.save(part, directory / name)
+        weight_map.update(dict.fromkeys(part, name))
+    (directory / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_a_bin_only_checkpoint_gives_transformers_logits(tmp_path, shards):
+    theirs = _hf()
+    _save_bin(theirs, tmp_path, shards)
+    assert not list(tmp_path.glob("*.safetensors"))
+    _same_logits(load_model(tmp_path), theirs)
+    if shards == 1:  # a bare .bin file of a published shape would need no config; this one has one beside it
+        _same_logits(load_model(tmp_path / "pytorch_model.bin"), theirs)
+
+
+def test_safetensors_are_preferred_to_a_bin_beside_them(tmp_path):
+    theirs = _hf()
+    theirs.save_pretrained(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not a checkpoint at all")
+    _same_logits(load_model(tmp_path), theirs)
+
+
+@pytest.mark.parametrize("variant", [
+    dict(scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True),
+    dict(scale_attn_by_inverse_layer_idx=True),
+    dict(reorder_and_upcast_attn=True),
+    dict(scale_attn_weights=False),
+    dict(activation_function="relu", n_inner=96),
+    dict(activation_function="silu"),
+    dict(activation_function="quick_gelu"),
+])
+def test_config_variants_give_transformers_logits(tmp_path, variant):
+    theirs = _hf(**variant)
+    theirs.save_pretrained(tmp_path)
+    ours = load_model(tmp_path)
+    _same_logits(ours, theirs)
+    out = ours.config.to_dict()
+    assert all(out[k] == v for k, v in variant.items())  # saved as transformers reads them
+
+
+def test_an_untied_head_gives_transformers_logits_and_tokens(tmp_path):
+    theirs = _hf(tie_word_embeddings=False)
+    with torch.no_grad():
+        theirs.lm_head.weight.normal_()  # a head of its own, unlike the embedding
+    theirs.save_pretrained(tmp_path)
+    ours = load_model(tmp_path)
+    assert ours.lm_head is not None
+    _same_logits(ours, theirs)
+    from gpt2lite import generate
+
+    prompt = IDS[:1, :5]
+    expected = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                               pad_token_id=50256)
+    assert torch.equal(generate(ours, prompt, max_new_tokens=12, temperature=0, ignore_eos=True)[:, :17],
+                       expected[:, :17])
+    ours.save_pretrained(tmp_path / "again")  # and back: transformers reads our untied file
+    back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "again").eval()
+    _same_logits(ours, back)
+
+
+class _Payload:
+    """Unpickling this would create a directory."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_a_bin_that_would_run_code_is_refused_unrun(tmp_path):
+    theirs = _hf()
+    _save_bin(theirs, tmp_path)
+    marker = tmp_path / "pwned"
+    state = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
+    torch.save({**state, "extra": _Payload(str(marker))}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="could run code"):
+        load_model(tmp_path)
+    assert not marker.exists()
+
+
+def test_an_unsupported_variant_is_named(tmp_path):
+    theirs = _hf()
+    theirs.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["add_cross_attention"] = True
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="add_cross_attention"):
+        load_model(tmp_path)
+
+
+# other tokenizers ------------------------------------------------------------------------------------------
+
+CHINESE = "这是很久之前的事情了，我们在北京相遇。"
+
+
+def _uer_checkpoint(tmp_path):
+    """A miniature Chinese GPT-2 in uer's layout: a BERT vocab.txt, tokenizer_config.json, a GPT-2 model."""
+    chars = sorted(set("这是很久之前的事情了我们在北京相遇，。天气好今日"))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars[:5]), "hello", "##s"]
+    directory = tmp_path / "gpt2-chinese"
+    directory.mkdir()
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "BertTokenizer", "do_lower_case": False, "sep_token": "[SEP]", "cls_token": "[CLS]",
+         "unk_token": "[UNK]", "pad_token": "[PAD]", "mask_token": "[MASK]"}))
+    model = _hf(vocab_size=len(vocab), bos_token_id=2, eos_token_id=3)
+    model.save_pretrained(directory)
+    return directory, model
+
+
+def test_a_chinese_gpt2_with_a_bert_vocabulary(tmp_path):
+    directory, theirs = _uer_checkpoint(tmp_path)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(directory)
+    gen = TextGenerator.from_pretrained(directory)
+    assert isinstance(gen.tokenizer, HFTokenizer) and gen.tokenizer.eot_token == 3
+    for text in (CHINESE, "hello 天气好", "helloS 北京"):
+        assert gen.tokenizer.encode(text) == hf_tok.encode(text, add_special_tokens=False)
+    # A special token's text is text unless allowed (as for GPT-2's <|endoftext|>); allowed, it is transformers'.
+    assert 3 not in gen.tokenizer.encode("今日 [SEP] 天气")
+    assert gen.tokenizer.encode("今日 [SEP] 天气", allowed_special="all") == hf_tok.encode("今日 [SEP] 天气",
+                                                                                         add_special_tokens=False)
+    ids = gen.tokenizer.encode(CHINESE)
+    expected = theirs.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                               max_new_tokens=15, do_sample=False, pad_token_id=0, eos_token_id=None)
+    text = gen(CHINESE, max_new_tokens=15, temperature=0, ignore_eos=True)
+    assert text == hf_tok.decode(expected[0, len(ids) :])
+    streamed = "".join(gen.stream(CHINESE, max_new_tokens=15, temperature=0, ignore_eos=True))
+    assert streamed == text
+
+
+def test_a_tokenizer_json_with_added_tokens_streams_whole_characters(tmp_path):
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    inner = HFTok(models.BPE())
+    inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    inner.decoder = decoders.ByteLevel()
+    corpus = ["naïve café 👩‍👩‍👧 families", "the quick brown fox", "emoji 🍵 tea"] * 50
+    inner.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|end|>", "<tool>"],
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    directory = tmp_path / "tok"
+    directory.mkdir()
+    inner.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|end|>"}))
+    tok = load_tokenizer(directory, 300)
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"))
+    text = "naïve 🍵 <tool> tea 👩‍👩‍👧"
+    ids = tok.encode(text, allowed_special="all")
+    assert ids == hf_tok.encode(text, add_special_tokens=False) and tok.eot_token == 0
+    decoder = tok.stream_decoder()
+    pieces = [decoder.add(i) for i in ids] + [decoder.flush()]
+    assert "".join(pieces) == hf_tok.decode(ids) == text
+    assert all("\ufffd" not in p for p in pieces)  # a character split over tokens comes out whole
+    assert b"".join(tok.decode_token_bytes(i) for i in tok.encode("naïve")) == "naïve".encode()
+
+
+def test_the_character_vocabulary_has_a_name_of_its_own(tmp_path):
+    tok = CharTokenizer.from_texts(["hello world"])
+    tok.save(tmp_path)
+    assert (tmp_path / "char_vocab.json").is_file() and not (tmp_path / "tokenizer.json").exists()
+    (tmp_path / "char_vocab.json").rename(tmp_path / "tokenizer.json")  # as earlier versions wrote it
+    assert load_tokenizer(tmp_path, tok.n_vocab).encode("hold") == tok.encode("hold")
+
+
+# out: what gpt2lite saves, others read -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fine-tuned")
+    data = prepare_data(["The quick brown fox jumps over the lazy dog. " * 100], out / "data")
+    config = TrainConfig(steps=3, batch_size=2, block_size=32, warmup_steps=1, progress=False, eval_interval=0)
+    return train(GPT2.from_pretrained(tiny_dir), data, out, config).final_dir
+
+
+def test_a_fine_tuned_model_loads_in_transformers_with_the_same_greedy_tokens(fine_tuned):
+    names = {p.name for p in fine_tuned.iterdir()}
+    assert {"config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json",
+            "special_tokens_map.json", "generation_config.json", "README.md"} <= names
+    hf_tok = transformers.AutoTokenizer.from_pretrained(fine_tuned)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(fine_tuned).eval()
+    gen = TextGenerator.from_pretrained(fine_tuned)
+    prompt = "The quick brown"
+    ids = hf_tok(prompt, return_tensors="pt").input_ids
+    assert ids[0].tolist() == gen.tokenizer.encode(prompt)
+    expected = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                               pad_token_id=hf_tok.eos_token_id)
+    assert gen(prompt, max_new_tokens=12, temperature=0) == hf_tok.decode(expected[0, ids.shape[1] :],
+                                                                           skip_special_tokens=True)
+    assert theirs.generation_config.eos_token_id == 50256
+    card = (fine_tuned / "README.md").read_text()
+    assert "3 steps" in card and "final training loss" in card
+
+
+def test_push_uploads_the_folder_through_the_hub_api(fine_tuned, tmp_path, capsys, monkeypatch):
+    calls = []
+
+    class FakeHub:  # records what huggingface_hub.HfApi would be asked; nothing leaves the machine
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create_repo", repo_id, kwargs))
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, **kwargs):
+            calls.append(("upload_folder", kwargs["repo_id"], kwargs))
+            calls.append(("files", sorted(p.name for p in __import__("pathlib").Path(kwargs["folder_path"])
+                                          .iterdir())))
+
+    assert push_to_hub(fine_tuned, "me/tiny", api=FakeHub(), private=True) == "https://huggingface.co/me/tiny"
+    assert calls[0][0] == "create_repo" and calls[0][2]["private"] is True
+    assert calls[1][1] == "me/tiny" and "README.md" in calls[2][1] and "model.safetensors" in calls[2][1]
+    bare = tmp_path / "bare"
+    shutil.copytree(fine_tuned, bare)
+    (bare / "README.md").unlink()
+    push_to_hub(bare, "me/bare", api=FakeHub())
+    assert "me/bare" in (bare / "README.md").read_text()
+    import gpt2lite.io.hub as hub_module
+
+    monkeypatch.setattr(hub_module, "push_to_hub", lambda *a, **k: "https://huggingface.co/me/cli")
+    assert main(["push", str(fine_tuned), "me/cli"]) == 0 and "me/cli" in capsys.readouterr().out
+
+
+def test_a_model_remembers_where_it_came_from(tiny_dir):
+    assert GPT2.from_pretrained(tiny_dir).name_or_path == str(tiny_dir)
+    assert TextGenerator.from_pretrained(tiny_dir).name == str(tiny_dir)
+
+
+def test_saved_gpt2_tokenizer_files_equal_the_published_ones(tmp_path):
+    Tokenizer.gpt2().save(tmp_path)
+    reread = Tokenizer.from_pretrained(tmp_path)
+    assert reread.fingerprint == Tokenizer.gpt2().fingerprint
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "GPT2Tokenizer" and config["eos_token"] == "<|endoftext|>"
+
+
+def test_gpt2_config_from_the_preset_round_trips(tmp_path):
+    config = GPT2Config.from_preset("tiny", tie_word_embeddings=False, scale_attn_by_inverse_layer_idx=True)
+    GPT2(config).save_pretrained(tmp_path)
+    assert load_model(tmp_path).config == config
