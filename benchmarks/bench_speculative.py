@@ -15,6 +15,15 @@ speculative decoding pays off where that exceeds k * c + v (v: the cost of verif
 k+1 tokens relative to one decode step; on a bandwidth-bound CPU about 1).
 
     python benchmarks/bench_speculative.py [--rounds 3] [--new 64] [--k 2 4]
+
+With --prompt-lookup, prompt-lookup decoding (proposals copied from the text, no
+draft model) on a GPT-2 trained on Python's documentation (quant_quality.py's
+model, trained once into --work), on two workloads of held-out text: "copy", a
+passage followed by its own first sentence again (the continuation can copy the
+passage, as a quoting summary or an edit does), and "free", a passage's beginning
+(the continuation is new text).
+
+    python benchmarks/bench_speculative.py --prompt-lookup [--work runs/quant-quality] [--steps 600] [--k 2 4 8]
 """
 
 from __future__ import annotations
@@ -34,7 +43,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--k", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--prompt-lookup", action="store_true", help="measure prompt lookup instead of drafts")
+    parser.add_argument("--work", default="runs/quant-quality", help="--prompt-lookup: the trained model's folder")
+    parser.add_argument("--steps", type=int, default=600, help="--prompt-lookup: training steps, if not trained yet")
     args = parser.parse_args()
+    if args.prompt_lookup:
+        prompt_lookup(args)
+        return
 
     from gpt2lite import GPT2, GenerationOptions, GPT2Config, generate
     from gpt2lite.generation.speculative import speculative_generate
@@ -89,6 +104,47 @@ def main() -> None:
             speed = {n: args.new / t for n, t in medians.items()}
             print(f"  draft {name:>18}, k={k}: alpha={alpha:.2f} c={cost:.2f} | plain {speed['plain']:5.1f} tok/s, "
                   f"speculative {speed['speculative']:5.1f} tok/s ({speed['speculative'] / speed['plain']:.2f}x)")
+
+
+
+def prompt_lookup(args: argparse.Namespace) -> None:
+    """Prompt lookup against plain greedy decoding, on text that copies and on text that does not."""
+    from pathlib import Path
+
+    from quant_quality import trained_model
+
+    from gpt2lite import GPT2, GenerationOptions, generate
+    from gpt2lite.generation.speculative import speculative_generate
+
+    final, val = trained_model(Path(args.work), args.steps)
+    model = GPT2.from_pretrained(final)
+    starts = torch.linspace(0, len(val) - 400, 6).long().tolist()
+    workloads = {
+        "copy": [torch.cat([val[s : s + 96], val[s : s + 12]]) for s in starts],
+        "free": [val[s : s + 64] for s in starts],
+    }
+    plain_opts = dict(max_new_tokens=args.new, temperature=0, ignore_eos=True)
+    print(f"threads={torch.get_num_threads()} new={args.new} greedy batch 1, {len(starts)} prompts per workload, "
+          f"{args.rounds} rounds, medians")
+    for name, prompts in workloads.items():
+        for k in args.k:
+            opts = GenerationOptions(prompt_lookup_num_tokens=k, **plain_opts)
+            stats: dict[str, int] = {}
+            for p in prompts:
+                with torch.inference_mode():
+                    out, _ = speculative_generate(model, None, p[None], None, opts, None, stats)
+                assert torch.equal(out, generate(model, p[None], **plain_opts)), "differs from plain greedy"
+            alpha = stats["accepted"] / max(1, stats["proposed"])
+            per_round = (stats["accepted"] + stats["rounds"]) / stats["rounds"]
+            medians = alternate({
+                "plain": lambda ps=prompts: [generate(model, p[None], **plain_opts) for p in ps],
+                "lookup": lambda ps=prompts, k=k: [generate(model, p[None], prompt_lookup_num_tokens=k, **plain_opts)
+                                                   for p in ps],
+            }, args.rounds)
+            speed = {n: args.new * len(prompts) / t for n, t in medians.items()}
+            print(f"  {name:>4}, k={k}: accepted {alpha:.2f} of proposals, {per_round:.2f} tokens per forward | "
+                  f"plain {speed['plain']:6.1f} tok/s, lookup {speed['lookup']:6.1f} tok/s "
+                  f"({speed['lookup'] / speed['plain']:.2f}x)")
 
 
 if __name__ == "__main__":

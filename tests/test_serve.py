@@ -221,6 +221,18 @@ def test_stop_strings(client):
     assert r.choices[0].finish_reason == "stop"
 
 
+def test_streaming_past_the_context_with_a_context_shift(server, client, gen):
+    body = dict(model="tiny", prompt="Far away", max_tokens=150, temperature=0,
+                extra_body={"context_shift": True, "n_keep": 2, "ignore_eos": True})
+    before = server[1].state.scheduler.stats.context_shifts
+    streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **body))
+    expected = gen("Far away", max_new_tokens=150, temperature=0, context_shift=True, n_keep=2, ignore_eos=True)
+    assert streamed == expected
+    assert server[1].state.scheduler.stats.context_shifts >= before + 2  # 96 positions, 152 tokens
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model="tiny", prompt="Far away", max_tokens=150)
+
+
 def test_null_suffix_and_null_max_tokens(client, gen):
     r = client.completions.create(model="tiny", prompt="Go", max_tokens=None, suffix=None, temperature=0,
                                   extra_body={"ignore_eos": True})

@@ -19,6 +19,7 @@ from gpt2lite.generation.options import GenerationKwargs, GenerationOptions
 from gpt2lite.generation.rules import Step, TokenRules, end_tokens, prompt_logprobs
 from gpt2lite.generation.session import DecodeSession
 from gpt2lite.generation.speculative import speculative_generate
+from gpt2lite.generation.window import check_n_keep, shifted
 from gpt2lite.models.protocol import DecoderModel
 
 if TYPE_CHECKING:
@@ -67,14 +68,17 @@ def generate(
     where every row had finished, and rows that finished earlier are padded.
     ``return_dict=True`` returns a ``GenerateOutput`` with log-probabilities and
     finish reasons. ``num_beams > 1`` runs beam search; a ``draft_model`` (same
-    vocabulary, smaller) runs speculative decoding.
+    vocabulary, smaller) or ``prompt_lookup_num_tokens`` runs speculative decoding;
+    ``context_shift=True`` goes on past the model's context.
     """
     opts = GenerationOptions.build(options, overrides, "generate")
     prompt, mask = _prepare_prompt(model, input_ids, attention_mask, opts)
-    if opts.num_beams > 1 or draft_model is not None:
+    if opts.num_beams > 1 or draft_model is not None or opts.prompt_lookup_num_tokens:
         if opts.num_beams > 1 and draft_model is not None:
             raise ValueError("beam search and speculative decoding (draft_model) do not combine")
-        if draft_model is not None:
+        if opts.context_shift:
+            raise ValueError("context_shift works with sampling and greedy decoding, not with a draft model")
+        if draft_model is not None or opts.prompt_lookup_num_tokens:
             sequences, reasons = speculative_generate(model, draft_model, prompt, mask, opts, generator)
             scores = None
         else:
@@ -132,6 +136,8 @@ def iter_steps(
     opts = GenerationOptions.build(options, overrides, "iter_steps")
     if opts.num_beams > 1:
         raise ValueError("beam search cannot stream: its best sequences are known only at the end")
+    if opts.prompt_lookup_num_tokens:
+        raise ValueError("prompt lookup makes tokens in rounds of several: call generate(), not a stream")
     prompt, mask = _prepare_prompt(model, input_ids, attention_mask, opts)
     return _decode(model, prompt, mask, opts, generator, with_logprobs=True)
 
@@ -186,7 +192,16 @@ def _prepare_prompt(
     if any(t >= vocab for seq in opts.stop for t in seq):
         raise ValueError(f"a stop sequence holds an id outside the vocabulary (0..{vocab - 1})")
     context = config.n_positions
-    if context is not None and T + opts.max_new_tokens > context:
+    if opts.context_shift and context is not None:
+        check_n_keep(opts.n_keep, context)
+        if context < T and opts.truncate_prompt != "left":
+            raise ValueError(f"prompt of {T} tokens exceeds the model's context of {context} positions (a context "
+                             "shift goes on past it, but starts from a prompt that fits); pass truncate_prompt='left'")
+        if context < T:
+            input_ids = input_ids[:, T - context :]
+            attention_mask = None if attention_mask is None else torch.as_tensor(attention_mask)[:, T - context :]
+            T = context
+    elif context is not None and T + opts.max_new_tokens > context:
         keep = context - opts.max_new_tokens
         if opts.truncate_prompt != "left" or keep < 1:
             raise ValueError(
@@ -243,16 +258,23 @@ def _decode(
         return  # nothing to generate, so no forward pass either
     B, T = prompt.shape
     config = model.config
+    shifting = opts.context_shift and config.n_positions is not None
     # A compiled step is made for the whole context, so that one graph serves every prompt length.
-    length = config.n_positions if opts.compile and config.n_positions is not None else T + opts.max_new_tokens
+    whole = opts.compile or shifting
+    length = config.n_positions if whole and config.n_positions is not None else T + opts.max_new_tokens
 
     # Made outside inference mode: a compiled step's state outlives this call's first graph.
     session = DecodeSession(model, B, length, compile=opts.compile)
     with torch.inference_mode():
         rules = TokenRules(opts, config, prompt, mask, generator=generator)
-        logits = session.feed(prompt, input_mask=mask, last_only=not opts.prompt_logprobs)  # (B, T or 1, vocab)
-        prompt_lp = prompt_logprobs(logits, prompt, mask).values if opts.prompt_logprobs else None
-        logits = logits[:, -1]  # (B, vocab)
+        if shifting:
+            window = _Window(session, prompt, mask, config.n_positions, opts.n_keep)
+            logits = window.start()  # (B, vocab)
+            prompt_lp = None
+        else:
+            logits = session.feed(prompt, input_mask=mask, last_only=not opts.prompt_logprobs)  # (B, T or 1, vocab)
+            prompt_lp = prompt_logprobs(logits, prompt, mask).values if opts.prompt_logprobs else None
+            logits = logits[:, -1]  # (B, vocab)
     first = True
     while True:
         with torch.inference_mode():
@@ -264,7 +286,51 @@ def _decode(
         if done:
             return
         with torch.inference_mode():
-            logits = session.feed(out.tokens[:, None])[:, -1]
+            logits = window.feed(out.tokens) if shifting else session.feed(out.tokens[:, None])[:, -1]
+
+
+class _Window:
+    """Each row's window of tokens in the session, shifted when it fills the context (see ``window.py``)."""
+
+    def __init__(self, session: DecodeSession, prompt: torch.Tensor, mask: torch.Tensor | None, context: int,
+                 n_keep: int) -> None:
+        self.session, self.context, self.n_keep = session, context, n_keep
+        rows = prompt.tolist() if mask is None else [[t for t, m in zip(r, k, strict=True) if m]
+                                                     for r, k in zip(prompt.tolist(), mask.tolist(), strict=True)]
+        self.windows: list[list[int]] = rows
+
+    def start(self) -> torch.Tensor:
+        """Prefill every row's prompt, without padding (rows then shift on their own); the last logits ``(B, V)``."""
+        B = len(self.windows)
+        if len({len(w) for w in self.windows}) == 1 and len(self.windows[0]) < self.context:
+            device = self.session.state.device
+            return self.session.feed(torch.tensor(self.windows, device=device))[:, -1]
+        return torch.cat([self._refill(r, self.windows[r]) for r in range(B)])
+
+    def feed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token to each row; rows it would fill shift and run their kept window again."""
+        chosen = tokens.tolist()
+        full = [r for r, w in enumerate(self.windows) if len(w) + 1 == self.context]
+        going = [r for r in range(len(chosen)) if r not in full]
+        logits: list[torch.Tensor | None] = [None] * len(chosen)
+        if going:
+            rows = None if not full else going
+            out = self.session.feed(tokens[going][:, None] if full else tokens[:, None], rows=rows)[:, -1]
+            for j, r in enumerate(going):
+                self.windows[r].append(chosen[r])
+                logits[r] = out[j : j + 1]
+        for r in full:
+            logits[r] = self._refill(r, [*self.windows[r], chosen[r]])
+        return torch.cat(logits)  # type: ignore[arg-type]
+
+    def _refill(self, row: int, window: list[int]) -> torch.Tensor:
+        """Run ``window`` (shifted first if it fills the context) into an emptied ``row``; its last logits."""
+        if len(window) >= self.context:
+            window = shifted(window, self.context, self.n_keep)
+        self.windows[row] = window
+        self.session.reset([row])
+        ids = torch.tensor([window], device=self.session.state.device)
+        return self.session.feed(ids, rows=[row])[:, -1]
 
 
 def _score_prompt(model: DecoderModel, prompt: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

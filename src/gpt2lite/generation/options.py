@@ -48,6 +48,11 @@ class GenerationOptions:
     top_k: int = _option(0, "sample only among the k most likely tokens; 0 disables it")
     top_p: float = _option(1.0, "nucleus sampling: the smallest set of tokens holding this mass; 1 disables it")
     min_p: float = _option(0.0, "drop tokens less likely than min_p times the most likely one; 0 disables it")
+    typical_p: float = _option(1.0, "locally typical sampling: the tokens nearest the entropy holding this mass; 1 "
+                                    "disables it")
+    epsilon_cutoff: float = _option(0.0, "drop tokens less likely than this (epsilon sampling); 0 disables it")
+    eta_cutoff: float = _option(0.0, "eta sampling: drop tokens less likely than min(eta, sqrt(eta) * exp(-entropy)); "
+                                     "0 disables it")
     repetition_penalty: float = _option(1.0, "divide the positive logits of tokens seen so far by this, multiply the "
                                              "negative ones (CTRL; 0.001..1000); 1 disables it")
     presence_penalty: float = _option(0.0, "subtract this from the logit of every token generated so far (OpenAI)")
@@ -71,6 +76,12 @@ class GenerationOptions:
         "error", "a prompt too long for the context: an error, or keep its last tokens ('left')"
     )
     num_draft_tokens: int = _option(4, "speculative decoding: tokens the draft model proposes per step")
+    prompt_lookup_num_tokens: int = _option(
+        0, "prompt-lookup decoding: propose up to this many tokens that followed the last 2 tokens earlier in the "
+           "text, verified like a draft model's; 0 disables it")
+    context_shift: bool = _option(
+        False, "go on past the context: when it is full, keep n_keep tokens and the later half of the rest")
+    n_keep: int = _option(0, "context shift: the first tokens of the prompt that always stay")
     eos_token_id: int | None = _option(None, "the end token; default: the model's (the tokenizer's in the text API)")
     ignore_eos: bool = _option(False, "never stop at the end token")
     pad_token_id: int | None = _option(None, "fills rows that finished early; default: the end token")
@@ -87,6 +98,8 @@ class GenerationOptions:
         _check_int(self, "no_repeat_ngram_size", 0, note=" (0 disables it)")
         _check_int(self, "num_beams", 1)
         _check_int(self, "num_draft_tokens", 1)
+        _check_int(self, "prompt_lookup_num_tokens", 0, note=" (0 disables it)")
+        _check_int(self, "n_keep", 0)
         _check_int(self, "top_logprobs", 0)
         if self.top_logprobs > MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {self.top_logprobs}")
@@ -95,7 +108,7 @@ class GenerationOptions:
                 _check_int(self, name, 0, none_ok=True)
         if self.seed is not None and self.seed >= 2**64:
             raise ValueError(f"seed must be below 2**64, got {self.seed}")
-        for name in ("ignore_eos", "compile", "prompt_logprobs"):
+        for name in ("ignore_eos", "compile", "prompt_logprobs", "context_shift"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         t, p, m, r = self.temperature, self.top_p, self.min_p, self.repetition_penalty
@@ -105,6 +118,12 @@ class GenerationOptions:
             raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {p!r}")
         if not _is_number(m) or not 0 <= m <= 1:
             raise ValueError(f"min_p must be in [0, 1] (0 disables it), got {m!r}")
+        if not _is_number(self.typical_p) or not 0 < self.typical_p <= 1:
+            raise ValueError(f"typical_p must be in (0, 1] (1 disables it), got {self.typical_p!r}")
+        for name in ("epsilon_cutoff", "eta_cutoff"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0 <= value < 1:
+                raise ValueError(f"{name} must be in [0, 1) (0 disables it), got {value!r}")
         if not _is_number(r) or not 1e-3 <= r <= 1e3:
             # Outside this range dividing logits by it overflows float32, or the penalty only saturates.
             raise ValueError(f"repetition_penalty must be a number in [0.001, 1000] (1 disables it), got {r!r}")
@@ -126,6 +145,9 @@ class GenerationOptions:
                                  f"({self.num_beams})")
             if self.top_logprobs or self.compile:
                 raise ValueError("beam search does not support top_logprobs or compile")
+        if self.context_shift and (self.num_beams > 1 or self.prompt_lookup_num_tokens):
+            raise ValueError("context_shift works with sampling and greedy decoding, not with beam search or "
+                             "prompt lookup")
         object.__setattr__(self, "stop", _stop_sequences(self.stop, "stop"))
         object.__setattr__(self, "bad_words_ids", _stop_sequences(self.bad_words_ids, "bad_words_ids"))
         object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
@@ -167,6 +189,9 @@ class GenerationKwargs(TypedDict, total=False):
     top_k: int
     top_p: float
     min_p: float
+    typical_p: float
+    epsilon_cutoff: float
+    eta_cutoff: float
     repetition_penalty: float
     presence_penalty: float
     frequency_penalty: float
@@ -181,6 +206,9 @@ class GenerationKwargs(TypedDict, total=False):
     prompt_logprobs: bool
     truncate_prompt: Literal["error", "left"]
     num_draft_tokens: int
+    prompt_lookup_num_tokens: int
+    context_shift: bool
+    n_keep: int
     eos_token_id: int | None
     ignore_eos: bool
     pad_token_id: int | None

@@ -1,6 +1,11 @@
-"""Speculative decoding: a small draft model proposes tokens, the target model checks them all in one forward.
+"""Speculative decoding: proposed tokens, checked all at once by the target model in one forward.
 
-Each round, every row has one token ``x`` that neither model has seen yet. The
+The proposals come from a small draft model, or from the text itself (prompt
+lookup, as transformers' ``prompt_lookup_num_tokens``: the tokens that followed
+the last 2 tokens the first time they occurred, else the last one; its proposal
+distribution is one-hot, so the rule below is exact for it too).
+
+Each round, every row has one token ``x`` that the target has not seen yet. The
 draft feeds ``x`` and proposes ``d_1 .. d_k`` one at a time; the target feeds
 ``[x, d_1 .. d_k]`` at once and so gets its own distribution ``p_0 .. p_k`` at
 every proposal. Proposal ``d_i`` is accepted with probability
@@ -42,108 +47,90 @@ def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tenso
 @torch.inference_mode()
 def speculative_generate(
     target: DecoderModel,
-    draft: DecoderModel,
+    draft: DecoderModel | None,
     prompt: torch.Tensor,
     mask: torch.Tensor | None,
     opts: GenerationOptions,
     generator: torch.Generator | None,
     stats: dict[str, int] | None = None,
 ) -> tuple[torch.Tensor, list[str]]:
-    """Sequences ``(B, T + new)`` and finish reasons, decoded with ``draft`` proposing for ``target``.
+    """Sequences ``(B, T + new)`` and finish reasons, with ``draft`` (None: prompt lookup) proposing for ``target``.
 
     ``stats``, if given, receives the counts of rounds, proposed and accepted tokens.
     """
-    if draft.config.vocab_size != target.config.vocab_size:
+    if draft is not None and opts.prompt_lookup_num_tokens:
+        raise ValueError("give a draft model or prompt_lookup_num_tokens, not both")
+    if draft is not None and draft.config.vocab_size != target.config.vocab_size:
         raise ValueError(f"the draft model's vocabulary ({draft.config.vocab_size}) differs from the target's "
                          f"({target.config.vocab_size}): speculative decoding needs the same tokenizer")
     rules = TokenRules(opts, target.config, prompt, mask, generator=generator)
     if rules.processors.active:
-        raise ValueError("speculative decoding supports temperature, top_k, top_p and min_p; not penalties, "
-                         "biases, bans, min_new_tokens or logits_processor hooks")
+        raise ValueError("speculative decoding supports temperature, top_k, top_p, min_p, typical_p, epsilon and "
+                         "eta; not penalties, biases, bans, min_new_tokens or logits_processor hooks")
     if opts.compile:
         raise ValueError("speculative decoding does not support compile")
-    run = _Speculation(target, draft, prompt, mask, rules)
+    B, T = prompt.shape
+    contexts = [c for c in (target.config.n_positions, draft and draft.config.n_positions) if c is not None]
+    k = opts.num_draft_tokens if draft is not None else opts.prompt_lookup_num_tokens
+    capacity = min([T + opts.max_new_tokens + k + 1, *contexts])
+    proposer: _DraftModel | _PromptLookup = (
+        _DraftModel(draft, prompt, mask, capacity, opts, rules.generator) if draft is not None
+        else _PromptLookup(prompt, mask, rules, target.config.vocab_size))
+    run = _Speculation(target, prompt, mask, rules, capacity, k)
     while not all(run.done):
-        active = [r for r in range(prompt.shape[0]) if not run.done[r]]
-        proposals, q, p = run.propose(active)
-        accepted, new_token = _accept(p, q, proposals, opts, rules.generator)
-        run.advance(active, proposals, accepted, new_token)
+        active = [r for r in range(B) if not run.done[r]]
+        d, q, valid = proposer.propose(active, run.pending, run.budget(active))
+        p = run.verify(active, d)
+        accepted, new_token = _accept(p, q, d, valid, opts, rules.generator)
+        proposer.advance(active, accepted.tolist(), d, run.pending)
+        run.advance(active, d, accepted, new_token)
         if stats is not None:
             stats["rounds"] = stats.get("rounds", 0) + 1
-            stats["proposed"] = stats.get("proposed", 0) + proposals.numel()
+            stats["proposed"] = stats.get("proposed", 0) + int(valid.sum())
             stats["accepted"] = stats.get("accepted", 0) + int(accepted.sum())
     return run.result()
 
 
 class _Speculation:
-    """Both models' sessions and each row's place in them, round after round."""
+    """The target's session and each row's place in it, round after round."""
 
-    def __init__(self, target: DecoderModel, draft: DecoderModel, prompt: torch.Tensor, mask: torch.Tensor | None,
-                 rules: TokenRules) -> None:
+    def __init__(self, target: DecoderModel, prompt: torch.Tensor, mask: torch.Tensor | None, rules: TokenRules,
+                 capacity: int, k: int) -> None:
         B, T = prompt.shape
-        opts = rules.options
-        self.prompt, self.rules, self.opts = prompt, rules, opts
-        contexts = [c for c in (target.config.n_positions, draft.config.n_positions) if c is not None]
-        self.capacity = min([T + opts.max_new_tokens + opts.num_draft_tokens + 1, *contexts])
-        self.target, self.draft = (DecodeSession(m, B, self.capacity) for m in (target, draft))
+        self.prompt, self.rules, self.opts, self.k, self.capacity = prompt, rules, rules.options, k, capacity
+        self.session = DecodeSession(target, B, capacity)
         if T > 1:
-            for s in (self.target, self.draft):
-                s.feed(prompt[:, :-1], input_mask=None if mask is None else mask[:, :-1])
+            self.session.feed(prompt[:, :-1], input_mask=None if mask is None else mask[:, :-1])
         self.filled = [T - 1] * B  # tokens each row holds in the target's cache
-        self.pending = prompt[:, -1].clone()  # (B,) the token neither model has seen
-        self.behind = [False] * B  # the draft also lacks the last proposal, which was accepted
-        self.lagging = torch.zeros(B, dtype=torch.long, device=prompt.device)  # which token that is
-        self.done = [opts.max_new_tokens == 0] * B
+        self.pending = prompt[:, -1].clone()  # (B,) the token the target has not seen
+        self.done = [self.opts.max_new_tokens == 0] * B
 
-    def propose(self, active: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The draft's proposals ``(R, k)`` and distributions ``(R, k, V)``, and the target's ``(R, k+1, V)``."""
-        opts, rules = self.opts, self.rules
+    def budget(self, active: list[int]) -> int:
+        """How many tokens this round may propose: within the cache, and short of ``max_new_tokens``."""
+        generated = max(self.rules.generated[r] for r in active)
+        return max(0, min(self.k, self.capacity - 1 - max(self.filled[r] for r in active),
+                          self.opts.max_new_tokens - generated - 1))
+
+    def verify(self, active: list[int], d: torch.Tensor) -> torch.Tensor:
+        """The target's distributions after the pending token and each proposal, ``(R, k+1, V)``."""
         rows = None if len(active) == len(self.done) else active  # finished rows are fed no more
         at = torch.tensor(active, device=self.prompt.device)
-        generated = max(rules.generated[r] for r in active)
-        k = max(0, min(opts.num_draft_tokens, self.capacity - 1 - max(self.filled[r] for r in active),
-                       opts.max_new_tokens - generated - 1))
-        # The draft catches up (the last proposal it never fed, where all were accepted), then proposes.
-        late = [r for r in active if self.behind[r]]
-        if len(late) == len(active):  # all behind (always so at batch 1 when all were accepted): one feed
-            q_logits = self.draft.feed(torch.stack([self.lagging[at], self.pending[at]], 1), rows=rows)
-        else:
-            if late:
-                self.draft.feed(self.lagging[late][:, None], rows=late)
-            q_logits = self.draft.feed(self.pending[at][:, None], rows=rows)
-        proposals, q = [], []
-        for i in range(k):
-            qi = _distribution(q_logits[:, -1], opts)
-            proposals.append(qi.argmax(-1) if opts.greedy else _draw(qi, rules.generator))
-            q.append(qi)
-            if i + 1 < k:
-                q_logits = self.draft.feed(proposals[-1][:, None], rows=rows)
-        R, V = len(active), q_logits.shape[-1]
-        d = torch.stack(proposals, 1) if proposals else torch.zeros(R, 0, dtype=torch.long, device=at.device)
-        q_all = torch.stack(q, 1) if q else torch.zeros(R, 0, V, device=at.device)
-        p_logits = self.target.feed(torch.cat([self.pending[at][:, None], d], 1), rows=rows, last_only=False)
-        check_finite(p_logits.float().amax(-1).amax(-1), generated)
-        return d, q_all, _distribution(p_logits, opts)
+        p_logits = self.session.feed(torch.cat([self.pending[at][:, None], d], 1), rows=rows, last_only=False)
+        check_finite(p_logits.float().amax(-1).amax(-1), max(self.rules.generated[r] for r in active))
+        return _distribution(p_logits, self.opts)
 
     def advance(self, active: list[int], proposals: torch.Tensor, accepted: torch.Tensor,
                 new_token: torch.Tensor) -> None:
-        """Cut both caches back to what was accepted, and record the accepted tokens and the new one."""
+        """Cut the cache back to what was accepted, and record the accepted tokens and the new one."""
         k = proposals.shape[1]
-        at = torch.tensor(active, device=self.prompt.device)
         n_acc = accepted.tolist()
-        # The draft fed `pending` and all proposals but the last: it holds the same tokens, less d_k
-        # where every proposal was accepted.
         for j, r in enumerate(active):
             self.filled[r] += 1 + n_acc[j]
-            self.behind[r] = k > 0 and n_acc[j] == k
-        self.target.truncate(active, [self.filled[r] for r in active])
-        self.draft.truncate(active, [self.filled[r] - self.behind[r] for r in active])
-        if k:
-            self.lagging[at] = proposals[:, -1]
-        self.pending[at] = new_token
+        self.session.truncate(active, [self.filled[r] for r in active])
+        self.pending[torch.tensor(active, device=self.prompt.device)] = new_token
         # One column at a time, until each row ends: row j's tokens are made[j, : n_acc[j] + 1].
         made = torch.cat([proposals, new_token[:, None]], 1)  # (R, k + 1)
-        made[torch.arange(len(active), device=at.device), accepted] = new_token
+        made[torch.arange(len(active), device=made.device), accepted] = new_token
         for column in range(k + 1):
             going = [j for j, r in enumerate(active) if column <= n_acc[j] and not self.done[r]]
             if not going:
@@ -163,11 +150,103 @@ class _Speculation:
         return torch.cat([self.prompt, new], 1), reasons
 
 
-def _accept(p: torch.Tensor, q: torch.Tensor, d: torch.Tensor, opts: GenerationOptions,
+class _DraftModel:
+    """Proposals from a draft model, one token at a time through a session of its own."""
+
+    def __init__(self, draft: DecoderModel, prompt: torch.Tensor, mask: torch.Tensor | None, capacity: int,
+                 opts: GenerationOptions, generator: torch.Generator | None) -> None:
+        B, T = prompt.shape
+        self.opts, self.generator = opts, generator
+        self.session = DecodeSession(draft, B, capacity)
+        if T > 1:
+            self.session.feed(prompt[:, :-1], input_mask=None if mask is None else mask[:, :-1])
+        self.filled = [T - 1] * B
+        self.behind = [False] * B  # the draft also lacks the last proposal, which was accepted
+        self.lagging = torch.zeros(B, dtype=torch.long, device=prompt.device)  # which token that is
+
+    def propose(self, active: list[int], pending: torch.Tensor,
+                k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Proposals ``(R, k)``, the draft's distributions ``(R, k, V)`` and which proposals exist (all)."""
+        rows = None if len(active) == len(self.behind) else active
+        at = torch.tensor(active, device=pending.device)
+        # The draft catches up (the last proposal it never fed, where all were accepted), then proposes.
+        late = [r for r in active if self.behind[r]]
+        if len(late) == len(active):  # all behind (always so at batch 1 when all were accepted): one feed
+            q_logits = self.session.feed(torch.stack([self.lagging[at], pending[at]], 1), rows=rows)
+        else:
+            if late:
+                self.session.feed(self.lagging[late][:, None], rows=late)
+            q_logits = self.session.feed(pending[at][:, None], rows=rows)
+        proposals, q = [], []
+        for i in range(k):
+            qi = _distribution(q_logits[:, -1], self.opts)
+            proposals.append(qi.argmax(-1) if self.opts.greedy else _draw(qi, self.generator))
+            q.append(qi)
+            if i + 1 < k:
+                q_logits = self.session.feed(proposals[-1][:, None], rows=rows)
+        R, V = len(active), q_logits.shape[-1]
+        d = torch.stack(proposals, 1) if proposals else torch.zeros(R, 0, dtype=torch.long, device=at.device)
+        q_all = torch.stack(q, 1) if q else torch.zeros(R, 0, V, device=at.device)
+        return d, q_all, torch.ones_like(d, dtype=torch.bool)
+
+    def advance(self, active: list[int], accepted: list[int], d: torch.Tensor, pending: torch.Tensor) -> None:
+        """Cut the draft's cache back: it fed ``pending`` and all proposals but the last."""
+        k = d.shape[1]
+        for j, r in enumerate(active):
+            self.filled[r] += 1 + accepted[j]
+            self.behind[r] = k > 0 and accepted[j] == k
+        self.session.truncate(active, [self.filled[r] - self.behind[r] for r in active])
+        if k:
+            self.lagging[torch.tensor(active, device=d.device)] = d[:, -1]
+
+
+class _PromptLookup:
+    """Proposals copied from the text so far: what followed the last n-gram where it first occurred."""
+
+    NGRAM = 2  # transformers' default max_matching_ngram_size
+
+    def __init__(self, prompt: torch.Tensor, mask: torch.Tensor | None, rules: TokenRules, vocab: int) -> None:
+        self.rules, self.vocab = rules, vocab
+        rows = prompt.tolist() if mask is None else [[t for t, m in zip(r, k, strict=True) if m]
+                                                     for r, k in zip(prompt.tolist(), mask.tolist(), strict=True)]
+        self.prompts = rows
+
+    def _lookup(self, tokens: list[int], k: int) -> list[int]:
+        for n in range(min(self.NGRAM, len(tokens) - 1), 0, -1):
+            tail = tokens[-n:]
+            for start in range(len(tokens) - n):
+                if tokens[start : start + n] == tail:
+                    return tokens[start + n : start + n + k]
+        return []
+
+    def propose(self, active: list[int], pending: torch.Tensor,
+                k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Proposals ``(R, k')``, one-hot distributions and which of them exist (rows may have fewer)."""
+        T = self.rules.prompt_length
+        found = []
+        for r in active:
+            generated = self.rules.tokens[r, T : T + self.rules.generated[r]].tolist()
+            found.append(self._lookup(self.prompts[r] + generated, k) if k else [])
+        width = max(map(len, found), default=0)
+        device = pending.device
+        d = torch.tensor([f + [0] * (width - len(f)) for f in found], dtype=torch.long, device=device)
+        d = d.view(len(active), width)
+        valid = torch.arange(width, device=device)[None, :] < torch.tensor([len(f) for f in found], device=device)[:,
+                                                                                                                 None]
+        q = torch.nn.functional.one_hot(d, self.vocab).float() * valid[..., None]  # nothing where none was proposed
+        return d, q, valid
+
+    def advance(self, active: list[int], accepted: list[int], d: torch.Tensor, pending: torch.Tensor) -> None:
+        """Nothing to keep: the next round looks at the text again."""
+
+
+def _accept(p: torch.Tensor, q: torch.Tensor, d: torch.Tensor, valid: torch.Tensor, opts: GenerationOptions,
             generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """How many proposals ``d`` ``(R, k)`` each row accepts, and the token drawn after them ``(R,)``.
 
-    ``q`` ``(R, k, V)`` are the draft's distributions, ``p`` ``(R, k+1, V)`` the target's.
+    ``q`` ``(R, k, V)`` are the proposals' distributions (zero where ``valid`` says
+    there is no proposal: the next token then comes from ``p`` alone), ``p``
+    ``(R, k+1, V)`` the target's.
     """
     R, k = d.shape
     index = torch.arange(R, device=d.device)
@@ -179,7 +258,7 @@ def _accept(p: torch.Tensor, q: torch.Tensor, d: torch.Tensor, opts: GenerationO
         else:
             u = torch.rand(d.shape, generator=generator, device=d.device)
             accept = u < p_d / q_d
-        n_acc = accept.long().cumprod(1).sum(1)  # (R,) proposals accepted before the first rejection
+        n_acc = (accept & valid).long().cumprod(1).sum(1)  # (R,) proposals accepted before the first rejection
     else:
         n_acc = torch.zeros(R, dtype=torch.long, device=d.device)
     p_next = p[index, n_acc]  # (R, V): where the next token comes from

@@ -362,11 +362,14 @@ class _Server:
                 out.append((list(item), self.tokenizer.decode(item)))
         return out
 
-    def _max_tokens(self, asked: int | None, prompt_length: int) -> int:
-        """``max_tokens``: checked against the context; None means as many as fit (16 without a context)."""
+    def _max_tokens(self, asked: int | None, prompt_length: int, shift: bool) -> int:
+        """``max_tokens``: checked against the context (unless it shifts); None means as many as fit.
+
+        Without a context limit, or with a context shift, None is OpenAI's default, 16.
+        """
         if asked is None:
-            return 16 if self.context is None else max(0, self.context - prompt_length)
-        if self.context is not None and prompt_length + asked > self.context:
+            return 16 if self.context is None or shift else max(0, self.context - prompt_length)
+        if self.context is not None and prompt_length + asked > self.context and not shift:
             raise ApiError(400, f"prompt of {prompt_length} tokens + max_tokens={asked} exceeds the context of "
                                 f"{self.context} tokens", "max_tokens")
         return asked
@@ -378,7 +381,7 @@ class _Server:
         choices = []
         for p, (ids, text) in enumerate(prompts):
             try:
-                base = sampling_options(body, max_tokens=self._max_tokens(max_tokens, len(ids)),
+                base = sampling_options(body, max_tokens=self._max_tokens(max_tokens, len(ids), body.context_shift),
                                         eos=self.tokenizer.eot_token, vocab=self.vocab, top_logprobs=top_logprobs)
                 base = self.text_generator.text_options(base)
             except ValueError as exc:

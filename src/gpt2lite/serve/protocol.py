@@ -67,6 +67,12 @@ class _Sampling(_Body):
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    # gpt2lite's (and transformers'): more samplers, and generation past the context
+    typical_p: float | None = Field(None, gt=0, le=1)
+    epsilon_cutoff: float | None = Field(None, ge=0, lt=1)
+    eta_cutoff: float | None = Field(None, ge=0, lt=1)
+    context_shift: bool = False
+    n_keep: int = Field(0, ge=0)
 
 
 class CompletionRequest(_Sampling):
@@ -178,10 +184,12 @@ def sampling_options(body: _Sampling, *, max_tokens: int, eos: int, vocab: int, 
         "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
         "seed": body.seed if body.seed is None or body.seed >= 0 else None,
         "top_k": None if body.top_k in (None, -1) else body.top_k,  # vLLM writes "off" as -1
+        "typical_p": body.typical_p, "epsilon_cutoff": body.epsilon_cutoff, "eta_cutoff": body.eta_cutoff,
     }
     return GenerationOptions(
         max_new_tokens=max_tokens, min_new_tokens=min(body.min_tokens, max_tokens), logit_bias=bias,
         stop=stop_ids, ignore_eos=body.ignore_eos, eos_token_id=eos, top_logprobs=top_logprobs,
+        context_shift=body.context_shift, n_keep=body.n_keep,
         **{k: v for k, v in given.items() if v is not None},
     )
 

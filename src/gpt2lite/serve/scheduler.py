@@ -37,6 +37,7 @@ import torch
 from gpt2lite.generation.options import GenerationOptions
 from gpt2lite.generation.rules import Step, TokenRules, prompt_logprobs, step_rows
 from gpt2lite.generation.session import DecodeSession
+from gpt2lite.generation.window import shifted
 from gpt2lite.models.protocol import DecoderModel
 
 __all__ = ["PromptToken", "QueueFull", "Request", "Scheduler", "SchedulerStats"]
@@ -87,6 +88,7 @@ class SchedulerStats:
     generated_tokens: int = 0
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    context_shifts: int = 0  # rows that filled the context and went on with the later half
     steps: int = 0
 
 
@@ -243,8 +245,8 @@ class Scheduler:
                 request.on_done("cancelled", None)
                 return
             opts = request.options
-            if not request.prompt or (self.context is not None
-                                      and len(request.prompt) + opts.max_new_tokens > self.context):
+            needed = len(request.prompt) + (0 if opts.context_shift else opts.max_new_tokens)
+            if not request.prompt or (self.context is not None and needed > self.context):
                 raise ValueError(f"the prompt of {len(request.prompt)} tokens + max_tokens={opts.max_new_tokens} "
                                  f"does not fit the context of {self.context} tokens")
             device = self.session.state.device
@@ -352,17 +354,34 @@ class Scheduler:
         self._rows = self._rows[:n]
 
     def _decode(self, chosen: list[int]) -> None:
-        """Feed each running row its chosen token in one batch; rows whose forward fails alone end."""
+        """Feed each running row its chosen token in one batch; rows whose forward fails alone end.
+
+        A row of ``context_shift`` that the token would fill runs its shifted window instead.
+        """
         n = len(self._rows)
+        full = [i for i in range(n) if self.context is not None and self._rows[i].rules.options.context_shift
+                and len(self._held[i]) + 1 >= self.context]
+        shift_errors = self._shift(full, chosen)
+        going = [i for i in range(n) if i not in full]
         ids = torch.tensor(chosen, device=self.session.state.device)[:, None]
         try:
-            logits = self.session.feed(ids, rows=None if n == self.max_batch else range(n))[:, -1]  # (n, vocab)
-            results: list[torch.Tensor | Exception] = list(logits)
+            if not full:
+                logits = self.session.feed(ids, rows=None if n == self.max_batch else range(n))[:, -1]  # (n, vocab)
+                results: list[torch.Tensor | Exception | None] = list(logits)
+            else:
+                results = [None] * n
+                if going:
+                    for i, row_logits in zip(going, self.session.feed(ids[going], rows=going)[:, -1], strict=True):
+                        results[i] = row_logits
         except Exception as exc:
             log.warning("a batched forward of %d rows failed (%s); retrying each row alone", n, exc)
-            results = self._decode_alone(ids)
+            results = self._decode_alone(ids, skip=full)
+        for i, exc in shift_errors.items():
+            results[i] = exc
         failed = []
         for i, (row, result) in enumerate(zip(self._rows, results, strict=True)):
+            if result is None:  # shifted above: its logits are set already
+                continue
             if isinstance(result, Exception):
                 failed.append(i)
                 self._held[i] = []
@@ -374,15 +393,40 @@ class Scheduler:
         if failed:
             self._compact([i in failed for i in range(n)], [0] * n)
 
-    def _decode_alone(self, ids: torch.Tensor) -> list[torch.Tensor | Exception]:
+    def _shift(self, rows: list[int], chosen: list[int]) -> dict[int, Exception]:
+        """Run the shifted window (the row's tokens and its new one) into each of ``rows``, emptied first.
+
+        Returns the rows whose forward failed, with the error.
+        """
+        failed: dict[int, Exception] = {}
+        for i in rows:
+            window = shifted([*self._held[i], chosen[i]], self.context,  # type: ignore[arg-type]
+                             self._rows[i].rules.options.n_keep)
+            self.session.reset([i])
+            self._held[i] = []
+            try:
+                ids = torch.tensor([window], device=self.session.state.device)
+                self._rows[i].logits = self.session.feed(ids, rows=[i])[0, -1]
+            except Exception as exc:  # this row fails alone
+                failed[i] = exc
+                continue
+            self._held[i] = window  # the whole window is in the cache now
+            self.stats.context_shifts += 1
+        return failed
+
+    def _decode_alone(self, ids: torch.Tensor, skip: list[int]) -> list[torch.Tensor | Exception | None]:
         """Each row's step on its own, after the batch failed: rolled back first, so nothing is fed twice."""
         n = len(self._rows)
+        going = [i for i in range(n) if i not in skip]
         try:
-            self.session.truncate(range(n), [len(self._held[i]) for i in range(n)])
+            self.session.truncate(going, [len(self._held[i]) for i in going])
         except NotImplementedError as exc:  # a recurrent state cannot be rolled back: the batch fails
-            return [exc] * n
-        results: list[torch.Tensor | Exception] = []
+            return [None if i in skip else exc for i in range(n)]
+        results: list[torch.Tensor | Exception | None] = []
         for i in range(n):
+            if i in skip:
+                results.append(None)
+                continue
             try:
                 results.append(self.session.feed(ids[i : i + 1], rows=[i])[0, -1])
             except Exception as exc:  # this row fails; its state is reset when the row is reused
