@@ -7,7 +7,9 @@
   server-sent events with ``"stream": true``);
 - ``GET /v1/models``, ``GET /v1/models/{id}``;
 - ``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info`` (vLLM's);
-- ``GET /health``, ``GET /metrics`` (Prometheus text format), without the key.
+- ``GET /health``, ``GET /metrics`` (Prometheus text format), without the key;
+- ``GET /``: the playground, a self-contained page (``playground.html``) that
+  calls the API above from the browser (also without the key: it asks for one).
 
 Before a body is read, a gate checks the API key (``hmac.compare_digest``) and
 the body's size (413 past ``max_body_size``); every error is OpenAI's JSON
@@ -17,19 +19,23 @@ the body's size (413 past ``max_body_size``); every error is OpenAI's JSON
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from sse_starlette.sse import EventSourceResponse
@@ -58,7 +64,7 @@ __all__ = ["ApiError", "ServerOptions", "create_app"]
 
 log = logging.getLogger("gpt2lite.serve")
 
-PUBLIC_PATHS = ("/health", "/metrics")  # served without the API key
+PUBLIC_PATHS = ("/health", "/metrics", "/")  # served without the API key
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,7 @@ class ServerOptions:
     max_body_size: int = 4 * 2**20  # bytes; a larger request body gets 413 before it is parsed
     docs: bool = False  # serve /docs and /openapi.json (behind the key)
     prefix_cache: bool = True  # reuse the keys and values of a prompt prefix a freed row still holds
+    playground: bool = True  # serve the playground page at /
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_queue < 1 or self.max_body_size < 1:
@@ -674,6 +681,24 @@ def _offsets(tokenizer: Any, ids: list[int]) -> list[int]:
     return offsets
 
 
+def playground_page() -> HTMLResponse:
+    """The playground page, with a content security policy that lets it reach only this server.
+
+    Its one inline script and one inline style are allowed by their hashes, so
+    nothing else (no injected script, no outside host) can run or load.
+    """
+    html = resources.files("gpt2lite.serve").joinpath("playground.html").read_text(encoding="utf-8")
+
+    def digests(tag: str) -> str:
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
+                        for body in re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.S))
+
+    policy = (f"default-src 'none'; script-src {digests('script')}; style-src {digests('style')}; "
+              "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return HTMLResponse(html, headers={"Content-Security-Policy": policy, "Cache-Control": "no-cache",
+                                       "X-Content-Type-Options": "nosniff"})
+
+
 def create_app(text_generator: TextGenerator, options: ServerOptions = ServerOptions(), *,
                background: bool = True) -> FastAPI:
     """An OpenAI-compatible app serving ``text_generator``'s model; one scheduler loop owns the model.
@@ -702,6 +727,13 @@ def create_app(text_generator: TextGenerator, options: ServerOptions = ServerOpt
         ("POST", "/tokenize", server.tokenize), ("POST", "/detokenize", server.detokenize),
         ("GET", "/tokenizer_info", server.tokenizer_info),
     ]
+    if options.playground:
+        page = playground_page()
+
+        async def playground() -> HTMLResponse:
+            return page
+
+        routes.append(("GET", "/", playground))
     for method, path, handler in routes:
         app.add_api_route(path, handler, methods=[method])
     app.add_middleware(_Gate, api_key=options.api_key, max_body_size=options.max_body_size)
