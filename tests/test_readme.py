@@ -32,9 +32,13 @@ def test_readme_python_blocks_run(index, gpt2_here, capsys):
     exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": "readme"})
 
 
+def setup_line(start: str) -> str:
+    """The line of the README's set-up block that starts with ``start``."""
+    return next(line for line in blocks("bash")[0].splitlines() if line.startswith(start))
+
+
 def test_readme_main_command_runs(gpt2_here, capsys):
-    first_line = blocks("bash")[0].splitlines()[0]
-    command = first_line.split("&&", 1)[1]
+    command = setup_line("pip install -e . &&").split("&&", 1)[1]
     argv = shlex.split(command)
     assert argv[0] == "gpt2lite"
     assert main(argv[1:]) == 0
@@ -42,7 +46,7 @@ def test_readme_main_command_runs(gpt2_here, capsys):
 
 
 def test_readme_test_command_is_what_ci_runs():
-    test_line = blocks("bash")[0].splitlines()[1]
+    test_line = setup_line('pip install -e ".[test]"')
     ci = (README.parent / ".ci" / "run").read_text(encoding="utf-8")
     assert test_line in ci
 
@@ -102,3 +106,30 @@ def test_classify_docs_example_beats_the_majority_baseline(tmp_path, capsys):
     numbers = _example("classify_docs").main(steps=60, out=str(tmp_path / "run"), progress=False)
     assert numbers["accuracy"] > numbers["baseline"] + 0.15, numbers
     assert "majority-class baseline" in capsys.readouterr().out
+
+
+def test_instruct_docs_example_learns_the_answers(tmp_path, capsys):
+    numbers = _example("instruct_docs").main(pretrain_steps=30, sft_steps=20, out=str(tmp_path / "run"),
+                                             progress=False, samples=2)
+    assert numbers["best"] < numbers["first"] - 0.2, numbers  # the held-out answers' loss falls
+    out = capsys.readouterr().out
+    assert "held-out answer loss" in out and out.count("  before: ") == 2
+
+
+def test_quickstart_notebook_runs(tiny_dir, tmp_path):
+    """The notebook, executed by a Jupyter kernel (nbclient), its parameter cell pointed at a local checkpoint."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    notebook = nbformat.read(README.parent / "examples" / "quickstart.ipynb", as_version=4)
+    (parameters,) = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
+    parameters.source = f"MODEL = {str(tiny_dir)!r}\nTRAIN_STEPS = 12\nOUT = {str(tmp_path / 'run')!r}"
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    html = "".join(o.data.get("text/html", "") for o in outputs if "data" in o)
+    assert html.count("<tr>") == 9  # the header and eight generated tokens
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2  # the probability and loss plots
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "validation loss:" in text
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()

@@ -51,10 +51,13 @@ if TYPE_CHECKING:
     from gpt2lite.tokenizers.bpe import Tokenizer as Tokenizer
     from gpt2lite.tokenizers.char import CharTokenizer as CharTokenizer
     from gpt2lite.tokenizers.hf import HFTokenizer as HFTokenizer
+    from gpt2lite.tokenizers.learn import train_bpe as train_bpe
     from gpt2lite.tokenizers.protocol import StreamDecoder as StreamDecoder
     from gpt2lite.tokenizers.protocol import TokenizerProtocol as TokenizerProtocol
     from gpt2lite.training.data import TokenData as TokenData
     from gpt2lite.training.data import prepare_data as prepare_data
+    from gpt2lite.training.instructions import InstructionData as InstructionData
+    from gpt2lite.training.instructions import load_instructions as load_instructions
     from gpt2lite.training.labeled import LabeledData as LabeledData
     from gpt2lite.training.labeled import load_labeled as load_labeled
     from gpt2lite.training.trainer import TrainConfig as TrainConfig

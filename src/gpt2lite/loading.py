@@ -12,7 +12,6 @@ and save through here.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 from typing import Literal
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 from gpt2lite.errors import ModelNotFoundError
-from gpt2lite.io.files import atomic_write, read_json
+from gpt2lite.io.files import read_json, write_json
 from gpt2lite.io.hub import HUB_ALIASES, resolve_files
 from gpt2lite.models.classifier import GPT2ForSequenceClassification
 from gpt2lite.models.gpt2 import GPT2
@@ -125,9 +124,7 @@ def save_model(model: nn.Module, directory: str | os.PathLike[str], *,
         config = model.config
         settings = {"bos_token_id": getattr(config, "bos_token_id", None), "eos_token_id": config.eos_token_id,
                     "pad_token_id": getattr(config, "pad_token_id", None)}
-        with atomic_write(directory / "generation_config.json") as tmp:
-            tmp.write_text(json.dumps({k: v for k, v in settings.items() if v is not None}, indent=2) + "\n",
-                           encoding="utf-8")
+        write_json(directory / "generation_config.json", {k: v for k, v in settings.items() if v is not None})
     if tokenizer is not None:
         tokenizer.save(directory)
     return directory

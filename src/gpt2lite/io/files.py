@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MAX_JSON_BYTES", "atomic_write", "read_json"]
+__all__ = ["MAX_JSON_BYTES", "atomic_write", "read_json", "write_json"]
 
 MAX_JSON_BYTES = 8 * 2**20  # a config or settings file is a few KB; a larger one is refused before it is parsed
 
@@ -39,6 +39,13 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp.unlink()
         raise
 
+
+def write_json(path: str | os.PathLike[str], value: Any) -> Path:
+    """Write ``value`` as indented UTF-8 JSON, atomically; return the path."""
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
 
 
 def read_json(path: str | os.PathLike[str], *, max_bytes: int = MAX_JSON_BYTES) -> Any:

@@ -50,11 +50,14 @@ def resolve_files(
             + ("" if path.exists() else "; no such file or directory")
         )
     repo_id = HUB_ALIASES.get(str(name_or_path), str(name_or_path))
+    # An unreachable hub costs huggingface_hub ~25 s of retries per file: probe once, then use the cache only.
+    unreachable = None if local_files_only else _unreachable()
     errors = []
     for group in candidates:
         try:
             return tuple(
-                _hub_download(repo_id, f, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+                _hub_download(repo_id, f, revision=revision, cache_dir=cache_dir,
+                              local_files_only=local_files_only or unreachable is not None, unreachable=unreachable)
                 for f in group
             )
         except _MissingFile as exc:
@@ -71,9 +74,20 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
 
 
+def _unreachable() -> str | None:
+    """Why the hub cannot be reached (a DNS failure, a refused connection, a timeout), or None when it answers."""
+    from huggingface_hub import constants, get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=5)  # any answer, even an error status, is an answer
+    except Exception as exc:  # the HTTP client's connection errors share no public base class
+        return str(exc) or type(exc).__name__
+    return None
+
+
 def _hub_download(
     repo_id: str, filename: str, *, revision: str | None, cache_dir: str | os.PathLike[str] | None,
-    local_files_only: bool,
+    local_files_only: bool, unreachable: str | None = None,
 ) -> Path:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
@@ -93,6 +107,12 @@ def _hub_download(
             )
         )
     except LocalEntryNotFoundError:
+        if unreachable is not None:
+            raise ModelNotFoundError(
+                f"the Hugging Face hub could not be reached ({unreachable}) and {filename!r} of {repo_id!r} is not "
+                "in the local hub cache. Fix: connect once to download it, or pass the path of a local directory "
+                "holding the files."
+            ) from None
         # Raised both offline and when the hub could not be reached: the file is not cached.
         raise ModelNotFoundError(
             f"{filename!r} of {repo_id!r} is not in the local hub cache and the hub could not be reached "

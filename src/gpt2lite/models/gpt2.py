@@ -175,14 +175,19 @@ class GPT2(nn.Module):
         *,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``(B, T, vocab_size)`` for whole sequences of token ids ``(B, T)`` (training, scoring).
 
         ``attention_mask`` ``(B, T)`` marks real tokens with 1 and padding with 0;
-        positions then follow the mask, as in ``transformers``. For
-        token-by-token decoding use ``new_state`` and ``decode``.
+        positions then follow the mask, as in ``transformers``. ``segment_ids``
+        ``(B, T)`` packs several documents in a row: a token sees only the earlier
+        tokens of its own segment, and each segment's positions start at 0, so each
+        document gets the logits it would get alone. For token-by-token decoding use
+        ``new_state`` and ``decode``.
         """
-        return self._lm_head(self.hidden_states(input_ids, attention_mask=attention_mask, position_ids=position_ids))
+        return self._lm_head(self.hidden_states(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                                segment_ids=segment_ids))
 
     def hidden_states(
         self,
@@ -190,10 +195,22 @@ class GPT2(nn.Module):
         *,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The final hidden states ``(B, T, n_embd)`` (after ``ln_f``) that the heads read; arguments as ``forward``."""
         self._check_inputs(input_ids, attention_mask, position_ids)
         T = input_ids.shape[1]
+        if segment_ids is not None:
+            if attention_mask is not None or tuple(segment_ids.shape) != tuple(input_ids.shape):
+                raise ValueError("segment_ids must have the shape of input_ids, and come without attention_mask")
+            idx = torch.arange(T, device=input_ids.device)
+            first = torch.ones_like(segment_ids, dtype=torch.bool)
+            first[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+            start = torch.where(first, idx, 0).cummax(dim=1).values  # (B, T): where each token's segment begins
+            same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
+            mask = (same & (idx[None, None, :] <= idx[None, :, None]))[:, None]  # (B, 1, T, T)
+            return self._run(input_ids, position_ids if position_ids is not None else idx - start, mask, False,
+                             None, None)
         if position_ids is None:
             if attention_mask is None:
                 position_ids = torch.arange(T, device=input_ids.device)[None]  # (1, T)

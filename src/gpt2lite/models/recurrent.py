@@ -10,7 +10,6 @@ cache, but it cannot be cut back to an earlier length.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from gpt2lite.errors import CheckpointError
-from gpt2lite.io.files import atomic_write, read_json
+from gpt2lite.io.files import atomic_write, read_json, write_json
 from gpt2lite.io.tensors import open_tensors
 
 __all__ = [
@@ -222,8 +221,7 @@ class RecurrentLM(nn.Module):
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k != "decoder.weight"}
         with atomic_write(directory / "model.safetensors") as tmp:
             save_file(tensors, str(tmp), metadata={"format": "pt"})
-        with atomic_write(directory / "config.json") as tmp:
-            tmp.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n", encoding="utf-8")
+        write_json(directory / "config.json", self.config.to_dict())
         return directory
 
     @classmethod

@@ -18,6 +18,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from gpt2lite.tokenizers.protocol import TokenizerProtocol
+
 __all__ = ["DEFAULT_CHAT_TEMPLATE", "ChatTemplate", "message_text"]
 
 DEFAULT_CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{{ eos_token }}{% endfor %}"
@@ -71,6 +73,12 @@ class ChatTemplate:
             self._template = env.from_string(self.source)
         except jinja2.TemplateError as exc:
             raise ValueError(f"the chat template does not compile: {exc}") from None
+
+    @classmethod
+    def for_tokenizer(cls, source: str | None, tokenizer: TokenizerProtocol) -> ChatTemplate:
+        """``source`` compiled with the tokenizer's end token as ``eos_token`` and ``bos_token`` (GPT-2 has one)."""
+        eos = tokenizer.decode([tokenizer.eot_token])
+        return cls(source, {"eos_token": eos, "bos_token": eos})
 
     def render(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True) -> str:
         """The prompt for ``messages`` (``[{"role": ..., "content": ...}, ...]``), ready for the model to continue."""

@@ -142,7 +142,7 @@ class TextGenerator:
         rows = self._rows(prompts, stop, opts)
         ids, mask = self._encode(prompts, opts, allowed_special)
         prompt_lp = None  # (completions, T) with prompt_logprobs; NaN where there is no value
-        if opts.num_beams > 1 or draft_model is not None:
+        if opts.num_beams > 1 or draft_model is not None or opts.prompt_lookup_num_tokens:
             out = generate(self.model, ids, opts, attention_mask=mask, generator=generator, return_dict=True,
                            draft_model=draft_model)
             prompt_lp = out.prompt_logprobs
@@ -192,8 +192,7 @@ class TextGenerator:
         followed by the end token (DialoGPT's convention).
         """
         if self._chat is None:
-            eos = self.tokenizer.decode([self.tokenizer.eot_token])
-            self._chat = ChatTemplate(self.chat_template, {"eos_token": eos, "bos_token": eos})
+            self._chat = ChatTemplate.for_tokenizer(self.chat_template, self.tokenizer)
         return self._chat.render(messages)
 
     def stream(
@@ -299,12 +298,18 @@ class TextGenerator:
         if opts.truncate_prompt == "error" and context is not None:
             # Every token holds at most max_token_bytes bytes (so characters): refuse a prompt that
             # cannot fit before spending time and memory encoding it.
-            limit = (context - opts.max_new_tokens) * self.tokenizer.max_token_bytes
+            room = context if opts.context_shift else context - opts.max_new_tokens
+            if room <= 0:
+                raise ValueError(f"max_new_tokens={opts.max_new_tokens} leaves no room for a prompt in the model's "
+                                 f"context of {context} positions; lower it, or pass context_shift=True to go on "
+                                 "past the context")
+            limit = room * self.tokenizer.max_token_bytes
             for i, p in enumerate(prompts):
                 if len(p) > limit:
                     raise ValueError(
                         f"prompt {i} has {len(p)} characters: more tokens than fit in the model's context of "
-                        f"{context} positions with max_new_tokens={opts.max_new_tokens}; shorten it"
+                        f"{context} positions with max_new_tokens={opts.max_new_tokens}; shorten it, or pass "
+                        "truncate_prompt='left'"
                     )
         # An empty prompt starts from <|endoftext|>, as GPT-2's unconditional samples do.
         encode = self.tokenizer.encode

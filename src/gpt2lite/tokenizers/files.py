@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from gpt2lite.io.files import atomic_write
+from gpt2lite.io.files import atomic_write, write_json
 from gpt2lite.io.hub import resolve_files
 
 __all__ = [
@@ -158,7 +158,5 @@ def write_tokenizer_config(directory: str | os.PathLike[str], settings: Mapping[
     """``tokenizer_config.json`` (the class and special tokens) and ``special_tokens_map.json``."""
     directory = Path(directory)
     specials = {k: v for k, v in settings.items() if k in SPECIAL_KEYS}
-    with atomic_write(directory / "tokenizer_config.json") as tmp:
-        tmp.write_text(json.dumps(dict(settings), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    with atomic_write(directory / "special_tokens_map.json") as tmp:
-        tmp.write_text(json.dumps(specials, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(directory / "tokenizer_config.json", dict(settings))
+    write_json(directory / "special_tokens_map.json", specials)

@@ -52,7 +52,7 @@ def load_training_checkpoint(path: str | os.PathLike[str], *, map_location: torc
     path = Path(path)
     what = f"training checkpoint {str(path)!r}"
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=True)  # read as used
     except FileNotFoundError:
         raise CheckpointError(f"{what} does not exist") from None
     except pickle.UnpicklingError as exc:

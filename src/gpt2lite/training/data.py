@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from gpt2lite.io.files import atomic_write
+from gpt2lite.io.files import atomic_write, write_json
+from gpt2lite.io.records import TABLE_SUFFIXES, column, iter_records
 from gpt2lite.tokenizers.bpe import Tokenizer
 
 __all__ = ["Part", "TokenData", "iter_text", "prepare_data"]
@@ -85,10 +86,13 @@ def prepare_data(
     tokenizer: Tokenizer | None = None,
     val_fraction: float = 0.05,
     errors: Literal["strict", "replace"] = "strict",
+    text_column: str = "text",
 ) -> TokenData:
     """Tokenize a text file, a folder of text files (recursively) or a list of strings into ``directory``.
 
-    Documents (files, list items) are separated by ``<|endoftext|>``. The last
+    A ``.csv``/``.tsv`` (with a header) or ``.jsonl`` file holds one document
+    per row, in its ``text_column``. Documents (files, rows, list items) each end
+    with ``<|endoftext|>``. The last
     ``val_fraction`` of the stream is held out for validation. If ``directory``
     already holds data made from the same sources, it is reused as it is.
     Files must be UTF-8 text: anything else is an error naming the file, unless
@@ -99,10 +103,11 @@ def prepare_data(
         raise ValueError(f"errors must be 'strict' or 'replace', got {errors!r}")
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         if dist.get_rank() == 0:
-            data = _prepare(source, directory, tokenizer, val_fraction, errors)
+            data = _prepare(source, directory, tokenizer, val_fraction, errors, text_column)
         dist.barrier()
-        return data if dist.get_rank() == 0 else _prepare(source, directory, tokenizer, val_fraction, errors)
-    return _prepare(source, directory, tokenizer, val_fraction, errors)
+        return data if dist.get_rank() == 0 else _prepare(source, directory, tokenizer, val_fraction, errors,
+                                                          text_column)
+    return _prepare(source, directory, tokenizer, val_fraction, errors, text_column)
 
 
 def _prepare(
@@ -111,13 +116,14 @@ def _prepare(
     tokenizer: Tokenizer | None,
     val_fraction: float,
     errors: str,
+    text_column: str,
 ) -> TokenData:
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
     tokenizer = tokenizer or Tokenizer.gpt2()
     if tokenizer.n_vocab > 1 << 16:
         raise ValueError(f"a vocabulary of {tokenizer.n_vocab} tokens does not fit in uint16")
-    documents, fingerprint = _documents(source, errors)
+    documents, fingerprint = _documents(source, errors, text_column)
     directory = Path(directory)
     fingerprint = hashlib.sha256(
         (fingerprint + f"|vocab={tokenizer.n_vocab}:{getattr(tokenizer, 'fingerprint', '')}|val={val_fraction}"
@@ -146,14 +152,14 @@ def _prepare(
     split = max(1, min(count - 2, round(count * (1 - val_fraction))))
     manifest = {"format": _FORMAT, "fingerprint": fingerprint, "tokens": count, "split": split,
                 "n_vocab": tokenizer.n_vocab, "source": _describe(source)}
-    with atomic_write(manifest_path) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    write_json(manifest_path, manifest)
     return TokenData.open(directory)
 
 
-def iter_text(source: str | os.PathLike[str] | Sequence[str], errors: str = "strict") -> Iterator[str]:
+def iter_text(source: str | os.PathLike[str] | Sequence[str], errors: str = "strict",
+              text_column: str = "text") -> Iterator[str]:
     """The text of a file, a folder of text files or a list of strings, in blocks, as ``prepare_data`` reads it."""
-    documents, _ = _documents(source, errors)
+    documents, _ = _documents(source, errors, text_column)
     for blocks in documents:
         yield from blocks
 
@@ -165,11 +171,15 @@ def _describe(source: str | os.PathLike[str] | Sequence[str]) -> str:
 
 
 def _documents(
-    source: str | os.PathLike[str] | Sequence[str], errors: str
+    source: str | os.PathLike[str] | Sequence[str], errors: str, text_column: str
 ) -> tuple[Iterator[Iterable[str]], str]:
     """The documents as iterables of text blocks, and a fingerprint of the sources."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
+        if path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
+            stat = path.stat()
+            return _rows(path, text_column), json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns,
+                                                         text_column])
         if path.is_file():
             files = [path]
         elif path.is_dir():
@@ -190,6 +200,20 @@ def _documents(
     for text in source:
         digest.update(text.encode("utf-8", "surrogatepass") + b"\x00")
     return ([text] for text in source), digest.hexdigest()
+
+
+def _rows(path: Path, text_column: str) -> Iterator[list[str]]:
+    """The documents of a table file: one per row, its ``text_column``."""
+    count = 0
+    for where, record in iter_records(path, what="a corpus of documents"):
+        text = column(where, record, text_column, "text_column= (--text-column)")
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: the {text_column!r} value is not a string")
+        if text:
+            count += 1
+            yield [text]
+    if not count:
+        raise ValueError(f"{str(path)!r} holds no documents (no row has text in {text_column!r})")
 
 
 def _read_blocks(path: Path, errors: str) -> Iterator[str]:

@@ -9,19 +9,17 @@ sorted label names; ``GPT2ForSequenceClassification`` stores them as
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 
 from gpt2lite.generation.batching import right_pad
+from gpt2lite.io.records import column, iter_records
 from gpt2lite.tokenizers.bpe import Tokenizer
 
 __all__ = ["LabeledData", "load_labeled", "read_labeled"]
@@ -62,60 +60,18 @@ def read_labeled(path: str | os.PathLike[str], text_column: str = "text",
     ``where`` names the file and line, for errors about the row later. A UTF-8
     byte-order mark (Excel's CSV) is dropped.
     """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".csv", ".jsonl", ".json", ".tsv"):
-        raise ValueError(f"{str(path)!r}: labeled data must be .csv, .tsv or .jsonl (one JSON object per line)")
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            records = _csv_rows(f, path, suffix) if suffix in (".csv", ".tsv") else _jsonl_rows(f, path)
-            rows = []
-            for where, record in records:
-                missing = [c for c in (text_column, label_column) if c not in record]
-                if missing:
-                    raise ValueError(f"{where} has no {missing[0]!r} column (it has {sorted(record)}); "
-                                     "name the columns with text_column= / label_column= (--text-column, "
-                                     "--label-column)")
-                text, label = record[text_column], record[label_column]
-                if not isinstance(text, str) or not text.strip():
-                    raise ValueError(f"{where}: the text is empty or not a string")
-                if isinstance(label, bool) or not isinstance(label, (str, int)) or str(label).strip() == "":
-                    raise ValueError(f"{where}: the label {label!r} is not a class name or number")
-                rows.append((text, str(label).strip(), where))
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{str(path)!r} is not UTF-8 text: {exc}") from None
+    rows = []
+    for where, record in iter_records(path, suffixes=(".csv", ".tsv", ".jsonl", ".json"), what="labeled data"):
+        text = column(where, record, text_column, "text_column= (--text-column)")
+        label = column(where, record, label_column, "label_column= (--label-column)")
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{where}: the text is empty or not a string")
+        if isinstance(label, bool) or not isinstance(label, (str, int)) or str(label).strip() == "":
+            raise ValueError(f"{where}: the label {label!r} is not a class name or number")
+        rows.append((text, str(label).strip(), where))
     if not rows:
         raise ValueError(f"{str(path)!r} holds no examples")
     return rows
-
-
-def _csv_rows(f: Any, path: Path, suffix: str) -> Any:
-    reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-    try:
-        header = reader.fieldnames
-        for record in reader:
-            where = f"{str(path)!r} line {reader.line_num}"
-            if None in record:  # DictReader's place for fields past the header's
-                raise ValueError(f"{where} has more fields than the header {header}: quote a text that holds "
-                                 f"{'a tab' if suffix == '.tsv' else 'a comma'} (\"like, this\")")
-            if any(v is None for v in record.values()):
-                raise ValueError(f"{where} has fewer fields than the header {header}")
-            yield where, record
-    except csv.Error as exc:  # a field past the csv module's size limit, a stray quote at the end
-        raise ValueError(f"{str(path)!r} line {reader.line_num + 1}: {exc}; for very long texts use JSONL") from None
-
-
-def _jsonl_rows(f: Any, path: Path) -> Any:
-    for n, line in enumerate(f, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{str(path)!r} line {n} is not valid JSON: {exc}") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{str(path)!r} line {n} is not a JSON object")
-        yield f"{str(path)!r} line {n}", record
 
 
 def load_labeled(

@@ -6,6 +6,8 @@
 - ``Classification`` over ``LabeledData`` (``load_labeled``): a
   ``GPT2ForSequenceClassification`` learns class ids; evaluation reports accuracy
   and macro-F1 beside the loss.
+- ``InstructionTuning`` over ``InstructionData`` (``load_instructions``):
+  prompt/completion pairs packed into rows, the loss on the completion tokens only.
 
 ``objective_for(data)`` picks the objective a data set stands for; the trainer
 itself never asks which one it runs.
@@ -20,10 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpt2lite.training.data import Part, TokenData
+from gpt2lite.training.instructions import IGNORE_INDEX, InstructionData
 from gpt2lite.training.labeled import LabeledData
 
 __all__ = [
     "Classification",
+    "InstructionTuning",
     "LanguageModeling",
     "Objective",
     "classification_metrics",
@@ -98,16 +102,59 @@ class Classification:
         return evaluate_classifier(model, self.data, max_length=block, batch_size=batch_size)
 
 
-Objective = LanguageModeling | Classification
+class InstructionTuning:
+    """Completions of prompts: examples packed into rows, the loss on the completion tokens only."""
+
+    def __init__(self, data: InstructionData) -> None:
+        """Train on ``data`` (from ``load_instructions``)."""
+        self.data = data
+
+    def check(self, model: nn.Module, block: int) -> None:
+        """Refuse a classifier, and a model that cannot keep packed examples apart."""
+        if hasattr(model, "score") or model.config.n_positions is None:
+            raise ValueError("instruction data trains a GPT-2 language model (packed examples need its "
+                             "segment_ids)")
+
+    def population(self, block: int) -> int:
+        """How many training rows (examples) batches are drawn from."""
+        return len(self.data.train)
+
+    def loss(self, forward: Forward, rows: torch.Tensor, block: int, device: torch.device) -> torch.Tensor:
+        """The mean loss over the completion tokens of the examples ``rows``, packed."""
+        x, labels, segments = self.data.batch("train", rows.tolist(), block)
+        logits = forward(x.to(device), segment_ids=segments.to(device))
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.to(device).flatten(), ignore_index=IGNORE_INDEX)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, block: int, batches: int, batch_size: int) -> dict[str, float]:
+        """The mean loss over the completion tokens of every validation example."""
+        was_training = model.training
+        model.eval()
+        total, count = 0.0, 0
+        val = self.data.val
+        for start in range(0, len(val), batch_size):
+            x, labels, segments = self.data.batch("val", range(start, min(start + batch_size, len(val))), block)
+            logits = model(x.to(model.device), segment_ids=segments.to(model.device)).float()
+            labels = labels.to(model.device).flatten()
+            total += F.cross_entropy(logits.flatten(0, 1), labels, ignore_index=IGNORE_INDEX, reduction="sum").item()
+            count += int((labels != IGNORE_INDEX).sum())
+        model.train(was_training)
+        return {"loss": total / max(1, count)}
 
 
-def objective_for(data: TokenData | LabeledData) -> Objective:
-    """The objective ``data`` is for: language modelling for a token stream, classification for labeled texts."""
+Objective = LanguageModeling | Classification | InstructionTuning
+
+
+def objective_for(data: TokenData | LabeledData | InstructionData) -> Objective:
+    """The objective ``data`` is for: language modelling, classification or instruction tuning."""
     if isinstance(data, TokenData):
         return LanguageModeling(data)
     if isinstance(data, LabeledData):
         return Classification(data)
-    raise TypeError(f"train() takes TokenData (prepare_data) or LabeledData (load_labeled), got {type(data).__name__}")
+    if isinstance(data, InstructionData):
+        return InstructionTuning(data)
+    raise TypeError("train() takes TokenData (prepare_data), LabeledData (load_labeled) or InstructionData "
+                    f"(load_instructions), got {type(data).__name__}")
 
 
 @torch.no_grad()

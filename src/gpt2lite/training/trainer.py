@@ -19,8 +19,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,8 @@ import torch.distributed as dist
 from torch import nn
 
 from gpt2lite.errors import CheckpointError, NonFiniteError
+from gpt2lite.generation.decode import generate
+from gpt2lite.io.files import write_json
 from gpt2lite.loading import save_model
 from gpt2lite.models.gpt2 import GPT2
 from gpt2lite.tokenizers.bpe import Tokenizer
@@ -38,14 +41,20 @@ from gpt2lite.tokenizers.protocol import TokenizerProtocol
 from gpt2lite.training.card import write_model_card
 from gpt2lite.training.checkpoint import load_training_checkpoint, save_training_checkpoint
 from gpt2lite.training.data import TokenData
+from gpt2lite.training.instructions import InstructionData
 from gpt2lite.training.labeled import LabeledData
-from gpt2lite.training.objectives import Objective, objective_for
+from gpt2lite.training.log import METRICS, PLOT, TENSORBOARD, RunLog, plot_losses
+from gpt2lite.training.objectives import Classification, Objective, objective_for
 from gpt2lite.transforms.quantize import is_quantized
 
-__all__ = ["TrainConfig", "TrainResult", "check_output_dir", "train"]
+__all__ = ["TrainConfig", "TrainResult", "check_output_dir", "check_run_folder", "train"]
 
 CHECKPOINT = "checkpoint.pt"
 FINAL = "final"
+BEST = "best"
+RUN_RECORD = "run.json"  # the command line's settings (gpt2lite finetune)
+# What a run writes into its folder: a folder that holds any of them holds a run.
+RUN_FILES = (CHECKPOINT, FINAL, BEST, METRICS, PLOT, TENSORBOARD, RUN_RECORD)
 
 # Settings that change what a run computes: a resumed run must use the values it started with.
 # `steps` may change (the schedule then follows the new length); the rest only decides when to
@@ -84,13 +93,19 @@ class TrainConfig:
     progress: bool = True
     freeze_blocks: int = 0  # GPT-2: keep the first N blocks (and the embeddings) fixed
     gradient_checkpointing: bool = False  # GPT-2: recompute activations in backward to save memory
+    early_stopping: int = 0  # stop after this many evaluations without a better validation loss; 0: never
+    sample_every: int = 0  # write a sample of generated text to the log every N steps; 0: never
+    sample_prompt: str = ""  # what the samples continue ("" starts from the end token)
+    sample_tokens: int = 40  # tokens per sample
+    tensorboard: bool = False  # also log to out_dir/tensorboard (needs the tensorboard package)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_batches"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        for name in ("warmup_steps", "eval_interval", "save_interval", "seed", "freeze_blocks"):
+        for name in ("warmup_steps", "eval_interval", "save_interval", "seed", "freeze_blocks", "early_stopping",
+                     "sample_every", "sample_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -112,6 +127,8 @@ class TrainConfig:
             raise ValueError(f"betas must both be in [0, 1), got {self.betas!r}")
         if self.autocast not in (None, "bf16", "fp16"):
             raise ValueError(f"autocast must be None, 'bf16' or 'fp16', got {self.autocast!r}")
+        if not isinstance(self.sample_prompt, str):
+            raise ValueError(f"sample_prompt must be a str, got {self.sample_prompt!r}")
 
     def learning_rate(self, step: int) -> float:
         """The learning rate at optimizer step ``step`` (0-based)."""
@@ -129,10 +146,27 @@ class TrainResult:
     val_losses: list[tuple[int, float]] = field(default_factory=list)
     val_metrics: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # classification
     final_dir: Path | None = None
+    best_dir: Path | None = None  # the weights of the lowest validation loss
+    best_step: int | None = None
+    stopped_early: bool = False  # early_stopping ended the run before `steps`
+    samples: list[tuple[int, str]] = field(default_factory=list)
+    plot: Path | None = None  # loss.png, or None without matplotlib
 
 
-def check_output_dir(out_dir: str | os.PathLike[str]) -> None:
-    """Create ``out_dir`` if needed and make sure files can be written there."""
+def check_run_folder(out_dir: str | os.PathLike[str], *, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse to overwrite a run by accident: a folder holding one needs ``resume`` or ``overwrite``. Writes nothing."""
+    out_dir = Path(out_dir)
+    if resume and overwrite:
+        raise ValueError("resume continues the run in the output folder and overwrite replaces it: choose one")
+    found = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if found and not resume and not overwrite:
+        raise FileExistsError(f"{str(out_dir)!r} holds a training run ({', '.join(found)}): resume it (--resume), "
+                              "replace it (--overwrite), or choose another output folder")
+
+
+def check_output_dir(out_dir: str | os.PathLike[str], *, resume: bool = False, overwrite: bool = False) -> None:
+    """``check_run_folder``, then create ``out_dir`` if needed and make sure files can be written there."""
+    check_run_folder(out_dir, resume=resume, overwrite=overwrite)
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -143,24 +177,47 @@ def check_output_dir(out_dir: str | os.PathLike[str]) -> None:
         raise PermissionError(f"output directory {str(out_dir)!r} is not writable: {exc}") from None
 
 
+def _clear_run(out_dir: Path) -> None:
+    """Remove what an earlier run left in ``out_dir`` (its data cache stays: it is checked before reuse)."""
+    for name in RUN_FILES:
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 def train(
     model: nn.Module,
-    data: TokenData | LabeledData,
+    data: TokenData | LabeledData | InstructionData,
     out_dir: str | os.PathLike[str],
     config: TrainConfig = TrainConfig(),
     *,
     resume: bool = False,
+    overwrite: bool = False,
     on_step: Callable[[int, float], None] | None = None,
     tokenizer: TokenizerProtocol | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``data``; checkpoints go to ``out_dir``, the final model to ``out_dir/final``.
 
     ``data`` from ``prepare_data`` trains a language model; ``data`` from
     ``load_labeled`` trains a ``GPT2ForSequenceClassification`` (its labels
-    must be the data's). A model with LoRA adapters trains only them and saves
-    them (PEFT format) as ``final``. ``tokenizer`` (the one the data was made
-    with; default: GPT-2's, for a model with its vocabulary) is saved beside the
-    model, so transformers' ``AutoTokenizer`` and vLLM read ``final`` too.
+    must be the data's); ``data`` from ``load_instructions`` fine-tunes on
+    completions. A model with LoRA adapters trains only them and saves them (PEFT
+    format) as ``final``. ``tokenizer`` (the one the data was made with; default:
+    GPT-2's, for a model with its vocabulary) is saved beside the model, so
+    transformers' ``AutoTokenizer`` and vLLM read ``final`` too.
+
+    The run records itself in ``out_dir``: ``metrics.jsonl`` (a line per step),
+    ``loss.png`` (with matplotlib), TensorBoard (``tensorboard=True``), samples
+    (``sample_every``); ``best/`` keeps the weights of the lowest validation loss,
+    and ``early_stopping`` ends the run when validation stops improving.
+
+    ``settings`` (JSON values: how the run was set up, such as the command
+    line's flags) go to ``out_dir/run.json`` at the start of a new run. A folder
+    that holds a run is refused unless ``resume`` or ``overwrite`` (which clears
+    the earlier run first).
 
     ``resume=True`` continues from ``out_dir/checkpoint.pt`` exactly where it
     stopped (model, optimizer, schedule, step and random state); the settings
@@ -175,14 +232,24 @@ def train(
     checkpoint_path = out_dir / CHECKPOINT
     if resume and not checkpoint_path.is_file():
         raise FileNotFoundError(f"nothing to resume: {str(checkpoint_path)!r} does not exist")
+    if tokenizer is None and 50257 <= model.config.vocab_size < 50257 + 128:
+        tokenizer = Tokenizer.gpt2()
+    if config.sample_every and (tokenizer is None or isinstance(objective, Classification)):
+        raise ValueError("samples (sample_every) need a language model and its tokenizer (tokenizer=)")
     distributed, rank, world = _distributed()
     if rank == 0:
-        check_output_dir(out_dir)
+        check_output_dir(out_dir, resume=resume, overwrite=overwrite)
+        if overwrite:
+            _clear_run(out_dir)
+        if settings is not None and not resume:
+            write_json(out_dir / RUN_RECORD, dict(settings))
     _own_parameters(model)
     run = _Run(model, objective, config, block, distributed, rank, world)
     result = TrainResult()
-    start = run.restore(checkpoint_path, result) if resume else 0
+    best = _Best(out_dir / BEST, tokenizer)
+    start = run.restore(checkpoint_path, result, best) if resume else 0
     saved = start if resume else None  # the step of the checkpoint on disk
+    log = RunLog(out_dir, start, tensorboard=config.tensorboard) if rank == 0 else None
 
     bar = None
     if config.progress and rank == 0:
@@ -202,35 +269,100 @@ def train(
                     f"{kept}. Lower the learning rate (lr) or clip gradients (grad_clip)"
                 )
             result.losses.append(step_loss)
+            seconds = time.perf_counter() - t0
+            entry: dict[str, Any] = {"train_loss": step_loss, "lr": run.scheduler.get_last_lr()[0],
+                                     "tokens_per_s": run.tokens_per_step / seconds}
             done = step + 1 == config.steps
             if _due(config.eval_interval, step) or done:
                 metrics = objective.evaluate(model, block, config.eval_batches, config.batch_size)
                 result.val_losses.append((step + 1, metrics["loss"]))
                 if len(metrics) > 1:
                     result.val_metrics.append((step + 1, metrics))
-            if rank == 0 and (_due(config.save_interval, step) or done):
+                entry.update({f"val_{k}": v for k, v in metrics.items()})
+                if rank == 0 and best.offer(step + 1, metrics["loss"], model, data, config, result):
+                    result.best_dir, result.best_step = best.directory, step + 1
+                result.stopped_early = bool(config.early_stopping) and best.bad_evals >= config.early_stopping
+            if config.sample_every and rank == 0 and _due(config.sample_every, step):
+                text = _sample(model, tokenizer, config, step + 1)  # type: ignore[arg-type]
+                result.samples.append((step + 1, text))
+                entry["sample"] = text
+                if bar is not None:
+                    bar.write(f"step {step + 1}: {text!r}")
+            if log is not None:
+                log.write(step + 1, **entry)
+            if rank == 0 and (_due(config.save_interval, step) or done or result.stopped_early):
                 _check_weights(model, step + 1)
-                save_training_checkpoint(checkpoint_path, run.state(step + 1, result))
+                save_training_checkpoint(checkpoint_path, run.state(step + 1, result, best))
                 saved = step + 1
+                result.plot = plot_losses(out_dir)
             if bar is not None:
-                bar.set_postfix(_postfix(step_loss, run, result, time.perf_counter() - t0))
+                bar.set_postfix(_postfix(step_loss, run, result, seconds))
                 bar.update(1)
             if on_step is not None:  # after the checkpoint, so a callback that stops the run loses nothing
                 on_step(step, step_loss)
+            if result.stopped_early:
+                break
     finally:
         if bar is not None:
             bar.close()
+        if log is not None:
+            log.close()
     model.eval()
     if rank == 0:
-        _check_weights(model, config.steps)
-        if tokenizer is None and 50257 <= model.config.vocab_size < 50257 + 128:
-            tokenizer = Tokenizer.gpt2()
+        last = len(result.losses)
+        _check_weights(model, last)
         result.final_dir = save_model(model, out_dir / FINAL, tokenizer=tokenizer)
-        write_model_card(result.final_dir, model, data, config.steps, result.losses, result.val_losses,
-                         result.val_metrics)
+        write_model_card(result.final_dir, model, data, last, result.losses, result.val_losses, result.val_metrics)
+        if result.best_dir is None and best.step is not None:  # found by an earlier, resumed part of the run
+            result.best_dir, result.best_step = best.directory, best.step
     if distributed:
         dist.barrier()
     return result
+
+
+class _Best:
+    """``best/``: the weights of the lowest validation loss so far, and how many evaluations since it."""
+
+    def __init__(self, directory: Path, tokenizer: TokenizerProtocol | None) -> None:
+        self.directory, self.tokenizer = directory, tokenizer
+        self.step: int | None = None
+        self.loss = math.inf
+        self.bad_evals = 0
+
+    def offer(self, step: int, loss: float, model: nn.Module, data: Any, config: TrainConfig,
+              result: TrainResult) -> bool:
+        """Keep the model if ``loss`` is the lowest yet (True), else count one more evaluation without progress."""
+        if loss >= self.loss:
+            self.bad_evals += 1
+            return False
+        self.step, self.loss, self.bad_evals = step, loss, 0
+        _check_weights(model, step)
+        was_training = model.training
+        model.eval()
+        save_model(model, self.directory, tokenizer=self.tokenizer)
+        model.train(was_training)
+        write_model_card(self.directory, model, data, step, result.losses, result.val_losses, result.val_metrics)
+        return True
+
+    def state(self) -> dict[str, Any]:
+        return {"step": self.step, "loss": self.loss, "bad_evals": self.bad_evals}
+
+    def restore(self, state: dict[str, Any] | None) -> None:
+        if state:
+            self.step, self.loss, self.bad_evals = state["step"], state["loss"], state["bad_evals"]
+
+
+def _sample(model: nn.Module, tokenizer: TokenizerProtocol, config: TrainConfig, step: int) -> str:
+    """A sample of ``config.sample_tokens`` tokens after ``config.sample_prompt``, seeded by the step."""
+    prompt = tokenizer.encode(config.sample_prompt) or [tokenizer.eot_token]
+    was_training = model.training
+    model.eval()
+    try:
+        out = generate(model, [prompt], max_new_tokens=config.sample_tokens, temperature=0.8, top_k=40,
+                       seed=config.seed + step, eos_token_id=tokenizer.eot_token, truncate_prompt="left")
+    finally:
+        model.train(was_training)
+    return tokenizer.decode([t for t in out[0, len(prompt) :].tolist() if t != tokenizer.eot_token])
 
 
 def _due(interval: int, step: int) -> bool:
@@ -240,10 +372,8 @@ def _due(interval: int, step: int) -> bool:
 
 def _postfix(loss: float, run: _Run, result: TrainResult, seconds: float) -> dict[str, Any]:
     """What the progress bar shows after a step."""
-    config = run.config
-    tokens = config.batch_size * config.grad_accum * run.world * run.block
     postfix: dict[str, Any] = {"loss": f"{loss:.3f}", "lr": f"{run.scheduler.get_last_lr()[0]:.2e}",
-                               "tok/s": f"{tokens / seconds:.0f}"}
+                               "tok/s": f"{run.tokens_per_step / seconds:.0f}"}
     if result.val_losses:
         postfix["val"] = f"{result.val_losses[-1][1]:.3f}"
     if result.val_metrics:
@@ -339,6 +469,8 @@ class _Run:
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
         self.autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else nullcontext
         self.population = objective.population(block)  # window starts, or examples
+        # Tokens one optimizer step reads (windows; for examples, at most that many).
+        self.tokens_per_step = config.batch_size * config.grad_accum * world * block
 
     def step(self) -> float:
         """Accumulate the gradients of ``grad_accum`` micro-batches and update; return the mean loss."""
@@ -366,9 +498,10 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         return step_loss
 
-    def state(self, step: int, result: TrainResult) -> dict[str, Any]:
+    def state(self, step: int, result: TrainResult, best: _Best) -> dict[str, Any]:
         """Everything ``checkpoint.pt`` holds after ``step`` steps."""
         return {
+            "best": best.state(),
             "model": self.model.state_dict(),
             "model_config": self.model.config.to_dict(),
             "train_config": dataclasses.asdict(self.config),
@@ -384,7 +517,7 @@ class _Run:
             "val_metrics": [[s, dict(m)] for s, m in result.val_metrics],
         }
 
-    def restore(self, path: Path, result: TrainResult) -> int:
+    def restore(self, path: Path, result: TrainResult, best: _Best) -> int:
         """Load ``path`` into the run's objects after checking that it belongs to this run; return its step."""
         model, optimizer, scheduler, batches = self.model, self.optimizer, self.scheduler, self.batches
         config, data = self.config, self.objective.data
@@ -414,4 +547,5 @@ class _Run:
         result.losses = list(state["losses"])
         result.val_losses = [tuple(v) for v in state["val_losses"]]
         result.val_metrics = [(s, dict(m)) for s, m in state.get("val_metrics", [])]
+        best.restore(state.get("best"))
         return state["step"]

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from gpt2lite.errors import CheckpointError
-from gpt2lite.io.files import atomic_write, read_json
+from gpt2lite.io.files import atomic_write, read_json, write_json
 from gpt2lite.io.tensors import open_tensors
 from gpt2lite.transforms.lora import TARGETS, LoraConfig, add_lora, has_lora
 
@@ -81,8 +81,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
         metadata[LABELS_METADATA_KEY] = json.dumps(list(labels))
     with atomic_write(directory / ADAPTER_WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-    with atomic_write(directory / ADAPTER_CONFIG) as tmp:
-        tmp.write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
+    write_json(directory / ADAPTER_CONFIG, peft_config)
     return directory
 
 
