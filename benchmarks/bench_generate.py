@@ -8,6 +8,9 @@ the median tokens/s (new tokens x batch / wall time) and the ratio.
     python benchmarks/bench_generate.py [--device cpu|cuda] [--dtype float32|float16] [--rounds 5]
         [--quantize int8] [--prepack]
 
+``--prepack`` prints which kernel each product shape uses at one row and why (the
+times ``prepack`` measured on this CPU, or found in its cache).
+
 ``--quantize int8`` also times gpt2lite with int8 weights (same checkpoint, quantized
 at load) in the same alternating rounds.
 """
@@ -39,6 +42,8 @@ def main() -> None:
 
     from gpt2lite import GPT2, GPT2Config, generate, load_model, prepack
     from gpt2lite.models.weights import resolve_dtype
+    from gpt2lite.transforms.kernels import cpu_key
+    from gpt2lite.transforms.packed import kernel_report
 
     transformers.logging.set_verbosity_error()
     dtype = resolve_dtype(args.dtype)
@@ -74,6 +79,12 @@ def main() -> None:
 
     print(f"device={device} dtype={dtype} threads={torch.get_num_threads()} prompt={args.prompt} "
           f"new={args.new} greedy, {args.rounds} rounds, medians")
+    print(f"cpu: {cpu_key()}")
+    print("kernels: gpt2lite plain: F.linear (MKL) for every product")
+    if packed is not None:
+        print("kernels: gpt2lite prepacked (per product shape):")
+        for line in kernel_report(packed):
+            print(f"  {line}")
     for batch in args.batch:
         ids = torch.randint(0, 50257, (batch, args.prompt), generator=torch.Generator().manual_seed(batch)).to(device)
         outputs = {name: run(ids) for name, run in runners.items()}  # warm-up (and compile)

@@ -76,3 +76,15 @@ def model_124m(gpt2_124m_dir):
     from gpt2lite import GPT2
 
     return GPT2.from_pretrained(gpt2_124m_dir)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _kernel_cache_in_a_temporary_folder(tmp_path_factory):
+    """prepack's measured kernel choices go to a file of the session's, never to the home folder."""
+    from gpt2lite.transforms import kernels
+
+    saved = kernels.default_cache
+    path = tmp_path_factory.mktemp("kernels") / "kernels.json"
+    kernels.default_cache = lambda: path
+    yield path
+    kernels.default_cache = saved

@@ -62,3 +62,73 @@ def test_prepack_flag_reaches_the_model(tiny_dir, capsys):
     assert main(["generate", "Hi", "--model", str(tiny_dir), "--device", "cpu", "--prepack", "--max-new-tokens", "3",
                  "--temperature", "0"]) == 0
     assert capsys.readouterr().out.strip() != ""
+
+
+# the one-row kernel ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kernel", ["mkl", "onednn"])
+def test_each_one_row_kernel_gives_transformers_greedy_tokens(tiny_dir, hf_tiny, kernel):
+    model = prepack(GPT2.from_pretrained(tiny_dir), one_row=kernel)
+    assert {m.one_row for m in model.modules() if isinstance(m, PackedLinear)} == {kernel}
+    ids = torch.tensor([[464, 3290, 318, 257]])
+    ours = generate(model, ids, max_new_tokens=30, temperature=0, ignore_eos=True)
+    theirs = hf_tiny.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=30,
+                              pad_token_id=50256)
+    assert torch.equal(ours, theirs)
+
+
+def test_kernel_choices_are_measured_once_per_cpu_and_cached(tiny_dir, tmp_path, monkeypatch):
+    import json
+
+    from gpt2lite.transforms import kernels
+    from gpt2lite.transforms.packed import kernel_report
+
+    cache = tmp_path / "kernels.json"
+    model = prepack(GPT2.from_pretrained(tiny_dir), kernel_cache=cache)
+    saved = json.loads(cache.read_text())[kernels.cpu_key()]
+    assert set(saved) == {"64x192", "64x64", "64x256", "256x64", "64x50257"}  # c_attn, c_proj, c_fc, mlp c_proj, head
+    assert all(s["kernel"] in ("mkl", "onednn") and s["mkl_us"] > 0 and s["onednn_us"] > 0 for s in saved.values())
+    assert model.h[0].mlp.c_fc.one_row == saved["64x256"]["kernel"]
+    assert len(kernel_report(model)) == 5 and all("measured" in line for line in kernel_report(model))
+
+    def no_measuring(*args):
+        raise AssertionError("measured again despite the cache")
+
+    monkeypatch.setattr(kernels, "measure", no_measuring)
+    again = prepack(GPT2.from_pretrained(tiny_dir), kernel_cache=cache)
+    assert again.wte.one_row == saved["64x50257"]["kernel"]
+    monkeypatch.undo()
+    cache.write_text("{not json")  # damaged (or deleted): measured again, and the file made whole
+    prepack(GPT2.from_pretrained(tiny_dir), kernel_cache=cache)
+    assert set(json.loads(cache.read_text())[kernels.cpu_key()]) == set(saved)
+    cache.unlink()
+    prepack(GPT2.from_pretrained(tiny_dir), kernel_cache=cache)
+    assert cache.is_file()
+
+
+def _choose_in_a_process(cache: str, width: int) -> None:
+    from gpt2lite.transforms.kernels import choose_kernels
+
+    weights = [torch.randn(width, 32) for _ in range(3)]
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights]
+    for _ in range(5):
+        choose_kernels({f"32x{width}": (weights, packed)}, cache)
+
+
+def test_the_kernel_cache_is_safe_to_share_between_processes(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+
+    cache = tmp_path / "kernels.json"
+    context = mp.get_context("spawn")
+    workers = [context.Process(target=_choose_in_a_process, args=(str(cache), 16 + 8 * i)) for i in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+        assert w.exitcode == 0
+    saved = json.loads(cache.read_text())  # whole JSON, whoever wrote last
+    assert all(choice["kernel"] in ("mkl", "onednn") for shapes in saved.values() for choice in shapes.values())
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary file left behind

@@ -1,0 +1,116 @@
+"""Which float32 product kernel serves a one-row product best on this CPU, by measurement, cached per CPU model.
+
+A decode step of one row multiplies a vector by every weight matrix: the speed is
+the memory bandwidth the kernel reaches, and that depends on the machine. MKL's
+GEMV (``F.linear``) reaches about 12 GB/s on an AMD EPYC (Zen 3) where oneDNN's
+product over a reordered weight reaches 17-21 GB/s; on Intel CPUs MKL has been the
+faster one. So the choice is measured: each distinct weight shape is timed with
+both kernels over the model's own weights of that shape (all of them, as a decode
+step reads them, so caches do not flatter either), and the faster one is kept.
+
+Choices are cached in a JSON file (default ``~/.cache/gpt2lite/kernels.json``)
+under a key naming the CPU model, the PyTorch version and the thread count, so a
+second load on the same machine measures nothing. The file is written atomically
+after merging what is there; a deleted, damaged or foreign file only means the
+shapes are measured again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gpt2lite.io.files import write_json
+
+__all__ = ["KERNELS", "Choice", "choose_kernels", "cpu_key", "default_cache", "measure"]
+
+KERNELS = ("mkl", "onednn")
+_REPEATS = 5
+
+Choice = dict[str, float | str]  # {"kernel": "onednn", "mkl_us": ..., "onednn_us": ...}
+
+
+def default_cache() -> Path:
+    """``~/.cache/gpt2lite/kernels.json``."""
+    return Path.home() / ".cache" / "gpt2lite" / "kernels.json"
+
+
+def cpu_key() -> str:
+    """The CPU model, PyTorch version and thread count: what a measured choice holds for."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+
+
+def _timed(products: Sequence[Callable[[], object]]) -> float:
+    """Median seconds for one pass over ``products`` (after one pass to warm up)."""
+    for product in products:
+        product()
+    times = []
+    for _ in range(_REPEATS):
+        start = time.perf_counter()
+        for product in products:
+            product()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) / len(products)
+
+
+@torch.inference_mode()
+def measure(weights: Sequence[torch.Tensor], packed: Sequence[torch.Tensor]) -> Choice:
+    """Time a one-row product through ``weights`` (MKL) and their reordered ``packed`` copies (oneDNN)."""
+    x = torch.randn(1, weights[0].shape[1])
+    mkl = _timed([lambda w=w: F.linear(x, w) for w in weights])
+    onednn = _timed([lambda p=p: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed])
+    return {"kernel": "onednn" if onednn < mkl else "mkl", "mkl_us": round(mkl * 1e6, 1),
+            "onednn_us": round(onednn * 1e6, 1)}
+
+
+def choose_kernels(
+    groups: dict[str, tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]],
+    cache: str | os.PathLike[str] | None = None,
+) -> dict[str, Choice]:
+    """The kernel for each shape of ``groups`` (``"768x2304"`` -> (weights, packed copies)), measured or cached.
+
+    ``cache`` is the JSON file of earlier choices (None: ``default_cache()``); an
+    unreadable one is ignored and replaced.
+    """
+    path = Path(cache) if cache is not None else default_cache()
+    key = cpu_key()
+    known = _read(path).get(key, {})
+    choices = {shape: known[shape] for shape in groups if _valid(known.get(shape))}
+    missing = [shape for shape in groups if shape not in choices]
+    for shape in missing:
+        choices[shape] = measure(*groups[shape])
+    if missing:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            everything = _read(path)  # again: another process may have written since
+            everything.setdefault(key, {}).update({shape: choices[shape] for shape in missing})
+            write_json(path, everything)
+        except OSError:
+            pass  # a read-only home: the choices still hold for this process
+    return choices
+
+
+def _read(path: Path) -> dict[str, dict[str, Choice]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()) else {}
+
+
+def _valid(choice: object) -> bool:
+    return isinstance(choice, dict) and choice.get("kernel") in KERNELS
