@@ -38,7 +38,7 @@ def main(steps: int = 240, out: str | None = None, progress: bool = True) -> dic
     torch.manual_seed(0)
     model = GPT2(GPT2Config.from_preset("tiny", embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0))
     config = TrainConfig(steps=steps, batch_size=16, block_size=128, lr=3e-3, min_lr=3e-4,
-                         warmup_steps=min(50, steps // 10), eval_interval=max(1, steps // 6), eval_batches=8,
+                         warmup_steps=min(50, steps // 10), eval_interval=max(1, steps // 3), eval_batches=8,
                          save_interval=max(1, steps // 3), progress=progress)
     before = evaluate_loss(model, data, block_size=128, batches=8, batch_size=16)
     t0 = time.perf_counter()

@@ -384,10 +384,10 @@ def test_tokenizer_cache_is_bounded_by_size():
 def test_long_prompt_is_refused_before_encoding(tiny_dir, monkeypatch):
     gen = TextGenerator.from_pretrained(tiny_dir)
     monkeypatch.setattr(gen.tokenizer, "encode", lambda *a, **k: pytest.fail("the prompt was encoded"))
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU time: a loaded machine does not inflate it
     with pytest.raises(ValueError, match="more tokens than fit"):
         gen("x" * 10_000_000, max_new_tokens=5)
-    assert time.perf_counter() - t0 < 1.0
+    assert time.process_time() - t0 < 1.0
 
 
 def test_perplexity_batches_windows_and_shows_progress(tiny, capsys):

@@ -141,9 +141,10 @@ def write_bpe_files(directory: str | os.PathLike[str], vocab: Mapping[bytes, int
     """``vocab.json`` and ``merges.txt`` in GPT-2's spelling (what transformers' ``GPT2Tokenizer`` reads)."""
     directory = Path(directory)
     to_text = bytes_to_unicode()
+    table = {b: to_text[b] for b in range(256)}  # latin-1 decoding keeps byte b as code point b
 
     def spell(token: bytes) -> str:
-        return "".join(to_text[b] for b in token)
+        return token.decode("latin-1").translate(table)
 
     entries = {spell(t): i for t, i in vocab.items()}
     entries.update(special_tokens)
