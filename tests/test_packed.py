@@ -107,28 +107,28 @@ def test_kernel_choices_are_measured_once_per_cpu_and_cached(tiny_dir, tmp_path,
     assert cache.is_file()
 
 
-def _choose_in_a_process(cache: str, width: int) -> None:
-    from gpt2lite.transforms.kernels import choose_kernels
-
-    weights = [torch.randn(width, 32) for _ in range(3)]
-    packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights]
-    for _ in range(5):
-        choose_kernels({f"32x{width}": (weights, packed)}, cache)
+_CHOOSE = """
+import sys, torch
+from gpt2lite.transforms.kernels import choose_kernels
+cache, width = sys.argv[1], int(sys.argv[2])
+weights = [torch.randn(width, 32) for _ in range(3)]
+packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights]
+for _ in range(5):
+    choose_kernels({f"32x{width}": (weights, packed)}, cache)
+"""
 
 
 def test_the_kernel_cache_is_safe_to_share_between_processes(tmp_path):
     import json
-
-    import torch.multiprocessing as mp
+    import subprocess
+    import sys
 
     cache = tmp_path / "kernels.json"
-    context = mp.get_context("spawn")
-    workers = [context.Process(target=_choose_in_a_process, args=(str(cache), 16 + 8 * i)) for i in range(3)]
+    workers = [subprocess.Popen([sys.executable, "-c", _CHOOSE, str(cache), str(16 + 8 * i)],
+                                stderr=subprocess.PIPE, text=True) for i in range(3)]
     for w in workers:
-        w.start()
-    for w in workers:
-        w.join(timeout=120)
-        assert w.exitcode == 0
+        _, err = w.communicate(timeout=300)
+        assert w.returncode == 0, err
     saved = json.loads(cache.read_text())  # whole JSON, whoever wrote last
     assert all(choice["kernel"] in ("mkl", "onednn") for shapes in saved.values() for choice in shapes.values())
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary file left behind
