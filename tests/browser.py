@@ -11,7 +11,9 @@ import base64
 import contextlib
 import itertools
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -80,12 +82,13 @@ def open_page(url: str, chromium: str | None = None) -> Iterator[Page]:
     chromium = chromium or find_chromium()
     if chromium is None:
         raise FileNotFoundError("no Chromium on this machine (apt-get install -y chromium)")
-    with tempfile.TemporaryDirectory() as profile:
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         process = subprocess.Popen(
             [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
              "--no-default-browser-check", "--remote-debugging-port=0", "--remote-allow-origins=*",
              f"--user-data-dir={profile}", "about:blank"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,  # its own process group: the renderers and helpers are stopped with it
         )
         try:
             endpoint = None
@@ -109,7 +112,10 @@ def open_page(url: str, chromium: str | None = None) -> Iterator[Page]:
                 page.wait_for("document.readyState === 'complete'")
                 yield page
         finally:
-            process.kill()
+            # Kill every Chromium process, not only the first: a helper left running keeps writing into the
+            # profile while it is removed ("Directory not empty"), as seen on a loaded machine.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=30)
 
 
