@@ -471,28 +471,22 @@ _DELIMITER = "=" * 20  # between completions in a text --out file, as gpt-2-simp
 
 def _prompt_file(path: str, jsonl: bool) -> list[tuple[str, dict[str, Any]]]:
     """(prompt, options) per row of a prompt file; every row is checked before anything is generated."""
-    import json
-
     from gpt2lite.generation.options import GenerationOptions
+    from gpt2lite.io.records import jsonl_records
 
-    fields = {f.name for f in dataclasses.fields(GenerationOptions)} | {"stop", "bad_words"}
-    rows = []
-    for n, line in enumerate(_lines(_read_input(path, "prompts", is_file=True)), start=1):
-        if not jsonl:
-            rows.append((line, {}))  # multi-line prompts: --jsonl
-            continue
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path!r} line {n} is not valid JSON: {exc}") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise ValueError(f"{path!r} line {n}: each row is an object with a 'prompt' string")
-        unknown = sorted(set(row) - fields - {"prompt"})
-        if unknown:
-            raise ValueError(f"{path!r} line {n}: unknown option(s) {unknown}")
-        rows.append((row.pop("prompt"), row))
+    lines = _lines(_read_input(path, "prompts", is_file=True))
+    if not jsonl:
+        rows = [(line, {}) for line in lines]  # multi-line prompts: --jsonl
+    else:
+        fields = {f.name for f in dataclasses.fields(GenerationOptions)} | {"stop", "bad_words"}
+        rows = []
+        for where, row in jsonl_records(lines, path):
+            if not isinstance(row.get("prompt"), str):
+                raise ValueError(f"{where}: each row is an object with a 'prompt' string")
+            unknown = sorted(set(row) - fields - {"prompt"})
+            if unknown:
+                raise ValueError(f"{where}: unknown option(s) {unknown}")
+            rows.append((row.pop("prompt"), row))
     if not rows:
         raise ValueError(f"{path!r} holds no prompts")
     return rows

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TABLE_SUFFIXES", "column", "iter_records"]
+__all__ = ["TABLE_SUFFIXES", "column", "iter_records", "jsonl_records"]
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
 
@@ -34,7 +34,7 @@ def iter_records(path: str | Path, *, suffixes: tuple[str, ...] = TABLE_SUFFIXES
         raise ValueError(f"{str(path)!r}: {what} must be {named} (JSONL: one JSON object per line)")
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
-            yield from _csv_rows(f, path, suffix) if suffix in (".csv", ".tsv") else _jsonl_rows(f, path)
+            yield from _csv_rows(f, path, suffix) if suffix in (".csv", ".tsv") else jsonl_records(f, str(path))
     except UnicodeDecodeError as exc:
         raise ValueError(f"{str(path)!r} is not UTF-8 text: {exc}") from None
 
@@ -62,14 +62,20 @@ def _csv_rows(f: Any, path: Path, suffix: str) -> Iterator[Record]:
         raise ValueError(f"{str(path)!r} line {reader.line_num + 1}: {exc}; for very long texts use JSONL") from None
 
 
-def _jsonl_rows(f: Any, path: Path) -> Iterator[Record]:
-    for n, line in enumerate(f, start=1):
+def jsonl_records(lines: Iterable[str], source: str) -> Iterator[Record]:
+    """Each JSON object of ``lines`` (blank lines skipped) with where it stands, ``source`` naming the file.
+
+    >>> list(jsonl_records(['{"prompt": "Hi"}', ""], "prompts.jsonl"))
+    [("'prompts.jsonl' line 1", {'prompt': 'Hi'})]
+    """
+    for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
+        where = f"{source!r} line {n}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{str(path)!r} line {n} is not valid JSON: {exc}") from None
+            raise ValueError(f"{where} is not valid JSON: {exc}") from None
         if not isinstance(record, dict):
-            raise ValueError(f"{str(path)!r} line {n} is not a JSON object")
-        yield f"{str(path)!r} line {n}", record
+            raise ValueError(f"{where} is not a JSON object")
+        yield where, record
