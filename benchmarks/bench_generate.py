@@ -6,12 +6,12 @@ no early stop, first gpt2lite then transformers, for each batch size. Prints
 the median tokens/s (new tokens x batch / wall time) and the ratio.
 
     python benchmarks/bench_generate.py [--device cpu|cuda] [--dtype float32|float16] [--rounds 5]
-        [--quantize int8] [--prepack]
+        [--quantize int8|int4] [--prepack]
 
 ``--prepack`` prints which kernel each product shape uses at one row and why (the
 times ``prepack`` measured on this CPU, or found in its cache).
 
-``--quantize int8`` also times gpt2lite with int8 weights (same checkpoint, quantized
+``--quantize int8`` (or int4) also times gpt2lite with quantized weights (same checkpoint, quantized
 at load) in the same alternating rounds.
 """
 
@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--compile", action="store_true", help="also time gpt2lite's compiled CUDA-graph path")
-    parser.add_argument("--quantize", choices=["int8"], default=None, help="also time gpt2lite quantized")
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None, help="also time gpt2lite quantized")
     parser.add_argument("--prepack", action="store_true", help="also time gpt2lite with prepack() (CPU, float32)")
     args = parser.parse_args()
 

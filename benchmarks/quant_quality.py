@@ -1,4 +1,4 @@
-"""Quality of int8 inference on a GPT-2 trained from scratch on real text, beside float32.
+"""Quality of int8 and int4 inference on a GPT-2 trained from scratch on real text, beside float32.
 
 Random checkpoints are too chaotic to judge quantization, so this trains a small
 GPT-2 (GPT-2's own tokenizer and vocabulary, 4 layers, 256 wide) on the Python
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from gpt2lite import GPT2, GPT2Config, TrainConfig, generate, load_model, prepare_data, train
+from gpt2lite import GPT2, GPT2Config, TrainConfig, generate, load_model, prepare_data, quantize, train
 from gpt2lite.text.scoring import perplexity
 from gpt2lite.transforms.quantize import QUANTIZE_MODES
 
@@ -69,6 +69,8 @@ def main() -> None:
     block = 128  # the window length it was trained on: later positions never were
     models = {"float32": GPT2.from_pretrained(final)}
     models.update({mode: load_model(final, quantize=mode) for mode in QUANTIZE_MODES})
+    for group_size in (32, 128):  # int4's default groups are 64 inputs wide
+        models[f"int4/{group_size}"] = quantize(GPT2.from_pretrained(final), "int4", group_size=group_size)
     prompts = [val[i : i + 32] for i in torch.linspace(0, len(val) - 200, 16).long().tolist()]
     reference: dict[str, object] = {}
     print(f"held-out: {len(val)} tokens; model {final}")

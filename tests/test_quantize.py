@@ -1,4 +1,4 @@
-"""int8 inference: layers against float references with error bounds from the scales, and the model end to end."""
+"""int8 and int4 inference: layers against float references with error bounds from the scales, and whole models."""
 
 from __future__ import annotations
 
@@ -8,7 +8,15 @@ import torch.nn.functional as F
 
 from gpt2lite import TextGenerator, TrainConfig, generate, load_model, prepare_data, quantize, save_model, train
 from gpt2lite.cli import QUANTIZE_CHOICES, build_parser, main
-from gpt2lite.transforms.quantize import QUANTIZE_MODES, Int8Embedding, Int8Linear, is_quantized
+from gpt2lite.errors import NonFiniteError
+from gpt2lite.transforms.quantize import (
+    QUANTIZE_MODES,
+    Int4Embedding,
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    is_quantized,
+)
 
 
 def _layer(out_features: int = 96, in_features: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +139,89 @@ def test_cli_quantize_flag_reaches_the_model(tiny_dir, tmp_path, capsys):
     assert printed[True] != printed[False]
     assert main(["generate", "Hi", "--model", str(tiny_dir), "--device", "cpu", "--quantize", "int8",
                  "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    assert main(["generate", "Hi", "--model", str(tiny_dir), "--device", "cpu", "--quantize", "int4",
+                 "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
-        main(["generate", "Hi", "--model", str(tiny_dir), "--quantize", "int4"])
+        main(["generate", "Hi", "--model", str(tiny_dir), "--quantize", "int3"])
     assert exc.value.code == 2
-    assert "invalid choice: 'int4'" in capsys.readouterr().err
+    assert "invalid choice: 'int3'" in capsys.readouterr().err
+
+
+# int4: 4-bit codes with a scale and offset per group of inputs, PyTorch's CPU kernel against our own dequantization.
+
+def _plain_copy(layer: Int4Linear) -> Int4Linear:
+    """The same codes in plain rows (two a byte), which every product dequantizes: the path off the CPU kernel."""
+    codes = layer.dequantize()  # float, (out, in); recover the codes from the scales to repack them
+    scale, zero = layer.scales_and_zeros[:, :layer.out_features].permute(2, 1, 0)  # (out, G)
+    groups = codes.view(layer.out_features, -1, layer.group_size)
+    q = ((groups - zero.unsqueeze(-1)) / scale.unsqueeze(-1) + 8).round().to(torch.int32).flatten(1)  # (out, in)
+    padded = layer.weight.shape[0]
+    q = F.pad(q, (0, 0, 0, padded - layer.out_features), value=8)
+    plain = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+    return Int4Linear(plain, 0, layer.scales_and_zeros, layer.bias, layer.out_features, layer.group_size)
+
+
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_int4_weights_round_to_within_half_a_step_of_their_group(group_size):
+    w, b = _layer(out_features=100, in_features=128)
+    layer = Int4Linear.from_float(w, b, group_size=group_size)
+    assert layer.weight.dtype == torch.uint8 and layer.weight.shape == (128, 64)  # 100 rows padded to 128
+    groups = w.view(100, -1, group_size)
+    step = (groups.amax(-1) - groups.amin(-1)) / 15  # (out, G)
+    error = (layer.dequantize() - w).abs().view(100, -1, group_size)
+    assert bool((error <= step.unsqueeze(-1) / 2 + 1e-6).all())
+    assert layer.block > 0, "PyTorch's int4 CPU kernel should pack this weight"
+
+
+@pytest.mark.parametrize("rows", [1, 3, 17])
+def test_int4_cpu_kernel_equals_dequantizing_every_product(rows):
+    w, b = _layer(out_features=100, in_features=128, seed=rows)
+    layer = Int4Linear.from_float(w, b, group_size=32)
+    plain = _plain_copy(layer)
+    assert plain.block == 0 and torch.equal(plain.dequantize(), layer.dequantize())
+    x = torch.randn(rows, 2, 128)
+    expected = F.linear(x.double(), layer.dequantize().double(), b.double())
+    for path in (layer, plain):  # PyTorch's kernel over its own layout; our dequantization of plain rows
+        y = path(x)
+        assert y.shape == (rows, 2, 100)
+        assert torch.allclose(y.double(), expected, atol=1e-4, rtol=1e-5)
+
+
+def test_int4_embedding_rows_and_tied_head_use_the_same_codes():
+    w, _ = _layer(out_features=50257 // 200 * 2, in_features=64)  # an odd-sized vocabulary: padded rows
+    emb = Int4Embedding.from_float(w, group_size=32)
+    ids = torch.tensor([[0, 7, w.shape[0] - 1], [63, 64, 1]])  # both halves of a packed block of rows
+    assert torch.equal(emb(ids), emb.dequantize()[ids])
+    x = torch.randn(2, 3, 64)
+    logits = emb.project(x)
+    assert logits.shape == (2, 3, w.shape[0])  # the padding rows are cut off, never sampled
+    assert torch.allclose(logits.double(), x.double() @ emb.dequantize().double().T, atol=1e-4)
+
+
+def test_int4_model_follows_its_dequantized_weights_and_generates(tiny_dir, tiny):
+    q = load_model(tiny_dir, quantize="int4")
+    assert is_quantized(q) and q.wte.weight.shape == (50304, 32)  # 64 wide, two codes a byte; 50257 padded
+    reference = load_model(tiny_dir)  # float, with every quantized weight put back as the float it stands for
+    with torch.no_grad():
+        for name, module in q.named_modules():
+            if isinstance(module, Int4Linear):
+                reference.get_submodule(name).weight.copy_(module.dequantize())
+    ids = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(q(ids), reference(ids), atol=1e-4)
+    greedy = generate(q, ids, max_new_tokens=8, temperature=0, ignore_eos=True)
+    assert torch.equal(greedy, generate(reference, ids, max_new_tokens=8, temperature=0, ignore_eos=True))
+    sampled = generate(q, ids, max_new_tokens=6, temperature=1.0, top_k=20, seed=1, ignore_eos=True)
+    assert sampled.shape == (2, 18) and int(sampled.max()) < 50257
+
+
+def test_int4_refuses_what_it_cannot_hold(tiny_dir):
+    with pytest.raises(ValueError, match="group_size must be 32, 64, 128 or 256"):
+        quantize(load_model(tiny_dir), "int4", group_size=48)
+    with pytest.raises(ValueError, match=r"multiple of group_size=128; this model has \[64\]"):
+        quantize(load_model(tiny_dir), "int4", group_size=128)
+    w, _ = _layer(out_features=64, in_features=64)
+    w[3, 5] = float("inf")
+    with pytest.raises(NonFiniteError, match="int8 and int4 cannot represent"):
+        Int4Linear.from_float(w)

@@ -331,14 +331,14 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default: float32)")
     parser.add_argument("--offline", action="store_true", help="use only files already in the hub cache")
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
-                        help="int8 weights: faster inference (default: off)")
+                        help="int8 weights (faster inference) or int4 (smallest; default: off)")
     parser.add_argument("--adapter", default=None, help="a LoRA adapter directory (PEFT format) to apply")
     parser.add_argument("--prepack", action="store_true",
                         help="float32 on the CPU: faster batches of 4+ rows for twice the weight memory")
 
 
 # gpt2lite.transforms.quantize.QUANTIZE_MODES, spelled out so that parsing arguments needs no torch.
-QUANTIZE_CHOICES = ("int8",)
+QUANTIZE_CHOICES = ("int8", "int4")
 
 
 def _load_text_generator(args: argparse.Namespace, name_or_path: str, *, draft: bool = False) -> TextGenerator:

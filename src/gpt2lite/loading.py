@@ -64,7 +64,8 @@ def load_model(
     classifier; ``labels`` puts a new head for those classes on a language model.
     ``adapter`` is a LoRA adapter directory in the PEFT format (ours or ``peft``'s);
     ``merge_adapter=True`` folds it into the weights (inference). ``quantize="int8"``
-    stores the linear layers in int8 (inference only; adapters are merged first);
+    (or ``"int4"``) stores the linear layers in int8 (int4: groups of 64 inputs
+    share a scale; inference only; adapters are merged first);
     ``prepack=True`` adds oneDNN-reordered weights for float32 CPU batches. Example::
 
         model = load_model("gpt2", quantize="int8")
@@ -116,7 +117,7 @@ def save_model(model: nn.Module, directory: str | os.PathLike[str], *,
     """
     if is_quantized(model):
         raise ValueError("saving a quantized model is not supported: save the float model and load it "
-                         "with quantize='int8'")
+                         "with quantize='int8' or 'int4'")
     if has_lora(model):
         directory = save_adapter(model, directory)
     else:

@@ -67,7 +67,7 @@ class TextGenerator:
     ) -> TextGenerator:
         """Load model and tokenizer from a hub id or local path (see ``gpt2lite.load_model``).
 
-        ``quantize="int8"`` loads a GPT-2 with int8 weights (faster, inference only).
+        ``quantize="int8"`` loads a GPT-2 with int8 weights (faster, inference only; ``"int4"``: smaller).
         ``adapter`` puts a LoRA adapter (PEFT format) on it, merged into the weights;
         a directory that holds only an adapter loads the base model it names.
         ``prepack=True`` adds oneDNN-reordered weights for faster float32 CPU

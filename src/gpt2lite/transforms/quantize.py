@@ -1,8 +1,8 @@
-"""int8 inference: GPT-2's linear layers and tied embedding with int8 weights and per-channel scales.
+"""Quantized inference: GPT-2's linear layers and tied embedding in int8 or int4.
 
-Each weight row (one output channel) is stored as int8 with one float scale,
-``w ≈ q * scale`` with ``scale = max|w_row| / 127``: a quarter of float32's bytes,
-which is what a bandwidth-bound decode step pays for.
+``int8``: each weight row (one output channel) is stored as int8 with one float
+scale, ``w ≈ q * scale`` with ``scale = max|w_row| / 127``: a quarter of
+float32's bytes, which is what a bandwidth-bound decode step pays for.
 
 How the product is computed depends on where it runs, because it was measured
 rather than assumed (2-core AVX-512 CPU, GPT-2 124M, one decode step's matmuls):
@@ -17,6 +17,17 @@ rather than assumed (2-core AVX-512 CPU, GPT-2 124M, one decode step's matmuls):
   batched beside it;
 - elsewhere (CUDA, or other dtypes): weight-only, ``x @ q.T * scale`` with the
   activations kept in floating point.
+
+``int4``: weight-only, 4 bits per weight plus a float scale and offset per group
+of ``group_size`` inputs of each row, ``w ≈ (q - 8) * scale + zero`` with ``q``
+in 0..15 (the min/max form gpt-fast and torchao use): an eighth of float32's
+bytes for the weights. On the CPU the product is PyTorch's
+``_weight_int4pack_mm_for_cpu``, whose activations stay float32, so a row's
+output does not depend on its batch neighbours. Its kernel needs the output
+width to be a multiple of 16, so the LM head is padded to a multiple of 64 rows
+(50257 -> 50304, as nanoGPT pads its vocabulary); the padded logits are cut off
+before anyone sees them, so they are never sampled. Elsewhere the weight is
+dequantized for each product.
 
 Training stays in floating point: ``train`` refuses a quantized model.
 """
@@ -33,13 +44,16 @@ from torch import nn
 from gpt2lite.errors import NonFiniteError
 from gpt2lite.models.gpt2 import GPT2
 
-__all__ = ["QUANTIZE_MODES", "Int8Embedding", "Int8Linear", "QuantizeMode", "is_quantized", "quantize"]
+__all__ = ["QUANTIZE_MODES", "Int4Embedding", "Int4Linear", "Int8Embedding", "Int8Linear", "QuantizeMode",
+           "is_quantized", "quantize"]
 
-QuantizeMode = Literal["int8"]
+QuantizeMode = Literal["int8", "int4"]
 QUANTIZE_MODES: tuple[str, ...] = get_args(QuantizeMode)
 
 _OVERFLOWED = ("the model's activations overflowed (NaN or inf) in its int8 layers; load the model without "
                "quantize, or check the checkpoint")
+_NON_FINITE_WEIGHTS = ("hold NaN or inf values, which int8 and int4 cannot represent (a diverged training run?); "
+                       "check the checkpoint")
 
 # The activations fbgemm quantizes are kept to 7 bits: without VNNI (AVX2-only CPUs) its kernels
 # add pairs of u8*s8 products in int16, which 8-bit activations could overflow; torch's own
@@ -51,8 +65,7 @@ def _quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 rows and their scales: ``weight ≈ q * scale[:, None]``; a non-finite weight is refused."""
     w = weight.detach().float()
     if not bool(torch.isfinite(w).all()):  # its row's scale would be inf: the row would become zeros
-        raise NonFiniteError("the weights hold NaN or inf values, which int8 cannot represent (a diverged "
-                             "training run?); check the checkpoint")
+        raise NonFiniteError(f"the weights {_NON_FINITE_WEIGHTS}")
     scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127  # (out,)
     q = (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)  # (out, in); one float temporary
     return q, scale
@@ -152,18 +165,158 @@ class Int8Embedding(Int8Linear):
         return super().forward(x)
 
 
+INT4_GROUP_SIZE = 64  # inputs per scale/offset pair: 4 + 2 * 32 / 64 = 5 bits a weight with float32 scales
+_INT4_ROWS = 64  # the int4 layers' output widths are padded to a multiple of this
+
+
+def _quantize_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """4-bit codes ``(out, in)`` int32 in 0..15 and ``(in / group_size, out, 2)`` scales and offsets.
+
+    ``weight ≈ (q - 8) * scale + zero`` within each group of ``group_size`` inputs of a row.
+    """
+    w = weight.detach().float()
+    if not bool(torch.isfinite(w).all()):
+        raise NonFiniteError(f"the weights {_NON_FINITE_WEIGHTS}")
+    out_features, in_features = w.shape
+    groups = w.view(out_features, in_features // group_size, group_size)  # (out, G, gs)
+    low, high = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)  # (out, G, 1)
+    scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
+    q = ((groups - low) / scale).round_().clamp_(0, 15).to(torch.int32).view(out_features, in_features)
+    zero = low + 8 * scale  # so that (q - 8) * scale + zero == low + q * scale
+    scales_and_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous()  # (G, out, 2)
+    return q, scales_and_zeros
+
+
+def _unpack_int4(packed: torch.Tensor, block: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The int32 codes ``(out, in)`` (or only ``rows``) of a packed int4 weight ``(out, in / 2)`` uint8.
+
+    ``block == 0``: plain rows, two codes a byte (even input in the low nibble).
+    ``block > 0``: the CPU kernel's layout, blocks of ``block`` output rows stored
+    input-major, row ``r`` of a block in the low nibble and row ``r + block / 2``
+    in the high one.
+    """
+    out_features, half_in = packed.shape
+    rows = torch.arange(out_features, device=packed.device) if rows is None else rows
+    if block == 0:
+        picked = packed[rows].to(torch.int32)  # (R, in / 2)
+        return torch.stack([picked & 15, picked >> 4], dim=-1).flatten(-2)  # (R, in)
+    half = block // 2
+    tiles = packed.view(out_features // block, 2 * half_in, half)  # (out / block, in, block / 2)
+    within = rows % block
+    picked = tiles[rows // block, :, within % half].to(torch.int32)  # (R, in)
+    return (picked >> (4 * (within >= half)).unsqueeze(-1).to(torch.int32)) & 15
+
+
+def _pack_int4(q: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``q`` packed two codes a byte, and its layout (see ``_unpack_int4``).
+
+    On the CPU the weight is packed by PyTorch's own int4 kernel, whose block of
+    rows depends on the build and CPU; the layout is found by checking the packed
+    bytes against ``q``, so the same bytes serve the kernel and the embedding
+    lookup (one copy). Where the kernel is missing or its layout is not one of
+    these, plain rows are kept and products dequantize.
+    """
+    if q.device.type == "cpu":
+        try:
+            packed = torch._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2)
+        except (RuntimeError, AttributeError):  # no such kernel in this build
+            packed = None
+        if packed is not None and packed.shape == (q.shape[0], q.shape[1] // 2):
+            for block in (32, 64, 16):
+                if q.shape[0] % block == 0 and torch.equal(_unpack_int4(packed, block), q):
+                    return packed, block
+    plain = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)  # (out, in / 2)
+    return plain, 0
+
+
+class Int4Linear(nn.Module):
+    """A linear layer with 4-bit weights and a float scale and offset per group of inputs of each output row."""
+
+    def __init__(self, packed: torch.Tensor, block: int, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None,
+                 out_features: int, group_size: int) -> None:
+        """Wrap an already packed weight (see ``_pack_int4``); ``Int4Linear.from_float`` quantizes one."""
+        super().__init__()
+        padded, half_in = packed.shape
+        if packed.dtype != torch.uint8 or scales_and_zeros.shape != (2 * half_in // group_size, padded, 2) \
+                or not 0 < out_features <= padded:
+            raise ValueError("Int4Linear needs a uint8 (out, in / 2) weight and (in / group_size, out, 2) scales")
+        self.register_buffer("weight", packed)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.register_buffer("bias", bias)
+        self.block = block
+        self.group_size = group_size
+        self.out_features = out_features
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                   group_size: int = INT4_GROUP_SIZE) -> Int4Linear:
+        """Quantize a float ``(out, in)`` weight group by group; scales, offsets and bias keep the weight's dtype."""
+        out_features, in_features = weight.shape
+        if group_size < 2 or group_size % 2 or in_features % group_size:
+            raise ValueError(f"int4 needs the input width ({in_features}) to be a multiple of an even group "
+                             f"size, got group_size={group_size}")
+        padded = -(-out_features // _INT4_ROWS) * _INT4_ROWS
+        # Padding rows are zeros: every code 8 with zero offset, so they dequantize to exactly 0.
+        w = F.pad(weight.detach().float(), (0, 0, 0, padded - out_features))  # (padded, in)
+        q, scales_and_zeros = _quantize_groups(w, group_size)
+        packed, block = _pack_int4(q)
+        return cls(packed, block, scales_and_zeros.to(weight.dtype), None if bias is None else bias.detach().clone(),
+                   out_features, group_size)
+
+    @property
+    def in_features(self) -> int:
+        """Width of the input."""
+        return self.weight.shape[1] * 2
+
+    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The float weight ``(q - 8) * scale + zero`` this layer stands for, ``(out, in)`` (or only ``rows``)."""
+        rows = torch.arange(self.out_features, device=self.weight.device) if rows is None else rows
+        q = _unpack_int4(self.weight, self.block, rows)  # (R, in)
+        scale, zero = self.scales_and_zeros[:, rows].permute(2, 1, 0)  # (R, G) each
+        groups = q.view(*q.shape[:-1], -1, self.group_size).to(scale.dtype)  # (R, G, gs)
+        return ((groups - 8) * scale.unsqueeze(-1) + zero.unsqueeze(-1)).flatten(-2)  # (R, in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T + b`` for ``x`` ``(..., in)``."""
+        if self.block and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            rows = x.reshape(-1, x.shape[-1])  # (N, in): the kernel takes 2-D activations
+            y = torch._weight_int4pack_mm_for_cpu(rows, self.weight, self.group_size,
+                                                  self.scales_and_zeros.to(x.dtype))  # (N, padded out)
+            y = y[:, :self.out_features].view(*x.shape[:-1], self.out_features)  # padding cut: never sampled
+        else:
+            y = F.linear(x, self.dequantize().to(x.dtype))  # (..., out)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"group_size={self.group_size}")
+
+
+class Int4Embedding(Int4Linear):
+    """A token embedding stored as ``Int4Linear`` rows: looked up by id, and used as the tied LM head."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """The (dequantized) embedding rows of ``ids``: ``(*ids.shape, n_embd)``."""
+        return self.dequantize(ids.reshape(-1)).view(*ids.shape, self.in_features)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``x @ E.T`` of hidden states ``(..., n_embd)`` against every embedding row."""
+        return super().forward(x)
+
+
 def is_quantized(model: nn.Module) -> bool:
     """Whether any layer of ``model`` holds quantized weights."""
-    return any(isinstance(m, Int8Linear) for m in model.modules())
+    return any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
 
 
-def quantize(model: nn.Module, mode: QuantizeMode = "int8") -> nn.Module:
+def quantize(model: nn.Module, mode: QuantizeMode = "int8", *, group_size: int = INT4_GROUP_SIZE) -> nn.Module:
     """Quantize a GPT-2's linear layers and its tied embedding / LM head in place; return the model.
 
     Only inference: the result generates, streams, serves and scores like the
-    float model, but does not train. Example::
+    float model, but does not train. ``group_size`` (int4 only: 32, 64, 128 or
+    256) is how many inputs share a scale. Example::
 
-        model = quantize(GPT2.from_pretrained("gpt2"), "int8")
+        model = quantize(GPT2.from_pretrained("gpt2"), "int4")
     """
     if mode not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {mode!r}")
@@ -172,19 +325,33 @@ def quantize(model: nn.Module, mode: QuantizeMode = "int8") -> nn.Module:
         raise TypeError(f"quantize works on GPT-2 models, not {type(model).__name__}")
     if is_quantized(body):
         raise ValueError("the model is already quantized")
+    if mode == "int4":
+        if group_size not in (32, 64, 128, 256):
+            raise ValueError(f"group_size must be 32, 64, 128 or 256 (the CPU kernel's), got {group_size!r}")
+        widths = {layer.in_features for layer in body.modules() if isinstance(layer, nn.Linear)}
+        uneven = sorted(w for w in widths if w % group_size)
+        if uneven:
+            raise ValueError(f"int4 needs every layer's input width to be a multiple of group_size={group_size}; "
+                             f"this model has {uneven}: pass a smaller group_size (32)")
     bad = [name for name, p in body.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad:
-        raise NonFiniteError(f"the weights {bad[:4]} hold NaN or inf values, which int8 cannot represent (a "
-                             "diverged training run?); check the checkpoint")
+        raise NonFiniteError(f"the weights {bad[:4]} {_NON_FINITE_WEIGHTS}")
+
+    def linear(weight: torch.Tensor, bias: torch.Tensor | None = None, embedding: bool = False) -> nn.Module:
+        if mode == "int4":
+            kind4 = Int4Embedding if embedding else Int4Linear
+            return kind4.from_float(weight, bias, group_size=group_size)
+        return (Int8Embedding if embedding else Int8Linear).from_float(weight, bias)
+
     with torch.no_grad():
         for block in body.h:
             for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"),
                                  (block.mlp, "c_proj")):
                 layer = getattr(parent, name)
-                setattr(parent, name, Int8Linear.from_float(layer.weight, layer.bias))
-        body.wte = Int8Embedding.from_float(body.wte.weight)
+                setattr(parent, name, linear(layer.weight, layer.bias))
+        body.wte = linear(body.wte.weight, embedding=True)
         if body.lm_head is not None:  # an untied head (tie_word_embeddings: false)
-            body.lm_head = Int8Linear.from_float(body.lm_head.weight)
+            body.lm_head = linear(body.lm_head.weight)
         # What stays in floating point (positions, LayerNorms) may still be a view of the mapped
         # checkpoint file, which would keep the whole float file resident: give it its own memory.
         for p in body.parameters():
