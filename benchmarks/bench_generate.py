@@ -8,7 +8,8 @@ the median tokens/s (new tokens x batch / wall time) and the ratio.
     python benchmarks/bench_generate.py [--device cpu|cuda] [--dtype float32|float16] [--rounds 5]
         [--quantize int8|int4] [--prepack]
 
-``--prepack`` prints which kernel each product shape uses at one row and why (the
+``--prepack`` also times ``prepack(model)`` and ``prepack(model, copy=False)`` (one
+copy of each weight), and prints which kernel each product shape uses and why (the
 times ``prepack`` measured on this CPU, or found in its cache).
 
 ``--quantize int8`` (or int4) also times gpt2lite with quantized weights (same checkpoint, quantized
@@ -57,6 +58,8 @@ def main() -> None:
         quantized = load_model(tmp, device=device, dtype=dtype, quantize=args.quantize) \
             if args.quantize else None
         packed = prepack(GPT2.from_pretrained(tmp, device=device, dtype=dtype)) if args.prepack else None
+        one_copy = prepack(GPT2.from_pretrained(tmp, device=device, dtype=dtype), copy=False) \
+            if args.prepack else None
         theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp, dtype=dtype).to(device).eval()
 
     def run_ours(ids, model=ours, **kw):
@@ -76,15 +79,17 @@ def main() -> None:
         runners[f"gpt2lite {args.quantize}"] = partial(run_ours, model=quantized)
     if packed is not None:
         runners["gpt2lite prepacked"] = partial(run_ours, model=packed)
+        runners["prepack copy=False"] = partial(run_ours, model=one_copy)
 
     print(f"device={device} dtype={dtype} threads={torch.get_num_threads()} prompt={args.prompt} "
           f"new={args.new} greedy, {args.rounds} rounds, medians")
     print(f"cpu: {cpu_key()}")
     print("kernels: gpt2lite plain: F.linear (MKL) for every product")
     if packed is not None:
-        print("kernels: gpt2lite prepacked (per product shape):")
-        for line in kernel_report(packed):
-            print(f"  {line}")
+        for name, model in (("prepacked", packed), ("prepack copy=False", one_copy)):
+            print(f"kernels: gpt2lite {name} (per product shape):")
+            for line in kernel_report(model):
+                print(f"  {line}")
     for batch in args.batch:
         ids = torch.randint(0, 50257, (batch, args.prompt), generator=torch.Generator().manual_seed(batch)).to(device)
         outputs = {name: run(ids) for name, run in runners.items()}  # warm-up (and compile)

@@ -12,16 +12,20 @@ from gpt2lite.cli import build_parser, main
 from gpt2lite.transforms.packed import MIN_ROWS, PackedLinear
 
 
+@pytest.mark.parametrize("one_row", ["mkl", "onednn"])
+@pytest.mark.parametrize("copy", [True, False])
 @pytest.mark.parametrize("rows", [1, MIN_ROWS, 8, 40])
-def test_packed_product_equals_the_float_product(rows):
+def test_packed_product_equals_the_float_product(rows, copy, one_row):
     torch.manual_seed(0)
     layer = nn.Linear(64, 96)
     packed = PackedLinear.wrap(layer)
+    packed.copy, packed.one_row = copy, one_row
     x = torch.randn(rows, 64)
     with torch.no_grad():
         expected = F.linear(x.double(), layer.weight.double(), layer.bias.double())
         torch.testing.assert_close(packed(x).double(), expected, atol=1e-5, rtol=1e-5)
-    assert (packed._packed is not None) == (rows >= MIN_ROWS)  # small batches keep the plain product
+    # The reordered copy is made for batches only, and only when asked for: one row reads the weight as it is.
+    assert (packed._packed is not None) == (rows >= MIN_ROWS and copy)
 
 
 def test_a_changed_weight_is_reordered_again():
@@ -78,6 +82,19 @@ def test_each_one_row_kernel_gives_transformers_greedy_tokens(tiny_dir, hf_tiny,
     assert torch.equal(ours, theirs)
 
 
+def test_one_copy_prepack_keeps_transformers_greedy_tokens_and_adds_no_weights(tiny_dir, hf_tiny):
+    model = prepack(GPT2.from_pretrained(tiny_dir), one_row="onednn", copy=False)
+    ids = torch.tensor([[464, 3290, 318, 257], [50, 1000, 7, 2]])
+    for batch in (ids[:1], ids):  # one row through oneDNN over the plain weights; two rows through MKL
+        ours = generate(model, batch, max_new_tokens=20, temperature=0, ignore_eos=True)
+        theirs = hf_tiny.generate(batch, attention_mask=torch.ones_like(batch), do_sample=False,
+                                  max_new_tokens=20, pad_token_id=50256)
+        assert torch.equal(ours, theirs)
+    assert all(m._packed is None for m in model.modules() if hasattr(m, "_packed"))  # one copy of each weight
+    from gpt2lite.transforms.packed import kernel_report
+    assert all("onednn (as asked)" in line and "mkl (no copy)" in line for line in kernel_report(model))
+
+
 def test_kernel_choices_are_measured_once_per_cpu_and_cached(tiny_dir, tmp_path, monkeypatch):
     import json
 
@@ -112,9 +129,8 @@ import sys, torch
 from gpt2lite.transforms.kernels import choose_kernels
 cache, width = sys.argv[1], int(sys.argv[2])
 weights = [torch.randn(width, 32) for _ in range(3)]
-packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights]
 for _ in range(5):
-    choose_kernels({f"32x{width}": (weights, packed)}, cache)
+    choose_kernels({f"32x{width}": weights}, cache)
 """
 
 

@@ -168,9 +168,13 @@ def test_int4_weights_round_to_within_half_a_step_of_their_group(group_size):
     layer = Int4Linear.from_float(w, b, group_size=group_size)
     assert layer.weight.dtype == torch.uint8 and layer.weight.shape == (128, 64)  # 100 rows padded to 128
     groups = w.view(100, -1, group_size)
-    step = (groups.amax(-1) - groups.amin(-1)) / 15  # (out, G)
+    low, high = groups.amin(-1), groups.amax(-1)  # (out, G)
+    step = (high - low) / 15
+    # Half a step, and what rounding the scale and offset to bfloat16 (2^-9 relative) can add.
+    bound = step / 2 + (8 * step + low.abs() + high.abs()) * 2**-8 + 1e-6
     error = (layer.dequantize() - w).abs().view(100, -1, group_size)
-    assert bool((error <= step.unsqueeze(-1) / 2 + 1e-6).all())
+    assert bool((error <= bound.unsqueeze(-1)).all())
+    assert float(error.mean()) < float(step.mean()) / 3  # most weights round to a neighbouring code
     assert layer.block > 0, "PyTorch's int4 CPU kernel should pack this weight"
 
 
@@ -181,11 +185,17 @@ def test_int4_cpu_kernel_equals_dequantizing_every_product(rows):
     plain = _plain_copy(layer)
     assert plain.block == 0 and torch.equal(plain.dequantize(), layer.dequantize())
     x = torch.randn(rows, 2, 128)
-    expected = F.linear(x.double(), layer.dequantize().double(), b.double())
-    for path in (layer, plain):  # PyTorch's kernel over its own layout; our dequantization of plain rows
-        y = path(x)
-        assert y.shape == (rows, 2, 100)
-        assert torch.allclose(y.double(), expected, atol=1e-4, rtol=1e-5)
+    weight = layer.dequantize().double()
+    expected = F.linear(x.double(), weight, b.double())
+    y = plain(x)  # our dequantization of plain rows, in float32
+    assert y.shape == (rows, 2, 100) and torch.allclose(y.double(), expected, atol=1e-4, rtol=1e-5)
+    # PyTorch's kernel over its own layout rounds each activation and each product (before the bias)
+    # to bfloat16: within half a bfloat16 step (2^-9 relative) of each.
+    y = layer(x)
+    product = expected - b.double()
+    bound = (x.abs().double() @ weight.abs().T + product.abs()) * 2**-9 * 1.05 + 1e-5
+    assert y.shape == (rows, 2, 100)
+    assert bool(((y.double() - expected).abs() <= bound).all()), float(((y.double() - expected).abs() / bound).max())
 
 
 def test_int4_embedding_rows_and_tied_head_use_the_same_codes():
@@ -196,7 +206,9 @@ def test_int4_embedding_rows_and_tied_head_use_the_same_codes():
     x = torch.randn(2, 3, 64)
     logits = emb.project(x)
     assert logits.shape == (2, 3, w.shape[0])  # the padding rows are cut off, never sampled
-    assert torch.allclose(logits.double(), x.double() @ emb.dequantize().double().T, atol=1e-4)
+    expected = x.double() @ emb.dequantize().double().T
+    bound = (x.abs().double() @ emb.dequantize().abs().double().T + expected.abs()) * 2**-9 * 1.05 + 1e-5
+    assert bool(((logits.double() - expected).abs() <= bound).all())
 
 
 def test_int4_model_follows_its_dequantized_weights_and_generates(tiny_dir, tiny):
@@ -209,7 +221,9 @@ def test_int4_model_follows_its_dequantized_weights_and_generates(tiny_dir, tiny
                 reference.get_submodule(name).weight.copy_(module.dequantize())
     ids = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.allclose(q(ids), reference(ids), atol=1e-4)
+        logits, expected = q(ids), reference(ids)
+    # What differs is int4's bfloat16 activations, a 2^-9 rounding of each: a small share of the spread.
+    assert float((logits - expected).abs().max()) < 0.02 * float(expected.std())
     greedy = generate(q, ids, max_new_tokens=8, temperature=0, ignore_eos=True)
     assert torch.equal(greedy, generate(reference, ids, max_new_tokens=8, temperature=0, ignore_eos=True))
     sampled = generate(q, ids, max_new_tokens=6, temperature=1.0, top_k=20, seed=1, ignore_eos=True)

@@ -3,10 +3,11 @@
 A decode step of one row multiplies a vector by every weight matrix: the speed is
 the memory bandwidth the kernel reaches, and that depends on the machine. MKL's
 GEMV (``F.linear``) reaches about 12 GB/s on an AMD EPYC (Zen 3) where oneDNN's
-product over a reordered weight reaches 17-21 GB/s; on Intel CPUs MKL has been the
-faster one. So the choice is measured: each distinct weight shape is timed with
-both kernels over the model's own weights of that shape (all of them, as a decode
-step reads them, so caches do not flatter either), and the faster one is kept.
+product (``mkldnn._linear_pointwise``) over the same weight, as it is, with no
+reordered copy, reaches about twice that; on Intel CPUs MKL has been the faster
+one. So the choice is measured: each distinct weight shape is timed with both
+kernels over the model's own weights of that shape (all of them, as a decode step
+reads them, so caches do not flatter either), and the faster one is kept.
 
 Choices are cached in a JSON file (default ``~/.cache/gpt2lite/kernels.json``)
 under a key naming the CPU model, the PyTorch version and the thread count, so a
@@ -51,7 +52,8 @@ def cpu_key() -> str:
             name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
     except OSError:
         pass
-    return f"{name} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    # "plain": oneDNN's one-row time is over the weight as it is (earlier caches timed a reordered copy).
+    return f"{name} | torch {torch.__version__} | {torch.get_num_threads()} threads | plain"
 
 
 def _timed(products: Sequence[Callable[[], object]]) -> float:
@@ -68,20 +70,19 @@ def _timed(products: Sequence[Callable[[], object]]) -> float:
 
 
 @torch.inference_mode()
-def measure(weights: Sequence[torch.Tensor], packed: Sequence[torch.Tensor]) -> Choice:
-    """Time a one-row product through ``weights`` (MKL) and their reordered ``packed`` copies (oneDNN)."""
+def measure(weights: Sequence[torch.Tensor]) -> Choice:
+    """Time a one-row product through ``weights`` with MKL (``F.linear``) and with oneDNN (no copy of them)."""
     x = torch.randn(1, weights[0].shape[1])
     mkl = _timed([lambda w=w: F.linear(x, w) for w in weights])
-    onednn = _timed([lambda p=p: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed])
+    onednn = _timed([lambda w=w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") for w in weights])
     return {"kernel": "onednn" if onednn < mkl else "mkl", "mkl_us": round(mkl * 1e6, 1),
             "onednn_us": round(onednn * 1e6, 1)}
 
 
 def choose_kernels(
-    groups: dict[str, tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]],
-    cache: str | os.PathLike[str] | None = None,
+    groups: dict[str, Sequence[torch.Tensor]], cache: str | os.PathLike[str] | None = None,
 ) -> dict[str, Choice]:
-    """The kernel for each shape of ``groups`` (``"768x2304"`` -> (weights, packed copies)), measured or cached.
+    """The one-row kernel for each shape of ``groups`` (``"768x2304"`` -> its weights), measured or cached.
 
     ``cache`` is the JSON file of earlier choices (None: ``default_cache()``); an
     unreadable one is ignored and replaced.
@@ -92,7 +93,7 @@ def choose_kernels(
     choices = {shape: known[shape] for shape in groups if _valid(known.get(shape))}
     missing = [shape for shape in groups if shape not in choices]
     for shape in missing:
-        choices[shape] = measure(*groups[shape])
+        choices[shape] = measure(groups[shape])
     if missing:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

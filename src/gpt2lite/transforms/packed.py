@@ -1,4 +1,4 @@
-"""Faster float32 decoding on the CPU: linear weights also kept in oneDNN's blocked layout.
+"""Faster float32 decoding on the CPU: the product kernel chosen per CPU, and oneDNN's blocked layout for batches.
 
 MKL's sgemm, which ``F.linear`` uses on the CPU, runs a decode step of 4 to 32
 rows at about 50 GFLOP/s on 2 AVX-512 cores; oneDNN's matmul over a weight
@@ -10,12 +10,13 @@ oneDNN: 8 and 10 ms). For a single row the faster kernel depends on the CPU (MKL
 on the Intel Xeon measured, 48 against 41 tok/s; oneDNN on the AMD EPYC, where
 MKL's GEMV reaches half the memory bandwidth), so ``prepack`` measures both for
 each weight shape (``kernels.choose_kernels``, cached per CPU model) unless told
-which. It keeps each weight as it is, adds the reordered copy, and uses it for
-products of ``MIN_ROWS`` rows or more without gradients, and for single rows
-where oneDNN won.
+which. A one-row oneDNN product reads the weight as it is: it needs no copy.
 
-The copy costs as much memory as the float32 weights again (about 0.5 GB for
-124M, the LM head included). It is rebuilt when the weight changes (its version
+For products of ``MIN_ROWS`` rows or more without gradients, ``prepack`` adds a
+copy of each weight reordered into oneDNN's blocked layout, which costs as much
+memory as the float32 weights again (about 0.5 GB for 124M, the LM head
+included); ``copy=False`` keeps one copy of each weight and leaves those
+products to MKL. The copy is rebuilt when the weight changes (its version
 counter moves), so training or loading new weights never reads a stale copy.
 """
 
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpt2lite.models.gpt2 import GPT2
+from gpt2lite.models.gpt2 import GPT2, tied_head_product
 from gpt2lite.transforms.kernels import KERNELS, Choice, choose_kernels
 from gpt2lite.transforms.quantize import is_quantized
 
@@ -41,10 +42,18 @@ def _product(layer: PackedLinear | PackedEmbedding, x: torch.Tensor, bias: torch
     """``x @ layer.weight.T + bias``: through the reordered copy for float32 CPU batches without gradients."""
     weight = layer.weight
     rows = x.numel() // x.shape[-1]
-    if ((rows < MIN_ROWS and layer.one_row != "onednn") or x.device.type != "cpu" or x.dtype != torch.float32
-            or weight.dtype != x.dtype or (torch.is_grad_enabled() and weight.requires_grad)):
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != x.dtype
+            or (torch.is_grad_enabled() and weight.requires_grad)):
         return F.linear(x, weight, bias)
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), _packed(layer), bias, "none", [], "")
+    if rows < MIN_ROWS:
+        if layer.one_row != "onednn":
+            return F.linear(x, weight, bias)
+        operand = weight  # oneDNN reads the plain weight for one row: no copy
+    elif layer.copy:
+        operand = _packed(layer)
+    else:  # as the model without prepack computes it
+        return F.linear(x, weight, bias) if isinstance(layer, PackedLinear) else tied_head_product(x, weight)
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), operand, bias, "none", [], "")
     return y.view(*x.shape[:-1], weight.shape[0])  # (..., out)
 
 
@@ -62,6 +71,7 @@ class PackedLinear(nn.Linear):
 
     rows: int = 8
     one_row: str = "mkl"  # the kernel of products under MIN_ROWS rows: "mkl" (F.linear) or "onednn"
+    copy: bool = True  # whether products of MIN_ROWS+ rows use a reordered copy (else MKL)
     choice: Choice | None = None  # how one_row was chosen: the measured times
     _packed: torch.Tensor | None = None
     _version: int = -1
@@ -83,6 +93,7 @@ class PackedEmbedding(nn.Embedding):
 
     rows: int = 8
     one_row: str = "mkl"
+    copy: bool = True
     choice: Choice | None = None
     _packed: torch.Tensor | None = None
     _version: int = -1
@@ -100,16 +111,17 @@ class PackedEmbedding(nn.Embedding):
 
 
 def prepack(model: nn.Module, rows: int = 8, *, one_row: Literal["auto", "mkl", "onednn"] = "auto",
-            kernel_cache: str | os.PathLike[str] | None = None) -> nn.Module:
-    """Give a float32 GPT-2's linear layers and LM head a oneDNN-reordered copy for CPU decoding; return it.
+            copy: bool = True, kernel_cache: str | os.PathLike[str] | None = None) -> nn.Module:
+    """Choose a float32 GPT-2's CPU product kernels, with oneDNN-reordered copies for batches; return it.
 
-    ``rows`` is the batch size the layout is tuned for (any size works).
     ``one_row`` picks the kernel of products under ``MIN_ROWS`` rows (batch-1
     decoding): ``"auto"`` measures both per weight shape on this CPU, cached in
-    ``kernel_cache`` (default ``~/.cache/gpt2lite/kernels.json``). The state
-    dict, saving and training are unchanged. Example::
+    ``kernel_cache`` (default ``~/.cache/gpt2lite/kernels.json``). ``copy``
+    adds the reordered copies that speed up batches (twice the weight memory);
+    ``rows`` is the batch size their layout is tuned for (any size works).
+    The state dict, saving and training are unchanged. Example::
 
-        model = prepack(GPT2.from_pretrained("gpt2"))  # then generate()
+        model = prepack(GPT2.from_pretrained("gpt2"), copy=False)  # batch 1, no extra memory
     """
     if one_row not in ("auto", *KERNELS):
         raise ValueError(f"one_row must be 'auto', 'mkl' or 'onednn', got {one_row!r}")
@@ -131,6 +143,9 @@ def prepack(model: nn.Module, rows: int = 8, *, one_row: Literal["auto", "mkl", 
     if type(body.lm_head) is nn.Linear:  # an untied head (tie_word_embeddings: false)
         body.lm_head = PackedLinear.wrap(body.lm_head, rows)
     layers = [m for m in body.modules() if isinstance(m, (PackedLinear, PackedEmbedding))]
+    for layer in layers:
+        layer.copy = copy
+        layer._packed, layer._version = None, -1  # a copy made before is dropped (or made again, as needed)
     if one_row != "auto":
         for layer in layers:
             layer.one_row, layer.choice = one_row, None
@@ -139,8 +154,8 @@ def prepack(model: nn.Module, rows: int = 8, *, one_row: Literal["auto", "mkl", 
     for layer in layers:
         groups.setdefault(_shape(layer), []).append(layer)
     with torch.no_grad():
-        choices = choose_kernels({shape: ([m.weight.detach() for m in group], [_packed(m) for m in group])
-                                  for shape, group in groups.items()}, kernel_cache)
+        choices = choose_kernels({shape: [m.weight.detach() for m in group] for shape, group in groups.items()},
+                                 kernel_cache)
     for shape, group in groups.items():
         for layer in group:
             layer.one_row, layer.choice = str(choices[shape]["kernel"]), choices[shape]
@@ -162,6 +177,7 @@ def kernel_report(model: nn.Module) -> list[str]:
             why = "as asked" if layer.choice is None else \
                 f"measured: mkl {layer.choice['mkl_us']} us, onednn {layer.choice['onednn_us']} us"
             kind = name.rsplit(".", 1)[-1] if name != "wte" else "wte (tied LM head)"
+            batches = "onednn (reordered copy)" if layer.copy else "mkl (no copy)"
             lines.setdefault(shape, f"{shape:>10} ({kind}): 1-row products via {layer.one_row} ({why}); "
-                                    f"{MIN_ROWS}+ rows via onednn")
+                                    f"{MIN_ROWS}+ rows via {batches}")
     return list(lines.values())

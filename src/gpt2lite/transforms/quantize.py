@@ -22,8 +22,10 @@ rather than assumed (2-core AVX-512 CPU, GPT-2 124M, one decode step's matmuls):
 of ``group_size`` inputs of each row, ``w ≈ (q - 8) * scale + zero`` with ``q``
 in 0..15 (the min/max form gpt-fast and torchao use): an eighth of float32's
 bytes for the weights. On the CPU the product is PyTorch's
-``_weight_int4pack_mm_for_cpu``, whose activations stay float32, so a row's
-output does not depend on its batch neighbours. Its kernel needs the output
+``_weight_int4pack_mm_for_cpu`` with bfloat16 activations and output (its
+float32 path is scalar code, 14 times slower): each activation and each output
+is rounded to bfloat16 (8 significant bits), row by row, so a row's output
+does not depend on its batch neighbours; scales and offsets are bfloat16 values. Its kernel needs the output
 width to be a multiple of 16, so the LM head is padded to a multiple of 64 rows
 (50257 -> 50304, as nanoGPT pads its vocabulary); the padded logits are cut off
 before anyone sees them, so they are never sampled. Elsewhere the weight is
@@ -172,7 +174,8 @@ _INT4_ROWS = 64  # the int4 layers' output widths are padded to a multiple of th
 def _quantize_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """4-bit codes ``(out, in)`` int32 in 0..15 and ``(in / group_size, out, 2)`` scales and offsets.
 
-    ``weight ≈ (q - 8) * scale + zero`` within each group of ``group_size`` inputs of a row.
+    ``weight ≈ (q - 8) * scale + zero`` within each group of ``group_size`` inputs of a row; scales and
+    offsets are bfloat16 values (what the CPU kernel reads), and the codes are rounded against them.
     """
     w = weight.detach().float()
     if not bool(torch.isfinite(w).all()):
@@ -180,9 +183,9 @@ def _quantize_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tenso
     out_features, in_features = w.shape
     groups = w.view(out_features, in_features // group_size, group_size)  # (out, G, gs)
     low, high = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)  # (out, G, 1)
-    scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
-    q = ((groups - low) / scale).round_().clamp_(0, 15).to(torch.int32).view(out_features, in_features)
-    zero = low + 8 * scale  # so that (q - 8) * scale + zero == low + q * scale
+    scale = ((high - low) / 15).clamp(min=torch.finfo(torch.bfloat16).tiny).bfloat16().float()
+    zero = (low + 8 * scale).bfloat16().float()  # so that (q - 8) * scale + zero ≈ low + q * scale
+    q = ((groups - zero) / scale + 8).round_().clamp_(0, 15).to(torch.int32).view(out_features, in_features)
     scales_and_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous()  # (G, out, 2)
     return q, scales_and_zeros
 
@@ -246,11 +249,15 @@ class Int4Linear(nn.Module):
         self.block = block
         self.group_size = group_size
         self.out_features = out_features
+        self._kernel_scales: torch.Tensor | None = None  # bfloat16 copy for the CPU kernel, made on first use
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                    group_size: int = INT4_GROUP_SIZE) -> Int4Linear:
-        """Quantize a float ``(out, in)`` weight group by group; scales, offsets and bias keep the weight's dtype."""
+        """Quantize a float ``(out, in)`` weight group by group; scales, offsets and bias keep the weight's dtype.
+
+        The scales and offsets are rounded to bfloat16 values, the precision the CPU kernel takes them in.
+        """
         out_features, in_features = weight.shape
         if group_size < 2 or group_size % 2 or in_features % group_size:
             raise ValueError(f"int4 needs the input width ({in_features}) to be a multiple of an even group "
@@ -260,8 +267,8 @@ class Int4Linear(nn.Module):
         w = F.pad(weight.detach().float(), (0, 0, 0, padded - out_features))  # (padded, in)
         q, scales_and_zeros = _quantize_groups(w, group_size)
         packed, block = _pack_int4(q)
-        return cls(packed, block, scales_and_zeros.to(weight.dtype), None if bias is None else bias.detach().clone(),
-                   out_features, group_size)
+        bias = None if bias is None else bias.detach().clone()
+        return cls(packed, block, scales_and_zeros.to(weight.dtype), bias, out_features, group_size)
 
     @property
     def in_features(self) -> int:
@@ -278,14 +285,21 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + b`` for ``x`` ``(..., in)``."""
-        if self.block and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
-            rows = x.reshape(-1, x.shape[-1])  # (N, in): the kernel takes 2-D activations
+        if self.block and x.device.type == "cpu" and x.is_floating_point():
+            # bfloat16 in and out: the kernel's float32 path is scalar code, 14x slower (768x50304, AVX2).
+            rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # (N, in): the kernel takes 2-D activations
+            if self._kernel_scales is None:
+                self._kernel_scales = self.scales_and_zeros.to(torch.bfloat16)
             y = torch._weight_int4pack_mm_for_cpu(rows, self.weight, self.group_size,
-                                                  self.scales_and_zeros.to(x.dtype))  # (N, padded out)
-            y = y[:, :self.out_features].view(*x.shape[:-1], self.out_features)  # padding cut: never sampled
+                                                  self._kernel_scales)  # (N, padded out)
+            y = y[:, :self.out_features].to(x.dtype).view(*x.shape[:-1], self.out_features)  # padding cut
         else:
             y = F.linear(x, self.dequantize().to(x.dtype))  # (..., out)
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _apply(self, fn, recurse=True):  # nn.Module's signature
+        self._kernel_scales = None  # made again from the moved or cast scales
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
