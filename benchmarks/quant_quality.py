@@ -71,6 +71,7 @@ def main() -> None:
     models.update({mode: load_model(final, quantize=mode) for mode in QUANTIZE_MODES})
     for group_size in (32, 128):  # int4's default groups are 64 inputs wide
         models[f"int4/{group_size}"] = quantize(GPT2.from_pretrained(final), "int4", group_size=group_size)
+    models["int4+head4"] = quantize(GPT2.from_pretrained(final), "int4", head="int4")  # bfloat16 logits
     prompts = [val[i : i + 32] for i in torch.linspace(0, len(val) - 200, 16).long().tolist()]
     reference: dict[str, object] = {}
     print(f"held-out: {len(val)} tokens; model {final}")

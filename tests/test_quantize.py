@@ -6,7 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2lite import TextGenerator, TrainConfig, generate, load_model, prepare_data, quantize, save_model, train
+from gpt2lite import (
+    GPT2,
+    TextGenerator,
+    TrainConfig,
+    generate,
+    load_model,
+    prepare_data,
+    quantize,
+    save_model,
+    train,
+)
 from gpt2lite.cli import QUANTIZE_CHOICES, build_parser, main
 from gpt2lite.errors import NonFiniteError
 from gpt2lite.transforms.quantize import (
@@ -150,23 +160,12 @@ def test_cli_quantize_flag_reaches_the_model(tiny_dir, tmp_path, capsys):
 
 # int4: 4-bit codes with a scale and offset per group of inputs, PyTorch's CPU kernel against our own dequantization.
 
-def _plain_copy(layer: Int4Linear) -> Int4Linear:
-    """The same codes in plain rows (two a byte), which every product dequantizes: the path off the CPU kernel."""
-    codes = layer.dequantize()  # float, (out, in); recover the codes from the scales to repack them
-    scale, zero = layer.scales_and_zeros[:, :layer.out_features].permute(2, 1, 0)  # (out, G)
-    groups = codes.view(layer.out_features, -1, layer.group_size)
-    q = ((groups - zero.unsqueeze(-1)) / scale.unsqueeze(-1) + 8).round().to(torch.int32).flatten(1)  # (out, in)
-    padded = layer.weight.shape[0]
-    q = F.pad(q, (0, 0, 0, padded - layer.out_features), value=8)
-    plain = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
-    return Int4Linear(plain, 0, layer.scales_and_zeros, layer.bias, layer.out_features, layer.group_size)
-
-
 @pytest.mark.parametrize("group_size", [32, 64])
 def test_int4_weights_round_to_within_half_a_step_of_their_group(group_size):
     w, b = _layer(out_features=100, in_features=128)
     layer = Int4Linear.from_float(w, b, group_size=group_size)
     assert layer.weight.dtype == torch.uint8 and layer.weight.shape == (128, 64)  # 100 rows padded to 128
+    assert layer.scales_and_zeros.dtype == torch.bfloat16 and layer.dequantize().dtype == torch.float32
     groups = w.view(100, -1, group_size)
     low, high = groups.amin(-1), groups.amax(-1)  # (out, G)
     step = (high - low) / 15
@@ -175,19 +174,25 @@ def test_int4_weights_round_to_within_half_a_step_of_their_group(group_size):
     error = (layer.dequantize() - w).abs().view(100, -1, group_size)
     assert bool((error <= bound.unsqueeze(-1)).all())
     assert float(error.mean()) < float(step.mean()) / 3  # most weights round to a neighbouring code
-    assert layer.block > 0, "PyTorch's int4 CPU kernel should pack this weight"
+    assert layer.block > 0, "PyTorch's int4 CPU kernel should pack this weight (torch 2.13 CPU wheel)"
 
 
 @pytest.mark.parametrize("rows", [1, 3, 17])
-def test_int4_cpu_kernel_equals_dequantizing_every_product(rows):
+def test_int4_cpu_kernel_and_the_plain_fallback_equal_dequantizing_every_product(rows, monkeypatch):
     w, b = _layer(out_features=100, in_features=128, seed=rows)
     layer = Int4Linear.from_float(w, b, group_size=32)
-    plain = _plain_copy(layer)
+
+    def no_kernel(*args):
+        raise RuntimeError("no int4 kernel in this build")
+
+    monkeypatch.setattr(torch, "_convert_weight_to_int4pack_for_cpu", no_kernel)
+    plain = Int4Linear.from_float(w, b, group_size=32)  # plain rows, every product dequantized
+    monkeypatch.undo()
     assert plain.block == 0 and torch.equal(plain.dequantize(), layer.dequantize())
     x = torch.randn(rows, 2, 128)
     weight = layer.dequantize().double()
     expected = F.linear(x.double(), weight, b.double())
-    y = plain(x)  # our dequantization of plain rows, in float32
+    y = plain(x)  # in float32
     assert y.shape == (rows, 2, 100) and torch.allclose(y.double(), expected, atol=1e-4, rtol=1e-5)
     # PyTorch's kernel over its own layout rounds each activation and each product (before the bias)
     # to bfloat16: within half a bfloat16 step (2^-9 relative) of each.
@@ -201,7 +206,8 @@ def test_int4_cpu_kernel_equals_dequantizing_every_product(rows):
 def test_int4_embedding_rows_and_tied_head_use_the_same_codes():
     w, _ = _layer(out_features=50257 // 200 * 2, in_features=64)  # an odd-sized vocabulary: padded rows
     emb = Int4Embedding.from_float(w, group_size=32)
-    ids = torch.tensor([[0, 7, w.shape[0] - 1], [63, 64, 1]])  # both halves of a packed block of rows
+    assert emb.block > 0
+    ids = torch.tensor([[0, 15, w.shape[0] - 1], [16, 31, 32]])  # low and high nibbles of a block, and the next
     assert torch.equal(emb(ids), emb.dequantize()[ids])
     x = torch.randn(2, 3, 64)
     logits = emb.project(x)
@@ -211,8 +217,22 @@ def test_int4_embedding_rows_and_tied_head_use_the_same_codes():
     assert bool(((logits.double() - expected).abs() <= bound).all())
 
 
-def test_int4_model_follows_its_dequantized_weights_and_generates(tiny_dir, tiny):
-    q = load_model(tiny_dir, quantize="int4")
+def test_int4_layers_follow_dtype_casts_and_loaded_state():
+    w, b = _layer(out_features=64, in_features=64)
+    layer = Int4Linear.from_float(w, b, group_size=32)
+    x = torch.randn(3, 64)
+    before = layer(x)
+    other = Int4Linear.from_float(3 * w, b, group_size=32)
+    layer.load_state_dict(other.state_dict())
+    assert torch.equal(layer(x), other(x)) and not torch.equal(layer(x), before)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        layer.to(dtype)
+        assert layer.scales_and_zeros.dtype == torch.bfloat16  # what the kernel reads, whatever the model's
+        assert layer.dequantize().dtype == dtype and layer(x.to(dtype)).dtype == dtype
+
+
+def test_int4_model_follows_its_dequantized_weights_and_generates(tiny_dir):
+    q = quantize(load_model(tiny_dir), "int4", head="int4")
     assert is_quantized(q) and q.wte.weight.shape == (50304, 32)  # 64 wide, two codes a byte; 50257 padded
     reference = load_model(tiny_dir)  # float, with every quantized weight put back as the float it stands for
     with torch.no_grad():
@@ -222,6 +242,7 @@ def test_int4_model_follows_its_dequantized_weights_and_generates(tiny_dir, tiny
     ids = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits, expected = q(ids), reference(ids)
+    assert logits.shape == expected.shape == (2, 12, 50257)
     # What differs is int4's bfloat16 activations, a 2^-9 rounding of each: a small share of the spread.
     assert float((logits - expected).abs().max()) < 0.02 * float(expected.std())
     greedy = generate(q, ids, max_new_tokens=8, temperature=0, ignore_eos=True)
@@ -230,11 +251,29 @@ def test_int4_model_follows_its_dequantized_weights_and_generates(tiny_dir, tiny
     assert sampled.shape == (2, 18) and int(sampled.max()) < 50257
 
 
+def test_int4_keeps_the_lm_head_in_int8_unless_asked(tiny_dir):
+    q = load_model(tiny_dir, quantize="int4")
+    assert isinstance(q.wte, Int8Embedding)
+    assert {type(m) for m in q.h.modules() if isinstance(m, (Int4Linear, Int8Linear, torch.nn.Linear))} == {Int4Linear}
+    ids = torch.tensor([[464, 3290, 318, 257]])
+    with torch.no_grad():
+        logits = q(ids)
+        rounded = quantize(load_model(tiny_dir), "int4", head="int4")(ids)
+    # The int4 kernel's logits are bfloat16 values; the int8 head's are not.
+    assert torch.equal(rounded, rounded.bfloat16().float())
+    assert not torch.equal(logits, logits.bfloat16().float())
+    assert quantize(GPT2.from_pretrained(tiny_dir, dtype="bfloat16"), "int4")(ids).dtype == torch.bfloat16
+
+
 def test_int4_refuses_what_it_cannot_hold(tiny_dir):
-    with pytest.raises(ValueError, match="group_size must be 32, 64, 128 or 256"):
+    with pytest.raises(ValueError, match=r"group_size must be one of \(32, 64, 128, 256\)"):
         quantize(load_model(tiny_dir), "int4", group_size=48)
+    with pytest.raises(ValueError, match=r"group_size must be one of"):
+        Int4Linear.from_float(torch.randn(64, 96), group_size=48)
     with pytest.raises(ValueError, match=r"multiple of group_size=128; this model has \[64\]"):
         quantize(load_model(tiny_dir), "int4", group_size=128)
+    with pytest.raises(ValueError, match="int4 settings"):
+        quantize(load_model(tiny_dir), "int8", group_size=32)
     w, _ = _layer(out_features=64, in_features=64)
     w[3, 5] = float("inf")
     with pytest.raises(NonFiniteError, match="int8 and int4 cannot represent"):

@@ -334,7 +334,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="int8 weights (faster inference) or int4 (smallest; default: off)")
     parser.add_argument("--adapter", default=None, help="a LoRA adapter directory (PEFT format) to apply")
     parser.add_argument("--prepack", action="store_true",
-                        help="float32 on the CPU: faster batches of 4+ rows for twice the weight memory")
+                        help="float32 on the CPU: the faster one-row kernel for this CPU, and faster batches "
+                             "for twice the weight memory")
 
 
 # gpt2lite.transforms.quantize.QUANTIZE_MODES, spelled out so that parsing arguments needs no torch.

@@ -18,18 +18,18 @@ rather than assumed (2-core AVX-512 CPU, GPT-2 124M, one decode step's matmuls):
 - elsewhere (CUDA, or other dtypes): weight-only, ``x @ q.T * scale`` with the
   activations kept in floating point.
 
-``int4``: weight-only, 4 bits per weight plus a float scale and offset per group
-of ``group_size`` inputs of each row, ``w ≈ (q - 8) * scale + zero`` with ``q``
-in 0..15 (the min/max form gpt-fast and torchao use): an eighth of float32's
-bytes for the weights. On the CPU the product is PyTorch's
-``_weight_int4pack_mm_for_cpu`` with bfloat16 activations and output (its
-float32 path is scalar code, 14 times slower): each activation and each output
-is rounded to bfloat16 (8 significant bits), row by row, so a row's output
-does not depend on its batch neighbours; scales and offsets are bfloat16 values. Its kernel needs the output
-width to be a multiple of 16, so the LM head is padded to a multiple of 64 rows
-(50257 -> 50304, as nanoGPT pads its vocabulary); the padded logits are cut off
-before anyone sees them, so they are never sampled. Elsewhere the weight is
-dequantized for each product.
+``int4``: weight-only, 4 bits per weight plus a bfloat16 scale and offset per
+group of ``group_size`` inputs of each row, ``w ≈ (q - 8) * scale + zero`` with
+``q`` in 0..15 (the min/max form gpt-fast and torchao use). On the CPU the
+product is PyTorch's ``_weight_int4pack_mm_for_cpu`` with bfloat16 activations
+and output (its float32 path is scalar code, 14 times slower): each activation
+and each output is rounded to bfloat16 (8 significant bits), row by row, so a
+row's output does not depend on its batch neighbours. Its kernel needs output
+widths that are multiples of 16, so int4 layers are padded to a multiple of 64
+rows (the LM head with ``head="int4"``: 50257 -> 50304, as nanoGPT pads its
+vocabulary), and the padded outputs are cut off before anyone sees them, so
+they are never sampled. By default the tied embedding / LM head stays int8 (see
+``quantize``). Elsewhere the weight is dequantized for each product.
 
 Training stays in floating point: ``train`` refuses a quantized model.
 """
@@ -167,15 +167,16 @@ class Int8Embedding(Int8Linear):
         return super().forward(x)
 
 
-INT4_GROUP_SIZE = 64  # inputs per scale/offset pair: 4 + 2 * 32 / 64 = 5 bits a weight with float32 scales
+INT4_GROUP_SIZE = 64  # inputs per scale/offset pair: 4 + 2 * 16 / 64 = 4.5 bits a weight
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what PyTorch's int4 CPU kernel accepts
 _INT4_ROWS = 64  # the int4 layers' output widths are padded to a multiple of this
 
 
 def _quantize_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """4-bit codes ``(out, in)`` int32 in 0..15 and ``(in / group_size, out, 2)`` scales and offsets.
+    """4-bit codes ``(out, in)`` int32 in 0..15 and ``(in / group_size, out, 2)`` bfloat16 scales and offsets.
 
-    ``weight ≈ (q - 8) * scale + zero`` within each group of ``group_size`` inputs of a row; scales and
-    offsets are bfloat16 values (what the CPU kernel reads), and the codes are rounded against them.
+    ``weight ≈ (q - 8) * scale + zero`` within each group of ``group_size`` inputs of a row; the
+    codes are rounded against the bfloat16 scales and offsets (what the CPU kernel reads).
     """
     w = weight.detach().float()
     if not bool(torch.isfinite(w).all()):
@@ -187,7 +188,7 @@ def _quantize_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tenso
     zero = (low + 8 * scale).bfloat16().float()  # so that (q - 8) * scale + zero ≈ low + q * scale
     q = ((groups - zero) / scale + 8).round_().clamp_(0, 15).to(torch.int32).view(out_features, in_features)
     scales_and_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous()  # (G, out, 2)
-    return q, scales_and_zeros
+    return q, scales_and_zeros.bfloat16()  # exact: the values are bfloat16 already
 
 
 def _unpack_int4(packed: torch.Tensor, block: int, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -196,7 +197,7 @@ def _unpack_int4(packed: torch.Tensor, block: int, rows: torch.Tensor | None = N
     ``block == 0``: plain rows, two codes a byte (even input in the low nibble).
     ``block > 0``: the CPU kernel's layout, blocks of ``block`` output rows stored
     input-major, row ``r`` of a block in the low nibble and row ``r + block / 2``
-    in the high one.
+    in the high one (on the AMD EPYC measured: blocks of 32, rows r and r + 16).
     """
     out_features, half_in = packed.shape
     rows = torch.arange(out_features, device=packed.device) if rows is None else rows
@@ -233,42 +234,44 @@ def _pack_int4(q: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 class Int4Linear(nn.Module):
-    """A linear layer with 4-bit weights and a float scale and offset per group of inputs of each output row."""
+    """A linear layer with 4-bit weights and a bfloat16 scale and offset per group of inputs of each output row."""
 
     def __init__(self, packed: torch.Tensor, block: int, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None,
-                 out_features: int, group_size: int) -> None:
-        """Wrap an already packed weight (see ``_pack_int4``); ``Int4Linear.from_float`` quantizes one."""
+                 out_features: int, group_size: int, dtype: torch.dtype = torch.float32) -> None:
+        """Wrap an already packed weight (see ``_pack_int4``); ``Int4Linear.from_float`` quantizes one.
+
+        ``dtype`` is the floating type of the model around it (what the dequantized weight is made in).
+        """
         super().__init__()
         padded, half_in = packed.shape
         if packed.dtype != torch.uint8 or scales_and_zeros.shape != (2 * half_in // group_size, padded, 2) \
                 or not 0 < out_features <= padded:
             raise ValueError("Int4Linear needs a uint8 (out, in / 2) weight and (in / group_size, out, 2) scales")
         self.register_buffer("weight", packed)
-        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.register_buffer("scales_and_zeros", scales_and_zeros.bfloat16())
         self.register_buffer("bias", bias)
         self.block = block
         self.group_size = group_size
         self.out_features = out_features
-        self._kernel_scales: torch.Tensor | None = None  # bfloat16 copy for the CPU kernel, made on first use
+        self.dtype = dtype
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                    group_size: int = INT4_GROUP_SIZE) -> Int4Linear:
-        """Quantize a float ``(out, in)`` weight group by group; scales, offsets and bias keep the weight's dtype.
-
-        The scales and offsets are rounded to bfloat16 values, the precision the CPU kernel takes them in.
-        """
+        """Quantize a float ``(out, in)`` weight group by group (``group_size``: 32, 64, 128 or 256 inputs)."""
         out_features, in_features = weight.shape
-        if group_size < 2 or group_size % 2 or in_features % group_size:
-            raise ValueError(f"int4 needs the input width ({in_features}) to be a multiple of an even group "
-                             f"size, got group_size={group_size}")
+        if group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {INT4_GROUP_SIZES} (the CPU kernel's), got {group_size!r}")
+        if in_features % group_size:
+            raise ValueError(f"int4 needs the input width ({in_features}) to be a multiple of group_size="
+                             f"{group_size}: pass a smaller group_size (32)")
         padded = -(-out_features // _INT4_ROWS) * _INT4_ROWS
-        # Padding rows are zeros: every code 8 with zero offset, so they dequantize to exactly 0.
+        # Padding rows are zeros, which dequantize to exactly 0 (code 0, offset 8 * scale).
         w = F.pad(weight.detach().float(), (0, 0, 0, padded - out_features))  # (padded, in)
         q, scales_and_zeros = _quantize_groups(w, group_size)
         packed, block = _pack_int4(q)
         bias = None if bias is None else bias.detach().clone()
-        return cls(packed, block, scales_and_zeros.to(weight.dtype), bias, out_features, group_size)
+        return cls(packed, block, scales_and_zeros, bias, out_features, group_size, weight.dtype)
 
     @property
     def in_features(self) -> int:
@@ -279,27 +282,30 @@ class Int4Linear(nn.Module):
         """The float weight ``(q - 8) * scale + zero`` this layer stands for, ``(out, in)`` (or only ``rows``)."""
         rows = torch.arange(self.out_features, device=self.weight.device) if rows is None else rows
         q = _unpack_int4(self.weight, self.block, rows)  # (R, in)
-        scale, zero = self.scales_and_zeros[:, rows].permute(2, 1, 0)  # (R, G) each
-        groups = q.view(*q.shape[:-1], -1, self.group_size).to(scale.dtype)  # (R, G, gs)
-        return ((groups - 8) * scale.unsqueeze(-1) + zero.unsqueeze(-1)).flatten(-2)  # (R, in)
+        scale, zero = self.scales_and_zeros[:, rows].float().permute(2, 1, 0)  # (R, G) each
+        groups = q.view(*q.shape[:-1], -1, self.group_size).float()  # (R, G, gs)
+        weight = (groups - 8) * scale.unsqueeze(-1) + zero.unsqueeze(-1)  # (R, G, gs)
+        return weight.flatten(-2).to(self.dtype)  # (R, in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + b`` for ``x`` ``(..., in)``."""
         if self.block and x.device.type == "cpu" and x.is_floating_point():
             # bfloat16 in and out: the kernel's float32 path is scalar code, 14x slower (768x50304, AVX2).
             rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # (N, in): the kernel takes 2-D activations
-            if self._kernel_scales is None:
-                self._kernel_scales = self.scales_and_zeros.to(torch.bfloat16)
             y = torch._weight_int4pack_mm_for_cpu(rows, self.weight, self.group_size,
-                                                  self._kernel_scales)  # (N, padded out)
+                                                  self.scales_and_zeros)  # (N, padded out)
             y = y[:, :self.out_features].to(x.dtype).view(*x.shape[:-1], self.out_features)  # padding cut
         else:
             y = F.linear(x, self.dequantize().to(x.dtype))  # (..., out)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def _apply(self, fn, recurse=True):  # nn.Module's signature
-        self._kernel_scales = None  # made again from the moved or cast scales
-        return super()._apply(fn, recurse)
+        # .to(dtype) / .half() cast every float buffer: the scales stay bfloat16 (the kernel reads
+        # them so, and they hold bfloat16 values), and the cast names the model's new dtype.
+        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype
+        out = super()._apply(fn, recurse)
+        self.scales_and_zeros = self.scales_and_zeros.bfloat16()
+        return out
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -323,25 +329,36 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
 
 
-def quantize(model: nn.Module, mode: QuantizeMode = "int8", *, group_size: int = INT4_GROUP_SIZE) -> nn.Module:
+def quantize(model: nn.Module, mode: QuantizeMode = "int8", *, group_size: int | None = None,
+             head: QuantizeMode | None = None) -> nn.Module:
     """Quantize a GPT-2's linear layers and its tied embedding / LM head in place; return the model.
 
     Only inference: the result generates, streams, serves and scores like the
-    float model, but does not train. ``group_size`` (int4 only: 32, 64, 128 or
-    256) is how many inputs share a scale. Example::
+    float model, but does not train. For ``"int4"``, ``group_size`` (32, 64,
+    128 or 256; default 64) is how many inputs share a scale, and the embedding
+    / LM head is kept in int8 unless ``head="int4"``: the int4 kernel returns
+    bfloat16, whose 8 significant bits would round GPT-2's logits (-30 to -130)
+    to steps of 0.25 to 1, making ties of tokens that differ (llama.cpp's q4_0
+    keeps its output matrix in 6 bits for the same reason). Example::
 
         model = quantize(GPT2.from_pretrained("gpt2"), "int4")
     """
     if mode not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {mode!r}")
+    if mode == "int8" and (group_size is not None or head not in (None, "int8")):
+        raise ValueError("group_size and head are int4 settings; int8 has one scale per output row")
+    if head not in (None, *QUANTIZE_MODES):
+        raise ValueError(f"head must be one of {QUANTIZE_MODES}, got {head!r}")
+    group_size = INT4_GROUP_SIZE if group_size is None else group_size
+    head = head or "int8"
     body = getattr(model, "transformer", model)
     if not isinstance(body, GPT2):
         raise TypeError(f"quantize works on GPT-2 models, not {type(model).__name__}")
     if is_quantized(body):
         raise ValueError("the model is already quantized")
     if mode == "int4":
-        if group_size not in (32, 64, 128, 256):
-            raise ValueError(f"group_size must be 32, 64, 128 or 256 (the CPU kernel's), got {group_size!r}")
+        if group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {INT4_GROUP_SIZES} (the CPU kernel's), got {group_size!r}")
         widths = {layer.in_features for layer in body.modules() if isinstance(layer, nn.Linear)}
         uneven = sorted(w for w in widths if w % group_size)
         if uneven:
@@ -351,10 +368,10 @@ def quantize(model: nn.Module, mode: QuantizeMode = "int8", *, group_size: int =
     if bad:
         raise NonFiniteError(f"the weights {bad[:4]} {_NON_FINITE_WEIGHTS}")
 
-    def linear(weight: torch.Tensor, bias: torch.Tensor | None = None, embedding: bool = False) -> nn.Module:
-        if mode == "int4":
-            kind4 = Int4Embedding if embedding else Int4Linear
-            return kind4.from_float(weight, bias, group_size=group_size)
+    def linear(weight: torch.Tensor, bias: torch.Tensor | None = None, kind: str = mode,
+               embedding: bool = False) -> nn.Module:
+        if kind == "int4":
+            return (Int4Embedding if embedding else Int4Linear).from_float(weight, bias, group_size=group_size)
         return (Int8Embedding if embedding else Int8Linear).from_float(weight, bias)
 
     with torch.no_grad():
@@ -363,9 +380,9 @@ def quantize(model: nn.Module, mode: QuantizeMode = "int8", *, group_size: int =
                                  (block.mlp, "c_proj")):
                 layer = getattr(parent, name)
                 setattr(parent, name, linear(layer.weight, layer.bias))
-        body.wte = linear(body.wte.weight, embedding=True)
+        body.wte = linear(body.wte.weight, kind=head, embedding=True)
         if body.lm_head is not None:  # an untied head (tie_word_embeddings: false)
-            body.lm_head = linear(body.lm_head.weight)
+            body.lm_head = linear(body.lm_head.weight, kind=head)
         # What stays in floating point (positions, LayerNorms) may still be a view of the mapped
         # checkpoint file, which would keep the whole float file resident: give it its own memory.
         for p in body.parameters():
