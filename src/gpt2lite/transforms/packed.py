@@ -39,7 +39,7 @@ MIN_ROWS = 2  # from this many rows the reordered copy always serves; one row ta
 
 
 def _product(layer: PackedLinear | PackedEmbedding, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ layer.weight.T + bias``: through the reordered copy for float32 CPU batches without gradients."""
+    """``x @ layer.weight.T + bias``; float32 CPU products without gradients take the layer's chosen kernels."""
     weight = layer.weight
     rows = x.numel() // x.shape[-1]
     if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != x.dtype

@@ -63,11 +63,17 @@ _NON_FINITE_WEIGHTS = ("hold NaN or inf values, which int8 and int4 cannot repre
 _REDUCE_RANGE = True
 
 
+def _finite_float(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` in float32; a non-finite one is refused (its scale would be inf and its row zeros)."""
+    w = weight.detach().float()
+    if not bool(torch.isfinite(w).all()):
+        raise NonFiniteError(f"the weights {_NON_FINITE_WEIGHTS}")
+    return w
+
+
 def _quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 rows and their scales: ``weight ≈ q * scale[:, None]``; a non-finite weight is refused."""
-    w = weight.detach().float()
-    if not bool(torch.isfinite(w).all()):  # its row's scale would be inf: the row would become zeros
-        raise NonFiniteError(f"the weights {_NON_FINITE_WEIGHTS}")
+    w = _finite_float(weight)
     scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127  # (out,)
     q = (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)  # (out, in); one float temporary
     return q, scale
@@ -172,15 +178,23 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)  # what PyTorch's int4 CPU kernel accepts
 _INT4_ROWS = 64  # the int4 layers' output widths are padded to a multiple of this
 
 
+def _check_group_size(group_size: int, widths: set[int], what: str) -> None:
+    """Refuse a group size the CPU kernel does not take, or one that does not divide every input width."""
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {INT4_GROUP_SIZES} (the CPU kernel's), got {group_size!r}")
+    uneven = sorted(w for w in widths if w % group_size)
+    if uneven:
+        raise ValueError(f"int4 needs every input width to be a multiple of group_size={group_size}; "
+                         f"this {what} has {uneven}: pass a smaller group_size (32)")
+
+
 def _quantize_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """4-bit codes ``(out, in)`` int32 in 0..15 and ``(in / group_size, out, 2)`` bfloat16 scales and offsets.
 
     ``weight ≈ (q - 8) * scale + zero`` within each group of ``group_size`` inputs of a row; the
     codes are rounded against the bfloat16 scales and offsets (what the CPU kernel reads).
     """
-    w = weight.detach().float()
-    if not bool(torch.isfinite(w).all()):
-        raise NonFiniteError(f"the weights {_NON_FINITE_WEIGHTS}")
+    w = _finite_float(weight)
     out_features, in_features = w.shape
     groups = w.view(out_features, in_features // group_size, group_size)  # (out, G, gs)
     low, high = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)  # (out, G, 1)
@@ -260,11 +274,7 @@ class Int4Linear(nn.Module):
                    group_size: int = INT4_GROUP_SIZE) -> Int4Linear:
         """Quantize a float ``(out, in)`` weight group by group (``group_size``: 32, 64, 128 or 256 inputs)."""
         out_features, in_features = weight.shape
-        if group_size not in INT4_GROUP_SIZES:
-            raise ValueError(f"group_size must be one of {INT4_GROUP_SIZES} (the CPU kernel's), got {group_size!r}")
-        if in_features % group_size:
-            raise ValueError(f"int4 needs the input width ({in_features}) to be a multiple of group_size="
-                             f"{group_size}: pass a smaller group_size (32)")
+        _check_group_size(group_size, {in_features}, "layer")
         padded = -(-out_features // _INT4_ROWS) * _INT4_ROWS
         # Padding rows are zeros, which dequantize to exactly 0 (code 0, offset 8 * scale).
         w = F.pad(weight.detach().float(), (0, 0, 0, padded - out_features))  # (padded, in)
@@ -356,14 +366,8 @@ def quantize(model: nn.Module, mode: QuantizeMode = "int8", *, group_size: int |
         raise TypeError(f"quantize works on GPT-2 models, not {type(model).__name__}")
     if is_quantized(body):
         raise ValueError("the model is already quantized")
-    if mode == "int4":
-        if group_size not in INT4_GROUP_SIZES:
-            raise ValueError(f"group_size must be one of {INT4_GROUP_SIZES} (the CPU kernel's), got {group_size!r}")
-        widths = {layer.in_features for layer in body.modules() if isinstance(layer, nn.Linear)}
-        uneven = sorted(w for w in widths if w % group_size)
-        if uneven:
-            raise ValueError(f"int4 needs every layer's input width to be a multiple of group_size={group_size}; "
-                             f"this model has {uneven}: pass a smaller group_size (32)")
+    if mode == "int4":  # checked before any layer is replaced
+        _check_group_size(group_size, {m.in_features for m in body.modules() if isinstance(m, nn.Linear)}, "model")
     bad = [name for name, p in body.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad:
         raise NonFiniteError(f"the weights {bad[:4]} {_NON_FINITE_WEIGHTS}")
