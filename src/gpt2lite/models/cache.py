@@ -54,8 +54,8 @@ class KVCache:
     """Keys and values of every layer for ``batch_size`` rows; the decoding state of ``GPT2``.
 
     >>> cache = KVCache(n_layer=2, batch_size=3, n_head=4, max_length=16, head_dim=8)
-    >>> cache.k.shape  # (n_layer, B, nh, max_length, hs)
-    torch.Size([2, 3, 4, 16, 8])
+    >>> len(cache.k), cache.k[0].shape  # one (B, nh, max_length, hs) buffer per layer
+    (2, torch.Size([3, 4, 16, 8]))
     >>> cache.lengths.tolist()
     [0, 0, 0]
     """
@@ -75,35 +75,38 @@ class KVCache:
         """Allocate zeroed buffers; ``static=True`` fixes the shapes of every step (for ``torch.compile``)."""
         if batch_size < 1 or max_length < 1:
             raise ValueError(f"a cache needs batch_size >= 1 and max_length >= 1, got {batch_size}, {max_length}")
-        shape = (n_layer, batch_size, n_head, max_length, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=self.k.device)
-        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=self.k.device)  # slots filled per row
-        self.positions = torch.zeros(batch_size, dtype=torch.long, device=self.k.device)  # next position id per row
+        shape = (batch_size, n_head, max_length, head_dim)
+        # One buffer per layer, not one 5-D tensor: a compiled step writes each layer's buffer in
+        # place, where a write into a slice of a shared tensor makes it copy the whole cache.
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        device = self.k[0].device
+        self.valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # slots filled per row
+        self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)  # next position id per row
         self.static = static
         # Host-side mirror of `lengths`, so that shapes and fast paths need no device sync. A static
         # cache does not keep it: its steps run inside a compiled graph.
         self._host_lengths = [0] * batch_size
         self._padded = False  # some slot below a row's length holds padding
         if static:
-            for t in (self.k, self.v, self.valid, self.lengths, self.positions):
+            for t in (*self.k, *self.v, self.valid, self.lengths, self.positions):
                 torch._dynamo.mark_static_address(t)  # updated in place by a captured CUDA graph
 
     @property
     def batch_size(self) -> int:
         """Number of rows."""
-        return self.k.shape[1]
+        return self.valid.shape[0]
 
     @property
     def max_length(self) -> int:
         """Slots per row."""
-        return self.k.shape[3]
+        return self.valid.shape[1]
 
     @property
     def device(self) -> torch.device:
         """Where the buffers live."""
-        return self.k.device
+        return self.valid.device
 
     # the forward pass ------------------------------------------------------------
 
@@ -215,8 +218,8 @@ class KVCache:
         if moved.numel() == 0:
             return
         source = index[moved]
-        for buf in (self.k, self.v):  # only the rows that change are copied
-            buf[:, moved, :, :used] = buf[:, source, :, :used]
+        for buf in (*self.k, *self.v):  # only the rows that change are copied
+            buf[moved, :, :used] = buf[source, :, :used]
         for buf in (self.valid, self.lengths, self.positions):
             buf[moved] = buf[source]
         if not self.static:
