@@ -95,6 +95,36 @@ def test_one_copy_prepack_keeps_transformers_greedy_tokens_and_adds_no_weights(t
     assert all("onednn (as asked)" in line and "mkl (no copy)" in line for line in kernel_report(model))
 
 
+def test_load_model_measures_the_one_row_kernel_by_default_with_one_copy_of_each_weight(
+        tiny_dir, hf_tiny, _kernel_cache_in_a_temporary_folder):
+    import json
+
+    from gpt2lite.transforms import kernels
+
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    model = load_model(tiny_dir)  # float32 on the CPU: prepack(copy=False), the kernels measured or cached
+    assert torch.equal(torch.rand(3), expected)  # measuring drew nothing from the caller's random state
+    c_fc = model.h[0].mlp.c_fc
+    assert isinstance(c_fc, PackedLinear) and c_fc.copy is False
+    chosen = json.loads(_kernel_cache_in_a_temporary_folder.read_text())[kernels.cpu_key()]
+    assert c_fc.one_row == chosen["64x256"]["kernel"] and model.wte.one_row == chosen["64x50257"]["kernel"]
+    ids = torch.tensor([[464, 3290, 318, 257]])
+    ours = generate(model, ids, max_new_tokens=20, temperature=0, ignore_eos=True)
+    theirs = hf_tiny.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=20,
+                              pad_token_id=50256)
+    assert torch.equal(ours, theirs)
+    assert all(m._packed is None for m in model.modules() if hasattr(m, "_packed"))  # no reordered copies
+    # Opting out, and what the default leaves alone.
+    assert type(load_model(tiny_dir, prepack=False).h[0].mlp.c_fc) is nn.Linear
+    assert build_parser().parse_args(["serve", "--no-prepack"]).prepack is False
+    assert build_parser().parse_args(["serve"]).prepack is None
+    assert type(load_model(tiny_dir, quantize="int8").h[0].mlp.c_fc) is not PackedLinear
+    assert type(load_model(tiny_dir, dtype="bfloat16").h[0].mlp.c_fc) is nn.Linear
+    assert type(load_model(tiny_dir, kind="classifier", labels=["a", "b"]).transformer.h[0].mlp.c_fc) is nn.Linear
+
+
 def test_kernel_choices_are_measured_once_per_cpu_and_cached(tiny_dir, tmp_path, monkeypatch):
     import json
 

@@ -54,7 +54,7 @@ def load_model(
     adapter: str | os.PathLike[str] | None = None,
     merge_adapter: bool = False,
     quantize: QuantizeMode | None = None,
-    prepack: bool = False,
+    prepack: bool | None = None,
 ) -> nn.Module:
     """Load a model for inference or training: ``GPT2``, ``GPT2ForSequenceClassification`` or ``RecurrentLM``.
 
@@ -66,7 +66,11 @@ def load_model(
     ``merge_adapter=True`` folds it into the weights (inference). ``quantize="int8"``
     (or ``"int4"``) stores the linear layers in int8 (int4: groups of 64 inputs
     share a scale; inference only; adapters are merged first);
-    ``prepack=True`` adds oneDNN-reordered weights for float32 CPU batches. Example::
+    ``prepack`` picks a float32 CPU model's product kernels: by default (None) each
+    weight shape's one-row product (batch-1 decoding) takes the kernel measured
+    fastest on this CPU, with no extra memory (``prepack(copy=False)``);
+    ``True`` also adds oneDNN-reordered weights for batches (twice the weight
+    memory); ``False`` keeps ``F.linear`` everywhere. Example::
 
         model = load_model("gpt2", quantize="int8")
     """
@@ -99,9 +103,15 @@ def load_model(
             merge_lora(model)
     if quantize:
         quantize_model(model, quantize)
-    if prepack:
-        prepack_model(model)
+    if prepack or (prepack is None and kind == "lm" and _one_row_kernels_apply(model)):
+        prepack_model(model, copy=bool(prepack))
     return model
+
+
+def _one_row_kernels_apply(model: nn.Module) -> bool:
+    """Whether the measured one-row kernels can serve ``model``: a float32 GPT-2 on the CPU, not quantized."""
+    return (isinstance(model, GPT2) and not is_quantized(model) and model.dtype == torch.float32
+            and model.device.type == "cpu" and torch.backends.mkldnn.is_available())
 
 
 def save_model(model: nn.Module, directory: str | os.PathLike[str], *,

@@ -63,15 +63,17 @@ class TextGenerator:
         local_files_only: bool = False,
         quantize: QuantizeMode | None = None,
         adapter: str | os.PathLike[str] | None = None,
-        prepack: bool = False,
+        prepack: bool | None = None,
     ) -> TextGenerator:
         """Load model and tokenizer from a hub id or local path (see ``gpt2lite.load_model``).
 
         ``quantize="int8"`` loads a GPT-2 with int8 weights (faster, inference only; ``"int4"``: smaller).
         ``adapter`` puts a LoRA adapter (PEFT format) on it, merged into the weights;
         a directory that holds only an adapter loads the base model it names.
-        ``prepack=True`` adds oneDNN-reordered weights for faster float32 CPU
-        batches (see ``gpt2lite.transforms.packed``; twice the weight memory).
+        ``prepack`` chooses float32 CPU product kernels as ``load_model`` does: by
+        default the one-row kernel measured fastest on this CPU; ``True`` adds
+        oneDNN-reordered weights for faster batches (twice the weight memory);
+        ``False`` keeps ``F.linear`` (see ``gpt2lite.transforms.packed``).
 
         A directory saved from a ``RecurrentLM`` (RNN, LSTM, GRU) loads that model instead,
         and one with a character vocabulary (``CharTokenizer``) uses it; another vocabulary

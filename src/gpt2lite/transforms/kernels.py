@@ -72,7 +72,8 @@ def _timed(products: Sequence[Callable[[], object]]) -> float:
 @torch.inference_mode()
 def measure(weights: Sequence[torch.Tensor]) -> Choice:
     """Time a one-row product through ``weights`` with MKL (``F.linear``) and with oneDNN (no copy of them)."""
-    x = torch.randn(1, weights[0].shape[1])
+    # Its own generator: loading a model must not move the caller's random state.
+    x = torch.randn(1, weights[0].shape[1], generator=torch.Generator().manual_seed(0))
     mkl = _timed([lambda w=w: F.linear(x, w) for w in weights])
     onednn = _timed([lambda w=w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") for w in weights])
     return {"kernel": "onednn" if onednn < mkl else "mkl", "mkl_us": round(mkl * 1e6, 1),
