@@ -61,10 +61,8 @@ class CausalSelfAttention(nn.Module):
         plan: StepPlan | None,
     ) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
         if state is not None:
             k, v = state.write(self.layer, k, v, plan)  # (B, nh, S, hs): the cached slots and these
         dtype = q.dtype
@@ -73,9 +71,12 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.attn_pdrop if self.training else 0.0,
             scale=self.scale,
-        ).to(dtype)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        )  # (B, nh, T, hs)
+        if self.upcast:
+            y = y.to(dtype)
+        y = self.c_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+        # Dropout only where it does something: a decode step is short enough that each call counts.
+        return self.resid_dropout(y) if self.training else y
 
 
 # GPT-2 was trained with the tanh approximation of GELU ("gelu_new"); variants name others, as transformers does.
@@ -105,7 +106,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+        y = self.c_proj(self.act(self.c_fc(x)))
+        return self.dropout(y) if self.training else y
 
 
 class Block(nn.Module):
@@ -302,7 +304,9 @@ class GPT2(nn.Module):
         state: KVCache | None, plan: StepPlan | None, last_only: bool = False,
     ) -> torch.Tensor:
         """Final hidden states ``(B, T or 1, C)`` of new tokens, through ``state`` when decoding."""
-        x = self.drop(self.wte(input_ids) + self.wpe(position_ids))  # (B, T, C)
+        x = self.wte(input_ids) + self.wpe(position_ids)  # (B, T, C)
+        if self.training:
+            x = self.drop(x)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.h:
             if recompute:  # keep only each block's input; recompute the rest during backward
