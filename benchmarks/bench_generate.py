@@ -8,9 +8,11 @@ the median tokens/s (new tokens x batch / wall time) and the ratio.
     python benchmarks/bench_generate.py [--device cpu|cuda] [--dtype float32|float16] [--rounds 5]
         [--quantize int8|int4] [--prepack]
 
-``--prepack`` also times ``prepack(model)`` and ``prepack(model, copy=False)`` (one
-copy of each weight), and prints which kernel each product shape uses and why (the
-times ``prepack`` measured on this CPU, or found in its cache).
+"gpt2lite" is what ``load_model`` gives: on the CPU in float32, each product shape's
+one-row kernel measured on this CPU (``prepack(copy=False)``); the script prints
+which kernel each shape uses and why (the times measured, or found in the cache).
+``--prepack`` also times ``prepack(model)`` (reordered copies for batches) and the
+plain model (``F.linear`` for every product); ``--compile`` the compiled step.
 
 ``--quantize int8`` (or int4) also times gpt2lite with quantized weights (same checkpoint, quantized
 at load) in the same alternating rounds.
@@ -34,9 +36,11 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--compile", action="store_true", help="also time gpt2lite's compiled CUDA-graph path")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time gpt2lite's compiled step (CUDA graphs on a GPU)")
     parser.add_argument("--quantize", choices=["int8", "int4"], default=None, help="also time gpt2lite quantized")
-    parser.add_argument("--prepack", action="store_true", help="also time gpt2lite with prepack() (CPU, float32)")
+    parser.add_argument("--prepack", action="store_true",
+                        help="also time gpt2lite with prepack() (copies for batches) and with F.linear only (CPU)")
     args = parser.parse_args()
 
     import transformers
@@ -54,12 +58,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         GPT2(GPT2Config.from_preset("gpt2")).save_pretrained(tmp)
-        ours = GPT2.from_pretrained(tmp, device=device, dtype=dtype)
+        ours = load_model(tmp, device=device, dtype=dtype)  # what users get: on the CPU, the measured one-row kernels
         quantized = load_model(tmp, device=device, dtype=dtype, quantize=args.quantize) \
             if args.quantize else None
         packed = prepack(GPT2.from_pretrained(tmp, device=device, dtype=dtype)) if args.prepack else None
-        one_copy = prepack(GPT2.from_pretrained(tmp, device=device, dtype=dtype), copy=False) \
-            if args.prepack else None
+        plain = GPT2.from_pretrained(tmp, device=device, dtype=dtype) if args.prepack else None
         theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp, dtype=dtype).to(device).eval()
 
     def run_ours(ids, model=ours, **kw):
@@ -79,17 +82,19 @@ def main() -> None:
         runners[f"gpt2lite {args.quantize}"] = partial(run_ours, model=quantized)
     if packed is not None:
         runners["gpt2lite prepacked"] = partial(run_ours, model=packed)
-        runners["prepack copy=False"] = partial(run_ours, model=one_copy)
+        runners["gpt2lite F.linear"] = partial(run_ours, model=plain)
 
     print(f"device={device} dtype={dtype} threads={torch.get_num_threads()} prompt={args.prompt} "
           f"new={args.new} greedy, {args.rounds} rounds, medians")
     print(f"cpu: {cpu_key()}")
-    print("kernels: gpt2lite plain: F.linear (MKL) for every product")
-    if packed is not None:
-        for name, model in (("prepacked", packed), ("prepack copy=False", one_copy)):
-            print(f"kernels: gpt2lite {name} (per product shape):")
-            for line in kernel_report(model):
+    for name, model in (("gpt2lite", ours), ("gpt2lite prepacked", packed)):
+        lines = kernel_report(model) if model is not None else []
+        if lines:
+            print(f"kernels: {name} (per product shape):")
+            for line in lines:
                 print(f"  {line}")
+    if args.compile and device.type == "cpu":
+        print("kernels: gpt2lite compiled: one-row products as inductor-generated sums of products")
     for batch in args.batch:
         ids = torch.randint(0, 50257, (batch, args.prompt), generator=torch.Generator().manual_seed(batch)).to(device)
         outputs = {name: run(ids) for name, run in runners.items()}  # warm-up (and compile)

@@ -125,6 +125,29 @@ def test_load_model_measures_the_one_row_kernel_by_default_with_one_copy_of_each
     assert type(load_model(tiny_dir, kind="classifier", labels=["a", "b"]).transformer.h[0].mlp.c_fc) is nn.Linear
 
 
+def test_a_compiled_cpu_step_multiplies_one_row_as_a_sum_of_products_with_transformers_tokens(tiny_dir, hf_tiny):
+    """compile=True on the CPU: inductor's own loop over (out, in) rows, and still transformers' greedy tokens."""
+    model = load_model(tiny_dir)  # the default: prepack(copy=False), weights stored as (out, in) rows
+    assert model.h[0].attn.c_attn.weight.is_contiguous() and model.h[0].attn.c_attn.weight.shape == (192, 64)
+    ids = torch.tensor([[464, 3290, 318, 257]])
+    generate(model, ids, max_new_tokens=2, temperature=0, ignore_eos=True, compile=True)  # compiled here
+    with torch.profiler.profile() as prof:
+        ours = generate(model, ids, max_new_tokens=12, temperature=0, ignore_eos=True, compile=True)
+    theirs = hf_tiny.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
+                              pad_token_id=50256)
+    assert torch.equal(ours, theirs)
+    kernels = ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise")  # the products, not their callers
+    calls = sum(e.count for e in prof.key_averages() if e.key in kernels)
+    assert 0 < calls <= 2 * 4 + 1  # the 4-token prompt's products (2 blocks x 4, the head); none in the 11 steps
+    # Batches in a compiled step take MKL, also where prepack made oneDNN copies (inductor cannot lower those).
+    batch = torch.tensor([[464, 3290, 318, 257], [50, 1000, 7, 2]])
+    ours = generate(prepack(GPT2.from_pretrained(tiny_dir)), batch, max_new_tokens=8, temperature=0, ignore_eos=True,
+                    compile=True)
+    theirs = hf_tiny.generate(batch, attention_mask=torch.ones_like(batch), do_sample=False, max_new_tokens=8,
+                              pad_token_id=50256)
+    assert torch.equal(ours, theirs)
+
+
 def test_kernel_choices_are_measured_once_per_cpu_and_cached(tiny_dir, tmp_path, monkeypatch):
     import json
 

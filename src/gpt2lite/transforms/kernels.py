@@ -52,8 +52,8 @@ def cpu_key() -> str:
             name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
     except OSError:
         pass
-    # "plain": oneDNN's one-row time is over the weight as it is (earlier caches timed a reordered copy).
-    return f"{name} | torch {torch.__version__} | {torch.get_num_threads()} threads | plain"
+    # "rows": timed over (out, in) rows as prepack stores them (earlier: a reordered copy, then transposed views).
+    return f"{name} | torch {torch.__version__} | {torch.get_num_threads()} threads | rows"
 
 
 def _timed(products: Sequence[Callable[[], object]]) -> float:

@@ -18,6 +18,13 @@ memory as the float32 weights again (about 0.5 GB for 124M, the LM head
 included); ``copy=False`` keeps one copy of each weight and leaves those
 products to MKL. The copy is rebuilt when the weight changes (its version
 counter moves), so training or loading new weights never reads a stale copy.
+
+Inside a ``torch.compile``'d decode step on the CPU (``compile=True``) a one-row
+product is written as a sum of products, ``(x * W).sum(-1)``, which inductor
+turns into one vectorized loop streaming the weight: 26 GB/s against oneDNN's
+21 and MKL's 13 on an AMD EPYC (Zen 3, 2 threads). That loop needs each output's
+weights side by side, so ``prepack`` stores the weights as ``(out, in)`` rows
+(GPT-2's files hold them transposed); the values and the state dict are as before.
 """
 
 from __future__ import annotations
@@ -37,6 +44,23 @@ __all__ = ["MIN_ROWS", "PackedEmbedding", "PackedLinear", "kernel_report", "prep
 
 MIN_ROWS = 2  # from this many rows the reordered copy always serves; one row takes the layer's `one_row` kernel
 
+# `gpt2lite::materialize(x)`: a copy of `x` that inductor cannot fuse into its consumer. Without
+# it, the LayerNorm or GELU that makes a product's input would be recomputed inside the
+# product's loop, once for every output.
+_OPS = torch.library.Library("gpt2lite", "DEF")
+_OPS.define("materialize(Tensor x) -> Tensor")
+_OPS.impl("materialize", torch.clone, "CompositeExplicitAutograd")
+torch.library.register_fake("gpt2lite::materialize", torch.empty_like, lib=_OPS)
+
+
+def _row_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """One row ``(..., in)`` times ``(out, in)`` rows as a sum of products, which inductor makes one loop."""
+    v = torch.ops.gpt2lite.materialize(x.reshape(1, x.shape[-1]))  # (1, in)
+    y = (v * weight).sum(-1)  # (out,)
+    if bias is not None:
+        y = y + bias
+    return y.view(*x.shape[:-1], weight.shape[0])  # (..., out)
+
 
 def _product(layer: PackedLinear | PackedEmbedding, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ layer.weight.T + bias``; float32 CPU products without gradients take the layer's chosen kernels."""
@@ -45,6 +69,10 @@ def _product(layer: PackedLinear | PackedEmbedding, x: torch.Tensor, bias: torch
     if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != x.dtype
             or (torch.is_grad_enabled() and weight.requires_grad)):
         return F.linear(x, weight, bias)
+    if torch.compiler.is_compiling():  # inductor cannot lower oneDNN's product over a weight it does not own
+        if rows == 1 and weight.is_contiguous():
+            return _row_product(x, weight, bias)
+        return F.linear(x, weight, bias) if isinstance(layer, PackedLinear) else tied_head_product(x, weight)
     if rows < MIN_ROWS:
         if layer.one_row != "onednn":
             return F.linear(x, weight, bias)
@@ -143,6 +171,10 @@ def prepack(model: nn.Module, rows: int = 8, *, one_row: Literal["auto", "mkl", 
     if type(body.lm_head) is nn.Linear:  # an untied head (tie_word_embeddings: false)
         body.lm_head = PackedLinear.wrap(body.lm_head, rows)
     layers = [m for m in body.modules() if isinstance(m, (PackedLinear, PackedEmbedding))]
+    with torch.no_grad():
+        for layer in layers:
+            if not layer.weight.is_contiguous():  # GPT-2's Conv1D weights arrive as transposed views
+                layer.weight.data = layer.weight.data.contiguous()
     for layer in layers:
         layer.copy = copy
         layer._packed, layer._version = None, -1  # a copy made before is dropped (or made again, as needed)
