@@ -28,6 +28,20 @@ def test_packed_product_equals_the_float_product(rows, copy, one_row):
     assert (packed._packed is not None) == (rows >= MIN_ROWS and copy)
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_gradients_flow_through_a_frozen_prepacked_layer(rows):
+    """LoRA trains with the base weights frozen: the input's gradient must still come back through them."""
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8)
+    packed = PackedLinear.wrap(layer)
+    packed.one_row, packed.copy = "onednn", True
+    packed.requires_grad_(False)
+    x = torch.randn(rows, 16, requires_grad=True)
+    packed(x).square().sum().backward()
+    expected = torch.autograd.grad(F.linear(x, layer.weight, layer.bias).square().sum(), x)[0]
+    assert x.grad is not None and torch.allclose(x.grad, expected, atol=1e-5)
+
+
 def test_a_changed_weight_is_reordered_again():
     torch.manual_seed(0)
     packed = PackedLinear.wrap(nn.Linear(32, 16))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 
@@ -104,11 +105,12 @@ def test_cli_errors_are_one_line(argv, status, match, capsys):
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_python_m_gpt2lite_reads_stdin(tiny_dir):
+def test_python_m_gpt2lite_reads_stdin(tiny_dir, tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "gpt2lite", "generate", "--model", str(tiny_dir), "--temperature", "0",
          "--max-new-tokens", "5", "--device", "cpu"],
         input="Hello", capture_output=True, text=True, timeout=120,
+        env={**os.environ, "HOME": str(tmp_path)},  # its kernel-choice cache goes here, not to the real home
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.endswith("\n") and len(out.stdout) > 1

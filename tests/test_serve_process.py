@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -28,7 +30,9 @@ def serve(model_dir, *extra: str):
     port = free_port()
     command = [sys.executable, "-m", "gpt2lite", "serve", "--model", str(model_dir), "--port", str(port),
                "--device", "cpu", "--served-model-name", "tiny", *extra]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    home = tempfile.TemporaryDirectory()  # the server's kernel-choice cache goes here, not to the real home
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "HOME": home.name})
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)
     reader.start()
@@ -49,6 +53,7 @@ def serve(model_dir, *extra: str):
             process.kill()
         process.wait(timeout=30)
         reader.join(timeout=10)
+        home.cleanup()
 
 
 def peak_rss_kib(pid: int) -> int:
@@ -156,8 +161,10 @@ def test_a_port_in_use_exits_1_with_one_line(tiny_dir):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done = subprocess.run([sys.executable, "-m", "gpt2lite", "serve", "--model", str(tiny_dir), "--port",
-                               str(port)], capture_output=True, text=True, timeout=120)
+        with tempfile.TemporaryDirectory() as home:  # not the real home's kernel cache
+            done = subprocess.run([sys.executable, "-m", "gpt2lite", "serve", "--model", str(tiny_dir), "--port",
+                                   str(port)], capture_output=True, text=True, timeout=120,
+                                  env={**os.environ, "HOME": home})
     assert done.returncode == 1
     assert done.stderr.strip().count("\n") == 0 and "cannot listen on 127.0.0.1:" in done.stderr
 

@@ -724,7 +724,7 @@ def _training_setup(args: argparse.Namespace, device: str, lora: Any, *,
             extra = dict(vocab, bos_token_id=vocab["eos_token_id"]) if vocab else {}
             model = GPT2(GPT2Config.from_preset(args.preset, **extra)).to(device)
         else:
-            model = load_model(args.model, device=device, **hub)
+            model = load_model(args.model, device=device, prepack=False, **hub)  # training: no decode kernels
             tokenizer = load_tokenizer(args.model, model.config.vocab_size, **hub)
     if model is not None:
         _check_block_size(args, model)  # before the data is tokenized

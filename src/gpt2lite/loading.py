@@ -68,7 +68,7 @@ def load_model(
     share a scale; inference only; adapters are merged first);
     ``prepack`` picks a float32 CPU model's product kernels: by default (None) each
     weight shape's one-row product (batch-1 decoding) takes the kernel measured
-    fastest on this CPU, with no extra memory (``prepack(copy=False)``);
+    fastest on this CPU, with one copy of the weights (``prepack(copy=False)``);
     ``True`` also adds oneDNN-reordered weights for batches (twice the weight
     memory); ``False`` keeps ``F.linear`` everywhere. Example::
 

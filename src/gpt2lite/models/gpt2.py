@@ -75,8 +75,8 @@ class CausalSelfAttention(nn.Module):
         if self.upcast:
             y = y.to(dtype)
         y = self.c_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
-        # Dropout only where it does something: a decode step is short enough that each call counts.
-        return self.resid_dropout(y) if self.training else y
+        # Dropout called only when on (its own mode): a decode step is short enough that each call counts.
+        return self.resid_dropout(y) if self.resid_dropout.training else y
 
 
 # GPT-2 was trained with the tanh approximation of GELU ("gelu_new"); variants name others, as transformers does.
@@ -107,7 +107,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.c_proj(self.act(self.c_fc(x)))
-        return self.dropout(y) if self.training else y
+        return self.dropout(y) if self.dropout.training else y
 
 
 class Block(nn.Module):
@@ -305,7 +305,7 @@ class GPT2(nn.Module):
     ) -> torch.Tensor:
         """Final hidden states ``(B, T or 1, C)`` of new tokens, through ``state`` when decoding."""
         x = self.wte(input_ids) + self.wpe(position_ids)  # (B, T, C)
-        if self.training:
+        if self.drop.training:
             x = self.drop(x)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.h:

@@ -36,6 +36,7 @@ __all__ = [
     "expected_shapes",
     "infer_config",
     "load_checkpoint",
+    "own_memory",
     "resolve_dtype",
     "save_checkpoint",
 ]
@@ -259,9 +260,9 @@ def _read_state(handles: list[TensorFile], config: GPT2Config, device: torch.dev
                 "dtypes; load it with dtype='float32' (or another) to convert every tensor to one"
             )
 
-    # Both formats hand out tensors that map the file (no copy), and a transposed view
-    # multiplies as fast as a contiguous copy, so a float32 load on the CPU copies nothing;
-    # a dtype or device change converts one tensor at a time.
+    # Both formats hand out tensors that map the file (no copy), so a float32 load on the CPU
+    # copies nothing (the Conv1D weights become transposed views); a dtype or device change
+    # converts one tensor at a time. Transforms that want other layouts copy (``own_memory``).
     state: dict[str, torch.Tensor] = {}
     for key, (stored, handle) in found.items():
         t = handle.tensor(stored)
@@ -278,6 +279,18 @@ def _read_state(handles: list[TensorFile], config: GPT2Config, device: torch.dev
             raise CheckpointError(f"{stored!r} differs from wte.weight, but the config ties the LM head to the "
                                   "token embedding; set tie_word_embeddings: false in its config.json")
     return state
+
+
+def own_memory(module: torch.nn.Module) -> None:
+    """Give each parameter of ``module`` a contiguous copy of its own, so that none is a view of the mapped file.
+
+    A loaded checkpoint's tensors map its file (and the Conv1D weights are transposed
+    views of it); a transform that replaces some of them calls this so that the
+    rest do not keep the whole file mapped beside the new copies.
+    """
+    with torch.no_grad():
+        for p in module.parameters():
+            p.data = p.data.clone(memory_format=torch.contiguous_format)
 
 
 def load_checkpoint(

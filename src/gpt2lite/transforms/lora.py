@@ -88,7 +88,8 @@ class LoraLinear(nn.Module):
         """The base layer with the update folded into its weight: ``W + s * B @ A``."""
         with torch.no_grad():
             delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling  # (out, in)
-            self.base_layer.weight.data = (self.base_layer.weight.float() + delta).to(self.base_layer.weight.dtype)
+            # In place: the weight's version counter moves, so a copy made from it (prepack) is made again.
+            self.base_layer.weight.copy_(self.base_layer.weight.float() + delta)
         return self.base_layer
 
 

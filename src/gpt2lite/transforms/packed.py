@@ -25,6 +25,8 @@ turns into one vectorized loop streaming the weight: 26 GB/s against oneDNN's
 21 and MKL's 13 on an AMD EPYC (Zen 3, 2 threads). That loop needs each output's
 weights side by side, so ``prepack`` stores the weights as ``(out, in)`` rows
 (GPT-2's files hold them transposed); the values and the state dict are as before.
+It gives every tensor memory of its own (one copy of the weights, the checkpoint
+file no longer mapped), as a load with a dtype conversion does.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpt2lite.models.gpt2 import GPT2, tied_head_product
+from gpt2lite.models.weights import own_memory
 from gpt2lite.transforms.kernels import KERNELS, Choice, choose_kernels
 from gpt2lite.transforms.quantize import is_quantized
 
@@ -47,10 +50,11 @@ MIN_ROWS = 2  # from this many rows the reordered copy always serves; one row ta
 # `gpt2lite::materialize(x)`: a copy of `x` that inductor cannot fuse into its consumer. Without
 # it, the LayerNorm or GELU that makes a product's input would be recomputed inside the
 # product's loop, once for every output.
-_OPS = torch.library.Library("gpt2lite", "DEF")
-_OPS.define("materialize(Tensor x) -> Tensor")
-_OPS.impl("materialize", torch.clone, "CompositeExplicitAutograd")
-torch.library.register_fake("gpt2lite::materialize", torch.empty_like, lib=_OPS)
+if not hasattr(torch.ops.gpt2lite, "materialize"):  # a namespace is defined once per process (reloads)
+    _OPS = torch.library.Library("gpt2lite", "DEF")
+    _OPS.define("materialize(Tensor x) -> Tensor")
+    _OPS.impl("materialize", torch.clone, "CompositeExplicitAutograd")
+    torch.library.register_fake("gpt2lite::materialize", torch.empty_like, lib=_OPS)
 
 
 def _row_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -66,16 +70,17 @@ def _product(layer: PackedLinear | PackedEmbedding, x: torch.Tensor, bias: torch
     """``x @ layer.weight.T + bias``; float32 CPU products without gradients take the layer's chosen kernels."""
     weight = layer.weight
     rows = x.numel() // x.shape[-1]
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != x.dtype
-            or (torch.is_grad_enabled() and weight.requires_grad)):
-        return F.linear(x, weight, bias)
-    if torch.compiler.is_compiling():  # inductor cannot lower oneDNN's product over a weight it does not own
-        if rows == 1 and weight.is_contiguous():
+    # oneDNN's product has no backward: anything that needs gradients (through a frozen weight
+    # too, as LoRA training does) takes F.linear.
+    plain = (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != x.dtype
+             or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)))
+    if not plain and torch.compiler.is_compiling():  # inductor cannot lower oneDNN over a weight it does not own
+        if rows < MIN_ROWS and weight.is_contiguous():
             return _row_product(x, weight, bias)
-        return F.linear(x, weight, bias) if isinstance(layer, PackedLinear) else tied_head_product(x, weight)
+        plain = True
+    if plain or (rows < MIN_ROWS and layer.one_row != "onednn"):
+        return F.linear(x, weight, bias)
     if rows < MIN_ROWS:
-        if layer.one_row != "onednn":
-            return F.linear(x, weight, bias)
         operand = weight  # oneDNN reads the plain weight for one row: no copy
     elif layer.copy:
         operand = _packed(layer)
@@ -149,7 +154,7 @@ def prepack(model: nn.Module, rows: int = 8, *, one_row: Literal["auto", "mkl", 
     ``rows`` is the batch size their layout is tuned for (any size works).
     The state dict, saving and training are unchanged. Example::
 
-        model = prepack(GPT2.from_pretrained("gpt2"), copy=False)  # batch 1, no extra memory
+        model = prepack(GPT2.from_pretrained("gpt2"), copy=False)  # batch 1, one copy of the weights
     """
     if one_row not in ("auto", *KERNELS):
         raise ValueError(f"one_row must be 'auto', 'mkl' or 'onednn', got {one_row!r}")
@@ -171,10 +176,9 @@ def prepack(model: nn.Module, rows: int = 8, *, one_row: Literal["auto", "mkl", 
     if type(body.lm_head) is nn.Linear:  # an untied head (tie_word_embeddings: false)
         body.lm_head = PackedLinear.wrap(body.lm_head, rows)
     layers = [m for m in body.modules() if isinstance(m, (PackedLinear, PackedEmbedding))]
-    with torch.no_grad():
-        for layer in layers:
-            if not layer.weight.is_contiguous():  # GPT-2's Conv1D weights arrive as transposed views
-                layer.weight.data = layer.weight.data.contiguous()
+    # GPT-2's Conv1D weights arrive as transposed views of the mapped file: every tensor gets
+    # memory of its own, in (out, in) rows, so no view keeps the file mapped beside the copies.
+    own_memory(body)
     for layer in layers:
         layer.copy = copy
         layer._packed, layer._version = None, -1  # a copy made before is dropped (or made again, as needed)

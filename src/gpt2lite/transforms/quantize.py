@@ -45,6 +45,7 @@ from torch import nn
 
 from gpt2lite.errors import NonFiniteError
 from gpt2lite.models.gpt2 import GPT2
+from gpt2lite.models.weights import own_memory
 
 __all__ = ["QUANTIZE_MODES", "Int4Embedding", "Int4Linear", "Int8Embedding", "Int8Linear", "QuantizeMode",
            "is_quantized", "quantize"]
@@ -387,9 +388,8 @@ def quantize(model: nn.Module, mode: QuantizeMode = "int8", *, group_size: int |
         body.wte = linear(body.wte.weight, kind=head, embedding=True)
         if body.lm_head is not None:  # an untied head (tie_word_embeddings: false)
             body.lm_head = linear(body.lm_head.weight, kind=head)
-        # What stays in floating point (positions, LayerNorms) may still be a view of the mapped
-        # checkpoint file, which would keep the whole float file resident: give it its own memory.
-        for p in body.parameters():
-            p.data = p.data.clone()
+    # What stays in floating point (positions, LayerNorms) may still be a view of the mapped
+    # checkpoint file, which would keep the whole float file resident: give it its own memory.
+    own_memory(body)
     body.requires_grad_(False)
     return model
