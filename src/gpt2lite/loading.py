@@ -31,6 +31,7 @@ from gpt2lite.tokenizers.char import CharTokenizer
 from gpt2lite.tokenizers.hf import HFTokenizer
 from gpt2lite.tokenizers.protocol import TokenizerProtocol
 from gpt2lite.transforms.lora import has_lora, merge_lora
+from gpt2lite.transforms.packed import can_prepack
 from gpt2lite.transforms.packed import prepack as prepack_model
 from gpt2lite.transforms.peft import adapter_base, adapter_labels, load_adapter, save_adapter
 from gpt2lite.transforms.quantize import QUANTIZE_MODES, QuantizeMode, is_quantized
@@ -103,15 +104,9 @@ def load_model(
             merge_lora(model)
     if quantize:
         quantize_model(model, quantize)
-    if prepack or (prepack is None and kind == "lm" and _one_row_kernels_apply(model)):
+    if prepack or (prepack is None and kind == "lm" and can_prepack(model)):
         prepack_model(model, copy=bool(prepack))
     return model
-
-
-def _one_row_kernels_apply(model: nn.Module) -> bool:
-    """Whether the measured one-row kernels can serve ``model``: a float32 GPT-2 on the CPU, not quantized."""
-    return (isinstance(model, GPT2) and not is_quantized(model) and model.dtype == torch.float32
-            and model.device.type == "cpu" and torch.backends.mkldnn.is_available())
 
 
 def save_model(model: nn.Module, directory: str | os.PathLike[str], *,

@@ -43,7 +43,7 @@ from gpt2lite.models.weights import own_memory
 from gpt2lite.transforms.kernels import KERNELS, Choice, choose_kernels
 from gpt2lite.transforms.quantize import is_quantized
 
-__all__ = ["MIN_ROWS", "PackedEmbedding", "PackedLinear", "kernel_report", "prepack"]
+__all__ = ["MIN_ROWS", "PackedEmbedding", "PackedLinear", "can_prepack", "kernel_report", "prepack"]
 
 MIN_ROWS = 2  # from this many rows the reordered copy always serves; one row takes the layer's `one_row` kernel
 
@@ -161,10 +161,9 @@ def prepack(model: nn.Module, rows: int = 8, *, one_row: Literal["auto", "mkl", 
     body = getattr(model, "transformer", model)
     if not isinstance(body, GPT2):
         raise TypeError(f"prepack works on GPT-2 models, not {type(model).__name__}")
-    if is_quantized(body) or body.dtype != torch.float32 or body.device.type != "cpu":
-        raise ValueError("prepack is for float32 models on the CPU (not quantized, not on a GPU)")
-    if not torch.backends.mkldnn.is_available():
-        raise ValueError("prepack needs PyTorch's oneDNN (mkldnn) backend, which this build lacks")
+    refusal = _refusal(body)
+    if refusal is not None:
+        raise ValueError(refusal)
     for block in body.h:
         for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"),
                              (block.mlp, "c_proj")):
@@ -196,6 +195,21 @@ def prepack(model: nn.Module, rows: int = 8, *, one_row: Literal["auto", "mkl", 
         for layer in group:
             layer.one_row, layer.choice = str(choices[shape]["kernel"]), choices[shape]
     return model
+
+
+def can_prepack(model: nn.Module) -> bool:
+    """Whether ``prepack`` serves ``model``: a float32 GPT-2 on the CPU, not quantized, with PyTorch's oneDNN."""
+    body = getattr(model, "transformer", model)
+    return isinstance(body, GPT2) and _refusal(body) is None
+
+
+def _refusal(body: GPT2) -> str | None:
+    """Why ``prepack`` cannot serve ``body``, or None."""
+    if is_quantized(body) or body.dtype != torch.float32 or body.device.type != "cpu":
+        return "prepack is for float32 models on the CPU (not quantized, not on a GPU)"
+    if not torch.backends.mkldnn.is_available():
+        return "prepack needs PyTorch's oneDNN (mkldnn) backend, which this build lacks"
+    return None
 
 
 def _shape(layer: PackedLinear | PackedEmbedding) -> str:
