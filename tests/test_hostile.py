@@ -321,6 +321,17 @@ def test_overflowing_int8_activations_are_a_non_finite_error(tiny_dir):
         generate(model, [[1, 2, 3, 4, 5]], max_new_tokens=2, temperature=0)
 
 
+def test_overflowing_int8_activations_in_a_compiled_step_are_a_non_finite_error(tiny_dir):
+    from gpt2lite import generate
+
+    model = quantize(GPT2.from_pretrained(tiny_dir))
+    with torch.no_grad():  # position 6: the second one-token step, which runs compiled
+        model.wpe.weight[6] = 3e38
+        model.h[0].attn.c_proj.bias.fill_(3e38)
+    with pytest.raises(NonFiniteError, match="overflowed"):
+        generate(model, [[1, 2, 3, 4, 5]], max_new_tokens=4, temperature=0, compile=True)
+
+
 # training output ----------------------------------------------------------------------------------------
 
 

@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 import torch
 
 from gpt2lite.models.protocol import DecoderModel, DecodeState
-from gpt2lite.transforms.quantize import Int8Linear
 
 __all__ = ["DecodeSession"]
 
@@ -42,9 +41,6 @@ class DecodeSession:
     def __init__(self, model: DecoderModel, batch_size: int, max_length: int, *, compile: bool = False) -> None:
         """Make an empty state for ``batch_size`` rows of up to ``max_length`` tokens each."""
         self.model = model
-        if compile and _has_cpu_int8_kernel(model):
-            raise ValueError("compile=True cannot trace the CPU int8 kernel of a quantized model; "
-                             "generate without compile (int8 on the CPU is fast eagerly)")
         self.state: DecodeState = model.new_state(batch_size, max_length, static=compile)
         self._compiled = _compiled_step(self.state.device.type) if compile else None
 
@@ -89,12 +85,6 @@ _COMPILED: dict[str, Callable[..., torch.Tensor]] = {}
 
 def _decode_one(model: DecoderModel, input_ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
     return model.decode(input_ids, state)
-
-
-def _has_cpu_int8_kernel(model: object) -> bool:
-    """Whether a layer of ``model`` multiplies with fbgemm's packed int8 weights (which dynamo cannot trace)."""
-    modules = model.modules() if isinstance(model, torch.nn.Module) else ()
-    return any(isinstance(m, Int8Linear) and m._packed is not None for m in modules)
 
 
 def _compiled_step(device_type: str) -> Callable[..., torch.Tensor]:

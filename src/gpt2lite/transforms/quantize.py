@@ -36,7 +36,9 @@ Training stays in floating point: ``train`` refuses a quantized model.
 
 from __future__ import annotations
 
+import itertools
 import warnings
+import weakref
 from typing import Literal, get_args
 
 import torch
@@ -96,6 +98,31 @@ def _pack_for_cpu(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | Non
         return None
 
 
+# `gpt2lite::int8_linear(x, weight, layer, check)`: fbgemm's product as an op that torch.compile can
+# trace. Dynamo cannot trace the packed-weight object itself, so the op names its layer by a
+# number and finds the packed weight in `_LAYERS` when it runs; `weight` is the layer's int8 weight,
+# passed so that the traced graph knows the output's shape and checks it is that layer's.
+_LAYERS: weakref.WeakValueDictionary[int, Int8Linear] = weakref.WeakValueDictionary()
+_NUMBERS = itertools.count()
+
+
+def _layer(number: int, weight: torch.Tensor) -> Int8Linear:
+    """The live layer ``number`` of ``_LAYERS``, checked to own ``weight``."""
+    layer = _LAYERS.get(number)
+    if layer is None or layer._packed is None or layer.weight.data_ptr() != weight.data_ptr():
+        raise RuntimeError(f"gpt2lite::int8_linear: layer {number} is gone or no longer holds this weight")
+    return layer
+
+
+if not hasattr(torch.ops.gpt2lite, "int8_linear"):  # a namespace fragment is defined once per process (reloads)
+    _OPS = torch.library.Library("gpt2lite", "FRAGMENT")
+    _OPS.define("int8_linear(Tensor x, Tensor weight, int layer, bool check) -> Tensor")
+    _OPS.impl("int8_linear", lambda x, weight, layer, check: _layer(layer, weight)._fbgemm(x, check), "CPU")
+    torch.library.register_fake(
+        "gpt2lite::int8_linear", lambda x, weight, layer, check: x.new_empty(*x.shape[:-1], weight.shape[0]), lib=_OPS
+    )
+
+
 class Int8Linear(nn.Module):
     """A linear layer with an int8 weight ``(out, in)`` and one float scale per output channel."""
 
@@ -108,6 +135,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("bias", bias)
         self._packed: object | None = None
+        self._number = next(_NUMBERS)  # this layer's name in `_LAYERS` (see gpt2lite::int8_linear)
+        _LAYERS[self._number] = self
         self._repack()
 
     @classmethod
@@ -132,18 +161,36 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + b`` for ``x`` ``(..., in)``."""
+        return self._product(x, check=False)
+
+    def _product(self, x: torch.Tensor, *, check: bool) -> torch.Tensor:
+        """``x @ W.T + b``; with ``check``, non-finite ``x`` is refused first (fbgemm would make it finite)."""
         if self._packed is not None and x.device.type == "cpu" and x.dtype == torch.float32:
-            try:
-                return torch.ops.quantized.linear_dynamic(x, self._packed, _REDUCE_RANGE)
-            except RuntimeError:  # fbgemm's own words for NaN input: "min should be less than or equal to max"
-                if bool(torch.isfinite(x).all()):
-                    raise
-                raise NonFiniteError(_OVERFLOWED) from None
+            if torch.compiler.is_compiling():
+                return torch.ops.gpt2lite.int8_linear(x, self.weight, self._number, check)
+            return self._fbgemm(x, check)
         y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)  # (..., out)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
+    def _fbgemm(self, x: torch.Tensor, check: bool) -> torch.Tensor:
+        """fbgemm's product with the packed weight (float32 CPU activations)."""
+        if check and not bool(torch.isfinite(x).all()):
+            raise NonFiniteError(_OVERFLOWED)
+        try:
+            return torch.ops.quantized.linear_dynamic(x, self._packed, _REDUCE_RANGE)
+        except RuntimeError:  # fbgemm's own words for NaN input: "min should be less than or equal to max"
+            if bool(torch.isfinite(x).all()):
+                raise
+            raise NonFiniteError(_OVERFLOWED) from None
+
     def _repack(self) -> None:
         self._packed = _pack_for_cpu(self.weight, self.scale, self.bias)
+
+    def __setstate__(self, state: dict) -> None:
+        # A copy (deepcopy, pickle) is a layer of its own: it needs its own name in `_LAYERS`.
+        super().__setstate__(state)
+        self._number = next(_NUMBERS)
+        _LAYERS[self._number] = self
 
     def _apply(self, fn, recurse=True):  # nn.Module's signature
         # .to() / .cuda() move the buffers; the prepacked copy belongs to the old ones.
@@ -169,9 +216,7 @@ class Int8Embedding(Int8Linear):
         hidden states are checked here: once a value overflows, the residual
         stream keeps it to the end.
         """
-        if self._packed is not None and not bool(torch.isfinite(x).all()):
-            raise NonFiniteError(_OVERFLOWED)
-        return super().forward(x)
+        return self._product(x, check=True)
 
 
 INT4_GROUP_SIZE = 64  # inputs per scale/offset pair: 4 + 2 * 16 / 64 = 4.5 bits a weight
