@@ -12,7 +12,8 @@ the median tokens/s (new tokens x batch / wall time) and the ratio.
 one-row kernel measured on this CPU (``prepack(copy=False)``); the script prints
 which kernel each shape uses and why (the times measured, or found in the cache).
 ``--prepack`` also times ``prepack(model)`` (reordered copies for batches) and the
-plain model (``F.linear`` for every product); ``--compile`` the compiled step.
+plain model (``F.linear`` for every product); ``--compile`` the compiled step (of the
+quantized model too, with ``--quantize``).
 
 ``--quantize int8`` (or int4) also times gpt2lite with quantized weights (same checkpoint, quantized
 at load) in the same alternating rounds.
@@ -80,6 +81,8 @@ def main() -> None:
         runners["gpt2lite compiled"] = lambda ids: run_ours(ids, compile=True)
     if quantized is not None:
         runners[f"gpt2lite {args.quantize}"] = partial(run_ours, model=quantized)
+        if args.compile:
+            runners[f"gpt2lite {args.quantize} compiled"] = partial(run_ours, model=quantized, compile=True)
     if packed is not None:
         runners["gpt2lite prepacked"] = partial(run_ours, model=packed)
         runners["gpt2lite F.linear"] = partial(run_ours, model=plain)
@@ -94,7 +97,9 @@ def main() -> None:
             for line in lines:
                 print(f"  {line}")
     if args.compile and device.type == "cpu":
-        print("kernels: gpt2lite compiled: one-row products as inductor-generated sums of products")
+        print("kernels: gpt2lite compiled: one-row products as inductor-generated sums of products"
+              + (f"; {args.quantize} compiled: the eager {args.quantize} kernels as ops in the graph"
+                 if args.quantize else ""))
     for batch in args.batch:
         ids = torch.randint(0, 50257, (batch, args.prompt), generator=torch.Generator().manual_seed(batch)).to(device)
         outputs = {name: run(ids) for name, run in runners.items()}  # warm-up (and compile)
