@@ -321,15 +321,21 @@ def test_overflowing_int8_activations_are_a_non_finite_error(tiny_dir):
         generate(model, [[1, 2, 3, 4, 5]], max_new_tokens=2, temperature=0)
 
 
-def test_overflowing_int8_activations_in_a_compiled_step_are_a_non_finite_error(tiny_dir):
+def test_overflowing_int8_activations_in_a_compiled_step_are_a_non_finite_error(tiny_dir, monkeypatch):
     from gpt2lite import generate
+    from gpt2lite.transforms import quantize as quantize_module
 
     model = quantize(GPT2.from_pretrained(tiny_dir))
-    with torch.no_grad():  # position 6: the second one-token step, which runs compiled
-        model.wpe.weight[6] = 3e38
-        model.h[0].attn.c_proj.bias.fill_(3e38)
+    prompt = [[1, 2, 3, 4, 5]]
+    generate(model, prompt, max_new_tokens=2, temperature=0, compile=True)  # positions up to 5: finite
+    with torch.no_grad():  # position 6: reached only by the second one-token step, which runs compiled
+        model.wpe.weight[6] = float("inf")
+    calls: list[int] = []
+    find = quantize_module._layer  # only the registered op's kernel looks layers up
+    monkeypatch.setattr(quantize_module, "_layer", lambda weight: calls.append(1) or find(weight))
     with pytest.raises(NonFiniteError, match="overflowed"):
-        generate(model, [[1, 2, 3, 4, 5]], max_new_tokens=4, temperature=0, compile=True)
+        generate(model, prompt, max_new_tokens=4, temperature=0, compile=True)
+    assert calls  # the compiled step ran fbgemm through the registered op
 
 
 # training output ----------------------------------------------------------------------------------------

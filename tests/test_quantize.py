@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -129,22 +131,31 @@ def test_bad_quantize_values_are_errors(tiny_dir):
         load_model(tiny_dir, quantize="int3")
 
 
-def test_compiled_int8_steps_run_the_same_kernel_as_eager_ones(tiny_dir):
-    """compile=True traces fbgemm's product as gpt2lite::int8_linear; a deep copy is a model of its own."""
-    import copy
+def test_compiled_int8_steps_run_fbgemm_inside_the_graph(tiny_dir, monkeypatch):
+    """compile=True calls fbgemm's product through gpt2lite::int8_linear; a copy shares the compiled graph."""
+    from torch._dynamo.utils import counters
+
+    from gpt2lite.transforms import quantize as quantize_module
 
     q = load_model(tiny_dir, quantize="int8")
     ids = torch.tensor([[5, 17, 3, 99, 2048, 7]])
     eager = generate(q, ids, max_new_tokens=10, temperature=0, ignore_eos=True, return_dict=True)
+    calls: list[int] = []
+    find = quantize_module._layer  # only the registered op's kernel looks layers up
+    monkeypatch.setattr(quantize_module, "_layer", lambda weight: calls.append(1) or find(weight))
     compiled = generate(q, ids, max_new_tokens=10, temperature=0, ignore_eos=True, return_dict=True,
                         compile=True)
+    layers = sum(isinstance(m, Int8Linear) for m in q.modules())  # the tied embedding / head is one too
+    assert len(calls) == 9 * layers  # each layer's product at each of the 9 one-token steps
     assert compiled.sequences.tolist() == eager.sequences.tolist()
     # The LayerNorms and GELUs inductor fuses round differently, and fbgemm requantizes what they give.
     assert torch.allclose(compiled.logprobs, eager.logprobs, atol=1e-2)
+    graphs = counters["stats"]["unique_graphs"]
     twin = copy.deepcopy(q)
     del q  # the copy's layers do not lean on the original's
     again = generate(twin, ids, max_new_tokens=10, temperature=0, ignore_eos=True, compile=True)
     assert again.tolist() == eager.sequences.tolist()
+    assert counters["stats"]["unique_graphs"] == graphs  # the same shapes: the same graph, with the copy's weights
 
 
 def test_cli_quantize_flag_reaches_the_model(tiny_dir, tmp_path, capsys):

@@ -50,7 +50,7 @@ MIN_ROWS = 2  # from this many rows the reordered copy always serves; one row ta
 # `gpt2lite::materialize(x)`: a copy of `x` that inductor cannot fuse into its consumer. Without
 # it, the LayerNorm or GELU that makes a product's input would be recomputed inside the
 # product's loop, once for every output.
-if not hasattr(torch.ops.gpt2lite, "materialize"):  # a namespace fragment is defined once per process (reloads)
+if not hasattr(torch.ops.gpt2lite, "materialize"):  # an op is defined once per process (a reload must not redo it)
     _OPS = torch.library.Library("gpt2lite", "FRAGMENT")
     _OPS.define("materialize(Tensor x) -> Tensor")
     _OPS.impl("materialize", torch.clone, "CompositeExplicitAutograd")

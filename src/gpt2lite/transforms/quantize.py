@@ -36,7 +36,6 @@ Training stays in floating point: ``train`` refuses a quantized model.
 
 from __future__ import annotations
 
-import itertools
 import warnings
 import weakref
 from typing import Literal, get_args
@@ -98,28 +97,27 @@ def _pack_for_cpu(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | Non
         return None
 
 
-# `gpt2lite::int8_linear(x, weight, layer, check)`: fbgemm's product as an op that torch.compile can
-# trace. Dynamo cannot trace the packed-weight object itself, so the op names its layer by a
-# number and finds the packed weight in `_LAYERS` when it runs; `weight` is the layer's int8 weight,
-# passed so that the traced graph knows the output's shape and checks it is that layer's.
+# `gpt2lite::int8_linear(x, weight, check)`: fbgemm's product as an op that torch.compile can
+# trace. Dynamo cannot trace the packed-weight object itself, so the op is handed the layer's int8
+# weight and finds the layer by the weight's address when it runs. The address is a graph input,
+# not a constant: every int8 model of the same shapes shares one compiled graph.
 _LAYERS: weakref.WeakValueDictionary[int, Int8Linear] = weakref.WeakValueDictionary()
-_NUMBERS = itertools.count()
 
 
-def _layer(number: int, weight: torch.Tensor) -> Int8Linear:
-    """The live layer ``number`` of ``_LAYERS``, checked to own ``weight``."""
-    layer = _LAYERS.get(number)
+def _layer(weight: torch.Tensor) -> Int8Linear:
+    """The live layer whose int8 weight is ``weight``."""
+    layer = _LAYERS.get(weight.data_ptr())
     if layer is None or layer._packed is None or layer.weight.data_ptr() != weight.data_ptr():
-        raise RuntimeError(f"gpt2lite::int8_linear: layer {number} is gone or no longer holds this weight")
+        raise RuntimeError("gpt2lite::int8_linear was handed a weight that belongs to no live int8 layer")
     return layer
 
 
-if not hasattr(torch.ops.gpt2lite, "int8_linear"):  # a namespace fragment is defined once per process (reloads)
+if not hasattr(torch.ops.gpt2lite, "int8_linear"):  # an op is defined once per process (a reload must not redo it)
     _OPS = torch.library.Library("gpt2lite", "FRAGMENT")
-    _OPS.define("int8_linear(Tensor x, Tensor weight, int layer, bool check) -> Tensor")
-    _OPS.impl("int8_linear", lambda x, weight, layer, check: _layer(layer, weight)._fbgemm(x, check), "CPU")
+    _OPS.define("int8_linear(Tensor x, Tensor weight, bool check) -> Tensor")
+    _OPS.impl("int8_linear", lambda x, weight, check: _layer(weight)._fbgemm(x, check), "CPU")
     torch.library.register_fake(
-        "gpt2lite::int8_linear", lambda x, weight, layer, check: x.new_empty(*x.shape[:-1], weight.shape[0]), lib=_OPS
+        "gpt2lite::int8_linear", lambda x, weight, check: x.new_empty(*x.shape[:-1], weight.shape[0]), lib=_OPS
     )
 
 
@@ -135,8 +133,6 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("bias", bias)
         self._packed: object | None = None
-        self._number = next(_NUMBERS)  # this layer's name in `_LAYERS` (see gpt2lite::int8_linear)
-        _LAYERS[self._number] = self
         self._repack()
 
     @classmethod
@@ -164,10 +160,10 @@ class Int8Linear(nn.Module):
         return self._product(x, check=False)
 
     def _product(self, x: torch.Tensor, *, check: bool) -> torch.Tensor:
-        """``x @ W.T + b``; with ``check``, non-finite ``x`` is refused first (fbgemm would make it finite)."""
+        """``x @ W.T + b``; with ``check``, fbgemm's route refuses non-finite ``x`` first (it would make it finite)."""
         if self._packed is not None and x.device.type == "cpu" and x.dtype == torch.float32:
             if torch.compiler.is_compiling():
-                return torch.ops.gpt2lite.int8_linear(x, self.weight, self._number, check)
+                return torch.ops.gpt2lite.int8_linear(x, self.weight, check)
             return self._fbgemm(x, check)
         y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)  # (..., out)
         return y if self.bias is None else y + self.bias.to(x.dtype)
@@ -185,12 +181,14 @@ class Int8Linear(nn.Module):
 
     def _repack(self) -> None:
         self._packed = _pack_for_cpu(self.weight, self.scale, self.bias)
+        if self._packed is not None:
+            _LAYERS[self.weight.data_ptr()] = self  # for gpt2lite::int8_linear
 
     def __setstate__(self, state: dict) -> None:
-        # A copy (deepcopy, pickle) is a layer of its own: it needs its own name in `_LAYERS`.
+        # A copy (deepcopy, pickle) has a weight of its own, at its own address.
         super().__setstate__(state)
-        self._number = next(_NUMBERS)
-        _LAYERS[self._number] = self
+        if self._packed is not None:
+            _LAYERS[self.weight.data_ptr()] = self
 
     def _apply(self, fn, recurse=True):  # nn.Module's signature
         # .to() / .cuda() move the buffers; the prepacked copy belongs to the old ones.
