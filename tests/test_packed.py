@@ -9,17 +9,17 @@ from torch import nn
 
 from gpt2lite import GPT2, TextGenerator, TrainConfig, generate, load_model, prepack, prepare_data, train
 from gpt2lite.cli import build_parser, main
-from gpt2lite.transforms.packed import MIN_ROWS, PackedLinear
+from gpt2lite.transforms.packed import MIN_ROWS, PackedEmbedding, PackedLinear
 
 
 @pytest.mark.parametrize("one_row", ["mkl", "onednn"])
-@pytest.mark.parametrize("copy", [True, False])
+@pytest.mark.parametrize(("copy", "batch"), [(True, "mkl"), (False, "mkl"), (False, "onednn")])
 @pytest.mark.parametrize("rows", [1, MIN_ROWS, 8, 40])
-def test_packed_product_equals_the_float_product(rows, copy, one_row):
+def test_packed_product_equals_the_float_product(rows, copy, batch, one_row):
     torch.manual_seed(0)
     layer = nn.Linear(64, 96)
     packed = PackedLinear.wrap(layer)
-    packed.copy, packed.one_row = copy, one_row
+    packed.copy, packed.batch, packed.one_row = copy, batch, one_row
     x = torch.randn(rows, 64)
     with torch.no_grad():
         expected = F.linear(x.double(), layer.weight.double(), layer.bias.double())
@@ -109,6 +109,23 @@ def test_one_copy_prepack_keeps_transformers_greedy_tokens_and_adds_no_weights(t
     assert all("onednn (as asked)" in line and "mkl (no copy)" in line for line in kernel_report(model))
 
 
+@pytest.mark.parametrize("kernel", ["mkl", "onednn"])
+def test_each_batch_kernel_without_a_copy_gives_transformers_greedy_tokens(tiny_dir, hf_tiny, kernel):
+    model = prepack(GPT2.from_pretrained(tiny_dir), one_row="mkl", copy=False)
+    for layer in model.modules():
+        if isinstance(layer, (PackedLinear, PackedEmbedding)):
+            layer.batch = kernel  # what the measurement would pick on one CPU or another
+    batch = torch.tensor([[464, 3290, 318, 257], [50, 1000, 7, 2], [9, 99, 999, 9999]])
+    with torch.profiler.profile() as prof:
+        ours = generate(model, batch, max_new_tokens=20, temperature=0, ignore_eos=True)
+    theirs = hf_tiny.generate(batch, attention_mask=torch.ones_like(batch), do_sample=False, max_new_tokens=20,
+                              pad_token_id=50256)
+    assert torch.equal(ours, theirs)
+    onednn = sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise")
+    assert (onednn > 0) == (kernel == "onednn")
+    assert all(m._packed is None for m in model.modules() if hasattr(m, "_packed"))  # no reordered copies
+
+
 def test_load_model_measures_the_one_row_kernel_by_default_with_one_copy_of_each_weight(
         tiny_dir, hf_tiny, _kernel_cache_in_a_temporary_folder):
     import json
@@ -124,11 +141,13 @@ def test_load_model_measures_the_one_row_kernel_by_default_with_one_copy_of_each
     assert isinstance(c_fc, PackedLinear) and c_fc.copy is False
     chosen = json.loads(_kernel_cache_in_a_temporary_folder.read_text())[kernels.cpu_key()]
     assert c_fc.one_row == chosen["64x256"]["kernel"] and model.wte.one_row == chosen["64x50257"]["kernel"]
-    ids = torch.tensor([[464, 3290, 318, 257]])
-    ours = generate(model, ids, max_new_tokens=20, temperature=0, ignore_eos=True)
-    theirs = hf_tiny.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=20,
-                              pad_token_id=50256)
-    assert torch.equal(ours, theirs)
+    # Batches without the copy: MKL or oneDNN over the weight as it is, measured at the layers' 8 rows.
+    assert c_fc.batch == chosen["64x256 @8 rows"]["kernel"] and model.wte.batch == chosen["64x50257 @8 rows"]["kernel"]
+    for ids in (torch.tensor([[464, 3290, 318, 257]]), torch.tensor([[464, 3290, 318, 257], [50, 1000, 7, 2]])):
+        ours = generate(model, ids, max_new_tokens=20, temperature=0, ignore_eos=True)
+        theirs = hf_tiny.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=20,
+                                  pad_token_id=50256)
+        assert torch.equal(ours, theirs)
     assert all(m._packed is None for m in model.modules() if hasattr(m, "_packed"))  # no reordered copies
     # Opting out, and what the default leaves alone.
     assert type(load_model(tiny_dir, prepack=False).h[0].mlp.c_fc) is nn.Linear

@@ -1,13 +1,16 @@
-"""Which float32 product kernel serves a one-row product best on this CPU, by measurement, cached per CPU model.
+"""Which float32 product kernel serves a decode step's products best on this CPU, by measurement, cached per CPU model.
 
 A decode step of one row multiplies a vector by every weight matrix: the speed is
 the memory bandwidth the kernel reaches, and that depends on the machine. MKL's
 GEMV (``F.linear``) reaches about 12 GB/s on an AMD EPYC (Zen 3) where oneDNN's
 product (``mkldnn._linear_pointwise``) over the same weight, as it is, with no
 reordered copy, ran 1.2 to 1.75 times faster per shape; on Intel CPUs MKL has
-been the faster one. So the choice is measured: each distinct weight shape is timed with both
-kernels over the model's own weights of that shape (all of them, as a decode step
-reads them, so caches do not flatter either), and the faster one is kept.
+been the faster one. A batch of rows is measured on its own: on that EPYC, MKL's
+products of 2 to 512 rows took 1.2 to 2.1 times oneDNN's over the plain weights
+(GPT-2 124M's 49 products at 8 rows: 126 against 68 ms). So the choice is
+measured: each distinct weight shape is timed with both kernels over the model's
+own weights of that shape (all of them, as a decode step reads them, so caches do
+not flatter either), and the faster one is kept.
 
 Choices are cached in a JSON file (default ``~/.cache/gpt2lite/kernels.json``)
 under a key naming the CPU model, the PyTorch version and the thread count, so a
@@ -70,10 +73,10 @@ def _timed(products: Sequence[Callable[[], object]]) -> float:
 
 
 @torch.inference_mode()
-def measure(weights: Sequence[torch.Tensor]) -> Choice:
-    """Time a one-row product through ``weights`` with MKL (``F.linear``) and with oneDNN (no copy of them)."""
+def measure(weights: Sequence[torch.Tensor], rows: int = 1) -> Choice:
+    """Time a product of ``rows`` rows through ``weights`` with MKL (``F.linear``) and with oneDNN (no copy of them)."""
     # Its own generator: loading a model must not move the caller's random state.
-    x = torch.randn(1, weights[0].shape[1], generator=torch.Generator().manual_seed(0))
+    x = torch.randn(rows, weights[0].shape[1], generator=torch.Generator().manual_seed(0))
     mkl = _timed([lambda w=w: F.linear(x, w) for w in weights])
     onednn = _timed([lambda w=w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") for w in weights])
     return {"kernel": "onednn" if onednn < mkl else "mkl", "mkl_us": round(mkl * 1e6, 1),
@@ -81,25 +84,26 @@ def measure(weights: Sequence[torch.Tensor]) -> Choice:
 
 
 def choose_kernels(
-    groups: dict[str, Sequence[torch.Tensor]], cache: str | os.PathLike[str] | None = None,
+    groups: dict[str, Sequence[torch.Tensor]], cache: str | os.PathLike[str] | None = None, rows: int = 1,
 ) -> dict[str, Choice]:
-    """The one-row kernel for each shape of ``groups`` (``"768x2304"`` -> its weights), measured or cached.
+    """The kernel for products of ``rows`` rows for each shape of ``groups`` (``"768x2304"`` -> its weights).
 
-    ``cache`` is the JSON file of earlier choices (None: ``default_cache()``); an
-    unreadable one is ignored and replaced.
+    Measured, or read from ``cache``, the JSON file of earlier choices (None:
+    ``default_cache()``); an unreadable one is ignored and replaced.
     """
     path = Path(cache) if cache is not None else default_cache()
     key = cpu_key()
     known = _read(path).get(key, {})
-    choices = {shape: known[shape] for shape in groups if _valid(known.get(shape))}
+    name = {shape: shape if rows == 1 else f"{shape} @{rows} rows" for shape in groups}  # its entry in the file
+    choices = {shape: known[name[shape]] for shape in groups if _valid(known.get(name[shape]))}
     missing = [shape for shape in groups if shape not in choices]
     for shape in missing:
-        choices[shape] = measure(groups[shape])
+        choices[shape] = measure(groups[shape], rows)
     if missing:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             everything = _read(path)  # again: another process may have written since
-            everything.setdefault(key, {}).update({shape: choices[shape] for shape in missing})
+            everything.setdefault(key, {}).update({name[shape]: choices[shape] for shape in missing})
             write_json(path, everything)
         except OSError:
             pass  # a read-only home: the choices still hold for this process

@@ -15,9 +15,12 @@ which. A one-row oneDNN product reads the weight as it is: it needs no copy.
 For products of ``MIN_ROWS`` rows or more without gradients, ``prepack`` adds a
 copy of each weight reordered into oneDNN's blocked layout, which costs as much
 memory as the float32 weights again (about 0.5 GB for 124M, the LM head
-included); ``copy=False`` keeps one copy of each weight and leaves those
-products to MKL. The copy is rebuilt when the weight changes (its version
-counter moves), so training or loading new weights never reads a stale copy.
+included). ``copy=False`` keeps one copy of each weight; those products then take
+MKL or oneDNN over the weight as it is, whichever was faster for the shape at
+``rows`` rows on this CPU (measured like the one-row kernel: on the AMD EPYC,
+oneDNN, 1.8 times MKL's speed at 8 rows). The copy is rebuilt when the weight
+changes (its version counter moves), so training or loading new weights never
+reads a stale copy.
 
 Inside a ``torch.compile``'d decode step on the CPU (``compile=True``) a one-row
 product is written as a sum of products, ``(x * W).sum(-1)``, which inductor
@@ -78,14 +81,12 @@ def _product(layer: PackedLinear | PackedEmbedding, x: torch.Tensor, bias: torch
         if rows < MIN_ROWS and weight.is_contiguous():
             return _row_product(x, weight, bias)
         plain = True
-    if plain or (rows < MIN_ROWS and layer.one_row != "onednn"):
+    if plain:
         return F.linear(x, weight, bias)
-    if rows < MIN_ROWS:
-        operand = weight  # oneDNN reads the plain weight for one row: no copy
-    elif layer.copy:
-        operand = _packed(layer)
-    else:  # as the model without prepack computes it
+    kernel = layer.one_row if rows < MIN_ROWS else "copy" if layer.copy else layer.batch
+    if kernel == "mkl":  # as the model without prepack computes it
         return F.linear(x, weight, bias) if isinstance(layer, PackedLinear) else tied_head_product(x, weight)
+    operand = _packed(layer) if kernel == "copy" else weight  # oneDNN reads the weight as it is: no copy
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), operand, bias, "none", [], "")
     return y.view(*x.shape[:-1], weight.shape[0])  # (..., out)
 
@@ -104,8 +105,10 @@ class PackedLinear(nn.Linear):
 
     rows: int = 8
     one_row: str = "mkl"  # the kernel of products under MIN_ROWS rows: "mkl" (F.linear) or "onednn"
-    copy: bool = True  # whether products of MIN_ROWS+ rows use a reordered copy (else MKL)
+    copy: bool = True  # whether products of MIN_ROWS+ rows use a reordered copy (else the `batch` kernel)
+    batch: str = "mkl"  # without the copy, the kernel of products of MIN_ROWS+ rows (over the weight as it is)
     choice: Choice | None = None  # how one_row was chosen: the measured times
+    batch_choice: Choice | None = None  # how batch was chosen
     _packed: torch.Tensor | None = None
     _version: int = -1
 
@@ -127,7 +130,9 @@ class PackedEmbedding(nn.Embedding):
     rows: int = 8
     one_row: str = "mkl"
     copy: bool = True
+    batch: str = "mkl"
     choice: Choice | None = None
+    batch_choice: Choice | None = None
     _packed: torch.Tensor | None = None
     _version: int = -1
 
@@ -179,7 +184,7 @@ def prepack(model: nn.Module, rows: int = 8, *, one_row: Literal["auto", "mkl", 
     # memory of its own, in (out, in) rows, so no view keeps the file mapped beside the copies.
     own_memory(body)
     for layer in layers:
-        layer.copy = copy
+        layer.copy, layer.batch, layer.batch_choice = copy, "mkl", None
         layer._packed, layer._version = None, -1  # a copy made before is dropped (or made again, as needed)
     if one_row != "auto":
         for layer in layers:
@@ -188,12 +193,15 @@ def prepack(model: nn.Module, rows: int = 8, *, one_row: Literal["auto", "mkl", 
     groups: dict[str, list[PackedLinear | PackedEmbedding]] = {}
     for layer in layers:
         groups.setdefault(_shape(layer), []).append(layer)
+    weights = {shape: [m.weight.detach() for m in group] for shape, group in groups.items()}
     with torch.no_grad():
-        choices = choose_kernels({shape: [m.weight.detach() for m in group] for shape, group in groups.items()},
-                                 kernel_cache)
+        choices = choose_kernels(weights, kernel_cache)
+        batches = choose_kernels(weights, kernel_cache, rows=rows) if not copy else {}
     for shape, group in groups.items():
         for layer in group:
             layer.one_row, layer.choice = str(choices[shape]["kernel"]), choices[shape]
+            if shape in batches:
+                layer.batch, layer.batch_choice = str(batches[shape]["kernel"]), batches[shape]
     return model
 
 
@@ -219,7 +227,7 @@ def _shape(layer: PackedLinear | PackedEmbedding) -> str:
 
 
 def kernel_report(model: nn.Module) -> list[str]:
-    """A line per product shape of a prepacked model: the one-row kernel and why (the measured times)."""
+    """A line per product shape of a prepacked model: the kernels of one row and of batches, and why."""
     lines: dict[str, str] = {}
     for name, layer in model.named_modules():
         if isinstance(layer, (PackedLinear, PackedEmbedding)):
@@ -227,7 +235,13 @@ def kernel_report(model: nn.Module) -> list[str]:
             why = "as asked" if layer.choice is None else \
                 f"measured: mkl {layer.choice['mkl_us']} us, onednn {layer.choice['onednn_us']} us"
             kind = name.rsplit(".", 1)[-1] if name != "wte" else "wte (tied LM head)"
-            batches = "onednn (reordered copy)" if layer.copy else "mkl (no copy)"
+            if layer.copy:
+                batches = "onednn (reordered copy)"
+            elif layer.batch_choice is None:
+                batches = f"{layer.batch} (no copy)"
+            else:
+                batches = (f"{layer.batch} (no copy; measured at {layer.rows} rows: mkl {layer.batch_choice['mkl_us']} "
+                           f"us, onednn {layer.batch_choice['onednn_us']} us)")
             lines.setdefault(shape, f"{shape:>10} ({kind}): 1-row products via {layer.one_row} ({why}); "
                                     f"{MIN_ROWS}+ rows via {batches}")
     return list(lines.values())
