@@ -9,7 +9,7 @@ the median tokens/s (new tokens x batch / wall time) and the ratio.
         [--quantize int8|int4] [--prepack]
 
 "gpt2lite" is what ``load_model`` gives: on the CPU in float32, each product shape's
-one-row kernel measured on this CPU (``prepack(copy=False)``); the script prints
+one-row and batch kernels measured on this CPU (``prepack(copy=False)``); the script prints
 which kernel each shape uses and why (the times measured, or found in the cache).
 ``--prepack`` also times ``prepack(model)`` (reordered copies for batches) and the
 plain model (``F.linear`` for every product); ``--compile`` the compiled step (of the

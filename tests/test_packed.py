@@ -123,6 +123,9 @@ def test_each_batch_kernel_without_a_copy_gives_transformers_greedy_tokens(tiny_
     assert torch.equal(ours, theirs)
     onednn = sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise")
     assert (onednn > 0) == (kernel == "onednn")
+    with torch.profiler.profile() as prof, torch.inference_mode():  # the tied head follows its own choice too
+        model.wte.project(torch.randn(3, 64))
+    assert any(e.key == "mkldnn::_linear_pointwise" for e in prof.key_averages()) == (kernel == "onednn")
     assert all(m._packed is None for m in model.modules() if hasattr(m, "_packed"))  # no reordered copies
 
 
@@ -142,7 +145,8 @@ def test_load_model_measures_the_one_row_kernel_by_default_with_one_copy_of_each
     chosen = json.loads(_kernel_cache_in_a_temporary_folder.read_text())[kernels.cpu_key()]
     assert c_fc.one_row == chosen["64x256"]["kernel"] and model.wte.one_row == chosen["64x50257"]["kernel"]
     # Batches without the copy: MKL or oneDNN over the weight as it is, measured at the layers' 8 rows.
-    assert c_fc.batch == chosen["64x256 @8 rows"]["kernel"] and model.wte.batch == chosen["64x50257 @8 rows"]["kernel"]
+    assert c_fc.batch_choice == chosen["64x256 @8 rows"] and c_fc.batch == chosen["64x256 @8 rows"]["kernel"]
+    assert model.wte.batch_choice == chosen["64x50257 @8 rows"]
     for ids in (torch.tensor([[464, 3290, 318, 257]]), torch.tensor([[464, 3290, 318, 257], [50, 1000, 7, 2]])):
         ours = generate(model, ids, max_new_tokens=20, temperature=0, ignore_eos=True)
         theirs = hf_tiny.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=20,
@@ -208,6 +212,37 @@ def test_kernel_choices_are_measured_once_per_cpu_and_cached(tiny_dir, tmp_path,
     cache.unlink()
     prepack(GPT2.from_pretrained(tiny_dir), kernel_cache=cache)
     assert cache.is_file()
+
+
+def test_batch_kernels_are_measured_at_the_asked_rows_beside_older_one_row_choices(tiny_dir, tmp_path, monkeypatch):
+    import json
+
+    from gpt2lite.transforms import kernels
+    from gpt2lite.transforms.packed import kernel_report
+
+    cache = tmp_path / "kernels.json"
+    prepack(GPT2.from_pretrained(tiny_dir), kernel_cache=cache)  # one-row choices only, as older versions wrote
+    one_row = json.loads(cache.read_text())[kernels.cpu_key()]
+    measured: list[int] = []
+    real = kernels.measure
+    monkeypatch.setattr(kernels, "measure", lambda weights, rows=1, *rest: measured.append(rows) or
+                        real(weights, rows, *rest))
+    model = prepack(GPT2.from_pretrained(tiny_dir), copy=False, kernel_cache=cache, rows=8)
+    model = prepack(model, rows=4, copy=False, kernel_cache=cache)  # made again, for batches of 4
+    measured = [r for r in measured if r != 8]
+    assert measured == [4] * 5  # each of the 5 shapes at 4 rows; the one-row choices were read, not measured
+    saved = json.loads(cache.read_text())[kernels.cpu_key()]
+    assert {k: saved[k] for k in one_row} == one_row
+    assert set(saved) == set(one_row) | {f"{shape} @{n} rows" for shape in one_row for n in (4, 8)}
+    assert all(m.rows == 4 and m.batch_choice == saved[f"{_shape} @4 rows"]
+               for m, _shape in ((model.h[0].mlp.c_fc, "64x256"), (model.wte, "64x50257")))
+    assert all("measured at 4 rows" in line for line in kernel_report(model))
+    # Made again with copies: batches take those, and no batch choice is left behind.
+    model = prepack(model, copy=True, kernel_cache=cache)
+    assert all(m.copy and m.batch == "mkl" and m.batch_choice is None and m.rows == 8
+               for m in model.modules() if isinstance(m, (PackedLinear, PackedEmbedding)))
+    with pytest.raises(ValueError, match="rows must be at least 1"):
+        prepack(model, rows=0)
 
 
 _CHOOSE = """

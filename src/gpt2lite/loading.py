@@ -68,8 +68,8 @@ def load_model(
     (or ``"int4"``) stores the linear layers in int8 (int4: groups of 64 inputs
     share a scale; inference only; adapters are merged first);
     ``prepack`` picks a float32 CPU model's product kernels: by default (None) each
-    weight shape's one-row product (batch-1 decoding) takes the kernel measured
-    fastest on this CPU, with one copy of the weights (``prepack(copy=False)``);
+    weight shape's products of one row (batch-1 decoding) and of batches take the
+    kernels measured fastest on this CPU, with one copy of the weights (``prepack(copy=False)``);
     ``True`` also adds oneDNN-reordered weights for batches (twice the weight
     memory); ``False`` keeps ``F.linear`` everywhere. Example::
 

@@ -13,8 +13,9 @@ own weights of that shape (all of them, as a decode step reads them, so caches d
 not flatter either), and the faster one is kept.
 
 Choices are cached in a JSON file (default ``~/.cache/gpt2lite/kernels.json``)
-under a key naming the CPU model, the PyTorch version and the thread count, so a
-second load on the same machine measures nothing. The file is written atomically
+under a key naming the CPU model, the PyTorch version and the thread count, each
+shape's one-row choice under its name (``"768x2304"``) and its batch choice beside
+it (``"768x2304 @8 rows"``), so a second load on the same machine measures nothing. The file is written atomically
 after merging what is there; a deleted, damaged or foreign file only means the
 shapes are measured again.
 """
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 
 from gpt2lite.io.files import write_json
 
-__all__ = ["KERNELS", "Choice", "choose_kernels", "cpu_key", "default_cache", "measure"]
+__all__ = ["KERNELS", "Choice", "Product", "choose_kernels", "cpu_key", "default_cache", "measure"]
 
 KERNELS = ("mkl", "onednn")
 _REPEATS = 5
@@ -72,12 +73,15 @@ def _timed(products: Sequence[Callable[[], object]]) -> float:
     return statistics.median(times) / len(products)
 
 
+Product = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 @torch.inference_mode()
-def measure(weights: Sequence[torch.Tensor], rows: int = 1) -> Choice:
-    """Time a product of ``rows`` rows through ``weights`` with MKL (``F.linear``) and with oneDNN (no copy of them)."""
+def measure(weights: Sequence[torch.Tensor], rows: int = 1, mkl_product: Product = F.linear) -> Choice:
+    """Time a product of ``rows`` rows through ``weights`` with MKL (``mkl_product``) and with oneDNN (no copy)."""
     # Its own generator: loading a model must not move the caller's random state.
     x = torch.randn(rows, weights[0].shape[1], generator=torch.Generator().manual_seed(0))
-    mkl = _timed([lambda w=w: F.linear(x, w) for w in weights])
+    mkl = _timed([lambda w=w: mkl_product(x, w) for w in weights])
     onednn = _timed([lambda w=w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") for w in weights])
     return {"kernel": "onednn" if onednn < mkl else "mkl", "mkl_us": round(mkl * 1e6, 1),
             "onednn_us": round(onednn * 1e6, 1)}
@@ -85,20 +89,25 @@ def measure(weights: Sequence[torch.Tensor], rows: int = 1) -> Choice:
 
 def choose_kernels(
     groups: dict[str, Sequence[torch.Tensor]], cache: str | os.PathLike[str] | None = None, rows: int = 1,
+    mkl_products: dict[str, Product] | None = None,
 ) -> dict[str, Choice]:
     """The kernel for products of ``rows`` rows for each shape of ``groups`` (``"768x2304"`` -> its weights).
 
     Measured, or read from ``cache``, the JSON file of earlier choices (None:
-    ``default_cache()``); an unreadable one is ignored and replaced.
+    ``default_cache()``); an unreadable one is ignored and replaced. The MKL side
+    of a shape is timed as the model runs it: ``mkl_products[shape]``, else ``F.linear``.
     """
+    if rows < 1:
+        raise ValueError(f"rows must be at least 1, got {rows}")
     path = Path(cache) if cache is not None else default_cache()
     key = cpu_key()
     known = _read(path).get(key, {})
-    name = {shape: shape if rows == 1 else f"{shape} @{rows} rows" for shape in groups}  # its entry in the file
+    # One-row choices keep the plain shape as their name in the file (as older files have them).
+    name = {shape: shape if rows == 1 else f"{shape} @{rows} rows" for shape in groups}
     choices = {shape: known[name[shape]] for shape in groups if _valid(known.get(name[shape]))}
     missing = [shape for shape in groups if shape not in choices]
     for shape in missing:
-        choices[shape] = measure(groups[shape], rows)
+        choices[shape] = measure(groups[shape], rows, (mkl_products or {}).get(shape, F.linear))
     if missing:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,7 @@ from gpt2lite.transforms.quantize import is_quantized
 
 __all__ = ["MIN_ROWS", "PackedEmbedding", "PackedLinear", "can_prepack", "kernel_report", "prepack"]
 
-MIN_ROWS = 2  # from this many rows the reordered copy always serves; one row takes the layer's `one_row` kernel
+MIN_ROWS = 2  # from this many rows the reordered copy (without one, the `batch` kernel) serves; one row: `one_row`
 
 # `gpt2lite::materialize(x)`: a copy of `x` that inductor cannot fuse into its consumer. Without
 # it, the LayerNorm or GELU that makes a product's input would be recomputed inside the
@@ -84,7 +84,7 @@ def _product(layer: PackedLinear | PackedEmbedding, x: torch.Tensor, bias: torch
     if plain:
         return F.linear(x, weight, bias)
     kernel = layer.one_row if rows < MIN_ROWS else "copy" if layer.copy else layer.batch
-    if kernel == "mkl":  # as the model without prepack computes it
+    if kernel not in ("onednn", "copy"):  # MKL, as the model without prepack computes it
         return F.linear(x, weight, bias) if isinstance(layer, PackedLinear) else tied_head_product(x, weight)
     operand = _packed(layer) if kernel == "copy" else weight  # oneDNN reads the weight as it is: no copy
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), operand, bias, "none", [], "")
@@ -156,13 +156,18 @@ def prepack(model: nn.Module, rows: int = 8, *, one_row: Literal["auto", "mkl", 
     decoding): ``"auto"`` measures both per weight shape on this CPU, cached in
     ``kernel_cache`` (default ``~/.cache/gpt2lite/kernels.json``). ``copy``
     adds the reordered copies that speed up batches (twice the weight memory);
-    ``rows`` is the batch size their layout is tuned for (any size works).
-    The state dict, saving and training are unchanged. Example::
+    without them (``copy=False``) batches take MKL or oneDNN over the weight as
+    it is, measured at ``rows`` rows with ``one_row="auto"`` (else MKL). ``rows``
+    is the batch size the copies' layout is tuned for and the batch kernel is
+    measured at (any size works). The state dict, saving and training are
+    unchanged. Example::
 
-        model = prepack(GPT2.from_pretrained("gpt2"), copy=False)  # batch 1, one copy of the weights
+        model = prepack(GPT2.from_pretrained("gpt2"), copy=False)  # kernels measured, one copy of the weights
     """
     if one_row not in ("auto", *KERNELS):
         raise ValueError(f"one_row must be 'auto', 'mkl' or 'onednn', got {one_row!r}")
+    if rows < 1:
+        raise ValueError(f"rows must be at least 1, got {rows}")
     body = getattr(model, "transformer", model)
     if not isinstance(body, GPT2):
         raise TypeError(f"prepack works on GPT-2 models, not {type(model).__name__}")
@@ -184,7 +189,7 @@ def prepack(model: nn.Module, rows: int = 8, *, one_row: Literal["auto", "mkl", 
     # memory of its own, in (out, in) rows, so no view keeps the file mapped beside the copies.
     own_memory(body)
     for layer in layers:
-        layer.copy, layer.batch, layer.batch_choice = copy, "mkl", None
+        layer.rows, layer.copy, layer.batch, layer.batch_choice = rows, copy, "mkl", None
         layer._packed, layer._version = None, -1  # a copy made before is dropped (or made again, as needed)
     if one_row != "auto":
         for layer in layers:
@@ -196,7 +201,9 @@ def prepack(model: nn.Module, rows: int = 8, *, one_row: Literal["auto", "mkl", 
     weights = {shape: [m.weight.detach() for m in group] for shape, group in groups.items()}
     with torch.no_grad():
         choices = choose_kernels(weights, kernel_cache)
-        batches = choose_kernels(weights, kernel_cache, rows=rows) if not copy else {}
+        # The tied head's MKL product is tied_head_product, which takes another route for 8 to 32 rows.
+        heads = {_shape(body.wte): tied_head_product} if body.lm_head is None else {}
+        batches = choose_kernels(weights, kernel_cache, rows, heads) if not copy else {}
     for shape, group in groups.items():
         for layer in group:
             layer.one_row, layer.choice = str(choices[shape]["kernel"]), choices[shape]
