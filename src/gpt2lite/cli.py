@@ -335,7 +335,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", default=None, help="a LoRA adapter directory (PEFT format) to apply")
     parser.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
                         help="float32 on the CPU: faster batches for twice the weight memory (default: the kernels "
-                             "measured fastest on this CPU, one copy of the weights; --no-prepack: F.linear everywhere)")
+                             "measured fastest on this CPU, one copy of the weights; --no-prepack: F.linear only)")
 
 
 # gpt2lite.transforms.quantize.QUANTIZE_MODES, spelled out so that parsing arguments needs no torch.
