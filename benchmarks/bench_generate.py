@@ -9,10 +9,11 @@ the median tokens/s (new tokens x batch / wall time) and the ratio.
         [--quantize int8|int4] [--prepack]
 
 "gpt2lite" is what ``load_model`` gives: on the CPU in float32, each product shape's
-one-row and batch kernels measured on this CPU (``prepack(copy=False)``); the script prints
-which kernel each shape uses and why (the times measured, or found in the cache).
-``--prepack`` also times ``prepack(model)`` (reordered copies for batches) and the
-plain model (``F.linear`` for every product); ``--compile`` the compiled step (of the
+one-row kernel measured on this CPU, batches through MKL (``prepack(copy=False,
+batch="mkl")``); the script prints which kernel each shape uses and why (the times
+measured, or found in the cache). ``--prepack`` also times ``prepack(model)``
+(reordered copies for batches), ``prepack(model, copy=False)`` (one copy, the batch
+kernel measured too) and the plain model (``F.linear`` for every product); ``--compile`` the compiled step (of the
 quantized model too, with ``--quantize``).
 
 ``--quantize int8`` (or int4) also times gpt2lite with quantized weights (same checkpoint, quantized
@@ -63,6 +64,7 @@ def main() -> None:
         quantized = load_model(tmp, device=device, dtype=dtype, quantize=args.quantize) \
             if args.quantize else None
         packed = prepack(GPT2.from_pretrained(tmp, device=device, dtype=dtype)) if args.prepack else None
+        one_copy = prepack(GPT2.from_pretrained(tmp, device=device, dtype=dtype), copy=False) if args.prepack else None
         plain = GPT2.from_pretrained(tmp, device=device, dtype=dtype) if args.prepack else None
         theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp, dtype=dtype).to(device).eval()
 
@@ -85,12 +87,13 @@ def main() -> None:
             runners[f"gpt2lite {args.quantize} compiled"] = partial(run_ours, model=quantized, compile=True)
     if packed is not None:
         runners["gpt2lite prepacked"] = partial(run_ours, model=packed)
+        runners["gpt2lite one copy"] = partial(run_ours, model=one_copy)
         runners["gpt2lite F.linear"] = partial(run_ours, model=plain)
 
     print(f"device={device} dtype={dtype} threads={torch.get_num_threads()} prompt={args.prompt} "
           f"new={args.new} greedy, {args.rounds} rounds, medians")
     print(f"cpu: {cpu_key()}")
-    for name, model in (("gpt2lite", ours), ("gpt2lite prepacked", packed)):
+    for name, model in (("gpt2lite", ours), ("gpt2lite prepacked", packed), ("gpt2lite one copy", one_copy)):
         lines = kernel_report(model) if model is not None else []
         if lines:
             print(f"kernels: {name} (per product shape):")

@@ -97,7 +97,7 @@ def test_each_one_row_kernel_gives_transformers_greedy_tokens(tiny_dir, hf_tiny,
 
 
 def test_one_copy_prepack_keeps_transformers_greedy_tokens_and_adds_no_weights(tiny_dir, hf_tiny):
-    model = prepack(GPT2.from_pretrained(tiny_dir), one_row="onednn", copy=False)
+    model = prepack(GPT2.from_pretrained(tiny_dir), one_row="onednn", copy=False, batch="mkl")
     ids = torch.tensor([[464, 3290, 318, 257], [50, 1000, 7, 2]])
     for batch in (ids[:1], ids):  # one row through oneDNN over the plain weights; two rows through MKL
         ours = generate(model, batch, max_new_tokens=20, temperature=0, ignore_eos=True)
@@ -111,10 +111,8 @@ def test_one_copy_prepack_keeps_transformers_greedy_tokens_and_adds_no_weights(t
 
 @pytest.mark.parametrize("kernel", ["mkl", "onednn"])
 def test_each_batch_kernel_without_a_copy_gives_transformers_greedy_tokens(tiny_dir, hf_tiny, kernel):
-    model = prepack(GPT2.from_pretrained(tiny_dir), one_row="mkl", copy=False)
-    for layer in model.modules():
-        if isinstance(layer, (PackedLinear, PackedEmbedding)):
-            layer.batch = kernel  # what the measurement would pick on one CPU or another
+    model = prepack(GPT2.from_pretrained(tiny_dir), one_row="mkl", copy=False, batch=kernel)
+    assert {m.batch for m in model.modules() if isinstance(m, (PackedLinear, PackedEmbedding))} == {kernel}
     batch = torch.tensor([[464, 3290, 318, 257], [50, 1000, 7, 2], [9, 99, 999, 9999]])
     with torch.profiler.profile() as prof:
         ours = generate(model, batch, max_new_tokens=20, temperature=0, ignore_eos=True)
@@ -144,9 +142,8 @@ def test_load_model_measures_the_one_row_kernel_by_default_with_one_copy_of_each
     assert isinstance(c_fc, PackedLinear) and c_fc.copy is False
     chosen = json.loads(_kernel_cache_in_a_temporary_folder.read_text())[kernels.cpu_key()]
     assert c_fc.one_row == chosen["64x256"]["kernel"] and model.wte.one_row == chosen["64x50257"]["kernel"]
-    # Batches without the copy: MKL or oneDNN over the weight as it is, measured at the layers' 8 rows.
-    assert c_fc.batch_choice == chosen["64x256 @8 rows"] and c_fc.batch == chosen["64x256 @8 rows"]["kernel"]
-    assert model.wte.batch_choice == chosen["64x50257 @8 rows"]
+    # Batches keep MKL, as transformers computes them, so that greedy tokens stay its own.
+    assert all(m.batch == "mkl" and m.batch_choice is None for m in (c_fc, model.wte))
     for ids in (torch.tensor([[464, 3290, 318, 257]]), torch.tensor([[464, 3290, 318, 257], [50, 1000, 7, 2]])):
         ours = generate(model, ids, max_new_tokens=20, temperature=0, ignore_eos=True)
         theirs = hf_tiny.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=20,
@@ -243,6 +240,8 @@ def test_batch_kernels_are_measured_at_the_asked_rows_beside_older_one_row_choic
                for m in model.modules() if isinstance(m, (PackedLinear, PackedEmbedding)))
     with pytest.raises(ValueError, match="rows must be at least 1"):
         prepack(model, rows=0)
+    with pytest.raises(ValueError, match="batch must be 'auto', 'mkl' or 'onednn'"):
+        prepack(model, batch="fast")
 
 
 _CHOOSE = """

@@ -334,8 +334,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="int8 weights (faster inference) or int4 (smallest; default: off)")
     parser.add_argument("--adapter", default=None, help="a LoRA adapter directory (PEFT format) to apply")
     parser.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
-                        help="float32 on the CPU: faster batches for twice the weight memory (default: the kernels "
-                             "measured fastest on this CPU, one copy of the weights; --no-prepack: F.linear only)")
+                        help="float32 on the CPU: faster batches for twice the weight memory (default: only the "
+                             "one-row kernel measured fastest on this CPU; --no-prepack: F.linear everywhere)")
 
 
 # gpt2lite.transforms.quantize.QUANTIZE_MODES, spelled out so that parsing arguments needs no torch.

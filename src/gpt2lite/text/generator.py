@@ -71,7 +71,7 @@ class TextGenerator:
         ``adapter`` puts a LoRA adapter (PEFT format) on it, merged into the weights;
         a directory that holds only an adapter loads the base model it names.
         ``prepack`` chooses float32 CPU product kernels as ``load_model`` does: by
-        default the kernels measured fastest on this CPU (one row, batches); ``True`` adds
+        default the one-row kernel measured fastest on this CPU; ``True`` adds
         oneDNN-reordered weights for faster batches (twice the weight memory);
         ``False`` keeps ``F.linear`` (see ``gpt2lite.transforms.packed``).
 

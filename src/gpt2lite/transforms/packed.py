@@ -149,23 +149,27 @@ class PackedEmbedding(nn.Embedding):
 
 
 def prepack(model: nn.Module, rows: int = 8, *, one_row: Literal["auto", "mkl", "onednn"] = "auto",
-            copy: bool = True, kernel_cache: str | os.PathLike[str] | None = None) -> nn.Module:
+            copy: bool = True, batch: Literal["auto", "mkl", "onednn"] = "auto",
+            kernel_cache: str | os.PathLike[str] | None = None) -> nn.Module:
     """Choose a float32 GPT-2's CPU product kernels, with oneDNN-reordered copies for batches; return it.
 
     ``one_row`` picks the kernel of products under ``MIN_ROWS`` rows (batch-1
     decoding): ``"auto"`` measures both per weight shape on this CPU, cached in
     ``kernel_cache`` (default ``~/.cache/gpt2lite/kernels.json``). ``copy``
     adds the reordered copies that speed up batches (twice the weight memory);
-    without them (``copy=False``) batches take MKL or oneDNN over the weight as
-    it is, measured at ``rows`` rows with ``one_row="auto"`` (else MKL). ``rows``
-    is the batch size the copies' layout is tuned for and the batch kernel is
-    measured at (any size works). The state dict, saving and training are
-    unchanged. Example::
+    without them (``copy=False``) ``batch`` picks the kernel of products of
+    ``MIN_ROWS`` rows or more, MKL or oneDNN over the weight as it is (``"auto"``:
+    measured at ``rows`` rows). oneDNN's products round differently from MKL's,
+    which ``transformers`` uses, so greedy tokens can part from its at a near tie;
+    ``batch="mkl"`` keeps them (what ``load_model`` does). ``rows`` is the batch
+    size the copies' layout is tuned for and the batch kernel is measured at (any
+    size works). The state dict, saving and training are unchanged. Example::
 
         model = prepack(GPT2.from_pretrained("gpt2"), copy=False)  # kernels measured, one copy of the weights
     """
-    if one_row not in ("auto", *KERNELS):
-        raise ValueError(f"one_row must be 'auto', 'mkl' or 'onednn', got {one_row!r}")
+    for name, value in (("one_row", one_row), ("batch", batch)):
+        if value not in ("auto", *KERNELS):
+            raise ValueError(f"{name} must be 'auto', 'mkl' or 'onednn', got {value!r}")
     if rows < 1:
         raise ValueError(f"rows must be at least 1, got {rows}")
     body = getattr(model, "transformer", model)
@@ -189,26 +193,27 @@ def prepack(model: nn.Module, rows: int = 8, *, one_row: Literal["auto", "mkl", 
     # memory of its own, in (out, in) rows, so no view keeps the file mapped beside the copies.
     own_memory(body)
     for layer in layers:
-        layer.rows, layer.copy, layer.batch, layer.batch_choice = rows, copy, "mkl", None
+        layer.rows, layer.copy = rows, copy
         layer._packed, layer._version = None, -1  # a copy made before is dropped (or made again, as needed)
-    if one_row != "auto":
-        for layer in layers:
-            layer.one_row, layer.choice = one_row, None
-        return model
     groups: dict[str, list[PackedLinear | PackedEmbedding]] = {}
     for layer in layers:
         groups.setdefault(_shape(layer), []).append(layer)
     weights = {shape: [m.weight.detach() for m in group] for shape, group in groups.items()}
+    # The tied head's MKL product is tied_head_product, which takes another route for 8 to 32 rows.
+    heads = {_shape(body.wte): tied_head_product} if body.lm_head is None else {}
     with torch.no_grad():
-        choices = choose_kernels(weights, kernel_cache)
-        # The tied head's MKL product is tied_head_product, which takes another route for 8 to 32 rows.
-        heads = {_shape(body.wte): tied_head_product} if body.lm_head is None else {}
-        batches = choose_kernels(weights, kernel_cache, rows, heads) if not copy else {}
+        choices = choose_kernels(weights, kernel_cache) if one_row == "auto" else {}
+        batches = choose_kernels(weights, kernel_cache, rows, heads) if not copy and batch == "auto" else {}
     for shape, group in groups.items():
         for layer in group:
-            layer.one_row, layer.choice = str(choices[shape]["kernel"]), choices[shape]
-            if shape in batches:
+            if choices:
+                layer.one_row, layer.choice = str(choices[shape]["kernel"]), choices[shape]
+            else:
+                layer.one_row, layer.choice = one_row, None
+            if batches:
                 layer.batch, layer.batch_choice = str(batches[shape]["kernel"]), batches[shape]
+            else:  # with the copies, batches take them and `batch` is not read
+                layer.batch, layer.batch_choice = "mkl" if batch == "auto" else batch, None
     return model
 
 
