@@ -212,7 +212,7 @@ def prepack(model: nn.Module, rows: int = 8, *, one_row: Literal["auto", "mkl", 
                 layer.one_row, layer.choice = one_row, None
             if batches:
                 layer.batch, layer.batch_choice = str(batches[shape]["kernel"]), batches[shape]
-            else:  # with the copies, batches take them and `batch` is not read
+            else:  # as asked; unmeasured "auto" means copies, which batches take instead (`batch` unread)
                 layer.batch, layer.batch_choice = "mkl" if batch == "auto" else batch, None
     return model
 

@@ -181,14 +181,17 @@ class Int8Linear(nn.Module):
 
     def _repack(self) -> None:
         self._packed = _pack_for_cpu(self.weight, self.scale, self.bias)
+        self._register()
+
+    def _register(self) -> None:
+        """File this layer under its weight's address, where gpt2lite::int8_linear looks it up."""
         if self._packed is not None:
-            _LAYERS[self.weight.data_ptr()] = self  # for gpt2lite::int8_linear
+            _LAYERS[self.weight.data_ptr()] = self
 
     def __setstate__(self, state: dict) -> None:
         # A copy (deepcopy, pickle) has a weight of its own, at its own address.
         super().__setstate__(state)
-        if self._packed is not None:
-            _LAYERS[self.weight.data_ptr()] = self
+        self._register()
 
     def _apply(self, fn, recurse=True):  # nn.Module's signature
         # .to() / .cuda() move the buffers; the prepacked copy belongs to the old ones.
