@@ -112,6 +112,23 @@ def test_compiled_step_really_compiles_on_cpu(tiny):
     assert torch.equal(compiled, generate(tiny, ids, max_new_tokens=6, temperature=0, ignore_eos=True))
 
 
+def test_compiling_many_models_in_one_process_never_hits_dynamos_graph_limit(tiny, monkeypatch):
+    """Each model structure has a compiled step of its own; past the limit a session goes on eagerly."""
+    monkeypatch.setattr(gpt2lite.generation.session, "_COMPILED", {})
+    shallow = GPT2(dataclasses.replace(tiny.config, n_layer=1)).eval()
+    ids = torch.tensor(random_prompts([4], seed=12))
+    # Dynamo's limit of graphs per function is 8; at 1, a second structure is enough to reach it.
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for model in (tiny, shallow):  # the second used to fail: "Hard failure due to fullgraph=True"
+            compiled = generate(model, ids, max_new_tokens=4, temperature=0, ignore_eos=True, compile=True)
+            assert torch.equal(compiled, generate(model, ids, max_new_tokens=4, temperature=0, ignore_eos=True))
+        # A second batch size of the same structure would be that step's second graph: refused, so eager.
+        wide = ids.repeat(2, 1)
+        with pytest.warns(RuntimeWarning, match="this session goes on eagerly"):
+            compiled = generate(shallow, wide, max_new_tokens=4, temperature=0, ignore_eos=True, compile=True)
+        assert torch.equal(compiled, generate(shallow, wide, max_new_tokens=4, temperature=0, ignore_eos=True))
+
+
 class ToyRNNState:
     """One hidden vector per row."""
 

@@ -9,9 +9,12 @@ scheduler all run on sessions.
 
 from __future__ import annotations
 
+import types
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
+from torch import nn
 
 from gpt2lite.models.protocol import DecoderModel, DecodeState
 
@@ -42,7 +45,7 @@ class DecodeSession:
         """Make an empty state for ``batch_size`` rows of up to ``max_length`` tokens each."""
         self.model = model
         self.state: DecodeState = model.new_state(batch_size, max_length, static=compile)
-        self._compiled = _compiled_step(self.state.device.type) if compile else None
+        self._compiled = _compiled_step(model, self.state.device.type) if compile else None
 
     @property
     def batch_size(self) -> int:
@@ -62,7 +65,18 @@ class DecodeSession:
         See ``DecoderModel.decode``.
         """
         if self._compiled is not None and rows is None and input_mask is None and input_ids.shape[1] == 1:
-            logits = self._compiled(self.model, input_ids, self.state)
+            try:
+                logits = self._compiled(self.model, input_ids, self.state)
+            except Exception as e:
+                # Dynamo's limit of graphs per function, which fullgraph=True makes an error; it is
+                # raised before the step runs, so the state is untouched.
+                if not isinstance(e, getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", ())):
+                    raise
+                warnings.warn("this model's compiled step has as many graphs as dynamo allows "
+                              "(torch._dynamo.config.recompile_limit): this session goes on eagerly",
+                              RuntimeWarning, stacklevel=2)
+                self._compiled = None
+                return self.model.decode(input_ids, self.state)
             # A CUDA graph reuses its output buffer at the next replay: hand out a copy.
             return logits.clone() if logits.device.type == "cuda" else logits
         return self.model.decode(input_ids, self.state, input_mask=input_mask, rows=rows, last_only=last_only)
@@ -80,21 +94,36 @@ class DecodeSession:
         self.state.truncate(rows, lengths)
 
 
-_COMPILED: dict[str, Callable[..., torch.Tensor]] = {}
+_COMPILED: dict[tuple[object, ...], Callable[..., torch.Tensor]] = {}
 
 
 def _decode_one(model: DecoderModel, input_ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
     return model.decode(input_ids, state)
 
 
-def _compiled_step(device_type: str) -> Callable[..., torch.Tensor]:
-    """The compiled one-token step, made once per device type and shared by every session.
+def _structure(model: DecoderModel) -> tuple[object, ...]:
+    """What a compiled step's graph depends on besides the state: the layers' types and tensors' shapes."""
+    if not isinstance(model, nn.Module):
+        return (type(model),)
+    layers = tuple(type(m) for m in model.modules())
+    tensors = tuple((name, tuple(t.shape), t.dtype) for name, t in (*model.named_parameters(),
+                                                                      *model.named_buffers()))
+    return layers, tensors
+
+
+def _compiled_step(model: DecoderModel, device_type: str) -> Callable[..., torch.Tensor]:
+    """The compiled one-token step for models shaped like ``model``, made once and shared by their sessions.
 
     Sessions pass their own state in; its tensors are marked static, so a CUDA
     graph captured for one state's shapes is replayed for any state of the same
-    shapes without copying the cache.
+    shapes without copying the cache. Dynamo keeps a function's graphs, and its
+    limit of 8 of them (``fullgraph=True`` makes passing it an error), on the
+    function's code object: each model structure gets a code object of its own,
+    so a process that compiles many different models never runs into another's limit.
     """
-    if device_type not in _COMPILED:
+    key = (device_type, _structure(model))
+    if key not in _COMPILED:
+        step = types.FunctionType(_decode_one.__code__.replace(), _decode_one.__globals__, _decode_one.__name__)
         mode = "reduce-overhead" if device_type == "cuda" else None
-        _COMPILED[device_type] = torch.compile(_decode_one, mode=mode, fullgraph=True)
-    return _COMPILED[device_type]
+        _COMPILED[key] = torch.compile(step, mode=mode, fullgraph=True)
+    return _COMPILED[key]
