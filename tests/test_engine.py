@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import typing
+import warnings
 
 import pytest
 import torch
@@ -119,9 +120,12 @@ def test_compiling_many_models_in_one_process_never_hits_dynamos_graph_limit(tin
     ids = torch.tensor(random_prompts([4], seed=12))
     # Dynamo's limit of graphs per function is 8; at 1, a second structure is enough to reach it.
     with torch._dynamo.config.patch(recompile_limit=1):
-        for model in (tiny, shallow):  # the second used to fail: "Hard failure due to fullgraph=True"
-            compiled = generate(model, ids, max_new_tokens=4, temperature=0, ignore_eos=True, compile=True)
-            assert torch.equal(compiled, generate(model, ids, max_new_tokens=4, temperature=0, ignore_eos=True))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # both compiled: neither may fall back to eager
+            for model in (tiny, shallow):  # the second used to fail: "Hard failure due to fullgraph=True"
+                compiled = generate(model, ids, max_new_tokens=4, temperature=0, ignore_eos=True, compile=True)
+                assert torch.equal(compiled, generate(model, ids, max_new_tokens=4, temperature=0, ignore_eos=True))
+        assert len(gpt2lite.generation.session._COMPILED) == 2  # a compiled step for each structure
         # A second batch size of the same structure would be that step's second graph: refused, so eager.
         wide = ids.repeat(2, 1)
         with pytest.warns(RuntimeWarning, match="this session goes on eagerly"):

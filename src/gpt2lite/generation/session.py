@@ -70,7 +70,7 @@ class DecodeSession:
             except Exception as e:
                 # Dynamo's limit of graphs per function, which fullgraph=True makes an error; it is
                 # raised before the step runs, so the state is untouched.
-                if not isinstance(e, getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", ())):
+                if not isinstance(e, _recompile_limit_errors()):
                     raise
                 warnings.warn("this model's compiled step has as many graphs as dynamo allows "
                               "(torch._dynamo.config.recompile_limit): this session goes on eagerly",
@@ -101,8 +101,20 @@ def _decode_one(model: DecoderModel, input_ids: torch.Tensor, state: DecodeState
     return model.decode(input_ids, state)
 
 
+def _recompile_limit_errors() -> tuple[type[Exception], ...]:
+    """What dynamo raises when a fullgraph function reaches its graph limit (older releases: FailOnCacheLimitHit)."""
+    exc = torch._dynamo.exc  # imported by now: a compiled step has just run
+    names = ("FailOnRecompileLimitHit", "FailOnCacheLimitHit")
+    return tuple(getattr(exc, name) for name in names if hasattr(exc, name))
+
+
 def _structure(model: DecoderModel) -> tuple[object, ...]:
-    """What a compiled step's graph depends on besides the state: the layers' types and tensors' shapes."""
+    """The layers' types and the tensors' names, shapes and dtypes: models that differ here never share graphs.
+
+    Dynamo's guards still check everything else on each call (a GELU against a
+    ReLU, an epsilon), so models that match here but differ there only cost
+    graphs of the same function, never a wrong step.
+    """
     if not isinstance(model, nn.Module):
         return (type(model),)
     layers = tuple(type(m) for m in model.modules())
@@ -119,7 +131,9 @@ def _compiled_step(model: DecoderModel, device_type: str) -> Callable[..., torch
     shapes without copying the cache. Dynamo keeps a function's graphs, and its
     limit of 8 of them (``fullgraph=True`` makes passing it an error), on the
     function's code object: each model structure gets a code object of its own,
-    so a process that compiles many different models never runs into another's limit.
+    so a process that compiles many different models never runs into another's
+    limit. (torch 2.13's ``torch.compile(isolate_recompiles=True)`` does the same;
+    a copied code object does it on every torch we support.)
     """
     key = (device_type, _structure(model))
     if key not in _COMPILED:
