@@ -296,11 +296,40 @@ def test_int4_refuses_what_it_cannot_hold(tiny_dir):
         quantize(load_model(tiny_dir), "int4", group_size=48)
     with pytest.raises(ValueError, match=r"group_size must be one of"):
         Int4Linear.from_float(torch.randn(64, 96), group_size=48)
-    with pytest.raises(ValueError, match=r"multiple of group_size=128; this model has \[64\]"):
+    with pytest.raises(ValueError, match=r"multiple of group_size=128; this model has \[64\]: quantize it with "
+                                         r"gpt2lite.quantize\(model, 'int4', group_size=64\)"):
         quantize(load_model(tiny_dir), "int4", group_size=128)
+    with pytest.raises(ValueError, match=r"this layer has \[80\]: no group size int4 takes .* divides them; use int8"):
+        Int4Linear.from_float(torch.randn(64, 80))
     with pytest.raises(ValueError, match="int4 settings"):
         quantize(load_model(tiny_dir), "int8", group_size=32)
     w, _ = _layer(out_features=64, in_features=64)
     w[3, 5] = float("inf")
     with pytest.raises(NonFiniteError, match="int8 and int4 cannot represent"):
         Int4Linear.from_float(w)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])  # int4 keeps its tied head in int8
+def test_weights_loaded_into_a_quantized_model_are_the_ones_it_runs(tiny_dir, mode):
+    """load_state_dict copies in place: fbgemm's packed copy of the old weights must not be read after it."""
+    source = load_model(tiny_dir, quantize=mode)
+    other = GPT2.from_pretrained(tiny_dir)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(-1.5)  # other weights, same shapes
+    target = quantize(other, mode)
+    ids = torch.tensor([[5, 17, 3, 99, 2048, 7]])
+    assert not torch.equal(target(ids), source(ids))
+    target.load_state_dict(source.state_dict())
+    assert torch.equal(target(ids), source(ids))
+    assert torch.equal(generate(target, ids, max_new_tokens=8, temperature=0, ignore_eos=True),
+                       generate(source, ids, max_new_tokens=8, temperature=0, ignore_eos=True))
+
+
+def test_a_bfloat16_int8_model_compiles(tiny_dir):
+    """Inductor gives a bfloat16 int8 product to a kernel that needs the int8 weight in contiguous rows."""
+    model = load_model(tiny_dir, quantize="int8", dtype="bfloat16")
+    assert all(m.weight.is_contiguous() for m in model.modules() if isinstance(m, Int8Linear))
+    ids = torch.tensor([[5, 17, 3, 99, 2048, 7]])
+    compiled = generate(model, ids, max_new_tokens=6, temperature=0, ignore_eos=True, compile=True)
+    assert torch.equal(compiled, generate(model, ids, max_new_tokens=6, temperature=0, ignore_eos=True))

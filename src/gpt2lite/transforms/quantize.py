@@ -78,7 +78,9 @@ def _quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     w = _finite_float(weight)
     scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127  # (out,)
     q = (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)  # (out, in); one float temporary
-    return q, scale
+    # In rows: GPT-2's Conv1D weights arrive transposed, and the quotient keeps their strides;
+    # the weight-only kernel inductor picks for a bfloat16 model needs contiguous rows.
+    return q.contiguous(), scale
 
 
 def _pack_for_cpu(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> object | None:
@@ -119,6 +121,11 @@ if not hasattr(torch.ops.gpt2lite, "int8_linear"):  # an op is defined once per 
     torch.library.register_fake(
         "gpt2lite::int8_linear", lambda x, weight, check: x.new_empty(*x.shape[:-1], weight.shape[0]), lib=_OPS
     )
+
+
+def _version(*tensors: torch.Tensor | None) -> tuple[int, ...]:
+    """The tensors' version counters, which every in-place change moves (inference tensors have none: -1)."""
+    return tuple(-1 if t is None or t.is_inference() else t._version for t in tensors)
 
 
 class Int8Linear(nn.Module):
@@ -170,6 +177,8 @@ class Int8Linear(nn.Module):
 
     def _fbgemm(self, x: torch.Tensor, check: bool) -> torch.Tensor:
         """fbgemm's product with the packed weight (float32 CPU activations)."""
+        if self._version != _version(self.weight, self.scale, self.bias):
+            self._repack()  # the weights changed in place (load_state_dict, an edit): a stale copy would be read
         if check and not bool(torch.isfinite(x).all()):
             raise NonFiniteError(_OVERFLOWED)
         try:
@@ -181,6 +190,7 @@ class Int8Linear(nn.Module):
 
     def _repack(self) -> None:
         self._packed = _pack_for_cpu(self.weight, self.scale, self.bias)
+        self._version = _version(self.weight, self.scale, self.bias)
         self._register()
 
     def _register(self) -> None:
@@ -231,8 +241,12 @@ def _check_group_size(group_size: int, widths: set[int], what: str) -> None:
         raise ValueError(f"group_size must be one of {INT4_GROUP_SIZES} (the CPU kernel's), got {group_size!r}")
     uneven = sorted(w for w in widths if w % group_size)
     if uneven:
+        fits = [g for g in INT4_GROUP_SIZES if all(w % g == 0 for w in widths)]
+        # load_model and the CLI take the default group size: name the call that takes another.
+        fix = (f"quantize it with gpt2lite.quantize(model, 'int4', group_size={max(fits)}), or use int8" if fits
+               else f"no group size int4 takes ({', '.join(map(str, INT4_GROUP_SIZES))}) divides them; use int8")
         raise ValueError(f"int4 needs every input width to be a multiple of group_size={group_size}; "
-                         f"this {what} has {uneven}: pass a smaller group_size (32)")
+                         f"this {what} has {uneven}: {fix}")
 
 
 def _quantize_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
