@@ -133,6 +133,22 @@ def test_compiling_many_models_in_one_process_never_hits_dynamos_graph_limit(tin
         assert torch.equal(compiled, generate(shallow, wide, max_new_tokens=4, temperature=0, ignore_eos=True))
 
 
+def test_a_full_compiled_session_refuses_the_next_token_as_eager_does(tiny):
+    """A compiled step cannot raise inside its graph: the room is checked on the host first (it overran)."""
+    ids = torch.tensor(random_prompts([4, 4], seed=13))
+    for compile in (False, True):
+        session = DecodeSession(tiny, batch_size=2, max_length=6, compile=compile)
+        session.feed(ids)
+        session.feed(torch.tensor([[9], [9]]))
+        session.feed(torch.tensor([[9], [9]]))  # all 6 slots filled
+        with pytest.raises(ValueError, match="the cache holds 6 slots per row; 7 are needed"):
+            session.feed(torch.tensor([[9], [9]]))
+        session.truncate([0, 1], [5, 5])  # room again: the refused token was not counted
+        logits = session.feed(torch.tensor([[9], [9]]))[:, -1]
+        expected = tiny(torch.cat([ids, torch.full((2, 2), 9)], dim=1))[:, -1]
+        assert torch.allclose(logits, expected, atol=1e-4)
+
+
 class ToyRNNState:
     """One hidden vector per row."""
 

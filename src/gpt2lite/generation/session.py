@@ -45,6 +45,7 @@ class DecodeSession:
         """Make an empty state for ``batch_size`` rows of up to ``max_length`` tokens each."""
         self.model = model
         self.state: DecodeState = model.new_state(batch_size, max_length, static=compile)
+        self._static = compile
         self._compiled = _compiled_step(model, self.state.device.type) if compile else None
 
     @property
@@ -64,22 +65,38 @@ class DecodeSession:
 
         See ``DecoderModel.decode``.
         """
+        # A static cache's steps may run inside a compiled graph, which can neither refuse a full
+        # row nor count on the host: this session does both around every step of its static state.
+        counted = self._static and hasattr(self.state, "check_room")
+        if counted:
+            self.state.check_room(input_ids.shape[1], rows)
         if self._compiled is not None and rows is None and input_mask is None and input_ids.shape[1] == 1:
-            try:
+            logits = self._compiled_feed(input_ids)
+        else:
+            logits = self.model.decode(input_ids, self.state, input_mask=input_mask, rows=rows, last_only=last_only)
+        if counted:
+            self.state.count(input_ids.shape[1], rows)
+        return logits
+
+    def _compiled_feed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """One token for every row through the compiled step (eagerly once dynamo refuses another graph)."""
+        try:
+            # Without gradients: a compiled step that records them failed on its cache writes
+            # ("The size of tensor a (16) must match the size of tensor b (2)").
+            with torch.inference_mode():
                 logits = self._compiled(self.model, input_ids, self.state)
-            except Exception as e:
-                # Dynamo's limit of graphs per function, which fullgraph=True makes an error; it is
-                # raised before the step runs, so the state is untouched.
-                if not isinstance(e, _recompile_limit_errors()):
-                    raise
-                warnings.warn("this model's compiled step has as many graphs as dynamo allows "
-                              "(torch._dynamo.config.recompile_limit): this session goes on eagerly",
-                              RuntimeWarning, stacklevel=2)
-                self._compiled = None
-                return self.model.decode(input_ids, self.state)
-            # A CUDA graph reuses its output buffer at the next replay: hand out a copy.
-            return logits.clone() if logits.device.type == "cuda" else logits
-        return self.model.decode(input_ids, self.state, input_mask=input_mask, rows=rows, last_only=last_only)
+        except Exception as e:
+            # Dynamo's limit of graphs per function, which fullgraph=True makes an error; it is
+            # raised before the step runs, so the state is untouched.
+            if not isinstance(e, _recompile_limit_errors()):
+                raise
+            warnings.warn("this model's compiled step has as many graphs as dynamo allows "
+                          "(torch._dynamo.config.recompile_limit): this session goes on eagerly",
+                          RuntimeWarning, stacklevel=3)
+            self._compiled = None
+            return self.model.decode(input_ids, self.state)
+        # A CUDA graph reuses its output buffer at the next replay: hand out a copy.
+        return logits.clone() if logits.device.type == "cuda" else logits
 
     def reset(self, rows: Sequence[int] | None = None) -> None:
         """Empty ``rows`` (default: all) for new prompts."""

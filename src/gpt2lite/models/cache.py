@@ -85,8 +85,10 @@ class KVCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # slots filled per row
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)  # next position id per row
         self.static = static
-        # Host-side mirror of `lengths`, so that shapes and fast paths need no device sync. A static
-        # cache does not keep it: its steps run inside a compiled graph.
+        # Host-side mirror of `lengths`, so that shapes, fast paths and the check for room need no
+        # device sync. A static cache's steps may run inside a compiled graph, which would guard on
+        # its values: whoever steps a static cache (DecodeSession) calls `check_room` before and
+        # `count` after each step.
         self._host_lengths = [0] * batch_size
         self._padded = False  # some slot below a row's length holds padding
         if static:
@@ -120,9 +122,7 @@ class KVCache:
         if rows is not None:
             rows = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
         if not self.static:
-            ends = [self._host_lengths[r] + T for r in (range(self.batch_size) if rows is None else rows)]
-            if max(ends) > self.max_length:
-                raise ValueError(f"the cache holds {self.max_length} slots per row; {max(ends)} are needed")
+            self.check_room(T, rows)
         index = None if rows is None else torch.as_tensor(rows, dtype=torch.long, device=self.device)
         lengths = self.lengths if index is None else self.lengths[index]  # (R,)
         positions = self.positions if index is None else self.positions[index]  # (R,)
@@ -140,6 +140,7 @@ class KVCache:
         if self.static:
             width = self.max_length
             return StepPlan(index, slots, position_ids, self._mask(index, slots, width), False, width, None)
+        ends = [self._host_lengths[r] + T for r in (range(self.batch_size) if rows is None else rows)]
         width = max(ends)  # the rows fed hold nothing valid past their own ends
         uniform = rows is None and input_mask is None and not self._padded and len(set(ends)) == 1
         if not uniform:
@@ -189,9 +190,19 @@ class KVCache:
             self.lengths.index_add_(0, plan.rows, torch.full_like(plan.rows, T))
             self.positions.index_add_(0, plan.rows, added if input_mask is not None else torch.full_like(plan.rows, T))
         if not self.static:
-            for r in range(self.batch_size) if plan.rows is None else plan.rows.tolist():
-                self._host_lengths[r] += T
+            self.count(T, None if plan.rows is None else plan.rows.tolist())
             self._padded |= input_mask is not None
+
+    def check_room(self, T: int, rows: Sequence[int] | None = None) -> None:
+        """Refuse ``T`` more tokens in ``rows`` (default: all) where a row has no room for them."""
+        ends = [self._host_lengths[r] + T for r in (range(self.batch_size) if rows is None else rows)]
+        if max(ends) > self.max_length:
+            raise ValueError(f"the cache holds {self.max_length} slots per row; {max(ends)} are needed")
+
+    def count(self, T: int, rows: Sequence[int] | None = None) -> None:
+        """Count ``T`` more tokens in ``rows`` (default: all) on the host (``commit`` does, unless static)."""
+        for r in range(self.batch_size) if rows is None else rows:
+            self._host_lengths[r] += T
 
     # row management ---------------------------------------------------------------
 
@@ -222,18 +233,16 @@ class KVCache:
             buf[moved, :, :used] = buf[source, :, :used]
         for buf in (self.valid, self.lengths, self.positions):
             buf[moved] = buf[source]
-        if not self.static:
-            before = self._host_lengths
-            self._host_lengths = [before[i] for i in index.tolist()]
+        before = self._host_lengths
+        self._host_lengths = [before[i] for i in index.tolist()]
 
     def truncate(self, rows: Sequence[int], lengths: Sequence[int]) -> None:
         """Cut each of ``rows`` back to its entry of ``lengths`` filled slots (speculative decoding's rollback)."""
         for r, n in zip(rows, lengths, strict=True):
-            current = self.max_length if self.static else self._host_lengths[r]
+            current = self._host_lengths[r]
             if not 0 <= n <= current:
                 raise ValueError(f"cannot truncate row {r} to {n} slots: it holds {current}")
             self.valid[r, n:] = False
             self.lengths[r] = n
             self.positions[r] = self.valid[r, :n].sum()
-            if not self.static:
-                self._host_lengths[r] = n
+            self._host_lengths[r] = n
