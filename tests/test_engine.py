@@ -260,6 +260,9 @@ def test_options_object_and_keywords_agree(tiny):
     assert torch.equal(generate(tiny, prompt, options, seed=4), generate(tiny, prompt, options.replace(seed=4)))
     with pytest.raises(TypeError, match="GenerationOptions"):
         generate(tiny, prompt, {"seed": 3})
+    # An option that cannot go together with another names only what was asked for.
+    with pytest.raises(ValueError, match="beam search does not support compile$"):
+        GenerationOptions(num_beams=2, temperature=0, compile=True)
 
 
 def test_options_are_declared_once_and_reach_the_cli():

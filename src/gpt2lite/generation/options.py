@@ -143,8 +143,9 @@ class GenerationOptions:
             if self.num_return_sequences > self.num_beams:
                 raise ValueError(f"num_return_sequences ({self.num_return_sequences}) must be at most num_beams "
                                  f"({self.num_beams})")
-            if self.top_logprobs or self.compile:
-                raise ValueError("beam search does not support top_logprobs or compile")
+            unsupported = [name for name in ("top_logprobs", "compile") if getattr(self, name)]
+            if unsupported:
+                raise ValueError(f"beam search does not support {' or '.join(unsupported)}")
         if self.context_shift and (self.num_beams > 1 or self.prompt_lookup_num_tokens):
             raise ValueError("context_shift works with sampling and greedy decoding, not with beam search or "
                              "prompt lookup")
