@@ -261,7 +261,7 @@ def test_options_object_and_keywords_agree(tiny):
     with pytest.raises(TypeError, match="GenerationOptions"):
         generate(tiny, prompt, {"seed": 3})
     # An option that cannot go together with another names only what was asked for.
-    with pytest.raises(ValueError, match="beam search does not support compile$"):
+    with pytest.raises(ValueError, match=r"beam search does not support compile$"):
         GenerationOptions(num_beams=2, temperature=0, compile=True)
 
 
