@@ -351,3 +351,9 @@ def test_cli_exposes_the_controls(tiny_dir, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", "x", "--model", str(tiny_dir), "--logit-bias", "oops"])
     assert exit_info.value.code == 2 and "TOKEN_ID=BIAS" in capsys.readouterr().err
+    # The library's advice comes in the CLI's own words: flags, not Python keywords.
+    assert main(["generate", "word " * 200, "--model", str(tiny_dir), "--max-new-tokens", "5"]) == 1
+    err = capsys.readouterr().err
+    assert "pass --truncate-prompt left" in err and "truncate_prompt=" not in err, err
+    assert main(["generate", "x", "--model", str(tiny_dir), "--num-beams", "2"]) == 1
+    assert capsys.readouterr().err.strip().endswith("use --temperature 0")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -351,6 +352,20 @@ def _load_text_generator(args: argparse.Namespace, name_or_path: str, *, draft: 
                                          adapter=None if draft else args.adapter, prepack=args.prepack)
 
 
+def _as_flags(message: str) -> str:
+    """``message`` with the library's ``name=value`` advice in this CLI's words (``--name value``)."""
+    from gpt2lite.generation.options import GenerationOptions
+
+    names = "|".join(f.name for f in dataclasses.fields(GenerationOptions) if f.name not in _NOT_FLAGS)
+
+    def flag(match: re.Match[str]) -> str:
+        name, value = match.group(1), match.group(2).strip("'\"")
+        dashed = "--" + name.replace("_", "-")
+        return dashed if value == "True" else match.group(0) if value == "False" else f"{dashed} {value}"
+
+    return re.sub(rf"(?<![\w-])({names})=('[^']*'|\"[^\"]*\"|[^\s,;:)]+)", flag, message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     try:
@@ -363,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0  # the reader went away (`| head`): not an error
         except (ModelNotFoundError, NonFiniteError, ValueError, TypeError, OSError, RuntimeError,
                 ImportError) as exc:
-            message = " ".join(str(exc).split()) or type(exc).__name__
+            message = _as_flags(" ".join(str(exc).split()) or type(exc).__name__)
             print(f"gpt2lite: error: {message}", file=sys.stderr)
             return 1
     except KeyboardInterrupt:
