@@ -94,9 +94,9 @@ def _product(layer: PackedLinear | PackedEmbedding, x: torch.Tensor, bias: torch
 def _packed(layer: PackedLinear | PackedEmbedding) -> torch.Tensor:
     """The layer's reordered weight, made again when the weight changed (its version counter moved)."""
     weight = layer.weight
-    if layer._packed is None or layer._version != weight._version:
+    if layer._packed is None or layer._copied_version != weight._version:
         layer._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), layer.rows)
-        layer._version = weight._version
+        layer._copied_version = weight._version
     return layer._packed
 
 
@@ -110,7 +110,7 @@ class PackedLinear(nn.Linear):
     choice: Choice | None = None  # how one_row was chosen: the measured times
     batch_choice: Choice | None = None  # how batch was chosen
     _packed: torch.Tensor | None = None
-    _version: int = -1
+    _copied_version: int = -1  # the weight's version counter when the copy was made (not nn.Module's _version)
 
     @classmethod
     def wrap(cls, layer: nn.Linear, rows: int = 8) -> PackedLinear:
@@ -134,7 +134,7 @@ class PackedEmbedding(nn.Embedding):
     choice: Choice | None = None
     batch_choice: Choice | None = None
     _packed: torch.Tensor | None = None
-    _version: int = -1
+    _copied_version: int = -1  # the weight's version counter when the copy was made (not nn.Module's _version)
 
     @classmethod
     def wrap(cls, embedding: nn.Embedding, rows: int = 8) -> PackedEmbedding:
@@ -194,7 +194,7 @@ def prepack(model: nn.Module, rows: int = 8, *, one_row: Literal["auto", "mkl", 
     own_memory(body)
     for layer in layers:
         layer.rows, layer.copy = rows, copy
-        layer._packed, layer._version = None, -1  # a copy made before is dropped (or made again, as needed)
+        layer._packed, layer._copied_version = None, -1  # a copy made before is dropped (or made again, as needed)
     groups: dict[str, list[PackedLinear | PackedEmbedding]] = {}
     for layer in layers:
         groups.setdefault(_shape(layer), []).append(layer)

@@ -123,7 +123,7 @@ if not hasattr(torch.ops.gpt2lite, "int8_linear"):  # an op is defined once per 
     )
 
 
-def _version(*tensors: torch.Tensor | None) -> tuple[int, ...]:
+def _versions(*tensors: torch.Tensor | None) -> tuple[int, ...]:
     """The tensors' version counters, which every in-place change moves (inference tensors have none: -1)."""
     return tuple(-1 if t is None or t.is_inference() else t._version for t in tensors)
 
@@ -177,7 +177,7 @@ class Int8Linear(nn.Module):
 
     def _fbgemm(self, x: torch.Tensor, check: bool) -> torch.Tensor:
         """fbgemm's product with the packed weight (float32 CPU activations)."""
-        if self._version != _version(self.weight, self.scale, self.bias):
+        if self._packed_version != _versions(self.weight, self.scale, self.bias):
             self._repack()  # the weights changed in place (load_state_dict, an edit): a stale copy would be read
         if check and not bool(torch.isfinite(x).all()):
             raise NonFiniteError(_OVERFLOWED)
@@ -190,7 +190,8 @@ class Int8Linear(nn.Module):
 
     def _repack(self) -> None:
         self._packed = _pack_for_cpu(self.weight, self.scale, self.bias)
-        self._version = _version(self.weight, self.scale, self.bias)
+        # Not nn.Module's _version (the state dict's format version): the weights' when packed.
+        self._packed_version = _versions(self.weight, self.scale, self.bias)
         self._register()
 
     def _register(self) -> None:
