@@ -400,15 +400,48 @@ def test_long_text_prompt_is_refused_before_tokenizing(server):
 
 
 def test_full_queue_is_429_and_releases_its_places(gen):
-    app = create_app(gen, ServerOptions(model_name="tiny", max_batch=1, max_queue=2))
+    app = create_app(gen, ServerOptions(model_name="tiny", max_batch=1, max_queue=1))
     scheduler = app.state.scheduler
     with running(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
-        with pytest.raises(openai.RateLimitError) as info:
-            client.completions.create(model="tiny", prompt="a", max_tokens=2, n=3)  # 3 choices, 2 places
-        assert "busy" in info.value.body["message"]
-        assert scheduler.queue_depth == 0  # nothing of the refused request stays queued
-        assert len(client.completions.create(model="tiny", prompt="a", max_tokens=2, n=2).choices) == 2
+        # More choices than the queue holds can never fit: a 400, which clients do not retry.
+        with pytest.raises(openai.BadRequestError, match=r"asks for 2 completions .* queues at most 1: split it"):
+            client.completions.create(model="tiny", prompt="a", max_tokens=2, n=2)
+        # One request holds the only row (it shifts past the context until its client hangs up),
+        # a second waits in the only place of the queue: a third is busy, 429.
+        endless = {"model": "tiny", "prompt": "go", "max_tokens": 10**6, "stream": True,
+                   "context_shift": True, "ignore_eos": True}
+        with httpx.stream("POST", url + "/v1/completions", json=endless, timeout=60) as first:
+            _wait_for(lambda: scheduler.running == 1)
+            with httpx.stream("POST", url + "/v1/completions", json=endless, timeout=60) as second:
+                _wait_for(lambda: scheduler.queue_depth == 1)
+                with pytest.raises(openai.RateLimitError) as info:
+                    client.completions.create(model="tiny", prompt="a", max_tokens=2)
+                assert "busy" in info.value.body["message"]
+                assert first.status_code == second.status_code == 200
+        _wait_for(lambda: scheduler.queue_depth == 0 and scheduler.running == 0)  # hung up: both cancelled
+        assert len(client.completions.create(model="tiny", prompt="a", max_tokens=2).choices) == 1
+
+
+def _wait_for(condition, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_prompt_longer_than_the_context_is_a_400_before_anything_streams(client):
+    long_text = "hello " * 200  # 201 tokens; the context is 96
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": long_text}],
+                                           stream=stream)
+        error = info.value.body
+        assert error["param"] == "messages" and error["code"] == "context_length_exceeded"
+        assert "exceeds the context of 96 tokens" in error["message"] and "max_tokens" not in error["message"]
+        with pytest.raises(openai.BadRequestError) as info:  # with max_tokens too, the prompt is to blame
+            client.completions.create(model="tiny", prompt=long_text, max_tokens=5, stream=stream)
+        assert info.value.body["param"] == "prompt"
 
 
 def test_disconnect_cancels_and_frees_the_row(server):

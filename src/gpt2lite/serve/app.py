@@ -88,13 +88,14 @@ class ServerOptions:
 class ApiError(Exception):
     """An error answered in OpenAI's shape."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
 
     def body(self) -> dict[str, Any]:
         """``{"error": {...}}``."""
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
 def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
@@ -369,27 +370,35 @@ class _Server:
                 out.append((list(item), self.tokenizer.decode(item)))
         return out
 
-    def _max_tokens(self, asked: int | None, prompt_length: int, shift: bool) -> int:
+    def _max_tokens(self, asked: int | None, prompt_length: int, shift: bool, prompt_param: str) -> int:
         """``max_tokens``: checked against the context (unless it shifts); None means as many as fit.
 
         Without a context limit, or with a context shift, None is OpenAI's default, 16.
+        A prompt longer than the context is refused here, before anything streams.
         """
+        if self.context is not None and prompt_length > self.context and not shift:
+            raise ApiError(400, f"the prompt of {prompt_length} tokens exceeds the context of {self.context} tokens",
+                           prompt_param, code="context_length_exceeded")
         if asked is None:
             return 16 if self.context is None or shift else max(0, self.context - prompt_length)
         if self.context is not None and prompt_length + asked > self.context and not shift:
             raise ApiError(400, f"prompt of {prompt_length} tokens + max_tokens={asked} exceeds the context of "
-                                f"{self.context} tokens", "max_tokens")
+                                f"{self.context} tokens", "max_tokens", code="context_length_exceeded")
         return asked
 
     def _choices(self, prompts: list[tuple[list[int], str]], body: Any, per_prompt: int, max_tokens: int | None,
-                 top_logprobs: int, stops: list[str], prompt_top: int | None) -> list[_Choice]:
+                 top_logprobs: int, stops: list[str], prompt_top: int | None, prompt_param: str) -> list[_Choice]:
         """``per_prompt`` choices for each prompt, choice ``i`` seeded with ``seed + i``."""
+        if len(prompts) * per_prompt > self.scheduler.max_queue:  # a 429 would be retried in vain
+            raise ApiError(400, f"this request asks for {len(prompts) * per_prompt} completions (prompts x n); this "
+                                f"server queues at most {self.scheduler.max_queue}: split it", "n")
         loop = asyncio.get_running_loop()
         choices = []
         for p, (ids, text) in enumerate(prompts):
             try:
-                base = sampling_options(body, max_tokens=self._max_tokens(max_tokens, len(ids), body.context_shift),
-                                        eos=self.tokenizer.eot_token, vocab=self.vocab, top_logprobs=top_logprobs)
+                allowed = self._max_tokens(max_tokens, len(ids), body.context_shift, prompt_param)
+                base = sampling_options(body, max_tokens=allowed, eos=self.tokenizer.eot_token, vocab=self.vocab,
+                                        top_logprobs=top_logprobs)
                 base = self.text_generator.text_options(base)
             except ValueError as exc:
                 message = str(exc)
@@ -516,7 +525,8 @@ class _Server:
         prompt_top = None
         if echo_scores or body.prompt_logprobs is not None:
             prompt_top = max(body.logprobs or 0, body.prompt_logprobs or 0)
-        choices = self._choices(prompts, body, best_of, body.max_tokens, body.logprobs or 0, stops, prompt_top)
+        choices = self._choices(prompts, body, best_of, body.max_tokens, body.logprobs or 0, stops, prompt_top,
+                                "prompt")
         self._submit(choices)
         meta = self._meta("text_completion")
         if body.stream:
@@ -624,7 +634,7 @@ class _Server:
         prompts = [(ids, text)]
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         top = (body.top_logprobs or 0) if body.logprobs else 0
-        choices = self._choices(prompts, body, body.n, max_tokens, top, stops, None)
+        choices = self._choices(prompts, body, body.n, max_tokens, top, stops, None, "messages")
         self._submit(choices)
         meta = self._meta("chat.completion.chunk" if body.stream else "chat.completion")
         if body.stream:
