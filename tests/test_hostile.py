@@ -338,6 +338,28 @@ def test_overflowing_int8_activations_in_a_compiled_step_are_a_non_finite_error(
     assert calls  # the compiled step ran fbgemm through the registered op
 
 
+def test_a_compiled_step_that_raises_leaves_its_session_usable(tiny_dir):
+    """The int8 op raises inside the graph after the cache advanced: the session's count is mended."""
+    from gpt2lite import DecodeSession
+
+    model = quantize(GPT2.from_pretrained(tiny_dir))
+    session = DecodeSession(model, batch_size=2, max_length=12, compile=True)
+    session.feed(torch.tensor([[1, 2, 3], [4, 5, 6]]))
+    session.feed(torch.tensor([[7], [7]]))  # compiled
+    saved = model.ln_f.weight.detach().clone()
+    with torch.no_grad():
+        model.ln_f.weight.fill_(float("inf"))
+    with pytest.raises(NonFiniteError, match="overflowed"):
+        session.feed(torch.tensor([[8], [8]]))
+    with torch.no_grad():
+        model.ln_f.weight.copy_(saved)
+    assert session.state._host_lengths == session.state.lengths.tolist()
+    for _ in range(12 - int(session.state.lengths.max())):  # up to the last slot: no kernel index error
+        session.feed(torch.tensor([[9], [9]]))
+    with pytest.raises(ValueError, match="the cache holds 12 slots per row; 13 are needed"):
+        session.feed(torch.tensor([[9], [9]]))
+
+
 # training output ----------------------------------------------------------------------------------------
 
 

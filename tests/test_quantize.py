@@ -317,13 +317,14 @@ def test_weights_loaded_into_a_quantized_model_are_the_ones_it_runs(tiny_dir, mo
     with torch.no_grad():
         for p in other.parameters():
             p.mul_(-1.5)  # other weights, same shapes
-    target = quantize(other, mode)
     ids = torch.tensor([[5, 17, 3, 99, 2048, 7]])
-    assert not torch.equal(target(ids), source(ids))
-    target.load_state_dict(source.state_dict())
-    assert torch.equal(target(ids), source(ids))
-    assert torch.equal(generate(target, ids, max_new_tokens=8, temperature=0, ignore_eos=True),
-                       generate(source, ids, max_new_tokens=8, temperature=0, ignore_eos=True))
+    for assign in (False, True):  # copied in place, or the loaded tensors themselves
+        target = quantize(copy.deepcopy(other), mode)
+        assert not torch.equal(target(ids), source(ids))
+        target.load_state_dict(source.state_dict(), assign=assign)
+        assert torch.equal(target(ids), source(ids))
+        assert torch.equal(generate(target, ids, max_new_tokens=8, temperature=0, ignore_eos=True),
+                           generate(source, ids, max_new_tokens=8, temperature=0, ignore_eos=True))
 
 
 def test_a_bfloat16_int8_model_compiles(tiny_dir):

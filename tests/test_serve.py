@@ -442,6 +442,10 @@ def test_a_prompt_longer_than_the_context_is_a_400_before_anything_streams(clien
         with pytest.raises(openai.BadRequestError) as info:  # with max_tokens too, the prompt is to blame
             client.completions.create(model="tiny", prompt=long_text, max_tokens=5, stream=stream)
         assert info.value.body["param"] == "prompt"
+        with pytest.raises(openai.BadRequestError) as info:  # a context shift starts from a prompt that fits
+            client.completions.create(model="tiny", prompt=long_text, max_tokens=5, stream=stream,
+                                      extra_body={"context_shift": True})
+        assert info.value.body["code"] == "context_length_exceeded"
 
 
 def test_disconnect_cancels_and_frees_the_row(server):

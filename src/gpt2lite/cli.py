@@ -353,17 +353,24 @@ def _load_text_generator(args: argparse.Namespace, name_or_path: str, *, draft: 
 
 
 def _as_flags(message: str) -> str:
-    """``message`` with the library's ``name=value`` advice in this CLI's words (``--name value``)."""
+    """``message`` with the library's ``name=value`` advice in ``generate``'s words (``--name value``)."""
+    from typing import get_type_hints
+
     from gpt2lite.generation.options import GenerationOptions
 
-    names = "|".join(f.name for f in dataclasses.fields(GenerationOptions) if f.name not in _NOT_FLAGS)
+    hints = get_type_hints(GenerationOptions)
+    # logit_bias takes ID=BIAS on the command line, not a dict: its advice stays as it is.
+    names = "|".join(name for name in hints if name not in _NOT_FLAGS and name != "logit_bias")
 
     def flag(match: re.Match[str]) -> str:
-        name, value = match.group(1), match.group(2).strip("'\"")
+        name, value = match.group(1), match.group(2)
         dashed = "--" + name.replace("_", "-")
-        return dashed if value == "True" else match.group(0) if value == "False" else f"{dashed} {value}"
+        if value in ("True", "False"):  # a switch: only True has a flag, and only a plain bool is one
+            return dashed if value == "True" and hints[name] is bool else match.group(0)
+        return f"{dashed} {value if ' ' in value else value.strip(chr(39) + chr(34))}"
 
-    return re.sub(rf"(?<![\w-])({names})=('[^']*'|\"[^\"]*\"|[^\s,;:)]+)", flag, message)
+    # Not inside a path or URL (after / ? & =), nor part of a longer name.
+    return re.sub(rf"(?<![\w/?&=-])({names})=('[^']*'|\"[^\"]*\"|[^\s,;:)/]+)", flag, message)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -378,7 +385,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0  # the reader went away (`| head`): not an error
         except (ModelNotFoundError, NonFiniteError, ValueError, TypeError, OSError, RuntimeError,
                 ImportError) as exc:
-            message = _as_flags(" ".join(str(exc).split()) or type(exc).__name__)
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            if args.command == "generate":  # whose flags are GenerationOptions' fields
+                message = _as_flags(message)
             print(f"gpt2lite: error: {message}", file=sys.stderr)
             return 1
     except KeyboardInterrupt:

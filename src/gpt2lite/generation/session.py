@@ -45,7 +45,6 @@ class DecodeSession:
         """Make an empty state for ``batch_size`` rows of up to ``max_length`` tokens each."""
         self.model = model
         self.state: DecodeState = model.new_state(batch_size, max_length, static=compile)
-        self._static = compile
         self._compiled = _compiled_step(model, self.state.device.type) if compile else None
 
     @property
@@ -65,27 +64,26 @@ class DecodeSession:
 
         See ``DecoderModel.decode``.
         """
-        # A static cache's steps may run inside a compiled graph, which can neither refuse a full
-        # row nor count on the host: this session does both around every step of its static state.
-        counted = self._static and hasattr(self.state, "check_room")
-        if counted:
-            self.state.check_room(input_ids.shape[1], rows)
         if self._compiled is not None and rows is None and input_mask is None and input_ids.shape[1] == 1:
-            logits = self._compiled_feed(input_ids)
-        else:
-            logits = self.model.decode(input_ids, self.state, input_mask=input_mask, rows=rows, last_only=last_only)
-        if counted:
-            self.state.count(input_ids.shape[1], rows)
-        return logits
+            return self._compiled_feed(input_ids)
+        return self.model.decode(input_ids, self.state, input_mask=input_mask, rows=rows, last_only=last_only)
 
     def _compiled_feed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """One token for every row through the compiled step (eagerly once dynamo refuses another graph)."""
+        # Inside the graph the cache cannot refuse a full row or count on the host (KVCache's
+        # check_room, count and recount, where the state has them): done around it.
+        state = self.state
+        counts = getattr(state, "counts", None)
+        if counts is not None:
+            state.check_room(1)
         try:
             # Without gradients: a compiled step that records them failed on its cache writes
             # ("The size of tensor a (16) must match the size of tensor b (2)").
-            with torch.inference_mode():
-                logits = self._compiled(self.model, input_ids, self.state)
+            with torch.no_grad():
+                logits = self._compiled(self.model, input_ids, state)
         except Exception as e:
+            if counts is not None:
+                state.recount()  # the graph may have advanced the cache before it raised
             # Dynamo's limit of graphs per function, which fullgraph=True makes an error; it is
             # raised before the step runs, so the state is untouched.
             if not isinstance(e, _recompile_limit_errors()):
@@ -94,7 +92,9 @@ class DecodeSession:
                           "(torch._dynamo.config.recompile_limit): this session goes on eagerly",
                           RuntimeWarning, stacklevel=3)
             self._compiled = None
-            return self.model.decode(input_ids, self.state)
+            return self.model.decode(input_ids, state)
+        if counts is not None and state.counts == counts:  # it ran traced: nothing counted it
+            state.count(1)
         # A CUDA graph reuses its output buffer at the next replay: hand out a copy.
         return logits.clone() if logits.device.type == "cuda" else logits
 

@@ -86,10 +86,11 @@ class KVCache:
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)  # next position id per row
         self.static = static
         # Host-side mirror of `lengths`, so that shapes, fast paths and the check for room need no
-        # device sync. A static cache's steps may run inside a compiled graph, which would guard on
-        # its values: whoever steps a static cache (DecodeSession) calls `check_room` before and
-        # `count` after each step.
+        # device sync. A step inside a compiled graph leaves it alone (the graph would guard on its
+        # values): whoever runs compiled steps (DecodeSession) checks room before and counts after
+        # them, and `recount` mends it after a step that failed part way.
         self._host_lengths = [0] * batch_size
+        self.counts = 0  # how many times the host count moved: a compiled step that did not move it ran traced
         self._padded = False  # some slot below a row's length holds padding
         if static:
             for t in (*self.k, *self.v, self.valid, self.lengths, self.positions):
@@ -121,7 +122,7 @@ class KVCache:
         """
         if rows is not None:
             rows = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
-        if not self.static:
+        if not torch.compiler.is_compiling():
             self.check_room(T, rows)
         index = None if rows is None else torch.as_tensor(rows, dtype=torch.long, device=self.device)
         lengths = self.lengths if index is None else self.lengths[index]  # (R,)
@@ -189,20 +190,28 @@ class KVCache:
         else:
             self.lengths.index_add_(0, plan.rows, torch.full_like(plan.rows, T))
             self.positions.index_add_(0, plan.rows, added if input_mask is not None else torch.full_like(plan.rows, T))
-        if not self.static:
+        if not torch.compiler.is_compiling():
             self.count(T, None if plan.rows is None else plan.rows.tolist())
+        if not self.static:
             self._padded |= input_mask is not None
 
     def check_room(self, T: int, rows: Sequence[int] | None = None) -> None:
         """Refuse ``T`` more tokens in ``rows`` (default: all) where a row has no room for them."""
+        rows = rows.tolist() if isinstance(rows, torch.Tensor) else rows
         ends = [self._host_lengths[r] + T for r in (range(self.batch_size) if rows is None else rows)]
         if max(ends) > self.max_length:
             raise ValueError(f"the cache holds {self.max_length} slots per row; {max(ends)} are needed")
 
     def count(self, T: int, rows: Sequence[int] | None = None) -> None:
-        """Count ``T`` more tokens in ``rows`` (default: all) on the host (``commit`` does, unless static)."""
+        """Count ``T`` more tokens in ``rows`` (default: all) on the host (``commit`` does, outside compiled steps)."""
+        rows = rows.tolist() if isinstance(rows, torch.Tensor) else rows
         for r in range(self.batch_size) if rows is None else rows:
             self._host_lengths[r] += T
+        self.counts += 1
+
+    def recount(self) -> None:
+        """Take the host count from ``lengths`` again (one device sync), after a step that failed part way."""
+        self._host_lengths = self.lengths.tolist()
 
     # row management ---------------------------------------------------------------
 

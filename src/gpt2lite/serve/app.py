@@ -85,6 +85,9 @@ class ServerOptions:
             raise ValueError("max_batch, max_queue and max_body_size must be >= 1")
 
 
+_TOO_LONG = "context_length_exceeded"  # OpenAI's code for a prompt that does not fit
+
+
 class ApiError(Exception):
     """An error answered in OpenAI's shape."""
 
@@ -344,7 +347,7 @@ class _Server:
         """
         if self.context is not None and len(text) > self.context * self.tokenizer.max_token_bytes:
             raise ApiError(400, f"{param} has {len(text)} characters: more tokens than the context of "
-                                f"{self.context} holds", param)
+                                f"{self.context} holds", param, code=_TOO_LONG)
         return await run_in_threadpool(self.tokenizer.encode, text, allowed_special="all" if special else ())
 
     async def _prompts(self, prompt: Any) -> list[tuple[list[int], str]]:
@@ -366,7 +369,7 @@ class _Server:
                     raise ApiError(400, f"prompt token ids must be non-empty and in 0..{self.vocab - 1}", "prompt")
                 if len(item) > (self.context or len(item)):
                     raise ApiError(400, f"a prompt of {len(item)} tokens exceeds the context of {self.context}",
-                                   "prompt")
+                                   "prompt", code=_TOO_LONG)
                 out.append((list(item), self.tokenizer.decode(item)))
         return out
 
@@ -374,24 +377,26 @@ class _Server:
         """``max_tokens``: checked against the context (unless it shifts); None means as many as fit.
 
         Without a context limit, or with a context shift, None is OpenAI's default, 16.
-        A prompt longer than the context is refused here, before anything streams.
+        A prompt longer than the context is refused here, before anything streams (a context
+        shift goes on past the context, but starts from a prompt that fits).
         """
-        if self.context is not None and prompt_length > self.context and not shift:
+        if self.context is not None and prompt_length > self.context:
             raise ApiError(400, f"the prompt of {prompt_length} tokens exceeds the context of {self.context} tokens",
-                           prompt_param, code="context_length_exceeded")
+                           prompt_param, code=_TOO_LONG)
         if asked is None:
             return 16 if self.context is None or shift else max(0, self.context - prompt_length)
         if self.context is not None and prompt_length + asked > self.context and not shift:
             raise ApiError(400, f"prompt of {prompt_length} tokens + max_tokens={asked} exceeds the context of "
-                                f"{self.context} tokens", "max_tokens", code="context_length_exceeded")
+                                f"{self.context} tokens", "max_tokens", code=_TOO_LONG)
         return asked
 
     def _choices(self, prompts: list[tuple[list[int], str]], body: Any, per_prompt: int, max_tokens: int | None,
                  top_logprobs: int, stops: list[str], prompt_top: int | None, prompt_param: str) -> list[_Choice]:
         """``per_prompt`` choices for each prompt, choice ``i`` seeded with ``seed + i``."""
         if len(prompts) * per_prompt > self.scheduler.max_queue:  # a 429 would be retried in vain
-            raise ApiError(400, f"this request asks for {len(prompts) * per_prompt} completions (prompts x n); this "
-                                f"server queues at most {self.scheduler.max_queue}: split it", "n")
+            param = "best_of" if getattr(body, "best_of", None) == per_prompt != body.n else "n"
+            raise ApiError(400, f"this request asks for {len(prompts) * per_prompt} completions (prompts x {param}); "
+                                f"this server queues at most {self.scheduler.max_queue}: split it", param)
         loop = asyncio.get_running_loop()
         choices = []
         for p, (ids, text) in enumerate(prompts):
