@@ -122,8 +122,8 @@ class KVCache:
         """
         if rows is not None:
             rows = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
-        if not torch.compiler.is_compiling():
-            self.check_room(T, rows)
+        # Not inside a compiled step: the graph would guard on the host count's values.
+        ends = None if torch.compiler.is_compiling() else self.check_room(T, rows)
         index = None if rows is None else torch.as_tensor(rows, dtype=torch.long, device=self.device)
         lengths = self.lengths if index is None else self.lengths[index]  # (R,)
         positions = self.positions if index is None else self.positions[index]  # (R,)
@@ -141,7 +141,7 @@ class KVCache:
         if self.static:
             width = self.max_length
             return StepPlan(index, slots, position_ids, self._mask(index, slots, width), False, width, None)
-        ends = [self._host_lengths[r] + T for r in (range(self.batch_size) if rows is None else rows)]
+        ends = self._ends(T, rows) if ends is None else ends
         width = max(ends)  # the rows fed hold nothing valid past their own ends
         uniform = rows is None and input_mask is None and not self._padded and len(set(ends)) == 1
         if not uniform:
@@ -195,12 +195,17 @@ class KVCache:
         if not self.static:
             self._padded |= input_mask is not None
 
-    def check_room(self, T: int, rows: Sequence[int] | None = None) -> None:
-        """Refuse ``T`` more tokens in ``rows`` (default: all) where a row has no room for them."""
-        rows = rows.tolist() if isinstance(rows, torch.Tensor) else rows
-        ends = [self._host_lengths[r] + T for r in (range(self.batch_size) if rows is None else rows)]
+    def check_room(self, T: int, rows: Sequence[int] | None = None) -> list[int]:
+        """Refuse ``T`` more tokens in ``rows`` (default: all) where a row has no room; else each row's new end."""
+        ends = self._ends(T, rows)
         if max(ends) > self.max_length:
             raise ValueError(f"the cache holds {self.max_length} slots per row; {max(ends)} are needed")
+        return ends
+
+    def _ends(self, T: int, rows: Sequence[int] | torch.Tensor | None) -> list[int]:
+        """Where each of ``rows`` (default: all) would end after ``T`` more tokens, from the host count."""
+        rows = rows.tolist() if isinstance(rows, torch.Tensor) else rows
+        return [self._host_lengths[r] + T for r in (range(self.batch_size) if rows is None else rows)]
 
     def count(self, T: int, rows: Sequence[int] | None = None) -> None:
         """Count ``T`` more tokens in ``rows`` (default: all) on the host (``commit`` does, outside compiled steps)."""

@@ -367,22 +367,23 @@ class _Server:
             else:
                 if not item or any(not 0 <= t < self.vocab for t in item):
                     raise ApiError(400, f"prompt token ids must be non-empty and in 0..{self.vocab - 1}", "prompt")
-                if len(item) > (self.context or len(item)):
-                    raise ApiError(400, f"a prompt of {len(item)} tokens exceeds the context of {self.context}",
-                                   "prompt", code=_TOO_LONG)
+                self._refuse_too_long(len(item), "prompt")  # before decoding it
                 out.append((list(item), self.tokenizer.decode(item)))
         return out
+
+    def _refuse_too_long(self, prompt_length: int, param: str) -> None:
+        """A prompt longer than the context is a 400 (a context shift, too, starts from a prompt that fits)."""
+        if self.context is not None and prompt_length > self.context:
+            raise ApiError(400, f"the prompt of {prompt_length} tokens exceeds the context of {self.context} tokens",
+                           param, code=_TOO_LONG)
 
     def _max_tokens(self, asked: int | None, prompt_length: int, shift: bool, prompt_param: str) -> int:
         """``max_tokens``: checked against the context (unless it shifts); None means as many as fit.
 
         Without a context limit, or with a context shift, None is OpenAI's default, 16.
-        A prompt longer than the context is refused here, before anything streams (a context
-        shift goes on past the context, but starts from a prompt that fits).
+        A prompt longer than the context is refused here, before anything streams.
         """
-        if self.context is not None and prompt_length > self.context:
-            raise ApiError(400, f"the prompt of {prompt_length} tokens exceeds the context of {self.context} tokens",
-                           prompt_param, code=_TOO_LONG)
+        self._refuse_too_long(prompt_length, prompt_param)
         if asked is None:
             return 16 if self.context is None or shift else max(0, self.context - prompt_length)
         if self.context is not None and prompt_length + asked > self.context and not shift:

@@ -205,8 +205,10 @@ class Int8Linear(nn.Module):
             _LAYERS[self.weight.data_ptr()] = self
 
     def __setstate__(self, state: dict) -> None:
-        # A copy (deepcopy, pickle) has a weight of its own, at its own address.
+        # A copy (deepcopy, pickle) has a weight of its own, at its own address, and a packed
+        # copy of the same values: it is packed from these weights, not stale.
         super().__setstate__(state)
+        self._packed_from = self._weights_now()
         self._register()
 
     def _apply(self, fn, recurse=True):  # nn.Module's signature
