@@ -8,6 +8,7 @@ import peft
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 
 from gpt2lite import (
     GPT2,
@@ -97,6 +98,36 @@ def test_classifier_adapters_go_both_ways(tiny_dir, tmp_path):
     loaded = load_model(tiny_dir, kind="classifier", labels=["no", "yes"], adapter=tmp_path / "peft")
     with torch.no_grad():
         torch.testing.assert_close(loaded(IDS), made(input_ids=IDS).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_saved_module_names_the_model_lacks_are_ignored_as_peft_does(tiny_dir, tmp_path):
+    """peft lists every architecture's head names for SEQ_CLS; only those the model has (and holds) count."""
+    ours = GPT2ForSequenceClassification.from_pretrained(tiny_dir, labels=["a", "b"])
+    add_lora(ours, LoraConfig(r=2, target_modules=("c_attn",)))
+    _randomize_b(ours)
+    save_model(ours.eval(), tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["modules_to_save"] = ["classifier", "score", "pre_classifier"]  # as peft 0.22 writes for SEQ_CLS
+    config_path.write_text(json.dumps(config))
+    hf = transformers.GPT2ForSequenceClassification.from_pretrained(tiny_dir, num_labels=2, pad_token_id=50256)
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path).eval()
+    back = load_model(tiny_dir, kind="classifier", labels=["a", "b"], adapter=tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(back(IDS), theirs(input_ids=IDS).logits, atol=1e-4, rtol=1e-4)
+    # A listed module the model has, other than the head, is still refused by name ...
+    config["modules_to_save"] = ["score", "ln_f"]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"saves whole modules \['ln_f'\]"):
+        load_model(tiny_dir, kind="classifier", labels=["a", "b"], adapter=tmp_path)
+    # ... and so is one the model lacks when the weights file holds its tensors.
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    weights["base_model.model.pre_classifier.weight"] = torch.zeros(2, 2)
+    save_file(weights, tmp_path / "adapter_model.safetensors")
+    config["modules_to_save"] = ["score", "pre_classifier"]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"saves whole modules \['pre_classifier'\]"):
+        load_model(tiny_dir, kind="classifier", labels=["a", "b"], adapter=tmp_path)
 
 
 def test_unsupported_peft_options_are_refused(tiny_dir, tmp_path):

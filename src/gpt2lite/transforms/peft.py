@@ -109,12 +109,7 @@ def read_adapter_config(directory: str | os.PathLike[str]) -> LoraConfig:
         allowed = (default, None) if default == {} else (default,)  # an empty pattern may be written as null
         if d.get(key, default) not in allowed:
             raise CheckpointError(f"{str(path)!r} sets {key}={d[key]!r:.100}, which gpt2lite's LoRA does not support")
-    saved = d.get("modules_to_save") or []
-    if not isinstance(saved, list) or not all(isinstance(m, str) for m in saved):
-        raise CheckpointError(f"{str(path)!r}: modules_to_save must be a list of module names")
-    extra = set(saved) - {"score", "classifier"}
-    if extra:
-        raise CheckpointError(f"{str(path)!r} saves whole modules {sorted(extra)}; gpt2lite supports only 'score'")
+    _modules_to_save(d, path)  # type-checked here; which names apply depends on the model (load_adapter)
     targets = d.get("target_modules")
     if isinstance(targets, str):
         raise CheckpointError(f"{str(path)!r} gives target_modules as a pattern ({targets!r:.100}); "
@@ -133,6 +128,37 @@ def read_adapter_config(directory: str | os.PathLike[str]) -> LoraConfig:
                           base_model_name_or_path=d.get("base_model_name_or_path"))
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{str(path)!r} is not a usable LoRA config: {exc}") from None
+
+
+def _modules_to_save(d: dict[str, Any], path: Path) -> tuple[str, ...]:
+    """The config's ``modules_to_save``: whole modules the adapter replaces, by name or name suffix."""
+    saved = d.get("modules_to_save") or []
+    if not isinstance(saved, list) or not all(isinstance(m, str) for m in saved):
+        raise CheckpointError(f"{str(path)!r}: modules_to_save must be a list of module names")
+    return tuple(saved)
+
+
+def _check_saved_modules(model: nn.Module, directory: Path, stored: set[str]) -> None:
+    """Refuse whole saved modules other than the classifier's ``score``, by name, as far as they apply.
+
+    PEFT writes a task's usual head names for every architecture (``SEQ_CLS``
+    lists ``classifier``, ``score`` and ``pre_classifier``) and wraps only those
+    the model has; so does this: a name that matches none of the model's modules
+    and has no tensors in the weights file is ignored.
+    """
+    path = directory / ADAPTER_CONFIG
+    names = [_peft_key(model, n)[len(_PEFT_PREFIX):] for n, _ in model.named_modules() if n]
+    refused = []
+    for saved in _modules_to_save(read_json(path), path):
+        if saved == "score":
+            continue
+        in_model = any(n == saved or n.endswith("." + saved) for n in names)
+        in_file = any(k.startswith(_PEFT_PREFIX) and f".{saved}." in "." + k[len(_PEFT_PREFIX):] for k in stored)
+        if in_model or in_file:
+            refused.append(saved)
+    if refused:
+        raise CheckpointError(f"{str(path)!r} saves whole modules {refused}; gpt2lite supports only 'score' "
+                              "(the classifier's head)")
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
@@ -206,6 +232,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Modu
     if ranks != {config.r}:
         raise CheckpointError(f"{str(path)!r} holds adapters of rank {sorted(ranks)[:4]}, but its "
                               f"{ADAPTER_CONFIG} says r={config.r}")
+    _check_saved_modules(model, Path(directory), set(stored))
     add_lora(model, config)
     expected = {_peft_key(model, name): name for name, p in model.named_parameters()
                 if ".lora_A." in name or ".lora_B." in name}
