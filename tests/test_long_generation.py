@@ -15,13 +15,16 @@ from gpt2lite.generation.window import shifted
 
 
 def _reference(hf_model, prompt: list[int], new: int, context: int, n_keep: int) -> list[int]:
-    """The definition of a context shift, run literally on transformers: a full forward each step."""
+    """The definition of a context shift, run literally on transformers: a full forward each step.
+
+    Only the last position's logits are read, so only they are projected to the vocabulary (logits_to_keep=1).
+    """
     window, out = list(prompt), []
     for _ in range(new):
         if len(window) == context:
             window = window[:n_keep] + window[n_keep + (context - n_keep) // 2 :]
         with torch.no_grad():
-            token = int(hf_model(torch.tensor([window])).logits[0, -1].argmax())
+            token = int(hf_model(torch.tensor([window]), logits_to_keep=1).logits[0, -1].argmax())
         window.append(token)
         out.append(token)
     return out
