@@ -192,6 +192,15 @@ def test_a_character_vocabulary_without_chars(tiny_dir, tmp_path):
     assert str(m / "tokenizer.json") in out["message"] and "chars" in out["message"]
 
 
+def test_a_config_nested_too_deep_is_one_clear_error(tiny_dir, tmp_path):
+    m = _copy(tiny_dir, tmp_path)
+    (m / "config.json").write_text('{"n_layer": 2, "task_specific_params": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    out = refused(f"load_model({str(m)!r})")
+    assert out["error"] == "CheckpointError" and str(m / "config.json") in out["message"], out
+    assert "nests" in out["message"], out
+
+
+
 # text metrics ------------------------------------------------------------------------------------------------
 
 
@@ -321,6 +330,7 @@ def test_overflowing_int8_activations_are_a_non_finite_error(tiny_dir):
         generate(model, [[1, 2, 3, 4, 5]], max_new_tokens=2, temperature=0)
 
 
+@pytest.mark.slow
 def test_overflowing_int8_activations_in_a_compiled_step_are_a_non_finite_error(tiny_dir, monkeypatch):
     from gpt2lite import generate
     from gpt2lite.transforms import quantize as quantize_module
@@ -338,6 +348,7 @@ def test_overflowing_int8_activations_in_a_compiled_step_are_a_non_finite_error(
     assert calls  # the compiled step ran fbgemm through the registered op
 
 
+@pytest.mark.slow
 def test_a_compiled_step_that_raises_leaves_its_session_usable(tiny_dir):
     """The int8 op raises inside the graph after the cache advanced: the session's count is mended."""
     from gpt2lite import DecodeSession
@@ -363,6 +374,7 @@ def test_a_compiled_step_that_raises_leaves_its_session_usable(tiny_dir):
 # training output ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_training_error_is_the_last_thing_on_stderr(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("The quick brown fox jumps over the lazy dog. " * 300)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from gpt2lite.errors import CheckpointError
 
 __all__ = ["MAX_JSON_BYTES", "atomic_write", "read_json", "write_json"]
 
@@ -51,13 +54,17 @@ def write_json(path: str | os.PathLike[str], value: Any) -> Path:
 def read_json(path: str | os.PathLike[str], *, max_bytes: int = MAX_JSON_BYTES) -> Any:
     """The parsed JSON of a settings file (a model config, an adapter config), refusing a huge one unread.
 
-    A problem is a ``ValueError`` naming the file (``FileNotFoundError`` when it is missing).
+    A problem is a ``CheckpointError`` (a ``ValueError``) naming the file (``FileNotFoundError`` when it is missing).
     """
     size = os.path.getsize(path)
     if size > max_bytes:
-        raise ValueError(f"{str(path)!r} is {size} bytes; a settings file is a few KB (at most {max_bytes})")
+        raise CheckpointError(f"{str(path)!r} is {size} bytes; a settings file is a few KB (at most {max_bytes})")
     with open(path, encoding="utf-8") as f:
         try:
             return json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{str(path)!r} is not valid JSON: {exc}") from None
+            raise CheckpointError(f"{str(path)!r} is not valid JSON: {exc}") from None
+        except RecursionError:
+            # The parser recurses once per level: a few hundred KB of brackets exhaust Python's stack.
+            raise CheckpointError(f"{str(path)!r} nests its JSON deeper than the parser's limit of about "
+                                  f"{sys.getrecursionlimit()} levels; a settings file nests a few") from None

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from gpt2lite.errors import CheckpointError
 from gpt2lite.io.files import read_json
 
 __all__ = ["ACTIVATIONS", "MAX_LABELS", "PRESETS", "GPT2Config"]
@@ -127,10 +128,11 @@ class GPT2Config:
     @classmethod
     def from_json_file(cls, path: str | os.PathLike[str]) -> GPT2Config:
         """Read a Hugging Face ``config.json``; any problem is one error naming the file and the field."""
+        settings = read_json(path)  # its errors name the file already
         try:
-            return cls.from_dict(read_json(path))
+            return cls.from_dict(settings)
         except ValueError as exc:
-            raise ValueError(f"{str(path)!r}: {exc}") from None
+            raise CheckpointError(f"{str(path)!r}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """A ``config.json`` dict that Hugging Face ``transformers`` also reads."""
