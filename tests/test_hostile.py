@@ -200,6 +200,20 @@ def test_a_config_nested_too_deep_is_one_clear_error(tiny_dir, tmp_path):
     assert "nests" in out["message"], out
 
 
+@pytest.mark.parametrize("bad_id", [300_000_000, -5])
+def test_vocab_json_ids_are_range_checked_before_a_table_is_built(tmp_path, bad_id):
+    from gpt2lite.tokenizers.files import bundled_gpt2_files
+
+    encoder, merges = bundled_gpt2_files()
+    vocab = json.loads(encoder.read_text(encoding="utf-8"))
+    vocab["Ġthe"] = bad_id  # " the", a token that the merges make
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    shutil.copy(merges, tmp_path / "merges.txt")
+    out = refused(f"gpt2lite.Tokenizer.from_pretrained({str(tmp_path)!r})")
+    assert out["error"] == "CheckpointError" and str(tmp_path / "vocab.json") in out["message"], out
+    assert str(bad_id) in out["message"], out
+
+
 
 # text metrics ------------------------------------------------------------------------------------------------
 

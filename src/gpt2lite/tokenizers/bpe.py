@@ -20,6 +20,7 @@ import regex
 from gpt2lite.tokenizers.files import (
     ENDOFTEXT,
     bundled_gpt2_files,
+    check_token_ids,
     find_vocab_files,
     read_vocab_files,
     write_bpe_files,
@@ -103,6 +104,7 @@ class Tokenizer:
             self._merges[ids[0] << 32 | ids[1]] = (rank, ids[2])
 
         self.special_tokens: dict[str, int] = dict(special_tokens)
+        check_token_ids({**vocab, **self.special_tokens})  # before a table as long as the largest id is built
         n_vocab = max([*vocab.values(), *self.special_tokens.values()]) + 1
         self._decoder: list[bytes | None] = [None] * n_vocab
         for token, i in vocab.items():

@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from gpt2lite.errors import CheckpointError
 from gpt2lite.io.files import atomic_write, write_json
 from gpt2lite.io.hub import resolve_files
 
@@ -25,6 +26,7 @@ __all__ = [
     "VOCAB_FILE_NAMES",
     "bundled_gpt2_files",
     "bytes_to_unicode",
+    "check_token_ids",
     "find_vocab_files",
     "parse_vocab",
     "read_vocab_files",
@@ -61,6 +63,20 @@ def bytes_to_unicode() -> dict[int, str]:
             mapping[b] = chr(256 + shifted)
             shifted += 1
     return mapping
+
+
+def check_token_ids(ids: Mapping[Any, object]) -> None:
+    """Refuse token ids that are not ints >= 0, or that would leave more rows unused than the tokens fill.
+
+    A decoding table holds a row per id up to the largest, so one id of 3e8 would
+    cost gigabytes before anything is decoded; real vocabularies number their
+    tokens from 0 with few gaps or none.
+    """
+    limit = 2 * len(ids)
+    for token, i in ids.items():
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < limit:
+            raise ValueError(f"token {token!r} has id {i!r}: the ids of {len(ids)} tokens must be ints from 0 to "
+                             f"{limit - 1} (at most as many ids unused as used)")
 
 
 def parse_vocab(
@@ -113,14 +129,21 @@ def read_vocab_files(vocab_file: str | os.PathLike[str], merges_file: str | os.P
         with open(vocab_file, encoding="utf-8") as f:
             vocab = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{str(vocab_file)!r} is not valid JSON: {exc}") from None
+        raise CheckpointError(f"{str(vocab_file)!r} is not valid JSON: {exc}") from None
+    except RecursionError:  # brackets nested past the parser's stack
+        raise CheckpointError(f"{str(vocab_file)!r} nests its JSON too deep: it should map token strings to "
+                              "ids") from None
     try:
         with open(merges_file, encoding="utf-8") as f:
             merges = f.read()
     except UnicodeDecodeError as exc:
         raise ValueError(f"{str(merges_file)!r} is not UTF-8 text: {exc}") from None
     if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
-        raise ValueError(f"{str(vocab_file)!r} should map token strings to integer ids")
+        raise CheckpointError(f"{str(vocab_file)!r} should map token strings to integer ids")
+    try:
+        check_token_ids(vocab)  # before the Tokenizer builds a table as long as the largest id
+    except ValueError as exc:
+        raise CheckpointError(f"{str(vocab_file)!r}: {exc}") from None
     return parse_vocab(vocab, merges)
 
 
