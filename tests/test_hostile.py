@@ -214,6 +214,26 @@ def test_vocab_json_ids_are_range_checked_before_a_table_is_built(tmp_path, bad_
     assert str(bad_id) in out["message"], out
 
 
+def _uer_layout(directory, vocab, **settings):
+    """A BERT vocab.txt and its tokenizer_config.json beside a tiny GPT-2 config (the Chinese GPT-2s' layout)."""
+    directory.mkdir()
+    (directory / "vocab.txt").write_text("".join(f"{t}\n" for t in vocab), encoding="utf-8")
+    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", **settings}))
+    (directory / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 64, "eos_token_id": 3}))
+    return directory
+
+
+def test_an_empty_vocab_txt_is_one_clear_error(tmp_path):
+    from gpt2lite import CheckpointError, load_tokenizer
+
+    empty = _uer_layout(tmp_path / "empty", [], sep_token="[SEP]")
+    with pytest.raises(CheckpointError, match=r"vocab\.txt' is empty"):
+        load_tokenizer(empty, 64)
+    no_unk = _uer_layout(tmp_path / "no-unk", ["[PAD]", "[SEP]", "a", "b"], sep_token="[SEP]")
+    with pytest.raises(CheckpointError, match=r"vocab.txt' lacks the unknown-text token '\[UNK\]'"):
+        load_tokenizer(no_unk, 64)
+
+
 
 # text metrics ------------------------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from gpt2lite.errors import CheckpointError
 from gpt2lite.io.files import atomic_write, read_json
 from gpt2lite.tokenizers.files import SPECIAL_KEYS, bytes_to_unicode, write_tokenizer_config
 
@@ -96,7 +97,8 @@ class HFTokenizer:
             try:
                 inner = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
             except Exception as exc:  # the library's own error type for a bad file
-                raise ValueError(f"{str(directory / 'tokenizer.json')!r} is not a tokenizers file: {exc}") from None
+                raise CheckpointError(f"{str(directory / 'tokenizer.json')!r} is not a tokenizers file: {exc}") \
+                    from None
         elif (directory / "vocab.txt").is_file():
             inner = _wordpiece(directory / "vocab.txt", settings)
         else:
@@ -206,7 +208,13 @@ def _wordpiece(vocab_file: Path, settings: Mapping[str, Any]) -> Any:
     try:
         vocab = tokenizers.models.WordPiece.read_file(str(vocab_file))
     except Exception as exc:  # the library's own error type for a bad file
-        raise ValueError(f"{str(vocab_file)!r} is not a WordPiece vocabulary: {exc}") from None
+        raise CheckpointError(f"{str(vocab_file)!r} is not a WordPiece vocabulary: {exc}") from None
+    # The library accepts these and fails only at the first encode, with an error that names no file.
+    if not vocab:
+        raise CheckpointError(f"{str(vocab_file)!r} is empty: a WordPiece vocabulary lists its tokens, one a line")
+    if unk not in vocab:
+        raise CheckpointError(f"{str(vocab_file)!r} lacks the unknown-text token {unk!r} (unk_token), which "
+                              "WordPiece needs for text outside the vocabulary")
     inner = tokenizers.Tokenizer(WordPiece(vocab, unk_token=unk))
     inner.normalizer = normalizers.BertNormalizer(
         clean_text=True, handle_chinese_chars=bool(settings.get("tokenize_chinese_chars", True)),
