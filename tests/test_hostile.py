@@ -234,6 +234,60 @@ def test_an_empty_vocab_txt_is_one_clear_error(tmp_path):
         load_tokenizer(no_unk, 64)
 
 
+def _no_end_token(tmp_path, eos):
+    """A byte-level tokenizer.json whose files name no end token, beside a config with ``eos``."""
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    inner = HFTok(models.BPE())
+    inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    inner.decoder = decoders.ByteLevel()
+    inner.train_from_iterator(["the quick brown fox"] * 20, trainers.BpeTrainer(
+        vocab_size=280, special_tokens=["<|end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    directory = tmp_path / "no-end"
+    directory.mkdir()
+    inner.save(str(directory / "tokenizer.json"))
+    (directory / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 280,
+                                                       "eos_token_id": eos}))
+    return directory
+
+
+@pytest.mark.parametrize("eos", [None, 50256])
+def test_a_tokenizer_without_an_end_token_anywhere_is_one_clear_error(tmp_path, eos):
+    from gpt2lite import CheckpointError, load_tokenizer
+
+    directory = _no_end_token(tmp_path, eos)
+    with pytest.raises(CheckpointError, match="names no end token") as caught:
+        load_tokenizer(directory, 280)
+    assert str(directory / "tokenizer.json") in str(caught.value)
+    assert str(directory / "config.json") in str(caught.value) and f"eos_token_id={eos}" in str(caught.value)
+
+
+def _char_model(tmp_path, tokenizer):
+    from gpt2lite import GPT2Config
+
+    torch.manual_seed(0)
+    config = GPT2Config.from_preset("tiny", vocab_size=tokenizer.n_vocab, eos_token_id=tokenizer.eot_token)
+    return save_model(GPT2(config), tmp_path / "char-model", tokenizer=tokenizer)
+
+
+def test_a_character_vocabulary_of_another_model_is_refused(tmp_path):
+    from gpt2lite import CharTokenizer, CheckpointError, TextGenerator, load_tokenizer
+
+    own = CharTokenizer.from_texts(["hello world"])
+    directory = _char_model(tmp_path, own)
+    assert load_tokenizer(directory, own.n_vocab).chars == own.chars
+    CharTokenizer.from_texts(["a larger alphabet: xyz"]).save(directory)  # another size
+    with pytest.raises(CheckpointError, match="vocab_size") as caught:
+        TextGenerator.from_pretrained(directory)
+    assert str(directory / "char_vocab.json") in str(caught.value)
+    assert str(directory / "config.json") in str(caught.value)
+    own.save(directory)
+    _edit_config(directory, eos_token_id=2)  # the same size, another end token
+    with pytest.raises(CheckpointError, match="eos_token_id=2"):
+        load_tokenizer(directory, own.n_vocab)
+
+
 
 # text metrics ------------------------------------------------------------------------------------------------
 

@@ -229,6 +229,45 @@ def test_the_character_vocabulary_has_a_name_of_its_own(tmp_path):
     assert load_tokenizer(tmp_path, tok.n_vocab).encode("hold") == tok.encode("hold")
 
 
+def test_a_tokenizer_json_without_an_end_token_ends_where_transformers_does(tmp_path):
+    """No eos_token in the tokenizer's files: generation ends at config.json's eos_token_id, as transformers' does."""
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    inner = HFTok(models.BPE())
+    inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    inner.decoder = decoders.ByteLevel()
+    corpus = ["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine"] * 50
+    inner.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|end|>"],
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    directory = tmp_path / "no-eos"
+    directory.mkdir()
+    inner.save(str(directory / "tokenizer.json"))
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"))
+    assert hf_tok.eos_token is None
+    prompt = "the quick brown"
+    ids = torch.tensor([hf_tok.encode(prompt, add_special_tokens=False)])
+    mask = torch.ones_like(ids)
+    model = _hf(vocab_size=inner.get_vocab_size(), bos_token_id=None, eos_token_id=None)
+    # A random model repeats one token; banning repeats (in both libraries) makes every step differ.
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                          eos_token_id=None, no_repeat_ngram_size=1)[0, ids.shape[1] :].tolist()
+    step = 4  # the end token: the one greedy decoding reaches at step 4 (and not before)
+    assert free[step] not in free[:step]
+    model.config.eos_token_id = free[step]
+    model.save_pretrained(directory)
+    (directory / "generation_config.json").unlink()  # transformers then takes the eos from config.json
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    expected = theirs.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                               no_repeat_ngram_size=1)[0, ids.shape[1] :].tolist()
+    assert expected == free[: step + 1]
+    gen = TextGenerator.from_pretrained(directory, prepack=False)
+    assert gen.tokenizer.eot_token == free[step]
+    completion = gen.complete(prompt, max_new_tokens=12, temperature=0, no_repeat_ngram_size=1)[0]
+    assert [*completion.token_ids, free[step]] == expected and completion.finish_reason == "stop"
+    assert completion.text == hf_tok.decode(expected[:-1], skip_special_tokens=True)
+
+
 # out: what gpt2lite saves, others read -------------------------------------------------------------------
 
 

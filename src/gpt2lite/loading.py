@@ -14,12 +14,12 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from gpt2lite.errors import ModelNotFoundError
+from gpt2lite.errors import CheckpointError, ModelNotFoundError
 from gpt2lite.io.files import read_json, write_json
 from gpt2lite.io.hub import HUB_ALIASES, resolve_files
 from gpt2lite.models.classifier import GPT2ForSequenceClassification
@@ -27,7 +27,7 @@ from gpt2lite.models.gpt2 import GPT2
 from gpt2lite.models.recurrent import RecurrentLM, is_recurrent_checkpoint
 from gpt2lite.models.weights import resolve_dtype
 from gpt2lite.tokenizers.bpe import Tokenizer
-from gpt2lite.tokenizers.char import CharTokenizer
+from gpt2lite.tokenizers.char import CHAR_TOKENIZER_FILE, CharTokenizer
 from gpt2lite.tokenizers.hf import HFTokenizer
 from gpt2lite.tokenizers.protocol import TokenizerProtocol
 from gpt2lite.transforms.lora import has_lora, merge_lora
@@ -160,6 +160,7 @@ def load_tokenizer(
     if os.path.isdir(name_or_path):
         chars = CharTokenizer.load(name_or_path)
         if chars is not None:
+            _check_characters(chars, Path(name_or_path))
             return chars
     if gpt2_vocab and (str(name_or_path) in HUB_ALIASES or os.path.isfile(name_or_path)):
         return Tokenizer.gpt2()  # the published GPT-2 models all use these exact files
@@ -177,7 +178,15 @@ def load_tokenizer(
         for extra in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
             with contextlib.suppress(ModelNotFoundError):  # fetched from the hub beside it, when there
                 resolve_files(name_or_path, [(extra,)], what=extra, **hub)
-        return HFTokenizer.from_directory(found.parent)
+        config_file, config = _model_settings(name_or_path, **hub)
+        eos = config.get("eos_token_id")
+        hf = HFTokenizer.from_directory(found.parent, eos_token_id=eos)
+        if hf.eot_token is None:
+            beside = (f"{str(config_file)!r} has eos_token_id={eos!r}, not one of its {hf.n_vocab} token ids"
+                      if config_file is not None else "no config.json beside it has an eos_token_id")
+            raise CheckpointError(f"{str(found)!r} names no end token (eos_token, sep_token or pad_token in "
+                                  f"tokenizer_config.json) and {beside}: nothing could end a text or a document")
+        return hf
     if bpe is not None:
         return bpe
     if gpt2_vocab:
@@ -185,6 +194,40 @@ def load_tokenizer(
     raise ModelNotFoundError(f"{str(name_or_path)!r} holds no tokenizer files (char_vocab.json, tokenizer.json, "
                              "vocab.txt, vocab.json + merges.txt) for its vocabulary of "
                              f"{vocab_size} tokens")
+
+
+def _model_settings(name_or_path: str | os.PathLike[str], **hub: Any) -> tuple[Path | None, dict[str, Any]]:
+    """The ``config.json`` beside a tokenizer and its settings; (None, {}) where there is none."""
+    if os.path.isfile(name_or_path):
+        return None, {}
+    try:
+        (path,) = resolve_files(name_or_path, [("config.json",)], what="config.json", **hub)
+    except ModelNotFoundError:
+        return None, {}
+    settings = read_json(path)
+    return path, settings if isinstance(settings, dict) else {}
+
+
+def _check_characters(chars: CharTokenizer, directory: Path) -> None:
+    """Refuse a character vocabulary that is not the one the model beside it was trained with.
+
+    Its ids are positions in a list of characters: another list of the same
+    characters decodes the model's tokens into other text, and a shorter one
+    turns the model's end token into a character, so that text ends at once.
+    """
+    config_file, config = _model_settings(directory)
+    if config_file is None:
+        return  # a vocabulary on its own (a training run's tokenizer folder)
+    source = directory / CHAR_TOKENIZER_FILE
+    if not source.is_file():
+        source = directory / "tokenizer.json"  # the name earlier versions wrote
+    size, eos = config.get("vocab_size"), config.get("eos_token_id")
+    if isinstance(size, int) and size != chars.n_vocab:
+        raise CheckpointError(f"{str(source)!r} holds {len(chars.chars)} characters and an end token, but the model "
+                              f"in {str(config_file)!r} has vocab_size={size}: the vocabulary is another model's")
+    if isinstance(eos, int) and eos != chars.eot_token:
+        raise CheckpointError(f"{str(source)!r} ends texts with token {chars.eot_token}, but the model in "
+                              f"{str(config_file)!r} has eos_token_id={eos}: the vocabulary is another model's")
 
 
 def load_chat_template(

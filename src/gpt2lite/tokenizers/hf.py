@@ -58,8 +58,13 @@ class HFTokenizer:
     ([2, 3], 1)
     """
 
-    def __init__(self, tokenizer: Any, special: Mapping[str, object] | None = None) -> None:
-        """Wrap a loaded ``tokenizers.Tokenizer``; ``special`` maps ``eos_token``, ``sep_token`` ... to their text."""
+    def __init__(self, tokenizer: Any, special: Mapping[str, object] | None = None, *,
+                 eos_token_id: int | None = None) -> None:
+        """Wrap a loaded ``tokenizers.Tokenizer``; ``special`` maps ``eos_token``, ``sep_token`` ... to their text.
+
+        ``eos_token_id`` is the end token where ``special`` names none (None there
+        too, or an id outside the vocabulary: ``eot_token`` is None).
+        """
         self._tok = tokenizer
         self.special = {k: t for k in SPECIAL_KEYS if (t := _token_text((special or {}).get(k))) is not None}
         added = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
@@ -68,6 +73,10 @@ class HFTokenizer:
         self.n_vocab = tokenizer.get_vocab_size(with_added_tokens=True)
         end = next((self.special[k] for k in _END_TOKENS if k in self.special), None)
         self.eot_token = self.special_tokens.get(end)  # type: ignore[arg-type]
+        if self.eot_token is None and isinstance(eos_token_id, int) and not isinstance(eos_token_id, bool) \
+                and 0 <= eos_token_id < self.n_vocab and tokenizer.id_to_token(eos_token_id) is not None:
+            # transformers' generate ends at the model's eos_token_id, whatever the tokenizer names.
+            self.eot_token = eos_token_id
         vocab = tokenizer.get_vocab(with_added_tokens=True)
         self.max_token_bytes = max((len(t.encode("utf-8")) for t in vocab), default=1)
         # A copy that matches special-token strings in text as tokens, for allowed_special.
@@ -80,9 +89,12 @@ class HFTokenizer:
     # construction from files -------------------------------------------------
 
     @classmethod
-    def from_directory(cls, directory: str | os.PathLike[str]) -> HFTokenizer:
+    def from_directory(cls, directory: str | os.PathLike[str], *, eos_token_id: int | None = None) -> HFTokenizer:
         """Read ``tokenizer.json``, else a BERT ``vocab.txt``, with ``tokenizer_config.json`` and
-        ``special_tokens_map.json`` for the special tokens (and ``added_tokens.json``)."""
+        ``special_tokens_map.json`` for the special tokens (and ``added_tokens.json``).
+
+        ``eos_token_id`` (the model's, from its ``config.json``) is the end token where those files name none.
+        """
         tokenizers = _library()
         directory = Path(directory)
         settings: dict[str, Any] = {}
@@ -109,7 +121,7 @@ class HFTokenizer:
             if not isinstance(extra, dict) or not all(isinstance(v, int) for v in extra.values()):
                 raise ValueError(f"{str(added)!r} must map token strings to ids")
             inner.add_special_tokens([t for t, _ in sorted(extra.items(), key=lambda kv: kv[1])])
-        return cls(inner, settings)
+        return cls(inner, settings, eos_token_id=eos_token_id)
 
     # the tokenizer protocol --------------------------------------------------
 
