@@ -229,6 +229,34 @@ def test_the_character_vocabulary_has_a_name_of_its_own(tmp_path):
     assert load_tokenizer(tmp_path, tok.n_vocab).encode("hold") == tok.encode("hold")
 
 
+def test_text_leaves_special_tokens_out_as_transformers_pipeline_does(tmp_path):
+    directory, _ = _uer_checkpoint(tmp_path)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(directory)
+    gen = TextGenerator.from_pretrained(directory, prepack=False)
+    special = gen.tokenizer.special_tokens
+    start = len(gen.tokenizer.encode(CHINESE))
+    forced = {0: special["[CLS]"], 2: special["[UNK]"], 3: special["[UNK]"], 5: special["[SEP]"]}
+
+    def force(tokens, logits):  # these special tokens at these steps, the model's choice elsewhere
+        want = forced.get(tokens.shape[1] - start)
+        if want is None:
+            return logits
+        out = torch.full_like(logits, -1e4)
+        out[:, want] = 0
+        return out
+
+    options = dict(max_new_tokens=8, temperature=0, ignore_eos=True, logits_processor=force)
+    completion = gen.complete(CHINESE, **options)[0]
+    ids = completion.token_ids
+    assert [ids[step] for step in forced] == list(forced.values())
+    assert completion.text == hf_tok.decode(ids, skip_special_tokens=True)
+    assert not any(t in completion.text for t in ("[CLS]", "[UNK]", "[SEP]"))
+    assert "".join(gen.stream(CHINESE, **options)) == completion.text
+    assert gen(CHINESE, **options) == completion.text
+    # The token API decodes the ids it is given, special tokens included, as transformers' decode does.
+    assert gen.tokenizer.decode(ids) == hf_tok.decode(ids) and "[UNK]" in gen.tokenizer.decode(ids)
+
+
 def test_a_tokenizer_json_without_an_end_token_ends_where_transformers_does(tmp_path):
     """No eos_token in the tokenizer's files: generation ends at config.json's eos_token_id, as transformers' does."""
     from tokenizers import Tokenizer as HFTok

@@ -34,10 +34,16 @@ class Completion:
 class TextAssembler:
     """The text of one row as tokens arrive; ``take()`` hands out the text that is final."""
 
-    def __init__(self, tokenizer: TokenizerProtocol, stops: list[str], eos: int | None) -> None:
-        """Start an empty text; ``stops`` are stop strings, ``eos`` the token that ends the text (None: none)."""
+    def __init__(self, tokenizer: TokenizerProtocol, stops: list[str], eos: int | None, *,
+                 skip_special: bool = False) -> None:
+        """Start an empty text; ``stops`` are stop strings, ``eos`` the token that ends the text (None: none).
+
+        ``skip_special`` leaves special tokens' text out of ``text`` (their ids stay in ``ids``).
+        """
         self.tokenizer = tokenizer
-        self.decoder = tokenizer.stream_decoder()
+        # The keyword only when asked: a tokenizer of the caller's own may predate it.
+        self.decoder = tokenizer.stream_decoder(skip_special_tokens=True) if skip_special \
+            else tokenizer.stream_decoder()
         self.stops = stops
         self.hold = max(map(len, stops), default=1) - 1  # characters that could start a stop string
         self.eos = eos
@@ -45,6 +51,7 @@ class TextAssembler:
         self.taken = 0  # text[:taken] was handed out by take()
         self.done = False
         self.reason = "length"
+        self.cut = False  # a stop string cut the text
         self.ids: list[int] = []
         self.starts: list[int] = []  # where each token's text begins in `text`
         self.logprobs: list[float] = []
@@ -80,8 +87,9 @@ class TextAssembler:
     def result(self) -> Completion:
         """The finished ``Completion``."""
         self.finish()
-        # Tokens whose text starts past a stop string's cut are not part of the completion.
-        n = sum(1 for s in self.starts if s < len(self.text)) if self.reason == "stop" else len(self.ids)
+        # Tokens whose text starts past a stop string's cut are not part of the completion (a skipped
+        # special token before the end token has no text, but is).
+        n = sum(1 for s in self.starts if s < len(self.text)) if self.cut else len(self.ids)
         return Completion(
             text=self.text, token_ids=self.ids[:n], tokens=[self.tokenizer.decode([t]) for t in self.ids[:n]],
             logprobs=self.logprobs[:n], top_logprobs=self.tops[:n], finish_reason=self.reason,
@@ -97,4 +105,4 @@ class TextAssembler:
             self.text = self.text[: min(hits)]
             self.taken = min(self.taken, len(self.text))
             self.reason = "stop"
-            self.done = True
+            self.cut = self.done = True

@@ -290,7 +290,8 @@ class TextGenerator:
             raise ValueError("stop must be a non-empty str or a list of non-empty str")
         eos = None if opts.ignore_eos else opts.eos_token_id
         n = opts.num_return_sequences
-        return [TextAssembler(self.tokenizer, stops, eos) for _ in range(len(prompts) * n)]
+        # Text leaves special tokens out, as transformers' text-generation pipeline does ([SEP], [UNK]).
+        return [TextAssembler(self.tokenizer, stops, eos, skip_special=True) for _ in range(len(prompts) * n)]
 
     def _encode(self, prompts: list[str], opts: GenerationOptions,
                 allowed_special: Literal["all"] | Sequence[str] = ()) -> tuple[torch.Tensor, torch.Tensor]:

@@ -382,9 +382,9 @@ class Tokenizer:
         if not 0 <= i < self.n_vocab or self._decoder[i] is None:
             raise ValueError(f"token id {i} is outside the vocabulary (valid ids: 0..{self.n_vocab - 1})")
 
-    def stream_decoder(self) -> StreamDecoder:
-        """A fresh incremental decoder that turns tokens into text at UTF-8 boundaries."""
-        return StreamDecoder(self)
+    def stream_decoder(self, *, skip_special_tokens: bool = False) -> StreamDecoder:
+        """A fresh incremental decoder that turns tokens into text at UTF-8 boundaries (special tokens left out)."""
+        return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
 
 
 def _replace_lone_surrogates(text: str) -> str:

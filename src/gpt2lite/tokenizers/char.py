@@ -87,9 +87,9 @@ class CharTokenizer:
         """The text of the tokens."""
         return self.decode_bytes(ids).decode("utf-8")
 
-    def stream_decoder(self) -> StreamDecoder:
+    def stream_decoder(self, *, skip_special_tokens: bool = False) -> StreamDecoder:
         """An incremental decoder (see ``StreamDecoder``)."""
-        return StreamDecoder(self)
+        return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``char_vocab.json`` into ``directory``; return the directory."""

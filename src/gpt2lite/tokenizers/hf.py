@@ -169,9 +169,9 @@ class HFTokenizer:
         except KeyError:  # an added token written as plain text
             return piece.encode("utf-8")
 
-    def stream_decoder(self) -> _HFStream:
-        """An incremental decoder that yields text only at whole characters."""
-        return _HFStream(self)
+    def stream_decoder(self, *, skip_special_tokens: bool = False) -> _HFStream:
+        """An incremental decoder that yields text only at whole characters (special tokens left out)."""
+        return _HFStream(self, skip_special_tokens=skip_special_tokens)
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``tokenizer.json`` and ``tokenizer_config.json`` (transformers' ``AutoTokenizer`` reads them)."""
@@ -195,15 +195,18 @@ class HFTokenizer:
 class _HFStream:
     """Tokens in, text out at whole characters, through ``tokenizers``' ``DecodeStream``."""
 
-    def __init__(self, tokenizer: HFTokenizer) -> None:
+    def __init__(self, tokenizer: HFTokenizer, *, skip_special_tokens: bool = False) -> None:
         from tokenizers.decoders import DecodeStream
 
         self._owner = tokenizer
         self._stream = DecodeStream(skip_special_tokens=False)
+        # Ours, not the library's flag: transformers also skips the tokens tokenizer_config.json names.
+        self._skip = frozenset(tokenizer.special_tokens.values()) if skip_special_tokens else frozenset()
 
     def add(self, token: int) -> str:
         """Take one token; return the text that is now complete (maybe empty)."""
-        return self._stream.step(self._owner._tok, self._owner._check_id(int(token))) or ""
+        token = self._owner._check_id(int(token))
+        return "" if token in self._skip else self._stream.step(self._owner._tok, token) or ""
 
     def flush(self) -> str:
         """End the stream (the library holds back nothing that a later token could not complete)."""

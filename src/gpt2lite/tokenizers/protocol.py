@@ -41,8 +41,8 @@ class TokenizerProtocol(Protocol):
         """The UTF-8 bytes of one token (possibly part of a character); an unknown id is a ValueError."""
         ...
 
-    def stream_decoder(self) -> StreamDecoder:
-        """A fresh incremental decoder (``add(token) -> text``, ``flush() -> text``)."""
+    def stream_decoder(self, *, skip_special_tokens: bool = False) -> StreamDecoder:
+        """A fresh incremental decoder (``add(token) -> text``, ``flush() -> text``), maybe without special tokens."""
         ...
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
@@ -57,14 +57,19 @@ class StreamDecoder:
     bytes that can never form valid UTF-8 come out as U+FFFD.
     """
 
-    def __init__(self, tokenizer: TokenizerProtocol) -> None:
-        """Start an empty stream for ``tokenizer``."""
+    def __init__(self, tokenizer: TokenizerProtocol, *, skip_special_tokens: bool = False) -> None:
+        """Start an empty stream for ``tokenizer``; ``skip_special_tokens`` leaves their text out."""
         self._tokenizer = tokenizer
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._skip = frozenset(tokenizer.special_tokens.values()) if skip_special_tokens else frozenset()
 
     def add(self, token: int) -> str:
         """Take one token; return the text that is now complete (maybe empty)."""
-        return self._utf8.decode(self._tokenizer.decode_token_bytes(int(token)))
+        token = int(token)
+        if token in self._skip:
+            self._tokenizer.decode_token_bytes(token)  # an id outside the vocabulary is still an error
+            return ""
+        return self._utf8.decode(self._tokenizer.decode_token_bytes(token))
 
     def flush(self) -> str:
         """End the stream: return what is held back (U+FFFD for an unfinished character)."""
