@@ -263,6 +263,20 @@ def test_a_tokenizer_without_an_end_token_anywhere_is_one_clear_error(tmp_path, 
     assert str(directory / "config.json") in str(caught.value) and f"eos_token_id={eos}" in str(caught.value)
 
 
+def test_a_chat_template_that_is_not_utf8_stops_chat_only(tiny_dir, tmp_path):
+    from gpt2lite import CheckpointError, TextGenerator
+    from gpt2lite.loading import load_chat_template
+
+    m = _copy(tiny_dir, tmp_path)
+    (m / "chat_template.jinja").write_bytes(b"{% for m in messages %}\xff\xfe{{ m.content }}{% endfor %}")
+    with pytest.raises(CheckpointError, match=r"chat_template\.jinja' is not UTF-8"):
+        load_chat_template(m)
+    gen = TextGenerator.from_pretrained(m, prepack=False)
+    assert isinstance(gen("Hello", max_new_tokens=3, seed=0), str)  # plain generation does not need it
+    with pytest.raises(CheckpointError, match=r"chat_template\.jinja' is not UTF-8"):
+        gen.chat([{"role": "user", "content": "Hi"}], max_new_tokens=3)
+
+
 def _char_model(tmp_path, tokenizer):
     from gpt2lite import GPT2Config
 

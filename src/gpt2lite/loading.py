@@ -249,15 +249,18 @@ def load_chat_template(
         except ModelNotFoundError:
             continue
         if name.endswith(".jinja"):
-            return path.read_text(encoding="utf-8")
+            try:
+                return path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise CheckpointError(f"{str(path)!r} is not UTF-8 text: {exc}") from None
         settings = read_json(path)
         if not isinstance(settings, dict):
-            raise ValueError(f"{str(path)!r} holds a JSON {type(settings).__name__}, not an object of settings")
+            raise CheckpointError(f"{str(path)!r} holds a JSON {type(settings).__name__}, not an object of settings")
         template = settings.get("chat_template")
         if isinstance(template, list):
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
         if template is not None and not isinstance(template, str):
-            raise ValueError(f"{str(path)!r}: chat_template must be a string or a list of named templates")
+            raise CheckpointError(f"{str(path)!r}: chat_template must be a string or a list of named templates")
         return template
     return None

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from gpt2lite.errors import CheckpointError
 from gpt2lite.generation.batching import left_pad
 from gpt2lite.generation.decode import generate, iter_steps
 from gpt2lite.generation.options import GenerationKwargs, GenerationOptions
@@ -50,6 +51,7 @@ class TextGenerator:
         self.chat_template = chat_template
         self.name = name
         self._chat: ChatTemplate | None = None
+        self._chat_error: str | None = None  # why the model's chat template could not be read
 
     @classmethod
     def from_pretrained(
@@ -86,7 +88,13 @@ class TextGenerator:
         model = load_model(name_or_path, device=device, dtype=dtype, quantize=quantize, adapter=adapter,
                            merge_adapter=True, prepack=prepack, **hub)
         tokenizer = load_tokenizer(name_or_path, model.config.vocab_size, **hub)
-        return cls(model, tokenizer, chat_template=load_chat_template(name_or_path, **hub), name=str(name_or_path))
+        try:
+            template, error = load_chat_template(name_or_path, **hub), None
+        except CheckpointError as exc:
+            template, error = None, str(exc)  # a broken template stops chat only, not plain generation
+        generator = cls(model, tokenizer, chat_template=template, name=str(name_or_path))
+        generator._chat_error = error
+        return generator
 
     def __call__(
         self,
@@ -193,6 +201,8 @@ class TextGenerator:
         The model's chat template renders it; without one, each turn's text is
         followed by the end token (DialoGPT's convention).
         """
+        if self._chat_error is not None:
+            raise CheckpointError(self._chat_error)
         if self._chat is None:
             self._chat = ChatTemplate.for_tokenizer(self.chat_template, self.tokenizer)
         return self._chat.render(messages)
