@@ -302,6 +302,19 @@ def test_a_character_vocabulary_of_another_model_is_refused(tmp_path):
         load_tokenizer(directory, own.n_vocab)
 
 
+@pytest.mark.parametrize(("settings", "named"), [
+    ({"top_p": 5}, "top_p"), ({"do_sample": "yes"}, "do_sample"), ({"do_sample": True, "num_beams": 4}, "num_beams"),
+    ({"max_new_tokens": -1}, "max_new_tokens"), ([1, 2], "list"),
+])
+def test_a_bad_generation_config_is_one_clear_error(tiny_dir, tmp_path, settings, named):
+    from gpt2lite import CheckpointError, TextGenerator
+
+    m = _copy(tiny_dir, tmp_path)
+    (m / "generation_config.json").write_text(json.dumps(settings))
+    with pytest.raises(CheckpointError, match=named) as caught:
+        TextGenerator.from_pretrained(m, prepack=False)
+    assert str(m / "generation_config.json") in str(caught.value)
+
 
 # text metrics ------------------------------------------------------------------------------------------------
 

@@ -370,3 +370,35 @@ def test_gpt2_config_from_the_preset_round_trips(tmp_path):
     config = GPT2Config.from_preset("tiny", tie_word_embeddings=False, scale_attn_by_inverse_layer_idx=True)
     GPT2(config).save_pretrained(tmp_path)
     assert load_model(tmp_path).config == config
+
+
+def test_generation_config_sampling_settings_are_the_default_options(tiny_dir, tmp_path):
+    from gpt2lite import GenerationOptions, save_model
+
+    m = tmp_path / "m"
+    shutil.copytree(tiny_dir, m)
+    transformers.GenerationConfig(do_sample=False, max_new_tokens=9, repetition_penalty=1.5,
+                                  no_repeat_ngram_size=2).save_pretrained(m)
+    gen = TextGenerator.from_pretrained(m, prepack=False)
+    assert gen.defaults == GenerationOptions(temperature=0.0, max_new_tokens=9, repetition_penalty=1.5,
+                                             no_repeat_ngram_size=2)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(m).eval()
+    prompt = "The quick brown fox"
+    ids = torch.tensor([gen.tokenizer.encode(prompt)])
+    expected = theirs.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=50256)[0, ids.shape[1] :]
+    assert gen.complete(prompt)[0].token_ids == expected.tolist() and len(expected) == 9
+    assert gen(prompt) == gen.tokenizer.decode(expected.tolist())
+    # Keywords apply on top of the defaults; an options object given by the caller replaces them.
+    assert gen.complete(prompt, max_new_tokens=4)[0].token_ids == expected[:4].tolist()
+    assert len(gen.complete(prompt, GenerationOptions(max_new_tokens=3, seed=0))[0].token_ids) == 3
+    transformers.GenerationConfig(do_sample=True, temperature=0.7, top_k=20, top_p=0.9).save_pretrained(m)
+    assert TextGenerator.from_pretrained(m, prepack=False).defaults == GenerationOptions(temperature=0.7, top_k=20,
+                                                                                          top_p=0.9)
+    transformers.GenerationConfig(num_beams=3, early_stopping=True).save_pretrained(m)  # beam search is greedy
+    assert TextGenerator.from_pretrained(m, prepack=False).defaults == GenerationOptions(
+        temperature=0.0, num_beams=3, early_stopping=True)
+    # What save_model writes (token ids only) changes nothing.
+    saved = save_model(GPT2.from_pretrained(tiny_dir), tmp_path / "saved")
+    assert set(json.loads((saved / "generation_config.json").read_text())) <= {"bos_token_id", "eos_token_id",
+                                                                               "pad_token_id"}
+    assert TextGenerator.from_pretrained(saved, prepack=False).defaults == GenerationOptions()

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from gpt2lite.errors import CheckpointError, ModelNotFoundError
+from gpt2lite.generation.options import GenerationOptions
 from gpt2lite.io.files import read_json, write_json
 from gpt2lite.io.hub import HUB_ALIASES, resolve_files
 from gpt2lite.models.classifier import GPT2ForSequenceClassification
@@ -37,7 +38,7 @@ from gpt2lite.transforms.peft import adapter_base, adapter_labels, load_adapter,
 from gpt2lite.transforms.quantize import QUANTIZE_MODES, QuantizeMode, is_quantized
 from gpt2lite.transforms.quantize import quantize as quantize_model
 
-__all__ = ["ModelKind", "load_chat_template", "load_model", "load_tokenizer", "save_model"]
+__all__ = ["ModelKind", "load_chat_template", "load_generation_defaults", "load_model", "load_tokenizer", "save_model"]
 
 ModelKind = Literal["lm", "classifier"]
 
@@ -264,3 +265,48 @@ def load_chat_template(
             raise CheckpointError(f"{str(path)!r}: chat_template must be a string or a list of named templates")
         return template
     return None
+
+
+# generation_config.json's fields that GenerationOptions has under the same names and meaning. The token
+# ids (eos, pad, bos) stay the tokenizer's, as before, and num_return_sequences is left out: it would turn
+# every call's one text into a list.
+_GENERATION_FIELDS = ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "min_p", "typical_p",
+                      "epsilon_cutoff", "eta_cutoff", "repetition_penalty", "no_repeat_ngram_size", "num_beams",
+                      "length_penalty", "early_stopping", "bad_words_ids")
+
+
+def load_generation_defaults(
+    name_or_path: str | os.PathLike[str], *, revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None, local_files_only: bool = False,
+) -> GenerationOptions:
+    """The decoding defaults of a model's ``generation_config.json``, as transformers' ``generate`` takes them.
+
+    Only the fields the file holds change ``GenerationOptions()``: ``temperature``,
+    ``top_k``, ``top_p``, ``max_new_tokens``, ``repetition_penalty``, ``num_beams`` ...;
+    ``do_sample: false``, or beam search without ``do_sample``, decodes greedily
+    (temperature 0). A file of token ids only (what ``save_model`` writes) changes nothing.
+    """
+    hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    if os.path.isfile(name_or_path):
+        return GenerationOptions()  # a bare weights file has nothing beside it
+    try:
+        (path,) = resolve_files(name_or_path, [("generation_config.json",)], what="generation_config.json", **hub)
+    except ModelNotFoundError:
+        return GenerationOptions()
+    settings = read_json(path)
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{str(path)!r} holds a JSON {type(settings).__name__}, not an object of settings")
+    changes = {k: settings[k] for k in _GENERATION_FIELDS if settings.get(k) is not None}
+    sample, beams = settings.get("do_sample"), changes.get("num_beams", 1)
+    if sample is not None and not isinstance(sample, bool):
+        raise CheckpointError(f"{str(path)!r}: do_sample must be true or false, got {sample!r}")
+    beam_search = isinstance(beams, int) and beams > 1
+    if sample is True and beam_search:
+        raise CheckpointError(f"{str(path)!r}: do_sample with num_beams={beams} is beam sampling, which gpt2lite "
+                              "does not do; set do_sample to false or num_beams to 1")
+    if sample is False or (sample is None and beam_search):
+        changes["temperature"] = 0.0  # transformers samples only with do_sample: true (its default is false)
+    try:
+        return GenerationOptions(**changes)
+    except ValueError as exc:
+        raise CheckpointError(f"{str(path)!r}: {exc}") from None

@@ -12,7 +12,7 @@ from gpt2lite.errors import CheckpointError
 from gpt2lite.generation.batching import left_pad
 from gpt2lite.generation.decode import generate, iter_steps
 from gpt2lite.generation.options import GenerationKwargs, GenerationOptions
-from gpt2lite.loading import load_chat_template, load_model, load_tokenizer
+from gpt2lite.loading import load_chat_template, load_generation_defaults, load_model, load_tokenizer
 from gpt2lite.models.protocol import DecoderModel
 from gpt2lite.text.assembler import Completion, TextAssembler
 from gpt2lite.text.chat import ChatTemplate
@@ -36,11 +36,12 @@ class TextGenerator:
     """
 
     def __init__(self, model: DecoderModel, tokenizer: TokenizerProtocol, *, chat_template: str | None = None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, defaults: GenerationOptions | None = None) -> None:
         """Pair a loaded model with the tokenizer its vocabulary was built with.
 
         ``chat_template`` is the model's Jinja chat template (None: DialoGPT's
-        convention, see ``gpt2lite.text.chat``); ``name`` is where it came from.
+        convention, see ``gpt2lite.text.chat``); ``name`` is where it came from;
+        ``defaults`` are the options of a call given no options object (keywords still apply on top).
         """
         if tokenizer.n_vocab > model.config.vocab_size:
             raise ValueError(
@@ -50,6 +51,7 @@ class TextGenerator:
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.name = name
+        self.defaults = defaults if defaults is not None else GenerationOptions()
         self._chat: ChatTemplate | None = None
         self._chat_error: str | None = None  # why the model's chat template could not be read
 
@@ -82,17 +84,19 @@ class TextGenerator:
         (``tokenizer.json``, a BERT ``vocab.txt``) goes through Hugging Face's ``tokenizers``.
 
         Where no tokenizer files are found beside a model with GPT-2's 50257-token
-        vocabulary, the GPT-2 tokenizer bundled with the package is used.
+        vocabulary, the GPT-2 tokenizer bundled with the package is used. The sampling
+        settings of a ``generation_config.json`` become ``defaults``, as transformers uses them.
         """
         hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
         model = load_model(name_or_path, device=device, dtype=dtype, quantize=quantize, adapter=adapter,
                            merge_adapter=True, prepack=prepack, **hub)
         tokenizer = load_tokenizer(name_or_path, model.config.vocab_size, **hub)
+        defaults = load_generation_defaults(name_or_path, **hub)
         try:
             template, error = load_chat_template(name_or_path, **hub), None
         except CheckpointError as exc:
             template, error = None, str(exc)  # a broken template stops chat only, not plain generation
-        generator = cls(model, tokenizer, chat_template=template, name=str(name_or_path))
+        generator = cls(model, tokenizer, chat_template=template, name=str(name_or_path), defaults=defaults)
         generator._chat_error = error
         return generator
 
@@ -269,8 +273,9 @@ class TextGenerator:
         self, options: GenerationOptions | None, overrides: dict[str, Any], bad_words: Sequence[str] | None,
         where: str,
     ) -> GenerationOptions:
-        """``text_options`` of the options object with keyword ``overrides`` applied."""
-        return self.text_options(GenerationOptions.build(options, overrides, where), bad_words)
+        """``text_options`` of the options object (else ``defaults``) with keyword ``overrides`` applied."""
+        base = options if options is not None else self.defaults
+        return self.text_options(GenerationOptions.build(base, overrides, where), bad_words)
 
     def text_options(self, opts: GenerationOptions, bad_words: Sequence[str] | None = None) -> GenerationOptions:
         """``opts`` as the text API (and the server) decode with them.
