@@ -127,6 +127,7 @@ def _write_keyword_data(path, n=160, seed=0):
     return rows
 
 
+@pytest.mark.slow
 def test_training_a_classifier_through_the_one_trainer(tmp_path):
     rows = _write_keyword_data(tmp_path / "train.jsonl")
     data = load_labeled(tmp_path / "train.jsonl", labels=list(LABELS), val_fraction=0.25)
@@ -151,6 +152,7 @@ def test_training_a_classifier_through_the_one_trainer(tmp_path):
     assert one.label in LABELS and sum(one.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_classifier_resume_continues_exactly(tmp_path):
     _write_keyword_data(tmp_path / "train.jsonl", n=80)
     data = load_labeled(tmp_path / "train.jsonl", val_fraction=0.25)

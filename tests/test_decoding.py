@@ -47,6 +47,7 @@ def test_beam_search_equals_transformers_tiny(tiny, hf_tiny, num_beams, length_p
     assert torch.equal(ours, hf_generate(hf_tiny, ids, mask, **kw))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("num_beams", "length_penalty", "early_stopping"),
                          [(3, 1.0, False), (4, 0.7, True), (2, 1.5, "never")])
 def test_beam_search_equals_transformers_124m(model_124m, hf_124m, num_beams, length_penalty, early_stopping):
@@ -72,6 +73,7 @@ def test_beam_search_output_scores_and_reasons(tiny, hf_tiny):
     assert out.finish_reason == ["stop" if eos in row else "length" for row in new.tolist()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kw",
     [
@@ -95,6 +97,7 @@ def test_greedy_controls_equal_transformers(model_124m, hf_124m, kw):
     assert torch.equal(ours, hf_generate(hf_124m, ids, mask, max_new_tokens=12, eos_token_id=eos, **kw))
 
 
+@pytest.mark.slow
 def test_logprobs_equal_transformers_raw_logits(model_124m, hf_124m):
     ids, mask = batch([7, 19, 1, 12], seed=4)
     out = generate(model_124m, ids, attention_mask=mask, temperature=0, max_new_tokens=8, ignore_eos=True,

@@ -106,6 +106,7 @@ def test_compiled_step_matches_eager_with_padding(tiny, monkeypatch):
     assert torch.equal(static, eager)
 
 
+@pytest.mark.slow
 def test_compiled_step_really_compiles_on_cpu(tiny):
     """torch.compile (inductor, on the CPU here) traces the static step in one graph; same tokens as eager."""
     ids = torch.tensor(random_prompts([5, 5], seed=11))
@@ -113,6 +114,7 @@ def test_compiled_step_really_compiles_on_cpu(tiny):
     assert torch.equal(compiled, generate(tiny, ids, max_new_tokens=6, temperature=0, ignore_eos=True))
 
 
+@pytest.mark.slow
 def test_compiling_many_models_in_one_process_never_hits_dynamos_graph_limit(tiny, monkeypatch):
     """Each model structure has a compiled step of its own; past the limit a session goes on eagerly."""
     monkeypatch.setattr(gpt2lite.generation.session, "_COMPILED", {})
@@ -133,6 +135,7 @@ def test_compiling_many_models_in_one_process_never_hits_dynamos_graph_limit(tin
         assert torch.equal(compiled, generate(shallow, wide, max_new_tokens=4, temperature=0, ignore_eos=True))
 
 
+@pytest.mark.slow
 def test_a_full_compiled_session_refuses_the_next_token_as_eager_does(tiny):
     """A compiled step cannot raise inside its graph: the room is checked on the host first (it overran)."""
     ids = torch.tensor(random_prompts([4, 4], seed=13))

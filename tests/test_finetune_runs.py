@@ -64,6 +64,7 @@ def metrics(out: Path) -> list[dict]:
 # safe runs ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_rerun_into_a_used_out_is_refused_and_changes_nothing(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["finetune", "--data", str(corpus), "--out", str(out), "--preset", "tiny", *TINY_RUN]
@@ -85,6 +86,7 @@ def test_rerun_into_a_used_out_is_refused_and_changes_nothing(corpus, tmp_path, 
     assert json.loads((out / "run.json").read_text())["preset"] == "tiny"
 
 
+@pytest.mark.slow
 def test_resume_without_model_continues_the_checkpoint_model(tiny_dir, corpus, tmp_path, monkeypatch):
     """--resume takes model, tokenizer and data settings from the run folder: the --model folder can be gone."""
     import shutil

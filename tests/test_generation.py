@@ -21,6 +21,7 @@ def prompts(lengths, seed=0):
     return [torch.randint(0, 50257, (n,), generator=g).tolist() for n in lengths]
 
 
+@pytest.mark.slow
 def test_greedy_equals_transformers_left_padded_batch(model_124m, hf_124m):
     ids, mask = left_pad(prompts([7, 19, 1, 12]))
     ours = generate(model_124m, ids, attention_mask=mask, max_new_tokens=24, temperature=0)

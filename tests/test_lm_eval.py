@@ -55,6 +55,7 @@ def checkpoint(tiny_dir, tmp_path_factory):
     return directory
 
 
+@pytest.mark.slow
 def test_lm_eval_local_completions_equals_its_hf_backend(checkpoint, tmp_path):
     from lm_eval.tasks import TaskManager
 

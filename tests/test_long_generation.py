@@ -30,6 +30,7 @@ def _reference(hf_model, prompt: list[int], new: int, context: int, n_keep: int)
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_keep", [0, 7])
 def test_context_shift_equals_the_reference_loop(tiny, hf_tiny, n_keep):
     context = tiny.config.n_positions  # 96
@@ -40,6 +41,7 @@ def test_context_shift_equals_the_reference_loop(tiny, hf_tiny, n_keep):
     assert out[0, 20:].tolist() == _reference(hf_tiny, prompt, new, context, n_keep)
 
 
+@pytest.mark.slow
 def test_rows_of_different_lengths_shift_on_their_own(tiny, hf_tiny):
     context = tiny.config.n_positions
     g = torch.Generator().manual_seed(3)
@@ -51,6 +53,7 @@ def test_rows_of_different_lengths_shift_on_their_own(tiny, hf_tiny):
         assert out[row, ids.shape[1] :].tolist() == _reference(hf_tiny, prompt, 120, context, 3)
 
 
+@pytest.mark.slow
 def test_context_shift_through_the_text_api_and_its_limits(tiny_dir):
     gen = TextGenerator.from_pretrained(tiny_dir)
     long = gen("Once upon a time", max_new_tokens=300, seed=1, context_shift=True, ignore_eos=True)

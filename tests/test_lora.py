@@ -162,6 +162,7 @@ def test_lora_training_changes_only_the_adapters(tiny_dir, tmp_path):
         torch.testing.assert_close(gen.model(IDS), model.eval()(IDS), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_lora_keeps_optimizer_state_under_two_percent_on_124m(gpt2_124m_dir, tmp_path):
     model = GPT2.from_pretrained(gpt2_124m_dir)
     full = model.num_parameters()
@@ -176,6 +177,7 @@ def test_lora_keeps_optimizer_state_under_two_percent_on_124m(gpt2_124m_dir, tmp
     assert trainable / full < 0.02 and optimizer_numbers / (2 * full) < 0.02
 
 
+@pytest.mark.slow
 def test_freezing_blocks_and_gradient_checkpointing(tiny_dir, tmp_path):
     data = prepare_data(["Plain text for a couple of steps of training. " * 100], tmp_path / "data")
     config = dict(steps=2, batch_size=2, block_size=32, lr=1e-2, warmup_steps=0, progress=False)
@@ -196,6 +198,7 @@ def test_freezing_blocks_and_gradient_checkpointing(tiny_dir, tmp_path):
         train(GPT2.from_pretrained(tiny_dir), data, tmp_path / "x", TrainConfig(**config, freeze_blocks=3))
 
 
+@pytest.mark.slow
 def test_cli_lora_finetune_then_generate(tiny_dir, tmp_path, capsys):
     text = tmp_path / "train.txt"
     text.write_text("Some English text to adapt the model to. " * 150, encoding="utf-8")

@@ -159,6 +159,7 @@ def test_load_model_measures_the_one_row_kernel_by_default_with_one_copy_of_each
     assert type(load_model(tiny_dir, kind="classifier", labels=["a", "b"]).transformer.h[0].mlp.c_fc) is nn.Linear
 
 
+@pytest.mark.slow
 def test_a_compiled_cpu_step_multiplies_one_row_as_a_sum_of_products_with_transformers_tokens(tiny_dir, hf_tiny):
     """compile=True on the CPU: inductor's own loop over (out, in) rows, and still transformers' greedy tokens."""
     model = load_model(tiny_dir)  # the default: prepack(copy=False), weights stored as (out, in) rows
@@ -254,6 +255,7 @@ for _ in range(5):
 """
 
 
+@pytest.mark.slow
 def test_the_kernel_cache_is_safe_to_share_between_processes(tmp_path):
     import json
     import subprocess

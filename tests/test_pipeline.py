@@ -105,6 +105,7 @@ def test_cli_errors_are_one_line(argv, status, match, capsys):
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_python_m_gpt2lite_reads_stdin(tiny_dir, tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "gpt2lite", "generate", "--model", str(tiny_dir), "--temperature", "0",

@@ -327,6 +327,7 @@ def test_weights_loaded_into_a_quantized_model_are_the_ones_it_runs(tiny_dir, mo
                            generate(source, ids, max_new_tokens=8, temperature=0, ignore_eos=True))
 
 
+@pytest.mark.slow
 def test_a_bfloat16_int8_model_compiles(tiny_dir):
     """Inductor gives a bfloat16 int8 product to a kernel that needs the int8 weight in contiguous rows."""
     model = load_model(tiny_dir, quantize="int8", dtype="bfloat16")

@@ -65,6 +65,7 @@ def test_example_script_runs(tiny_dir, capsys):
     assert out.count("continued:") == 2
 
 
+@pytest.mark.slow
 def test_train_tiny_example_runs(tmp_path, capsys):
     import importlib.util
 
@@ -87,6 +88,7 @@ def _example(name: str):
     return module
 
 
+@pytest.mark.slow
 def test_compare_generators_example_runs(tmp_path, capsys):
     rows = _example("compare_generators").main(steps=3, batch_size=2, block_size=16, width=16,
                                                out=str(tmp_path / "cmp"), plot=False)
@@ -102,12 +104,14 @@ def test_summarize_example_runs(tiny_dir, capsys):
     assert capsys.readouterr().out.count("reference:") == 3
 
 
+@pytest.mark.slow
 def test_classify_docs_example_beats_the_majority_baseline(tmp_path, capsys):
     numbers = _example("classify_docs").main(steps=60, out=str(tmp_path / "run"), progress=False)
     assert numbers["accuracy"] > numbers["baseline"] + 0.15, numbers
     assert "majority-class baseline" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_instruct_docs_example_learns_the_answers(tmp_path, capsys):
     numbers = _example("instruct_docs").main(pretrain_steps=30, sft_steps=20, out=str(tmp_path / "run"),
                                              progress=False, samples=2)
@@ -116,6 +120,7 @@ def test_instruct_docs_example_learns_the_answers(tmp_path, capsys):
     assert "held-out answer loss" in out and out.count("  before: ") == 2
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_runs(tiny_dir, tmp_path):
     """The notebook, executed by a Jupyter kernel (nbclient), its parameter cell pointed at a local checkpoint."""
     nbformat = pytest.importorskip("nbformat")

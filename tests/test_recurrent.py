@@ -59,6 +59,7 @@ def test_generate_through_the_engine(cell):
     assert generate(model, ids, max_new_tokens=4, seed=0, top_p=0.9).shape == (2, 9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cell", CELLS)
 def test_training_on_real_text_lowers_held_out_loss(cell, text_data, tmp_path):
     model = small(cell)
@@ -98,6 +99,7 @@ def test_resume_is_exact(text_data, tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_cli_finetune_generate_perplexity(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("The quick brown fox jumps over the lazy dog. " * 300, encoding="utf-8")

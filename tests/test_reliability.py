@@ -336,6 +336,7 @@ sys.exit(cli.main(sys.argv[2:]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", ["parse", "load", "generate"])
 def test_ctrl_c_is_quiet_in_every_phase(tiny_dir, phase):
     proc = subprocess.Popen(
@@ -374,6 +375,7 @@ def test_prepare_data_streams_in_bounded_pieces(tmp_path, monkeypatch, shape):
     assert data.tokens[:-1].tolist() == Tokenizer.gpt2().encode(text)
 
 
+@pytest.mark.slow
 def test_tokenizer_cache_is_bounded_by_size():
     tok = Tokenizer.gpt2()
     for i in range(20):

@@ -587,6 +587,7 @@ def test_an_undecodable_token_ends_the_stream_with_an_error(tmp_path):
     assert "cannot decode" in json.loads(lines[-2][5:])["error"]["message"] and lines[-1] == "data: [DONE]"
 
 
+@pytest.mark.slow
 def test_load_64_streaming_clients_equal_their_solo_outputs(server):
     """64 concurrent streams (greedy and seeded sampling) through 16 rows: no failure, each equals its solo run."""
     url = server[0] + "/v1"

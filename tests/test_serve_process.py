@@ -17,6 +17,8 @@ import httpx
 import openai
 import pytest
 
+pytestmark = pytest.mark.slow  # every test starts a server process
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -93,6 +93,7 @@ def test_prepare_data_errors(tmp_path):
 # training --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_training_from_scratch_lowers_held_out_loss(data, tmp_path):
     torch.manual_seed(0)
     model = GPT2(GPT2Config.from_preset("tiny"))
@@ -122,6 +123,7 @@ def test_finetuned_checkpoint_loads_in_transformers(tiny_dir, data, tmp_path):
     assert (ours - original).abs().max().item() > 1e-3  # training changed the weights
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tiny_dir, data, tmp_path):
     """6 steps in one go equal 3 steps, an interruption (Ctrl-C), then a resume for the rest; dropout on."""
     config = TrainConfig(steps=6, batch_size=2, grad_accum=2, block_size=32, warmup_steps=2, progress=False,
@@ -143,6 +145,7 @@ def test_resume_continues_exactly(tiny_dir, data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_equal_one_process_on_combined_batch(tiny_dir, data, tmp_path):
     model_config = no_dropout(tiny_dir)
     common = dict(steps=2, block_size=32, warmup_steps=1, **QUIET)
@@ -229,6 +232,7 @@ def test_token_logprobs_equal_transformers(tiny_dir, hf_tiny):
 # command line -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_finetune_then_perplexity(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["finetune", "--data", str(corpus), "--out", str(out), "--preset", "tiny", "--steps", "4",
@@ -261,6 +265,7 @@ def test_cli_finetune_errors(tmp_path, capsys):
     assert not (tmp_path / "o2" / "data").exists()  # nothing was tokenized
 
 
+@pytest.mark.slow
 def test_torchrun_finetune_two_processes(corpus, tmp_path):
     """The documented multi-process command: torchrun with two CPU processes (gloo, loopback only)."""
     import shutil
