@@ -38,7 +38,7 @@ def solo(model, prompt, n):
     return generate(model, [prompt], max_new_tokens=n, temperature=0, ignore_eos=True)[0, len(prompt) :].tolist()
 
 
-@pytest.mark.parametrize("which", ["tiny", "model_124m"])
+@pytest.mark.parametrize("which", ["tiny", pytest.param("model_124m", marks=pytest.mark.slow)])
 def test_row_refilled_mid_batch_equals_solo(which, request):
     """Row 1 gets a new prompt at step 5 while row 0 keeps decoding: each row's tokens equal its solo run."""
     model = request.getfixturevalue(which)
@@ -272,7 +272,7 @@ def test_options_are_declared_once_and_reach_the_cli():
     fields = {f.name: f for f in dataclasses.fields(GenerationOptions)}
     assert set(typing.get_type_hints(GenerationKwargs)) == set(fields)
     flags = {a.dest: a for a in build_parser()._subparsers._group_actions[0].choices["generate"]._actions}
-    from gpt2lite.cli import _NOT_FLAGS
+    from gpt2lite.cli.generate import _NOT_FLAGS
 
     for name in fields:
         assert name in flags or name in _NOT_FLAGS, f"no CLI flag for {name}"

@@ -13,12 +13,12 @@ import shutil
 import pytest
 
 from gpt2lite import TextGenerator
-from gpt2lite.serve.app import ServerOptions, create_app
+from gpt2lite.serve.app import ServerOptions
 from gpt2lite.tokenizers.files import bundled_gpt2_files
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from test_serve import running  # noqa: E402
+from test_serve import running, serve_app  # noqa: E402
 
 QUESTIONS = [
     ("The keyword that defines a function in Python is", ["def", "func", "lambda", "fn"], 0),
@@ -69,7 +69,7 @@ def test_lm_eval_local_completions_equals_its_hf_backend(checkpoint, tmp_path):
                             {"metric": "acc"}])
     tasks = [mc, ll]
     manager = TaskManager(include_defaults=False)
-    app = create_app(TextGenerator.from_pretrained(checkpoint), ServerOptions(model_name="tiny"))
+    app = serve_app(TextGenerator.from_pretrained(checkpoint), ServerOptions(model_name="tiny"))
     with running(app) as url:
         served = lm_eval.simple_evaluate(
             model="local-completions", tasks=tasks, task_manager=manager, log_samples=True,

@@ -10,8 +10,8 @@ from transformers.generation import logits_process as hf
 
 from gpt2lite import GPT2, GenerationOptions, GPT2Config, TextGenerator, generate, left_pad
 from gpt2lite.cli import main
+from gpt2lite.generation.context import shifted
 from gpt2lite.generation.sampling import epsilon_filter, eta_filter, filtered_logits, typical_filter
-from gpt2lite.generation.window import shifted
 
 
 def _reference(hf_model, prompt: list[int], new: int, context: int, n_keep: int) -> list[int]:

@@ -328,7 +328,8 @@ phase = sys.argv[1]
 if phase == "parse":
     cli.build_parser = pause(phase, cli.build_parser)
 elif phase == "load":
-    cli._load_text_generator = pause(phase, cli._load_text_generator)
+    import gpt2lite.cli.generate as command
+    command.load_text_generator = pause(phase, command.load_text_generator)
 else:
     from gpt2lite.text.generator import TextGenerator
     TextGenerator.stream = pause(phase, TextGenerator.stream)

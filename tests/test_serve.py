@@ -26,6 +26,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve_app(gen, options, **kwargs):
+    """The app for a ``TextGenerator``'s model, tokenizer and chat template."""
+    return create_app(gen.model, gen.tokenizer, options, chat_template=gen.chat_template, **kwargs)
+
+
 @contextlib.contextmanager
 def running(app):
     """Serve ``app`` on a free 127.0.0.1 port in a thread; yield its base URL."""
@@ -51,7 +56,7 @@ def gen(tiny_dir):
 
 @pytest.fixture(scope="module")
 def server(gen):
-    app = create_app(gen, ServerOptions(model_name="tiny", max_batch=16, max_queue=256))
+    app = serve_app(gen, ServerOptions(model_name="tiny", max_batch=16, max_queue=256))
     with running(app) as url:
         yield url, app
 
@@ -332,7 +337,7 @@ def test_chat_template_of_the_model_is_used(tiny_dir, tmp_path):
     (tmp_path / "m" / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
     chat_gen = TextGenerator.from_pretrained(tmp_path / "m")
     assert chat_gen.chat_prompt([{"role": "user", "content": "Hi"}]) == "<user>Hi\n<assistant>"
-    with running(create_app(chat_gen, ServerOptions(model_name="m"))) as url:
+    with running(serve_app(chat_gen, ServerOptions(model_name="m"))) as url:
         tokens = httpx.post(url + "/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}).json()
     assert tokens["tokens"] == chat_gen.tokenizer.encode("<user>Hi\n<assistant>")
 
@@ -367,7 +372,7 @@ def test_malformed_json_says_so(server):
 
 
 def test_api_key(gen):
-    app = create_app(gen, ServerOptions(model_name="tiny", api_key="sekret", docs=True))
+    app = serve_app(gen, ServerOptions(model_name="tiny", api_key="sekret", docs=True))
     with running(app) as url:
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
@@ -386,7 +391,7 @@ def test_docs_are_off_by_default(server):
 
 
 def test_body_size_limit_is_413_before_parsing(gen):
-    app = create_app(gen, ServerOptions(model_name="tiny", max_body_size=1000))
+    app = serve_app(gen, ServerOptions(model_name="tiny", max_body_size=1000))
     with running(app) as url:
         r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x" * 2000})
         assert r.status_code == 413 and "1000 bytes" in r.json()["error"]["message"]
@@ -400,7 +405,7 @@ def test_long_text_prompt_is_refused_before_tokenizing(server):
 
 
 def test_full_queue_is_429_and_releases_its_places(gen):
-    app = create_app(gen, ServerOptions(model_name="tiny", max_batch=1, max_queue=1))
+    app = serve_app(gen, ServerOptions(model_name="tiny", max_batch=1, max_queue=1))
     scheduler = app.state.scheduler
     with running(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
@@ -482,7 +487,7 @@ def test_prefix_cache_gives_the_same_outputs_and_saves_prefill(gen):
     questions = ["Q: 4+4? A:", "Q: 5+5? A:", "Q: 6+6? A:"]
     outputs = {}
     for cache in (True, False):
-        app = create_app(gen, ServerOptions(model_name="tiny", max_batch=2, prefix_cache=cache))
+        app = serve_app(gen, ServerOptions(model_name="tiny", max_batch=2, prefix_cache=cache))
         with running(app) as url:
             client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
             outputs[cache] = [client.completions.create(model="tiny", prompt=shots + q, max_tokens=6, seed=i,
@@ -538,7 +543,7 @@ class _Poisoned(torch.nn.Module):
 def test_a_failing_batched_forward_fails_only_its_row(gen):
     poison = 777
     sick = TextGenerator(_Poisoned(gen.model, poison), gen.tokenizer)
-    app = create_app(sick, ServerOptions(model_name="tiny", max_batch=4))
+    app = serve_app(sick, ServerOptions(model_name="tiny", max_batch=4))
     with running(app) as url:
         async def main():
             client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
@@ -564,7 +569,7 @@ def test_padded_vocabulary_ids_are_never_sampled(tiny_dir, tmp_path):
     torch.manual_seed(0)
     GPT2(config).save_pretrained(tmp_path)
     padded = TextGenerator.from_pretrained(tmp_path)
-    with running(create_app(padded, ServerOptions(model_name="p"))) as url:
+    with running(serve_app(padded, ServerOptions(model_name="p"))) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
         r = client.completions.create(model="p", prompt=[[1, 2]], max_tokens=4, temperature=0,
                                       logit_bias={"50300": 100}, logprobs=0)
@@ -579,7 +584,7 @@ def test_an_undecodable_token_ends_the_stream_with_an_error(tmp_path):
     holes = Tokenizer(vocab, [], special_tokens={"<|endoftext|>": 300})  # ids 256..299 decode to nothing
     torch.manual_seed(0)
     model = GPT2(GPT2Config.from_preset("tiny", vocab_size=301, eos_token_id=300)).eval()
-    with running(create_app(TextGenerator(model, holes), ServerOptions(model_name="h"))) as url:
+    with running(serve_app(TextGenerator(model, holes), ServerOptions(model_name="h"))) as url:
         body = {"model": "h", "prompt": "ab", "max_tokens": 5, "logit_bias": {"260": 100}}
         assert httpx.post(url + "/v1/completions", json=body, timeout=30).status_code == 500
         with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:
@@ -615,7 +620,120 @@ def test_load_64_streaming_clients_equal_their_solo_outputs(server):
 
 def test_quantized_model_serves_what_the_text_api_gives(tiny_dir):
     quantized = TextGenerator.from_pretrained(tiny_dir, quantize="int8")
-    with running(create_app(quantized, ServerOptions(model_name="tiny-int8"))) as url:
+    with running(serve_app(quantized, ServerOptions(model_name="tiny-int8"))) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
         got = client.completions.create(model="tiny-int8", prompt="Hello there", max_tokens=6, temperature=0)
     assert got.choices[0].text == quantized("Hello there", max_new_tokens=6, temperature=0)
+
+
+# the gate: each defect of a request is a JSON 400 naming its field, before anything runs -----------------------
+
+
+def test_n_keep_beyond_the_context_is_a_400_before_anything_runs(server):
+    url, app = server
+    before = app.state.scheduler.stats.requests
+    for stream in (False, True):
+        body = {"model": "tiny", "prompt": "go", "max_tokens": 5, "stream": stream, "context_shift": True,
+                "n_keep": 2**64}
+        r = httpx.post(url + "/v1/completions", json=body, timeout=30)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "n_keep" and "keep at most 94" in r.json()["error"]["message"]
+    assert app.state.scheduler.stats.requests == before  # nothing was queued
+
+
+def test_logit_bias_takes_at_most_300_entries_as_openai(server):
+    body = {"model": "tiny", "prompt": "go", "max_tokens": 1, "logit_bias": {str(i): 1 for i in range(301)}}
+    r = httpx.post(server[0] + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias"
+    assert "at most 300" in r.json()["error"]["message"]
+    body["logit_bias"] = {str(i): 1 for i in range(300)}
+    assert httpx.post(server[0] + "/v1/completions", json=body, timeout=30).status_code == 200
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/completions", {"prompt": {"a": 1}}, "prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+])
+def test_param_names_the_field_not_pydantic_s_union_branch(server, path, body, param):
+    r = httpx.post(server[0] + path, json={"model": "tiny", **body}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_an_id_the_model_has_but_the_tokenizer_lacks_is_a_400(tiny_dir, tmp_path):
+    from gpt2lite import GPT2, GPT2Config
+
+    GPT2(GPT2Config.from_preset("tiny", vocab_size=50304)).save_pretrained(tmp_path)
+    with running(serve_app(TextGenerator.from_pretrained(tmp_path), ServerOptions(model_name="p"))) as url:
+        r = httpx.post(url + "/v1/completions", json={"prompt": [50300], "max_tokens": 1}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "0..50256" in r.text
+
+
+def test_a_character_a_char_vocabulary_lacks_is_a_400_on_every_endpoint():
+    from gpt2lite import CharTokenizer, RecurrentConfig, RecurrentLM
+
+    tokenizer = CharTokenizer("abc ")
+    torch.manual_seed(0)
+    model = RecurrentLM(RecurrentConfig(vocab_size=tokenizer.n_vocab, n_embd=8, n_layer=1,
+                                        eos_token_id=tokenizer.eot_token)).eval()
+    with running(create_app(model, tokenizer, ServerOptions(model_name="c"))) as url:
+        for path, body, param in [("/v1/completions", {"prompt": "abz"}, "prompt"),
+                                  ("/v1/chat/completions", {"messages": [{"role": "user", "content": "z"}]},
+                                   "messages"),
+                                  ("/tokenize", {"prompt": "z"}, "prompt")]:
+            r = httpx.post(url + path, json=body, timeout=30)
+            assert r.status_code == 400, (path, r.text)
+            assert r.json()["error"]["param"] == param and "'z'" in r.json()["error"]["message"]
+        ok = httpx.post(url + "/v1/completions", json={"prompt": "ab", "max_tokens": 2}, timeout=30)
+        assert ok.status_code == 200
+
+
+def test_an_unexpected_failure_is_a_json_500_not_plain_text(gen):
+    from gpt2lite import Tokenizer
+
+    class Broken(type(gen.tokenizer)):
+        def encode(self, text, **kwargs):
+            raise RuntimeError("a bug in the tokenizer")
+
+    broken = Broken.__new__(Broken)
+    broken.__dict__.update(gen.tokenizer.__dict__)
+    assert isinstance(broken, Tokenizer)
+    with running(create_app(gen.model, broken, ServerOptions(model_name="tiny"))) as url:
+        r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}, timeout=30)
+        assert r.status_code == 500 and r.headers["content-type"] == "application/json", r.text
+        assert r.json()["error"]["type"] == "server_error" and "a bug in the tokenizer" in r.json()["error"]["message"]
+        assert httpx.get(url + "/health", timeout=30).status_code == 200  # and the server goes on
+
+
+@pytest.mark.parametrize(("template", "words"), [
+    ("{% if messages|length > 1 %}{% include 'other.jinja' %}{% endif %}", "no loader"),
+    ("{% macro f() %}{{ f() }}{% endmacro %}{% if messages|length > 1 %}{{ f() }}{% endif %}", "recurses"),
+    ("{% if messages|length > 1 %}{% for i in range(10**6) %}{% endfor %}{% endif %}", "MAX_RANGE"),
+    ("{% if messages|length > 1 %}{{ 'x' * 10**9 }}{% endif %}", "repeats"),
+])
+def test_chat_template_failures_are_a_400_naming_messages(gen, template, words):
+    two = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    with running(create_app(gen.model, gen.tokenizer, ServerOptions(model_name="t"), chat_template=template)) as url:
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": two, "max_tokens": 1}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+    assert words in r.json()["error"]["message"]
+
+
+@pytest.mark.slow
+def test_a_runaway_chat_template_is_stopped_and_the_server_stays_responsive(gen):
+    spin = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    with pytest.raises(ValueError, match=r"took more than 2\.0 s"):  # tried at load
+        create_app(gen.model, gen.tokenizer, chat_template=spin)
+    only_later = "{% if messages|length > 1 %}" + spin + "{% endif %}{{ messages[0]['content'] }}"
+    two = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    with running(create_app(gen.model, gen.tokenizer, ServerOptions(model_name="t"),
+                            chat_template=only_later)) as url, httpx.Client(timeout=60) as http:
+        pool = [threading.Thread(target=http.post, args=(url + "/v1/chat/completions",),
+                                 kwargs={"json": {"messages": two, "max_tokens": 1}}) for _ in range(45)]
+        for t in pool:
+            t.start()
+        assert http.get(url + "/health").status_code == 200
+        for t in pool:
+            t.join(timeout=120)
+        r = http.post(url + "/v1/chat/completions", json={"messages": two, "max_tokens": 1})
+        assert r.status_code == 400 and "took more than" in r.json()["error"]["message"]
+        assert http.post(url + "/v1/chat/completions", json={"messages": two[:1], "max_tokens": 1}).status_code == 200

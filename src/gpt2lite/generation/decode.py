@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from gpt2lite.errors import OptionError
 from gpt2lite.generation.beam import beam_search
+from gpt2lite.generation.context import fit_prompt, shifted
 from gpt2lite.generation.options import GenerationKwargs, GenerationOptions
 from gpt2lite.generation.rules import Step, TokenRules, end_tokens, prompt_logprobs
 from gpt2lite.generation.session import DecodeSession
 from gpt2lite.generation.speculative import speculative_generate
-from gpt2lite.generation.window import check_n_keep, shifted
 from gpt2lite.models.protocol import DecoderModel
 
 if TYPE_CHECKING:
@@ -188,31 +189,14 @@ def _prepare_prompt(
     for name in ("eos_token_id", "pad_token_id"):
         value = getattr(opts, name)
         if value is not None and value >= vocab:
-            raise ValueError(f"{name} {value} is outside the vocabulary (0..{vocab - 1})")
+            raise OptionError(name, f"{name} {value} is outside the vocabulary (0..{vocab - 1})")
     if any(t >= vocab for seq in opts.stop for t in seq):
-        raise ValueError(f"a stop sequence holds an id outside the vocabulary (0..{vocab - 1})")
-    context = config.n_positions
-    if opts.context_shift and context is not None:
-        check_n_keep(opts.n_keep, context)
-        if context < T and opts.truncate_prompt != "left":
-            raise ValueError(f"prompt of {T} tokens exceeds the model's context of {context} positions (a context "
-                             "shift goes on past it, but starts from a prompt that fits); pass truncate_prompt='left'")
-        if context < T:
-            input_ids = input_ids[:, T - context :]
-            attention_mask = None if attention_mask is None else torch.as_tensor(attention_mask)[:, T - context :]
-            T = context
-    elif context is not None and T + opts.max_new_tokens > context:
-        keep = context - opts.max_new_tokens
-        if opts.truncate_prompt != "left" or keep < 1:
-            raise ValueError(
-                f"prompt of {T} tokens + max_new_tokens={opts.max_new_tokens} exceeds the model's context of "
-                f"{context} positions; shorten the prompt, lower max_new_tokens"
-                + (" or pass truncate_prompt='left'" if keep >= 1 else "")
-            )
-        # Keep each row's last tokens: the columns cut from the left are padding first.
+        raise OptionError("stop", f"a stop sequence holds an id outside the vocabulary (0..{vocab - 1})")
+    keep = fit_prompt(T, config.n_positions, max_new_tokens=opts.max_new_tokens, context_shift=opts.context_shift,
+                      n_keep=opts.n_keep, truncate_prompt=opts.truncate_prompt)
+    if keep < T:  # each row's last tokens: the columns cut from the left are padding first
         input_ids = input_ids[:, T - keep :]
-        if attention_mask is not None:
-            attention_mask = torch.as_tensor(attention_mask)[:, T - keep :]
+        attention_mask = None if attention_mask is None else torch.as_tensor(attention_mask)[:, T - keep :]
         T = keep
 
     device = _device_of(model)
@@ -293,7 +277,7 @@ def _decode(
 
 
 class _Window:
-    """Each row's window of tokens in the session, shifted when it fills the context (see ``window.py``)."""
+    """Each row's window of tokens in the session, shifted when it fills the context (see ``context.py``)."""
 
     def __init__(self, session: DecodeSession, prompt: torch.Tensor, mask: torch.Tensor | None, context: int,
                  n_keep: int) -> None:

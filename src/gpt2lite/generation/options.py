@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict
 
+from gpt2lite.errors import OptionError
+
 __all__ = ["GREEDY_BELOW", "MAX_TOP_LOGPROBS", "GenerationKwargs", "GenerationOptions", "LogitsProcessor"]
 
 MAX_TOP_LOGPROBS = 20  # as the OpenAI API allows
@@ -39,7 +41,7 @@ class GenerationOptions:
     >>> GenerationOptions(top_p=1.5)
     Traceback (most recent call last):
     ...
-    ValueError: top_p must be in (0, 1] (1 disables it), got 1.5
+    gpt2lite.errors.OptionError: top_p must be in (0, 1] (1 disables it), got 1.5
     """
 
     max_new_tokens: int = _option(64, "tokens to generate at most")
@@ -102,53 +104,59 @@ class GenerationOptions:
         _check_int(self, "n_keep", 0)
         _check_int(self, "top_logprobs", 0)
         if self.top_logprobs > MAX_TOP_LOGPROBS:
-            raise ValueError(f"top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {self.top_logprobs}")
+            raise OptionError("top_logprobs",
+                              f"top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {self.top_logprobs}")
         for name in ("eos_token_id", "pad_token_id", "seed"):
             if getattr(self, name) is not None:
                 _check_int(self, name, 0, none_ok=True)
         if self.seed is not None and self.seed >= 2**64:
-            raise ValueError(f"seed must be below 2**64, got {self.seed}")
+            raise OptionError("seed", f"seed must be below 2**64, got {self.seed}")
         for name in ("ignore_eos", "compile", "prompt_logprobs", "context_shift"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+                raise OptionError(name, f"{name} must be True or False, got {getattr(self, name)!r}")
         t, p, m, r = self.temperature, self.top_p, self.min_p, self.repetition_penalty
         if not _is_number(t) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {t!r}")
+            raise OptionError("temperature", f"temperature must be a finite number >= 0 (0 means greedy), got {t!r}")
         if not _is_number(p) or not 0 < p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {p!r}")
+            raise OptionError("top_p", f"top_p must be in (0, 1] (1 disables it), got {p!r}")
         if not _is_number(m) or not 0 <= m <= 1:
-            raise ValueError(f"min_p must be in [0, 1] (0 disables it), got {m!r}")
+            raise OptionError("min_p", f"min_p must be in [0, 1] (0 disables it), got {m!r}")
         if not _is_number(self.typical_p) or not 0 < self.typical_p <= 1:
-            raise ValueError(f"typical_p must be in (0, 1] (1 disables it), got {self.typical_p!r}")
+            raise OptionError("typical_p", f"typical_p must be in (0, 1] (1 disables it), got {self.typical_p!r}")
         for name in ("epsilon_cutoff", "eta_cutoff"):
             value = getattr(self, name)
             if not _is_number(value) or not 0 <= value < 1:
-                raise ValueError(f"{name} must be in [0, 1) (0 disables it), got {value!r}")
+                raise OptionError(name, f"{name} must be in [0, 1) (0 disables it), got {value!r}")
         if not _is_number(r) or not 1e-3 <= r <= 1e3:
             # Outside this range dividing logits by it overflows float32, or the penalty only saturates.
-            raise ValueError(f"repetition_penalty must be a number in [0.001, 1000] (1 disables it), got {r!r}")
+            raise OptionError("repetition_penalty",
+                              f"repetition_penalty must be a number in [0.001, 1000] (1 disables it), got {r!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not _is_number(value) or not -2 <= value <= 2:
-                raise ValueError(f"{name} must be a number in [-2, 2] (0 disables it), got {value!r}")
+                raise OptionError(name, f"{name} must be a number in [-2, 2] (0 disables it), got {value!r}")
         if not _is_number(self.length_penalty) or not math.isfinite(self.length_penalty):
-            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
+            raise OptionError("length_penalty", f"length_penalty must be a finite number, got {self.length_penalty!r}")
         if self.early_stopping not in (True, False, "never"):
-            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+            raise OptionError("early_stopping",
+                              f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         if self.truncate_prompt not in ("error", "left"):
-            raise ValueError(f"truncate_prompt must be 'error' or 'left', got {self.truncate_prompt!r}")
+            raise OptionError("truncate_prompt",
+                              f"truncate_prompt must be 'error' or 'left', got {self.truncate_prompt!r}")
         if self.num_beams > 1:
             if not self.greedy:
-                raise ValueError("beam search (num_beams > 1) is deterministic: use temperature=0")
+                raise OptionError("temperature", "beam search (num_beams > 1) is deterministic: use temperature=0")
             if self.num_return_sequences > self.num_beams:
-                raise ValueError(f"num_return_sequences ({self.num_return_sequences}) must be at most num_beams "
-                                 f"({self.num_beams})")
+                raise OptionError("num_return_sequences",
+                                  f"num_return_sequences ({self.num_return_sequences}) must be at most num_beams "
+                                  f"({self.num_beams})")
             unsupported = [name for name in ("top_logprobs", "compile") if getattr(self, name)]
             if unsupported:
-                raise ValueError(f"beam search does not support {' or '.join(unsupported)}")
+                raise OptionError(unsupported[0], f"beam search does not support {' or '.join(unsupported)}")
         if self.context_shift and (self.num_beams > 1 or self.prompt_lookup_num_tokens):
-            raise ValueError("context_shift works with sampling and greedy decoding, not with beam search or "
-                             "prompt lookup")
+            raise OptionError("context_shift",
+                              "context_shift works with sampling and greedy decoding, not with beam search or "
+                              "prompt lookup")
         object.__setattr__(self, "stop", _stop_sequences(self.stop, "stop"))
         object.__setattr__(self, "bad_words_ids", _stop_sequences(self.bad_words_ids, "bad_words_ids"))
         object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
@@ -156,7 +164,8 @@ class GenerationOptions:
         if callable(processors):
             processors = (processors,)
         if not isinstance(processors, Sequence) or not all(callable(f) for f in processors):
-            raise ValueError(f"logits_processor must be a callable or a list of callables, got {processors!r}")
+            raise OptionError("logits_processor",
+                              f"logits_processor must be a callable or a list of callables, got {processors!r}")
         object.__setattr__(self, "logits_processor", tuple(processors))
 
     @property
@@ -227,23 +236,24 @@ def _check_int(options: GenerationOptions, name: str, low: int, *, none_ok: bool
     value = getattr(options, name)
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         prefix = "None or " if none_ok else ""
-        raise ValueError(f"{name} must be {prefix}an int >= {low}{note}, got {value!r}")
+        raise OptionError(name, f"{name} must be {prefix}an int >= {low}{note}, got {value!r}")
 
 
 def _logit_bias(bias: object) -> tuple[tuple[int, float], ...]:
     """Normalise ``{token id: bias}`` (or pairs) to sorted pairs; biases lie in [-100, 100], as in the OpenAI API."""
     items = bias.items() if isinstance(bias, Mapping) else bias
     if isinstance(items, (str, bytes)) or not isinstance(items, (Sequence, type({}.items()))):
-        raise ValueError(f"logit_bias must map token ids to numbers, got {bias!r}")
+        raise OptionError("logit_bias", f"logit_bias must map token ids to numbers, got {bias!r}")
     out = {}
     for item in items:
         try:
             token, value = item
             token = operator.index(int(token) if isinstance(token, str) and token.isdigit() else token)
         except (TypeError, ValueError):
-            raise ValueError(f"logit_bias must map token ids to numbers, got {bias!r}") from None
+            raise OptionError("logit_bias", f"logit_bias must map token ids to numbers, got {bias!r}") from None
         if token < 0 or not _is_number(value) or not -100 <= value <= 100:
-            raise ValueError(f"logit_bias maps token ids >= 0 to numbers in [-100, 100], got {token!r}: {value!r}")
+            raise OptionError("logit_bias",
+                              f"logit_bias maps token ids >= 0 to numbers in [-100, 100], got {token!r}: {value!r}")
         out[token] = float(value)
     return tuple(sorted(out.items()))
 
@@ -251,20 +261,20 @@ def _logit_bias(bias: object) -> tuple[tuple[int, float], ...]:
 def _stop_sequences(stop: object, name: str) -> tuple[tuple[int, ...], ...]:
     """Normalise ``stop`` to a tuple of non-empty tuples of token ids >= 0 (a flat list is one sequence)."""
     if isinstance(stop, (str, bytes)) or not isinstance(stop, Sequence):
-        raise ValueError(f"{name} must be a list of token-id sequences, got {stop!r}")
+        raise OptionError(name, f"{name} must be a list of token-id sequences, got {stop!r}")
     if stop and all(isinstance(t, int) for t in stop):
         stop = (stop,)  # a single sequence given flat
     out = []
     for seq in stop:
         if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence):
-            raise ValueError(f"{name} must be a list of token-id sequences, got {stop!r}")
+            raise OptionError(name, f"{name} must be a list of token-id sequences, got {stop!r}")
         if not seq:
-            raise ValueError(f"{name}: sequences must not be empty")
+            raise OptionError(name, f"{name}: sequences must not be empty")
         try:
             ids = tuple(operator.index(t) for t in seq)  # ints, numpy or torch integers; not floats
         except TypeError:
             ids = (-1,)
         if any(t < 0 for t in ids):
-            raise ValueError(f"{name}: sequences hold token ids (ints >= 0), got {list(seq)!r}")
+            raise OptionError(name, f"{name}: sequences hold token ids (ints >= 0), got {list(seq)!r}")
         out.append(ids)
     return tuple(out)

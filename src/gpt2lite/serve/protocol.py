@@ -13,10 +13,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gpt2lite.errors import OptionError
 from gpt2lite.generation.options import MAX_TOP_LOGPROBS, GenerationOptions
 from gpt2lite.tokenizers.protocol import TokenizerProtocol
 
 __all__ = [
+    "MAX_LOGIT_BIAS",
     "MAX_STOP_STRINGS",
     "ChatCompletionRequest",
     "ChatMessage",
@@ -32,6 +34,7 @@ __all__ = [
 ]
 
 MAX_STOP_STRINGS = 64  # OpenAI takes 4; lm-evaluation-harness sends more, vLLM has no limit
+MAX_LOGIT_BIAS = 300  # entries of logit_bias, as OpenAI allows
 
 
 class _Body(BaseModel):
@@ -147,19 +150,19 @@ class DetokenizeRequest(_Body):
 def check_chat_extras(body: ChatCompletionRequest) -> None:
     """Refuse, by name, what a chat request asks that GPT-2 cannot do: tools, a JSON mode, other modalities."""
     if body.tools and body.tool_choice != "none":
-        raise ValueError("tools: this model cannot call tools (send tool_choice='none', or no tools)")
+        raise OptionError("tools", "tools: this model cannot call tools (send tool_choice='none', or no tools)")
     if body.response_format is not None and body.response_format.type != "text":
-        raise ValueError(f"response_format: {body.response_format.type!r} is not supported; this model writes "
-                         "free text (type 'text')")
+        raise OptionError("response_format", f"response_format: {body.response_format.type!r} is not supported; "
+                                             "this model writes free text (type 'text')")
     if body.modalities and body.modalities != ["text"]:
-        raise ValueError(f"modalities: only ['text'] is produced, got {body.modalities}")
+        raise OptionError("modalities", f"modalities: only ['text'] is produced, got {body.modalities}")
 
 
 def stop_strings(stop: str | list[str] | None) -> list[str]:
-    """``stop`` as a list of non-empty strings; too many or empty ones are a ValueError."""
+    """``stop`` as a list of non-empty strings; too many or empty ones are an ``OptionError``."""
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > MAX_STOP_STRINGS or not all(stops):
-        raise ValueError(f"stop takes up to {MAX_STOP_STRINGS} non-empty strings")
+        raise OptionError("stop", f"stop takes up to {MAX_STOP_STRINGS} non-empty strings")
     return stops
 
 
@@ -167,17 +170,18 @@ def sampling_options(body: _Sampling, *, max_tokens: int, eos: int, vocab: int, 
     """The ``GenerationOptions`` a request body asks for (the seed of choice 0; add ``i`` for choice ``i``)."""
     bias: dict[int, float] = {}
     if body.logit_bias:
-        if len(body.logit_bias) > vocab:
-            raise ValueError(f"logit_bias names {len(body.logit_bias)} tokens; the vocabulary has {vocab}")
+        if len(body.logit_bias) > MAX_LOGIT_BIAS:
+            raise OptionError("logit_bias", f"logit_bias names {len(body.logit_bias)} tokens; at most "
+                                            f"{MAX_LOGIT_BIAS} are allowed")
         try:
             bias = {int(k): v for k, v in body.logit_bias.items()}
         except ValueError:
-            raise ValueError("logit_bias keys must be token ids") from None
+            raise OptionError("logit_bias", "logit_bias keys must be token ids") from None
         if not all(0 <= k < vocab for k in bias):
-            raise ValueError(f"logit_bias names a token outside the vocabulary (0..{vocab - 1})")
+            raise OptionError("logit_bias", f"logit_bias names a token outside the vocabulary (0..{vocab - 1})")
     stop_ids = [[t] for t in body.stop_token_ids or []]
     if any(not 0 <= t < vocab for (t,) in stop_ids):
-        raise ValueError(f"stop_token_ids holds an id outside the vocabulary (0..{vocab - 1})")
+        raise OptionError("stop_token_ids", f"stop_token_ids holds an id outside the vocabulary (0..{vocab - 1})")
     given = {
         "temperature": 0 if body.top_p == 0 else body.temperature, "top_p": body.top_p or None,
         "min_p": body.min_p, "repetition_penalty": body.repetition_penalty,

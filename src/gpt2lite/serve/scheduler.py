@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gpt2lite.generation.context import fit_prompt, shifted
 from gpt2lite.generation.options import GenerationOptions
 from gpt2lite.generation.rules import Step, TokenRules, prompt_logprobs, step_rows
 from gpt2lite.generation.session import DecodeSession
-from gpt2lite.generation.window import shifted
 from gpt2lite.models.protocol import DecoderModel
 
 __all__ = ["PromptToken", "QueueFull", "Request", "Scheduler", "SchedulerStats"]
@@ -245,10 +245,11 @@ class Scheduler:
                 request.on_done("cancelled", None)
                 return
             opts = request.options
-            needed = len(request.prompt) + (0 if opts.context_shift else opts.max_new_tokens)
-            if not request.prompt or (self.context is not None and needed > self.context):
-                raise ValueError(f"the prompt of {len(request.prompt)} tokens + max_tokens={opts.max_new_tokens} "
-                                 f"does not fit the context of {self.context} tokens")
+            if not request.prompt:
+                raise ValueError("the prompt holds no tokens")
+            # The HTTP layer asked the same before submitting; a request submitted directly is checked here.
+            fit_prompt(len(request.prompt), self.context, max_new_tokens=opts.max_new_tokens,
+                       context_shift=opts.context_shift, n_keep=opts.n_keep)
             device = self.session.state.device
             ids = torch.tensor([request.prompt], device=device)
             rules = TokenRules(opts, self.model.config, ids)

@@ -8,6 +8,13 @@ variables (``eos_token``, ``bos_token``). A model without one (GPT-2, DialoGPT)
 gets ``DEFAULT_CHAT_TEMPLATE``: DialoGPT's convention, each turn's text followed
 by ``<|endoftext|>``, with no role markers.
 
+A template is data from a model folder, so its rendering has a budget: at most
+``MAX_RENDER_SECONDS`` of time (checked at each line of the template's code, so
+that an endless loop ends) and ``MAX_RENDER_CHARS`` of output, and no string or
+list repeated past that. A template over budget (endless recursion and memory included)
+raises ``TemplateBudgetError``; one that fails in a way jinja does not report
+as its own (an ``include`` with no loader) a ``ValueError`` that says so.
+
 jinja2 comes with the ``serve`` extra (``pip install "gpt2lite[serve]"``).
 """
 
@@ -15,16 +22,67 @@ from __future__ import annotations
 
 import datetime
 import json
+import sys
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gpt2lite.tokenizers.protocol import TokenizerProtocol
 
-__all__ = ["DEFAULT_CHAT_TEMPLATE", "ChatTemplate", "message_text"]
+__all__ = ["DEFAULT_CHAT_TEMPLATE", "MAX_RENDER_CHARS", "MAX_RENDER_SECONDS", "ChatTemplate", "TemplateBudgetError",
+           "message_text"]
 
 DEFAULT_CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{{ eos_token }}{% endfor %}"
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
+
+MAX_RENDER_SECONDS = 2.0  # a real template renders a long conversation in milliseconds
+MAX_RENDER_CHARS = 4 * 2**20  # more than any prompt a GPT-2 context holds
+
+
+class TemplateBudgetError(ValueError):
+    """A chat template went past its rendering budget: time, output, ranges, recursion or memory."""
+
+
+class _Budget:
+    """The time one rendering has left."""
+
+    def __init__(self) -> None:
+        self.deadline = time.monotonic() + MAX_RENDER_SECONDS
+
+    def tick(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise TemplateBudgetError(f"the chat template took more than {MAX_RENDER_SECONDS} s to render")
+
+
+def _watch(budget: _Budget) -> Any:
+    """A trace function that checks the deadline at each line a template's own code runs (loops included).
+
+    Only frames of compiled templates are followed, so the rest of the
+    rendering thread runs untraced; the previous trace function comes back after.
+    """
+
+    def line(frame: Any, event: str, arg: Any) -> Any:
+        budget.tick()
+        return line
+
+    def call(frame: Any, event: str, arg: Any) -> Any:
+        return line if frame.f_code.co_filename == "<template>" else None
+
+    return call
+
+
+def _checked_binop(operator: str, left: Any, right: Any) -> Any:
+    """``*`` and ``**`` of a template, refused where the result would pass the output budget."""
+    if operator == "*":
+        for seq, times in ((left, right), (right, left)):
+            if isinstance(seq, (str, list, tuple)) and isinstance(times, int) and len(seq) * times > MAX_RENDER_CHARS:
+                raise TemplateBudgetError(f"the chat template repeats a value past {MAX_RENDER_CHARS} items")
+        return left * right
+    if isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1 \
+            and right * abs(left).bit_length() > 8 * MAX_RENDER_CHARS:
+        raise TemplateBudgetError("the chat template raises a number to a power past its budget")
+    return left**right
 
 
 def message_text(content: Any) -> str:
@@ -62,9 +120,15 @@ class ChatTemplate:
         self.source = source if source is not None else DEFAULT_CHAT_TEMPLATE
         self.is_default = source is None
         self.special_tokens = dict(special_tokens or {})
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-        )
+        class Environment(jinja2.sandbox.ImmutableSandboxedEnvironment):
+            intercepted_binops = frozenset({"*", "**"})
+
+            def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+                if operator in ("*", "**"):
+                    return _checked_binop(operator, left, right)
+                return super().call_binop(context, operator, left, right)
+
+        env = Environment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
         env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
@@ -91,11 +155,44 @@ class ChatTemplate:
             if m["role"] not in ROLES:
                 raise ValueError(f"message {i} has role {m['role']!r}; roles are {list(ROLES)}")
             plain.append({**m, "content": message_text(m.get("content"))})
+        budget = _Budget()
+        previous = sys.gettrace()
+        sys.settrace(_watch(budget))  # this thread only: a template's endless loop ends at the deadline
         try:
-            return self._template.render(messages=plain, add_generation_prompt=add_generation_prompt,
-                                         **self.special_tokens)
+            pieces, size = [], 0
+            for piece in self._template.generate(messages=plain, add_generation_prompt=add_generation_prompt,
+                                                 **self.special_tokens):
+                pieces.append(piece)
+                size += len(piece)
+                if size > MAX_RENDER_CHARS:
+                    raise TemplateBudgetError(f"the chat template wrote more than {MAX_RENDER_CHARS} characters")
+                budget.tick()
+            return "".join(pieces)
+        except TemplateBudgetError:
+            raise
         except self._errors as exc:
             raise ValueError(f"the chat template refused these messages: {exc}") from None
+        except RecursionError:
+            raise TemplateBudgetError("the chat template recurses without end") from None
+        except MemoryError:
+            raise TemplateBudgetError("the chat template ran out of memory") from None
+        except (TypeError, OverflowError, AttributeError, KeyError, IndexError, ZeroDivisionError,
+                ValueError) as exc:  # an include with no loader, the sandbox's range limit, a template's own bug
+            raise ValueError(f"the chat template failed: {type(exc).__name__}: {exc}") from None
+        finally:
+            sys.settrace(previous)
+
+    def check(self) -> None:
+        """Render a one-message conversation once, so that a template over its budget is found at load.
+
+        A template that refuses that conversation on purpose (``raise_exception``) passes.
+        """
+        try:
+            self.render([{"role": "user", "content": "Hello"}])
+        except TemplateBudgetError as exc:
+            raise TemplateBudgetError(f"{exc} (on a one-message conversation, tried at load)") from None
+        except ValueError:
+            pass
 
 
 def _raise(message: str) -> None:

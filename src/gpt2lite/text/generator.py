@@ -10,6 +10,7 @@ import torch
 
 from gpt2lite.errors import CheckpointError
 from gpt2lite.generation.batching import left_pad
+from gpt2lite.generation.context import check_text_fits
 from gpt2lite.generation.decode import generate, iter_steps
 from gpt2lite.generation.options import GenerationKwargs, GenerationOptions
 from gpt2lite.loading import load_chat_template, load_generation_defaults, load_model, load_tokenizer
@@ -205,11 +206,18 @@ class TextGenerator:
         The model's chat template renders it; without one, each turn's text is
         followed by the end token (DialoGPT's convention).
         """
+        return self._template().render(messages)
+
+    def check_chat_template(self) -> None:
+        """Compile the chat template and render one message, so that a broken or runaway template shows at load."""
+        self._template().check()
+
+    def _template(self) -> ChatTemplate:
         if self._chat_error is not None:
             raise CheckpointError(self._chat_error)
         if self._chat is None:
             self._chat = ChatTemplate.for_tokenizer(self.chat_template, self.tokenizer)
-        return self._chat.render(messages)
+        return self._chat
 
     def stream(
         self,
@@ -312,23 +320,11 @@ class TextGenerator:
                 allowed_special: Literal["all"] | Sequence[str] = ()) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode and left-pad the prompts, refusing one that cannot fit before encoding it."""
         eot = self.tokenizer.eot_token
-        context = self.model.config.n_positions
-        if opts.truncate_prompt == "error" and context is not None:
-            # Every token holds at most max_token_bytes bytes (so characters): refuse a prompt that
-            # cannot fit before spending time and memory encoding it.
-            room = context if opts.context_shift else context - opts.max_new_tokens
-            if room <= 0:
-                raise ValueError(f"max_new_tokens={opts.max_new_tokens} leaves no room for a prompt in the model's "
-                                 f"context of {context} positions; lower it, or pass context_shift=True to go on "
-                                 "past the context")
-            limit = room * self.tokenizer.max_token_bytes
+        if opts.truncate_prompt == "error":
             for i, p in enumerate(prompts):
-                if len(p) > limit:
-                    raise ValueError(
-                        f"prompt {i} has {len(p)} characters: more tokens than fit in the model's context of "
-                        f"{context} positions with max_new_tokens={opts.max_new_tokens}; shorten it, or pass "
-                        "truncate_prompt='left'"
-                    )
+                check_text_fits(len(p), self.model.config.n_positions, self.tokenizer.max_token_bytes,
+                                max_new_tokens=opts.max_new_tokens, context_shift=opts.context_shift,
+                                what=f"prompt {i}")
         # An empty prompt starts from <|endoftext|>, as GPT-2's unconditional samples do.
         encode = self.tokenizer.encode
         return left_pad([encode(p, allowed_special=allowed_special) or [eot] for p in prompts], eot)

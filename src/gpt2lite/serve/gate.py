@@ -1,0 +1,148 @@
+"""The request gate: a body in, checked work out (prompts as token ids, one ``GenerationOptions`` each), or a 400.
+
+Every check of a request happens here, before anything is queued, as vLLM does
+at its one front door: the model's name, the prompts (encoded off the event
+loop, a text too long refused before it is encoded), the context through the
+library's one gate (``gpt2lite.generation.context``), ``n_keep``, ``logit_bias``
+and the sampling values. The library's ``OptionError`` names its option; the
+gate answers with the request's name for it (``max_new_tokens`` is
+``max_tokens`` here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+
+from gpt2lite.errors import ContextLengthError, OptionError
+from gpt2lite.generation.context import check_text_fits, fit_prompt
+from gpt2lite.generation.options import GenerationOptions
+from gpt2lite.serve.errors import KINDS, TOO_LONG, ApiError, api_error
+from gpt2lite.serve.protocol import ChatMessage, sampling_options, stop_strings
+from gpt2lite.text.generator import TextGenerator
+
+__all__ = ["Prompt", "RequestGate"]
+
+Prompt = tuple[list[int], str]  # a prompt's token ids and its text
+
+
+class RequestGate:
+    """The checks of every endpoint over one model and tokenizer (wrapped in a ``TextGenerator`` for its text rules)."""
+
+    def __init__(self, text: TextGenerator, model_name: str, max_queue: int) -> None:
+        self.text, self.tokenizer = text, text.tokenizer
+        self.model_name, self.max_queue = model_name, max_queue
+        self.context = text.model.config.n_positions
+        self.vocab = text.model.config.vocab_size
+
+    def check_model(self, name: str | None) -> None:
+        """A request for another model than the one served is a 404."""
+        if name is not None and name != self.model_name:
+            raise ApiError(404, f"the model {name!r} does not exist here; this server serves {self.model_name!r}",
+                           "model", KINDS[404])
+
+    async def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
+        """The chat template's rendering of ``messages``, off the event loop (the template has a time budget)."""
+        plain = [m.model_dump(exclude_none=True) for m in messages]
+        try:
+            return await run_in_threadpool(self.text.chat_prompt, plain)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), "messages") from None
+
+    async def encode(self, text: str, param: str, *, special: bool = False) -> list[int]:
+        """Tokenize off the event loop, refusing first a text too long to fit (no time spent on it).
+
+        ``special``: special-token strings are tokens (a chat template writes them), not text.
+        """
+        try:
+            check_text_fits(len(text), self.context, self.tokenizer.max_token_bytes, context_shift=True, what=param)
+        except ContextLengthError as exc:
+            raise ApiError(400, f"{param} has {len(text)} characters: more tokens than the context of "
+                                f"{exc.context} holds", param, code=TOO_LONG) from None
+        try:
+            return await run_in_threadpool(self.tokenizer.encode, text, allowed_special="all" if special else ())
+        except ValueError as exc:  # a character a character-level vocabulary lacks
+            raise ApiError(400, f"{param}: {exc}", param) from None
+
+    async def prompts(self, prompt: Any) -> list[Prompt]:
+        """The prompts as (token ids, text) pairs; an empty text prompt starts from the end token."""
+        if isinstance(prompt, str):
+            items: list[Any] = [prompt]
+        elif prompt and all(isinstance(t, int) for t in prompt):
+            items = [prompt]
+        else:
+            items = list(prompt)
+        if not items:
+            raise ApiError(400, "prompt is empty", "prompt")
+        out = []
+        known = self.tokenizer.n_vocab  # a padded model has rows the tokenizer cannot decode
+        for item in items:
+            if isinstance(item, str):
+                out.append(((await self.encode(item, "prompt")) or [self.tokenizer.eot_token], item))
+                continue
+            if not item or any(not 0 <= t < known for t in item):
+                raise ApiError(400, f"prompt token ids must be non-empty and in 0..{known - 1}", "prompt")
+            self._fit(len(item), 0, True, "prompt", None)  # before decoding it
+            out.append((list(item), self.tokenizer.decode(item)))
+        return out
+
+    def options(self, prompts: list[Prompt], body: Any, completions: int, max_tokens: int | None,
+                top_logprobs: int, prompt_param: str) -> list[GenerationOptions]:
+        """Each prompt's options (the seed of its first choice), checked against the context and the queue.
+
+        ``completions`` choices per prompt; ``max_tokens`` None is as many as fit.
+        """
+        if len(prompts) * completions > self.max_queue:  # a 429 would be retried in vain
+            param = "best_of" if getattr(body, "best_of", None) == completions != body.n else "n"
+            raise ApiError(400, f"this request asks for {len(prompts) * completions} completions (prompts x "
+                                f"{param}); this server queues at most {self.max_queue}: split it", param)
+        max_param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None \
+            else "max_tokens"
+        params = {"max_new_tokens": max_param, "min_new_tokens": "min_tokens", "stop": "stop_token_ids",
+                  "top_logprobs": "top_logprobs" if prompt_param == "messages" else "logprobs",
+                  "num_return_sequences": "n", "prompt": prompt_param}
+        try:
+            # Built once per request: its logit_bias and other values are shared by every prompt and choice.
+            base = self.text.text_options(sampling_options(
+                body, max_tokens=max_tokens or 0, eos=self.tokenizer.eot_token, vocab=self.vocab,
+                top_logprobs=top_logprobs))
+        except ValueError as exc:
+            raise api_error(exc, params) from None
+        out = []
+        for ids, _ in prompts:
+            allowed = self._fit(len(ids), max_tokens, body.context_shift, prompt_param, max_param, body.n_keep)
+            try:
+                out.append(base.replace(max_new_tokens=allowed, min_new_tokens=min(body.min_tokens, allowed)))
+            except ValueError as exc:
+                raise api_error(exc, params) from None
+        return out
+
+    def _fit(self, length: int, asked: int | None, shift: bool, prompt_param: str, max_param: str | None,
+             n_keep: int = 0) -> int:
+        """``max_tokens`` for a prompt of ``length`` tokens, checked by the context gate; None: as many as fit.
+
+        Without a context limit, or with a context shift, None is OpenAI's default, 16.
+        """
+        if asked is None:
+            asked = 16 if self.context is None or shift else max(0, self.context - length)
+        try:
+            fit_prompt(length, self.context, max_new_tokens=asked, context_shift=shift, n_keep=n_keep)
+        except ContextLengthError as exc:
+            if exc.param == "prompt":
+                raise ApiError(400, f"the prompt of {length} tokens exceeds the context of {exc.context} tokens",
+                               prompt_param, code=TOO_LONG) from None
+            raise ApiError(400, f"the prompt of {length} tokens + {max_param}={asked} exceeds the context of "
+                                f"{exc.context} tokens", max_param, code=TOO_LONG) from None
+        except OptionError as exc:  # n_keep
+            raise ApiError(400, str(exc), exc.param) from None
+        return asked
+
+    @staticmethod
+    def stops(stop: str | list[str] | None) -> list[str]:
+        """The request's stop strings, checked."""
+        try:
+            return stop_strings(stop)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), "stop") from None
