@@ -201,6 +201,7 @@ def test_labeled_data_errors_name_the_problem(tmp_path):
         load_labeled(tmp_path / "d.txt")
 
 
+@pytest.mark.slow
 def test_cli_finetune_classify_then_classify(tmp_path, capsys):
     rows = _write_keyword_data(tmp_path / "train.jsonl", n=60)
     csv_file = tmp_path / "train.csv"

@@ -121,6 +121,7 @@ def test_resume_without_model_continues_the_checkpoint_model(tiny_dir, corpus, t
     assert [m["step"] for m in metrics(split)] == list(range(1, 7))  # one story, no repeated steps
 
 
+@pytest.mark.slow
 def test_resume_refuses_flags_that_disagree(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["finetune", "--data", str(corpus), "--out", str(out), "--preset", "tiny", *TINY_RUN]) == 0
@@ -137,6 +138,7 @@ def test_resume_refuses_flags_that_disagree(corpus, tmp_path, capsys):
 # records of a run -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_metrics_best_and_plot(data, tmp_path):
     torch.manual_seed(0)
     model = GPT2(GPT2Config.from_preset("tiny"))
@@ -159,6 +161,7 @@ def test_metrics_best_and_plot(data, tmp_path):
     assert png.startswith(b"\x89PNG") and result.plot == out / "loss.png"
 
 
+@pytest.mark.slow
 def test_early_stopping_stops(data, tmp_path):
     # A learning rate too small to move any fp32 weight: validation never improves after the first evaluation.
     torch.manual_seed(0)
@@ -170,6 +173,7 @@ def test_early_stopping_stops(data, tmp_path):
     assert [m["step"] for m in metrics(tmp_path / "run")] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_samples_and_tensorboard(corpus, tmp_path, capsys):
     pytest.importorskip("tensorboard")
     out = tmp_path / "run"
@@ -237,6 +241,7 @@ def test_sft_loss_equals_transformers_masked_loss(hf_tiny, tiny_dir, tmp_path):
     assert ours.item() == pytest.approx(total / count, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_sft_with_prompts_and_chats(tmp_path, capsys):
     rows = [{"prompt": f"Q: What is {n} plus {n}?\nA:", "completion": f" {2 * n}"} for n in range(12)]
     rows += [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]}
@@ -275,6 +280,7 @@ def test_trained_bpe_round_trips_and_loads_in_transformers(tmp_path):
     assert load_tokenizer(tmp_path / "tok", tok.n_vocab).encode(text) == ids
 
 
+@pytest.mark.slow
 def test_cli_train_tokenizer_then_finetune_from_scratch(corpus, tmp_path, capsys):
     from transformers import AutoTokenizer
 
@@ -295,6 +301,7 @@ def test_cli_train_tokenizer_then_finetune_from_scratch(corpus, tmp_path, capsys
 # the hub -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_unreachable_hub_fails_fast_with_one_line(tmp_path):
     """No retries when the hub cannot be reached: one line naming the problem and the fix."""
     env = dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))  # port 9: refused

@@ -42,6 +42,7 @@ def test_greedy_unpadded_equals_transformers(tiny, hf_tiny):
     assert torch.equal(ours, theirs)
 
 
+@pytest.mark.slow
 def test_cached_logits_equal_full_forward_every_step(model_124m):
     ids, mask = left_pad(prompts([5, 11, 8], seed=2))
     total = ids.shape[1] + 12

@@ -77,6 +77,7 @@ def _edit_config(directory, **changes):
 # configs that would build far more than the weights hold ----------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("field", "value"), [("n_layer", 1_000_000), ("n_embd", 16384), ("n_positions", 10**7),
                                               ("n_inner", 10**8)])
 def test_gpt2_config_larger_than_its_weights(tiny_dir, tmp_path, field, value):
@@ -86,6 +87,7 @@ def test_gpt2_config_larger_than_its_weights(tiny_dir, tmp_path, field, value):
     assert str(m) in out["message"] and (field if field != "n_inner" else "n_inner") in out["message"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("field", "value", "named"), [
     ("n_inner", -5, "n_inner"), ("n_inner", "big", "n_inner"), ("layer_norm_epsilon", -1.0, "layer_norm_epsilon"),
     ("layer_norm_epsilon", float("nan"), "layer_norm_epsilon"), ("eos_token_id", "x", "eos_token_id"),
@@ -99,6 +101,7 @@ def test_gpt2_config_fields_are_checked(tiny_dir, tmp_path, field, value, named)
     assert str(m / "config.json") in out["message"] and named in out["message"], out
 
 
+@pytest.mark.slow
 def test_a_huge_config_file_is_refused_unread(tiny_dir, tmp_path):
     m = _copy(tiny_dir, tmp_path)
     config = json.loads((m / "config.json").read_text())
@@ -112,6 +115,7 @@ def test_a_huge_config_file_is_refused_unread(tiny_dir, tmp_path):
     assert str(m / "config.json") in out["message"] and "bytes" in out["message"]
 
 
+@pytest.mark.slow
 def test_classifier_labels_beyond_the_bound(tiny_dir, tmp_path):
     m = _copy(tiny_dir, tmp_path)
     config = json.loads((m / "config.json").read_text())
@@ -132,6 +136,7 @@ def _recurrent(tmp_path, **config):
     return directory
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("field", "value"), [("n_embd", 6000), ("vocab_size", 10**7), ("n_layer", 500),
                                               ("cell", ["lstm"]), ("cell", "transformer"), ("eos_token_id", "x"),
                                               ("dropout", "0.2")])
@@ -152,6 +157,7 @@ def _adapter(tmp_path, tiny_dir, **changes):
     return directory
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("changes", "named"), [
     (dict(r=200_000), "r=200000"), (dict(use_rslora="false"), "use_rslora"), (dict(base_model_name_or_path=42),
                                                                               "base_model_name_or_path"),
@@ -164,6 +170,7 @@ def test_hostile_adapter_configs(tiny_dir, tmp_path, changes, named):
     assert "adapter" in out["message"] and named in out["message"], out
 
 
+@pytest.mark.slow
 def test_an_adapter_config_that_is_a_list(tiny_dir, tmp_path):
     adapter = _adapter(tmp_path, tiny_dir)
     (adapter / "adapter_config.json").write_text("[1, 2, 3]")
@@ -171,6 +178,7 @@ def test_an_adapter_config_that_is_a_list(tiny_dir, tmp_path):
     assert str(adapter / "adapter_config.json") in out["message"] and "list" in out["message"]
 
 
+@pytest.mark.slow
 def test_adapter_label_metadata_beyond_its_head(tiny_dir, tmp_path):
     from gpt2lite import GPT2ForSequenceClassification
 
@@ -185,6 +193,7 @@ def test_adapter_label_metadata_beyond_its_head(tiny_dir, tmp_path):
     assert "gpt2lite.labels" in out["message"] and "adapter_model.safetensors" in out["message"]
 
 
+@pytest.mark.slow
 def test_a_character_vocabulary_without_chars(tiny_dir, tmp_path):
     m = _copy(tiny_dir, tmp_path)
     (m / "tokenizer.json").write_text(json.dumps({"type": "char", "letters": ["a"]}))
@@ -192,6 +201,7 @@ def test_a_character_vocabulary_without_chars(tiny_dir, tmp_path):
     assert str(m / "tokenizer.json") in out["message"] and "chars" in out["message"]
 
 
+@pytest.mark.slow
 def test_a_config_nested_too_deep_is_one_clear_error(tiny_dir, tmp_path):
     m = _copy(tiny_dir, tmp_path)
     (m / "config.json").write_text('{"n_layer": 2, "task_specific_params": ' + "[" * 100_000 + "]" * 100_000 + "}")
@@ -200,6 +210,7 @@ def test_a_config_nested_too_deep_is_one_clear_error(tiny_dir, tmp_path):
     assert "nests" in out["message"], out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad_id", [300_000_000, -5])
 def test_vocab_json_ids_are_range_checked_before_a_table_is_built(tmp_path, bad_id):
     from gpt2lite.tokenizers.files import bundled_gpt2_files

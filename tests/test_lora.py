@@ -139,6 +139,7 @@ def test_unsupported_peft_options_are_refused(tiny_dir, tmp_path):
         LoraConfig(target_modules=("q_proj",))
 
 
+@pytest.mark.slow
 def test_lora_training_changes_only_the_adapters(tiny_dir, tmp_path):
     model = GPT2.from_pretrained(tiny_dir)
     before = {k: v.clone() for k, v in model.state_dict().items()}

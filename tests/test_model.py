@@ -32,6 +32,7 @@ def ours_124m(gpt2_124m_dir):
     return GPT2.from_pretrained(gpt2_124m_dir)
 
 
+@pytest.mark.slow
 def test_logits_equal_transformers_124m(ours_124m, hf_124m):
     ids = random_ids((2, 40))
     with torch.no_grad():
@@ -40,6 +41,7 @@ def test_logits_equal_transformers_124m(ours_124m, hf_124m):
     assert max_diff(ours, hf_logits(hf_124m, ids)) < 1e-4
 
 
+@pytest.mark.slow
 def test_left_padded_batch_equals_transformers(ours_124m, hf_124m):
     ids = random_ids((3, 12), seed=1)
     mask = torch.ones_like(ids)
@@ -76,6 +78,7 @@ def test_layouts_tiny(layout, tiny_dir, hf_tiny, tmp_path):
         assert max_diff(model(ids), hf_logits(hf_tiny, ids)) < 1e-4
 
 
+@pytest.mark.slow
 def test_bare_file_infers_config(gpt2_124m_dir):
     model = GPT2.from_pretrained(gpt2_124m_dir / "model.safetensors", device="meta")
     assert model.config == GPT2Config.from_preset("gpt2")
@@ -92,12 +95,14 @@ def test_half_precision(dtype, tol, tiny_dir, hf_tiny):
     assert max_diff(ours, hf_logits(hf_tiny, ids)) < tol
 
 
+@pytest.mark.slow
 def test_tied_head_is_one_tensor(ours_124m):
     names = [n for n, _ in ours_124m.named_parameters()]
     assert not any("lm_head" in n for n in names)
     assert ours_124m.num_parameters() == 124_439_808  # GPT-2 small, as published
 
 
+@pytest.mark.slow
 def test_kv_cache_matches_full_forward(ours_124m):
     ids = random_ids((2, 24), seed=4)
     cache = ours_124m.new_state(2, 24)

@@ -131,6 +131,7 @@ def test_bad_quantize_values_are_errors(tiny_dir):
         load_model(tiny_dir, quantize="int3")
 
 
+@pytest.mark.slow
 def test_compiled_int8_steps_run_fbgemm_inside_the_graph(tiny_dir, monkeypatch):
     """compile=True calls fbgemm's product through gpt2lite::int8_linear; a copy shares the compiled graph."""
     from torch._dynamo.utils import counters

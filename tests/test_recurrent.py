@@ -76,6 +76,7 @@ def test_training_on_real_text_lowers_held_out_loss(cell, text_data, tmp_path):
     assert isinstance(gen("The import statement", max_new_tokens=8, seed=0), str)
 
 
+@pytest.mark.slow
 def test_resume_is_exact(text_data, tmp_path):
     config = TrainConfig(steps=6, batch_size=4, block_size=32, warmup_steps=1, save_interval=3, eval_interval=0,
                          eval_batches=2, progress=False)
@@ -128,6 +129,7 @@ def test_char_tokenizer():
         tok.encode("zebra")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", [["--arch", "lstm"], ["--preset", "tiny"]], ids=["lstm", "gpt2"])
 def test_cli_char_level_models(arch, tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
