@@ -135,8 +135,35 @@ def test_unsupported_peft_options_are_refused(tiny_dir, tmp_path):
     theirs.save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="use_dora"):
         load_model(tiny_dir, adapter=tmp_path)
-    with pytest.raises(ValueError, match="not a GPT-2 linear layer"):
-        LoraConfig(target_modules=("q_proj",))
+    with pytest.raises(ValueError, match=r"no linear layer of the model matches the LoRA targets \['q_proj'\]"):
+        add_lora(GPT2.from_pretrained(tiny_dir), LoraConfig(target_modules=("q_proj",)))
+
+
+def test_lora_quantize_and_prepack_work_on_any_model_with_linear_layers():
+    """One walk over linear layers (by type, not GPT-2's names): PEFT on the same plain module is the oracle."""
+    from gpt2lite import prepack, quantize
+
+    def mlp():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Sequential(
+            torch.nn.Linear(32, 32), torch.nn.GELU()), torch.nn.Linear(32, 8)).eval()
+
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
+    ours = add_lora(mlp(), LoraConfig(r=2, lora_alpha=4, target_modules=("0", "2.0")))
+    _randomize_b(ours)
+    theirs = peft.get_peft_model(mlp(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2.0"])).eval()
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():  # the same adapter weights on both
+            if "lora_" in name:
+                key = name.removeprefix("base_model.model.").replace(".default", "")
+                p.copy_(dict(ours.named_parameters())[key])
+        torch.testing.assert_close(ours(x), theirs(x))
+        assert float((ours(x) - mlp()(x)).abs().max()) > 1e-3  # the adapters matter
+        float_out = mlp()(x)
+        for transform in (lambda m: quantize(m, "int8"), prepack):
+            changed = transform(mlp())
+            assert not any(type(m) is torch.nn.Linear for m in changed.modules())  # every layer was replaced
+            torch.testing.assert_close(changed(x), float_out, atol=0.05, rtol=0.05)
 
 
 @pytest.mark.slow

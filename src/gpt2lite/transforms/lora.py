@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from gpt2lite.models.gpt2 import GPT2
+from gpt2lite.transforms.layers import linear_layers
 from gpt2lite.transforms.quantize import is_quantized
 
 __all__ = ["TARGETS", "LoraConfig", "LoraLinear", "add_lora", "has_lora", "merge_lora"]
@@ -50,12 +50,9 @@ class LoraConfig:
         if not isinstance(self.use_rslora, bool):
             raise ValueError(f"use_rslora must be True or False, got {self.use_rslora!r}")
         targets = (self.target_modules,) if isinstance(self.target_modules, str) else tuple(self.target_modules)
-        if not targets:
-            raise ValueError(f"target_modules must name at least one of {TARGETS}")
-        for t in targets:
-            if not isinstance(t, str) or t.rsplit(".", 1)[-1] not in TARGETS:
-                raise ValueError(f"LoRA target {t!r} is not a GPT-2 linear layer; use names from {TARGETS} "
-                                 "(or attn.c_proj / mlp.c_proj)")
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ValueError(f"target_modules must name linear layers (GPT-2's: {TARGETS}), got "
+                             f"{self.target_modules!r}")
         object.__setattr__(self, "target_modules", targets)
 
     @property
@@ -93,24 +90,14 @@ class LoraLinear(nn.Module):
         return self.base_layer
 
 
-def _body(model: nn.Module) -> nn.Module:
-    """The GPT-2 body of a language model or a classifier."""
-    body = getattr(model, "transformer", model)
-    if not isinstance(body, GPT2):
-        raise TypeError(f"LoRA adapters go on GPT-2 models, not {type(model).__name__}")
-    return body
-
-
 def _targets(model: nn.Module, targets: tuple[str, ...]) -> list[tuple[nn.Module, str, str]]:
     """(parent module, attribute, full name) of every linear layer a target names, as PEFT matches them."""
-    found = []
-    for name, module in model.named_modules():
-        for attr, child in module.named_children():
-            full = f"{name}.{attr}" if name else attr
-            if isinstance(child, (nn.Linear, LoraLinear)) and any(full == t or full.endswith("." + t) for t in targets):
-                found.append((module, attr, full))
+    found = [(parent, attr, name) for name, parent, attr in linear_layers(model, (nn.Linear, LoraLinear))
+             if any(name == t or name.endswith("." + t) for t in targets)]
     if not found:
-        raise ValueError(f"no layer of the model matches the LoRA targets {list(targets)}")
+        names = [name for name, _, _ in linear_layers(model)][:6]
+        raise ValueError(f"no linear layer of the model matches the LoRA targets {list(targets)} (its layers: "
+                         f"{names}{' ...' if len(names) == 6 else ''})")
     return found
 
 
@@ -120,20 +107,21 @@ def has_lora(model: nn.Module) -> bool:
 
 
 def add_lora(model: nn.Module, config: LoraConfig = LoraConfig()) -> nn.Module:
-    """Put fresh adapters on the target layers of a GPT-2 (or classifier) in place and freeze the rest.
+    """Put fresh adapters on the target linear layers of a model (GPT-2, its classifier, any other) in place.
 
-    Afterwards only the adapters, and a classifier's ``score`` head, have
-    ``requires_grad``. Example::
+    Targets match layer names as PEFT matches them (a name, or the end of a
+    dotted one). Afterwards only the adapters, and a classifier's ``score`` head,
+    have ``requires_grad``. Example::
 
         model = add_lora(GPT2.from_pretrained("gpt2"), LoraConfig(r=8, target_modules=("c_attn", "c_proj")))
     """
-    _body(model)
     if has_lora(model):
         raise ValueError("the model already has LoRA adapters; merge_lora() them first")
     if is_quantized(model):
         raise ValueError("LoRA trains in floating point: load the model without quantize")
     if config.base_model_name_or_path is None:
-        config = dataclasses.replace(config, base_model_name_or_path=getattr(_body(model), "name_or_path", None))
+        body = getattr(model, "transformer", model)
+        config = dataclasses.replace(config, base_model_name_or_path=getattr(body, "name_or_path", None))
     model.requires_grad_(False)
     for parent, attr, _ in _targets(model, config.target_modules):
         # New modules start in training mode: follow the model's, or a loaded adapter would apply dropout.

@@ -44,6 +44,7 @@ from torch import nn
 from gpt2lite.models.gpt2 import GPT2, tied_head_product
 from gpt2lite.models.weights import own_memory
 from gpt2lite.transforms.kernels import KERNELS, Choice, choose_kernels
+from gpt2lite.transforms.layers import linear_layers
 from gpt2lite.transforms.quantize import is_quantized
 
 __all__ = ["MIN_ROWS", "PackedEmbedding", "PackedLinear", "can_prepack", "kernel_report", "prepack"]
@@ -151,7 +152,7 @@ class PackedEmbedding(nn.Embedding):
 def prepack(model: nn.Module, rows: int = 8, *, one_row: Literal["auto", "mkl", "onednn"] = "auto",
             copy: bool = True, batch: Literal["auto", "mkl", "onednn"] = "auto",
             kernel_cache: str | os.PathLike[str] | None = None) -> nn.Module:
-    """Choose a float32 GPT-2's CPU product kernels, with oneDNN-reordered copies for batches; return it.
+    """Choose a float32 model's CPU product kernels (a GPT-2's tied head too), with oneDNN copies for batches.
 
     ``one_row`` picks the kernel of products under ``MIN_ROWS`` rows (batch-1
     decoding): ``"auto"`` measures both per weight shape on this CPU, cached in
@@ -173,21 +174,17 @@ def prepack(model: nn.Module, rows: int = 8, *, one_row: Literal["auto", "mkl", 
     if rows < 1:
         raise ValueError(f"rows must be at least 1, got {rows}")
     body = getattr(model, "transformer", model)
-    if not isinstance(body, GPT2):
-        raise TypeError(f"prepack works on GPT-2 models, not {type(model).__name__}")
+    if not isinstance(body, GPT2) and not linear_layers(body):
+        raise TypeError(f"prepack works on models with linear layers; {type(model).__name__} has none")
     refusal = _refusal(body)
     if refusal is not None:
         raise ValueError(refusal)
-    for block in body.h:
-        for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"),
-                             (block.mlp, "c_proj")):
-            layer = getattr(parent, name)
-            if type(layer) is nn.Linear:
-                setattr(parent, name, PackedLinear.wrap(layer, rows))
-    if type(body.wte) is nn.Embedding:
+    for _, parent, name in linear_layers(body):  # GPT-2's untied head (tie_word_embeddings: false) among them
+        layer = getattr(parent, name)
+        if type(layer) is nn.Linear:
+            setattr(parent, name, PackedLinear.wrap(layer, rows))
+    if isinstance(body, GPT2) and type(body.wte) is nn.Embedding:  # the tied embedding is GPT-2's head too
         body.wte = PackedEmbedding.wrap(body.wte, rows)
-    if type(body.lm_head) is nn.Linear:  # an untied head (tie_word_embeddings: false)
-        body.lm_head = PackedLinear.wrap(body.lm_head, rows)
     layers = [m for m in body.modules() if isinstance(m, (PackedLinear, PackedEmbedding))]
     # GPT-2's Conv1D weights arrive as transposed views of the mapped file: every tensor gets
     # memory of its own, in (out, in) rows, so no view keeps the file mapped beside the copies.
@@ -200,7 +197,8 @@ def prepack(model: nn.Module, rows: int = 8, *, one_row: Literal["auto", "mkl", 
         groups.setdefault(_shape(layer), []).append(layer)
     weights = {shape: [m.weight.detach() for m in group] for shape, group in groups.items()}
     # The tied head's MKL product is tied_head_product, which takes another route for 8 to 32 rows.
-    heads = {_shape(body.wte): tied_head_product} if body.lm_head is None else {}
+    tied = isinstance(body, GPT2) and body.lm_head is None
+    heads = {_shape(body.wte): tied_head_product} if tied else {}
     with torch.no_grad():
         choices = choose_kernels(weights, kernel_cache) if one_row == "auto" else {}
         batches = choose_kernels(weights, kernel_cache, rows, heads) if not copy and batch == "auto" else {}
@@ -223,9 +221,10 @@ def can_prepack(model: nn.Module) -> bool:
     return isinstance(body, GPT2) and _refusal(body) is None
 
 
-def _refusal(body: GPT2) -> str | None:
+def _refusal(body: nn.Module) -> str | None:
     """Why ``prepack`` cannot serve ``body``, or None."""
-    if is_quantized(body) or body.dtype != torch.float32 or body.device.type != "cpu":
+    weight = next(body.parameters())
+    if is_quantized(body) or weight.dtype != torch.float32 or weight.device.type != "cpu":
         return "prepack is for float32 models on the CPU (not quantized, not on a GPU)"
     if not torch.backends.mkldnn.is_available():
         return "prepack needs PyTorch's oneDNN (mkldnn) backend, which this build lacks"

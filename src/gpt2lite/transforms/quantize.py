@@ -47,6 +47,7 @@ from torch import nn
 from gpt2lite.errors import NonFiniteError
 from gpt2lite.models.gpt2 import GPT2
 from gpt2lite.models.weights import own_memory
+from gpt2lite.transforms.layers import linear_layers
 
 __all__ = ["QUANTIZE_MODES", "Int4Embedding", "Int4Linear", "Int8Embedding", "Int8Linear", "QuantizeMode",
            "is_quantized", "quantize"]
@@ -410,7 +411,7 @@ def is_quantized(model: nn.Module) -> bool:
 
 def quantize(model: nn.Module, mode: QuantizeMode = "int8", *, group_size: int | None = None,
              head: QuantizeMode | None = None) -> nn.Module:
-    """Quantize a GPT-2's linear layers and its tied embedding / LM head in place; return the model.
+    """Quantize a model's linear layers in place (a GPT-2's tied embedding / LM head too); return the model.
 
     Only inference: the result generates, streams, serves and scores like the
     float model, but does not train. For ``"int4"``, ``group_size`` (32, 64,
@@ -431,8 +432,9 @@ def quantize(model: nn.Module, mode: QuantizeMode = "int8", *, group_size: int |
     group_size = INT4_GROUP_SIZE if group_size is None else group_size
     head = head or "int8"
     body = getattr(model, "transformer", model)
-    if not isinstance(body, GPT2):
-        raise TypeError(f"quantize works on GPT-2 models, not {type(model).__name__}")
+    gpt2 = isinstance(body, GPT2)  # its tied embedding and head are quantized too; other models: linear layers
+    if not gpt2 and not linear_layers(body):
+        raise TypeError(f"quantize works on models with linear layers; {type(model).__name__} has none")
     if is_quantized(body):
         raise ValueError("the model is already quantized")
     if mode == "int4":  # checked before any layer is replaced
@@ -448,14 +450,14 @@ def quantize(model: nn.Module, mode: QuantizeMode = "int8", *, group_size: int |
         return (Int8Embedding if embedding else Int8Linear).from_float(weight, bias)
 
     with torch.no_grad():
-        for block in body.h:
-            for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"),
-                                 (block.mlp, "c_proj")):
-                layer = getattr(parent, name)
+        for _, parent, name in linear_layers(body):
+            layer = getattr(parent, name)
+            if not (gpt2 and layer is body.lm_head):  # GPT-2's untied head is quantized as a head, below
                 setattr(parent, name, linear(layer.weight, layer.bias))
-        body.wte = linear(body.wte.weight, kind=head, embedding=True)
-        if body.lm_head is not None:  # an untied head (tie_word_embeddings: false)
-            body.lm_head = linear(body.lm_head.weight, kind=head)
+        if gpt2:
+            body.wte = linear(body.wte.weight, kind=head, embedding=True)
+            if body.lm_head is not None:  # an untied head (tie_word_embeddings: false)
+                body.lm_head = linear(body.lm_head.weight, kind=head)
     # What stays in floating point (positions, LayerNorms) may still be a view of the mapped
     # checkpoint file, which would keep the whole float file resident: give it its own memory.
     own_memory(body)
