@@ -56,10 +56,10 @@ def main(steps: int = 150, batch_size: int = 16, block_size: int = 64, width: in
         times: dict[int, float] = {}  # step -> seconds since the start of training
         t0 = time.perf_counter()
 
-        def record(step: int, loss: float, times: dict[int, float] = times, t0: float = t0) -> None:
-            times[step + 1] = time.perf_counter() - t0
+        def record(done: int, entry: object, times: dict[int, float] = times, t0: float = t0) -> None:
+            times[done] = time.perf_counter() - t0
 
-        result = train(model, data, out_dir / name.split()[0].lower(), config, on_step=record)
+        result = train(model, data, out_dir / name.split()[0].lower(), config, callbacks=[record])
         seconds = time.perf_counter() - t0
         curves[name] = [(times[step], loss) for step, loss in result.val_losses]
         val = evaluate_loss(model, data, block_size=block_size, batches=32, batch_size=batch_size)

@@ -86,13 +86,13 @@ def test_resume_is_exact(text_data, tmp_path):
     class Stop(Exception):
         pass
 
-    def stop_after_3(step, loss):
-        if step == 2:
+    def stop_after_3(done, record):
+        if done == 3:
             raise Stop
 
     first = small("lstm")
     with pytest.raises(Stop):
-        train(first, text_data, tmp_path / "b", config, on_step=stop_after_3)
+        train(first, text_data, tmp_path / "b", config, callbacks=[stop_after_3])
     resumed = small("lstm", seed=123)  # other weights: everything comes from the checkpoint
     again = train(resumed, text_data, tmp_path / "b", config, resume=True)
     assert again.losses == full.losses

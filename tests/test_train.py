@@ -123,6 +123,31 @@ def test_finetuned_checkpoint_loads_in_transformers(tiny_dir, data, tmp_path):
     assert (ours - original).abs().max().item() > 1e-3  # training changed the weights
 
 
+def test_an_explicit_objective_and_callbacks(tiny_dir, data, tmp_path):
+    """An objective of one's own trains what it says (a zero loss changes nothing); callbacks get each record."""
+    import json
+
+    from gpt2lite.training.objectives import LanguageModeling
+
+    class Frozen(LanguageModeling):
+        def loss(self, forward, rows, block, device):
+            return super().loss(forward, rows, block, device) * 0.0
+
+    config = TrainConfig(steps=2, batch_size=2, block_size=32, weight_decay=0.0, **QUIET)
+    model = GPT2.from_pretrained(tiny_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    records = []
+    train(model, data, tmp_path / "frozen", config, objective=Frozen(data),
+          callbacks=[lambda done, record: records.append((done, dict(record)))])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    logged = [json.loads(line) for line in (tmp_path / "frozen" / "metrics.jsonl").read_text().splitlines()]
+    assert [done for done, _ in records] == [1, 2]
+    assert [r["train_loss"] for _, r in records] == [line["train_loss"] for line in logged] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="other data"):
+        other = prepare_data(["Some other text to train on. " * 50], tmp_path / "other")
+        train(GPT2.from_pretrained(tiny_dir), data, tmp_path / "x", config, objective=LanguageModeling(other))
+
+
 @pytest.mark.slow
 def test_resume_continues_exactly(tiny_dir, data, tmp_path):
     """6 steps in one go equal 3 steps, an interruption (Ctrl-C), then a resume for the rest; dropout on."""
@@ -130,12 +155,12 @@ def test_resume_continues_exactly(tiny_dir, data, tmp_path):
                          save_interval=1, eval_interval=2)
     whole = train(GPT2.from_pretrained(tiny_dir), data, tmp_path / "whole", config)
 
-    def interrupt(step, loss):
-        if step == 2:
+    def interrupt(done, record):
+        if done == 3:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(GPT2.from_pretrained(tiny_dir), data, tmp_path / "split", config, on_step=interrupt)
+        train(GPT2.from_pretrained(tiny_dir), data, tmp_path / "split", config, callbacks=[interrupt])
     assert torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)["step"] == 3
     resumed = train(GPT2.from_pretrained(tiny_dir), data, tmp_path / "split", config, resume=True)
     assert resumed.losses == whole.losses

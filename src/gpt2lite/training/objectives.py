@@ -9,13 +9,15 @@
 - ``InstructionTuning`` over ``InstructionData`` (``load_instructions``):
   prompt/completion pairs packed into rows, the loss on the completion tokens only.
 
-``objective_for(data)`` picks the objective a data set stands for; the trainer
-itself never asks which one it runs.
+``train(..., objective=)`` takes one explicitly (any object with the
+``Objective`` protocol's methods); left out, ``objective_for(data)`` picks the one a
+data set stands for. The trainer itself never asks which one it runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -142,7 +144,22 @@ class InstructionTuning:
         return {"loss": total / max(1, count)}
 
 
-Objective = LanguageModeling | Classification | InstructionTuning
+class Objective(Protocol):
+    """What ``train`` needs of an objective: the three above, or one of your own."""
+
+    data: Any  # what it trains on; train() checks that it is the data it was given
+
+    def check(self, model: nn.Module, block: int) -> None:
+        """Refuse a model (or data) this objective cannot train, before any step."""
+
+    def population(self, block: int) -> int:
+        """How many training rows batches are drawn from."""
+
+    def loss(self, forward: Forward, rows: torch.Tensor, block: int, device: torch.device) -> torch.Tensor:
+        """The mean loss of the training rows ``rows``, through ``forward`` (the model, maybe wrapped)."""
+
+    def evaluate(self, model: nn.Module, block: int, batches: int, batch_size: int) -> dict[str, float]:
+        """Validation metrics; ``"loss"`` among them."""
 
 
 def objective_for(data: TokenData | LabeledData | InstructionData) -> Objective:

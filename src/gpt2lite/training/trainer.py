@@ -21,7 +21,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +47,10 @@ from gpt2lite.training.log import METRICS, PLOT, TENSORBOARD, RunLog, plot_losse
 from gpt2lite.training.objectives import Classification, Objective, objective_for
 from gpt2lite.transforms.quantize import is_quantized
 
-__all__ = ["TrainConfig", "TrainResult", "check_output_dir", "check_run_folder", "train"]
+__all__ = ["StepCallback", "TrainConfig", "TrainResult", "check_output_dir", "check_run_folder", "train"]
+
+# Called after each step with the number of steps done and the step's record (metrics.jsonl's line for it).
+StepCallback = Callable[[int, Mapping[str, Any]], None]
 
 CHECKPOINT = "checkpoint.pt"
 FINAL = "final"
@@ -195,16 +198,21 @@ def train(
     *,
     resume: bool = False,
     overwrite: bool = False,
-    on_step: Callable[[int, float], None] | None = None,
+    objective: Objective | None = None,
+    callbacks: Sequence[StepCallback] = (),
     tokenizer: TokenizerProtocol | None = None,
     settings: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``data``; checkpoints go to ``out_dir``, the final model to ``out_dir/final``.
 
-    ``data`` from ``prepare_data`` trains a language model; ``data`` from
-    ``load_labeled`` trains a ``GPT2ForSequenceClassification`` (its labels
-    must be the data's); ``data`` from ``load_instructions`` fine-tunes on
-    completions. A model with LoRA adapters trains only them and saves them (PEFT
+    ``objective`` says what is learned from ``data``: ``LanguageModeling(data)``
+    (``data`` from ``prepare_data``), ``Classification(data)`` (from
+    ``load_labeled``; a ``GPT2ForSequenceClassification`` with the data's labels)
+    or ``InstructionTuning(data)`` (from ``load_instructions``: the loss on the
+    completions); left out, it is the one ``data`` is made for. Each of
+    ``callbacks`` is called after every step with the number of steps done and
+    the step's record (``metrics.jsonl``'s line), after the checkpoint, so that
+    one that stops the run (by raising) loses nothing. A model with LoRA adapters trains only them and saves them (PEFT
     format) as ``final``. ``tokenizer`` (the one the data was made with; default:
     GPT-2's, for a model with its vocabulary) is saved beside the model, so
     transformers' ``AutoTokenizer`` and vLLM read ``final`` too.
@@ -226,7 +234,10 @@ def train(
     infinite stops the run with ``NonFiniteError``, keeping the last checkpoint.
     """
     out_dir = Path(out_dir)
-    objective = objective_for(data)
+    if objective is None:
+        objective = objective_for(data)
+    elif objective.data is not data:
+        raise ValueError(f"the objective ({type(objective).__name__}) holds other data than the data passed to train()")
     block = _check_run(model, objective, config)
     _set_trainable(model, config)
     checkpoint_path = out_dir / CHECKPOINT
@@ -298,8 +309,8 @@ def train(
             if bar is not None:
                 bar.set_postfix(_postfix(step_loss, run, result, seconds))
                 bar.update(1)
-            if on_step is not None:  # after the checkpoint, so a callback that stops the run loses nothing
-                on_step(step, step_loss)
+            for callback in callbacks:  # after the checkpoint, so a callback that stops the run loses nothing
+                callback(step + 1, entry)
             if result.stopped_early:
                 break
     finally:
