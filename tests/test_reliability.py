@@ -212,7 +212,7 @@ def test_non_utf8_training_text_is_named(tmp_path, encoding):
         (["generate", "x", "--seed", str(2**64)], "seed must be below 2\\*\\*64"),
         (["generate", "x", "--temperature", "nan"], "temperature"),
         (["perplexity", "-", "--stride", "0"], "stride must be"),
-        (["perplexity", "-", "--max-length", "0"], "max_length must be"),
+        (["perplexity", "-", "--max-length", "0"], "--max-length must be"),
         (["finetune", "--data", "x", "--out", "y", "--lr", "inf"], "lr must be a finite number"),
         (["finetune", "--data", "x", "--out", "y", "--weight-decay", "nan"], "weight_decay must be a finite"),
     ],

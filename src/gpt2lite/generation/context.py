@@ -1,9 +1,10 @@
 """The context gate: whether a prompt and the tokens asked of it fit the model's context, and the window past it.
 
 Every path asks here, and nowhere else: ``generate`` (so ``TextGenerator`` and
-the CLI), the text layer's check by characters before it encodes, and the
-server, whose HTTP layer refuses a request before anything runs and whose
-scheduler shifts rows. Refusals are ``ContextLengthError`` (or ``OptionError``
+the CLI), the text layer's check by characters before it encodes, the server,
+whose HTTP layer refuses a request before anything runs and whose scheduler
+shifts rows, and the windows of training, scoring and classifying
+(``check_window``). Refusals are ``ContextLengthError`` (or ``OptionError``
 for ``n_keep``), which name the option at fault in ``param``.
 
 Generation past the context is llama.cpp's context shift, for a model with
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 
 from gpt2lite.errors import ContextLengthError, OptionError
 
-__all__ = ["check_n_keep", "check_text_fits", "fit_prompt", "shifted"]
+__all__ = ["check_n_keep", "check_text_fits", "check_window", "fit_prompt", "shifted"]
 
 
 def check_n_keep(n_keep: int, context: int) -> None:
@@ -91,6 +92,20 @@ def check_text_fits(characters: int, context: int | None, max_token_bytes: int, 
         raise ContextLengthError("prompt", f"{what} has {characters} characters: more tokens than fit in the model's "
                                            f"context of {context} tokens{with_new}; shorten it, or pass "
                                            "truncate_prompt='left'", **numbers)
+
+
+def check_window(length: object, context: int | None, param: str, *, least: int = 1) -> None:
+    """Refuse a window of tokens (a training block, a scoring or classifying length) outside ``least..context``.
+
+    >>> check_window(200, 128, "block_size")
+    Traceback (most recent call last):
+    ...
+    gpt2lite.errors.OptionError: block_size must be an int in 1..128 (the model's context), got 200
+    """
+    if isinstance(length, bool) or not isinstance(length, int) or length < least or (
+            context is not None and length > context):
+        raise OptionError(param, f"{param} must be an int in {least}..{context or 'any'} (the model's context), "
+                                 f"got {length!r}")
 
 
 def shifted(window: Sequence[int], context: int, n_keep: int) -> list[int]:

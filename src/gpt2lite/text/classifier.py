@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from gpt2lite.generation.batching import right_pad
+from gpt2lite.generation.context import check_window
 from gpt2lite.loading import load_model, load_tokenizer
 from gpt2lite.models.classifier import GPT2ForSequenceClassification
 from gpt2lite.tokenizers.protocol import TokenizerProtocol
@@ -78,9 +79,8 @@ class TextClassifier:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         context = self.model.config.n_positions
-        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
-                                       or not 1 <= max_length <= context):
-            raise ValueError(f"max_length must be an int in 1..{context} (the model's context), got {max_length!r}")
+        if max_length is not None:
+            check_window(max_length, context, "max_length")
         limit = max_length or context
         encoded = [self.tokenizer.encode(t)[:limit] for t in items]
         empty = next((i for i, ids in enumerate(encoded) if not ids), None)

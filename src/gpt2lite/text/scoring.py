@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2lite.errors import NonFiniteError
+from gpt2lite.generation.context import check_window
 from gpt2lite.models.protocol import DecoderModel
 
 __all__ = ["perplexity", "token_logprobs"]
@@ -63,11 +64,10 @@ def perplexity(
     ids = _as_ids(ids, "ids", model.config.vocab_size)
     if ids.numel() < 2:
         raise ValueError("perplexity needs at least 2 tokens")
-    context = model.config.n_positions or 1 << 62  # recurrent models: no limit
+    context = model.config.n_positions  # None for recurrent models: no limit
     if max_length is None:
-        max_length = min(context, 1024)
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or not 1 < max_length <= context:
-        raise ValueError(f"max_length must be an int in 2..{model.config.n_positions or 'any'}, got {max_length!r}")
+        max_length = min(context or 1024, 1024)
+    check_window(max_length, context, "max_length", least=2)
     if stride is None:
         stride = max(1, max_length // 2)
     if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= max_length:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from gpt2lite.errors import OptionError
+from gpt2lite.generation.context import check_window
 
 if TYPE_CHECKING:
     from gpt2lite.transforms.lora import LoraConfig
@@ -166,7 +166,5 @@ def training_data(spec: RunSpec, tokenizer: Any, chat_prompt: ChatPrompt | None 
 
 
 def check_block_size(spec: RunSpec, model: Any) -> None:
-    context = model.config.n_positions
-    if spec.block_size is not None and context is not None and spec.block_size > context:
-        raise OptionError("block_size", f"the block size ({spec.block_size}) exceeds the model's context of {context} "
-                                        "positions")
+    if spec.block_size is not None:  # before the data is tokenized; train() asks the same of its config
+        check_window(spec.block_size, model.config.n_positions, "block_size")

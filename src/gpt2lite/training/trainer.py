@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gpt2lite.errors import CheckpointError, NonFiniteError
+from gpt2lite.generation.context import check_window
 from gpt2lite.generation.decode import generate
 from gpt2lite.io.files import write_json
 from gpt2lite.loading import save_model
@@ -399,8 +400,7 @@ def _check_run(model: nn.Module, objective: Objective, config: TrainConfig) -> i
                          "load it without quantize")
     context = model.config.n_positions  # None for recurrent models: no limit
     block = config.block_size or min(context or 256, 256)
-    if context is not None and block > context:
-        raise ValueError(f"block_size {block} exceeds the model's n_positions ({context})")
+    check_window(block, context, "block_size")
     if config.autocast and model.device.type != "cuda":
         raise ValueError("autocast (bf16/fp16 mixed precision) is for CUDA; train in float32 on the CPU")
     objective.check(model, block)
