@@ -737,3 +737,39 @@ def test_a_runaway_chat_template_is_stopped_and_the_server_stays_responsive(gen)
         r = http.post(url + "/v1/chat/completions", json={"messages": two, "max_tokens": 1})
         assert r.status_code == 400 and "took more than" in r.json()["error"]["message"]
         assert http.post(url + "/v1/chat/completions", json={"messages": two[:1], "max_tokens": 1}).status_code == 200
+
+
+@pytest.mark.parametrize(("body", "param", "words"), [
+    ({"prompt": "hi", "n": "2"}, "n", "valid integer"),
+    ({"prompt": "hi", "context_shift": True, "n_keep": True}, "n_keep", "valid integer"),
+    ({"prompt": [[1, 2], [3, "x"]]}, "prompt", "a list of lists of token ids"),
+    ({"prompt": "hi", "max_tokens": 3, "min_tokens": 10}, "min_tokens", "more than the 3 tokens"),
+    ({"prompt": ["a", "b"] * 200}, "prompt", "queues at most 256"),
+])
+def test_careless_values_are_refused_naming_the_field(server, body, param, words):
+    """Found by a new-user trial: each was accepted (or blamed another field) before."""
+    r = httpx.post(server[0] + "/v1/completions", json={"model": "tiny", "max_tokens": 1, **body}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and words in r.json()["error"]["message"], r.text
+
+
+def test_a_body_that_is_not_a_json_object_says_so(server):
+    empty = httpx.post(server[0] + "/v1/completions", timeout=30)
+    assert empty.status_code == 400 and "no body" in empty.json()["error"]["message"]
+    plain = httpx.post(server[0] + "/v1/completions", content=b'{"prompt": "x"}', timeout=30,
+                       headers={"content-type": "text/plain"})
+    assert plain.status_code == 400 and "application/json" in plain.json()["error"]["message"]
+    bools = httpx.post(server[0] + "/detokenize", json={"tokens": [True]}, timeout=30)
+    assert bools.status_code == 400 and bools.json()["error"]["param"] == "tokens.0"
+
+
+def test_tokenize_counts_past_the_context(server):
+    r = httpx.post(server[0] + "/tokenize", json={"prompt": "hello" + " hello" * 299}, timeout=30)
+    assert r.status_code == 200 and r.json()["count"] == 300 and r.json()["max_model_len"] == 96
+
+
+def test_a_template_that_fails_on_any_conversation_stops_the_start(gen):
+    with pytest.raises(ValueError, match="no loader"):
+        create_app(gen.model, gen.tokenizer, chat_template="{% include 'x.jinja' %}")
+    refusing = "{% if messages|length < 2 %}{{ raise_exception('two messages, please') }}{% endif %}ok"
+    create_app(gen.model, gen.tokenizer, chat_template=refusing)  # refuses one conversation, not every one

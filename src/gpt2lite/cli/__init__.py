@@ -41,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _flags(command: str) -> set[str]:
+    """The option strings of one command (``--top-p``, ...), to name an option at fault by its flag."""
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return set(commands.choices[command]._option_string_actions)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     try:
@@ -57,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "generate":  # whose flags are GenerationOptions' fields
                 message = as_flags(message)
             flag = "--" + exc.param.replace("_", "-") if isinstance(exc, OptionError) else None
-            if flag is not None and hasattr(args, exc.param) and flag not in message:
+            if flag is not None and flag in _flags(args.command) and flag not in message:
                 # The option at fault, named as this command's flag.
                 named = message.startswith(exc.param + " ")
                 message = flag + message[len(exc.param):] if named else f"{flag}: {message}"

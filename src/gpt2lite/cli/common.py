@@ -10,13 +10,24 @@ if TYPE_CHECKING:
     from gpt2lite.text.generator import TextGenerator
 
 __all__ = ["QUANTIZE_CHOICES", "add_model_options", "check_device", "load_text_generator", "port", "positive",
-           "read_input", "split_lines", "utf8_text"]
+           "read_input", "seconds", "split_lines", "utf8_text"]
 
 
 def port(value: str) -> int:
     if not value.isdigit() or not 0 <= int(value) <= 65535:
         raise argparse.ArgumentTypeError(f"a port is a number in 0..65535, got {value!r}")
     return int(value)
+
+
+def seconds(value: str) -> float:
+    """An argparse type: a finite number of seconds >= 0."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0 <= number < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {value!r}")
+    return number
 
 
 def positive(value: str) -> int:
@@ -93,8 +104,11 @@ def read_input(value: str | None, what: str, *, is_file: bool) -> str:
             return sys.stdin.read()
         return utf8_text(stream.read(), "stdin")
     if is_file:
-        with open(value, "rb") as f:
-            return utf8_text(f.read(), repr(value))
+        try:
+            with open(value, "rb") as f:
+                return utf8_text(f.read(), repr(value))
+        except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+            raise type(exc)(f"{what}: cannot read {value!r}: {exc.strerror.lower()}") from None
     return value
 
 

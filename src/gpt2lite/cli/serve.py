@@ -6,7 +6,7 @@ import argparse
 import socket
 from typing import Any
 
-from gpt2lite.cli.common import add_model_options, load_text_generator, port, positive
+from gpt2lite.cli.common import add_model_options, load_text_generator, port, positive, read_input, seconds
 
 __all__ = ["add_serve"]
 
@@ -27,7 +27,7 @@ def add_serve(commands: Any) -> None:
                      help="largest request body in bytes; larger ones get 413 (default: 4 MiB)")
     srv.add_argument("--chat-template", default=None,
                      help="a Jinja chat template file for /v1/chat/completions (default: the model's own)")
-    srv.add_argument("--shutdown-timeout", type=float, default=30.0,
+    srv.add_argument("--shutdown-timeout", type=seconds, default=30.0,
                      help="on SIGTERM or Ctrl-C, seconds to let running requests finish (default: 30)")
     srv.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json (behind the key)")
     srv.add_argument("--no-prefix-cache", action="store_true",
@@ -41,7 +41,6 @@ def _serve(args: argparse.Namespace) -> int:
     import logging
     import signal
     import threading
-    from pathlib import Path
 
     try:
         import uvicorn
@@ -55,7 +54,7 @@ def _serve(args: argparse.Namespace) -> int:
     options = ServerOptions(model_name=name, max_batch=args.max_batch, max_queue=args.max_queue,
                             api_key=args.api_key, max_body_size=args.max_body_size, docs=args.docs,
                             prefix_cache=not args.no_prefix_cache, playground=not args.no_playground)
-    template = Path(args.chat_template).read_text(encoding="utf-8") if args.chat_template else None
+    template = read_input(args.chat_template, "--chat-template", is_file=True) if args.chat_template else None
     listener = _listen(args.host, args.port)  # before the model loads: a port in use fails at once
     text_generator = load_text_generator(args, args.model)
     if template is None:

@@ -120,9 +120,10 @@ class _Server:
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "give either prompt or messages", "prompt")
         if body.messages is not None:
-            ids = await self.gate.encode(await self.gate.chat_prompt(body.messages), "messages", special=True)
+            ids = await self.gate.encode(await self.gate.chat_prompt(body.messages), "messages", special=True,
+                                         fit=False)
         else:
-            ids = await self.gate.encode(body.prompt, "prompt")
+            ids = await self.gate.encode(body.prompt, "prompt", fit=False)
         out: dict[str, Any] = {"tokens": ids, "count": len(ids), "max_model_len": self.gate.context}
         if body.return_token_strs:
             out["token_strs"] = await run_in_threadpool(lambda: [token_text(self.tokenizer, t) for t in ids])

@@ -86,6 +86,13 @@ def add_error_handlers(app: FastAPI) -> None:
         if unknown:
             return error_response(400, f"unknown field(s) {unknown}", unknown[0])
         param = _field(first.get("loc", ()))
+        if param is None and first.get("type") == "missing":
+            return error_response(400, "the request has no body: send a JSON object")
+        if param is None:
+            return error_response(400, "the body must be a JSON object, sent as content-type: application/json")
+        if param == "prompt":  # pydantic reports the union's first branch, which says little
+            return error_response(400, "prompt must be a string, a list of strings, a list of token ids (ints) or a "
+                                       "list of lists of token ids", param)
         return error_response(400, f"invalid {param or 'request'}: {first.get('msg', 'bad value')}", param)
 
     @app.exception_handler(Exception)

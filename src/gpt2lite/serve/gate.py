@@ -51,13 +51,16 @@ class RequestGate:
         except ValueError as exc:
             raise ApiError(400, str(exc), "messages") from None
 
-    async def encode(self, text: str, param: str, *, special: bool = False) -> list[int]:
+    async def encode(self, text: str, param: str, *, special: bool = False, fit: bool = True) -> list[int]:
         """Tokenize off the event loop, refusing first a text too long to fit (no time spent on it).
 
         ``special``: special-token strings are tokens (a chat template writes them), not text.
+        ``fit=False`` (``/tokenize``, which counts) skips the context: the body's size limit bounds the work.
         """
         try:
-            check_text_fits(len(text), self.context, self.tokenizer.max_token_bytes, context_shift=True, what=param)
+            if fit:
+                check_text_fits(len(text), self.context, self.tokenizer.max_token_bytes, context_shift=True,
+                                what=param)
         except ContextLengthError as exc:
             raise ApiError(400, f"{param} has {len(text)} characters: more tokens than the context of "
                                 f"{exc.context} holds", param, code=TOO_LONG) from None
@@ -95,7 +98,8 @@ class RequestGate:
         ``completions`` choices per prompt; ``max_tokens`` None is as many as fit.
         """
         if len(prompts) * completions > self.max_queue:  # a 429 would be retried in vain
-            param = "best_of" if getattr(body, "best_of", None) == completions != body.n else "n"
+            param = "best_of" if getattr(body, "best_of", None) == completions != body.n else \
+                "n" if body.n > 1 else prompt_param
             raise ApiError(400, f"this request asks for {len(prompts) * completions} completions (prompts x "
                                 f"{param}); this server queues at most {self.max_queue}: split it", param)
         max_param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None \
@@ -113,8 +117,11 @@ class RequestGate:
         out = []
         for ids, _ in prompts:
             allowed = self._fit(len(ids), max_tokens, body.context_shift, prompt_param, max_param, body.n_keep)
+            if body.min_tokens > allowed:  # as vLLM: a minimum the maximum cannot reach is refused
+                raise ApiError(400, f"min_tokens={body.min_tokens} is more than the {allowed} tokens this request may "
+                                    f"generate ({max_param})", "min_tokens")
             try:
-                out.append(base.replace(max_new_tokens=allowed, min_new_tokens=min(body.min_tokens, allowed)))
+                out.append(base.replace(max_new_tokens=allowed, min_new_tokens=body.min_tokens))
             except ValueError as exc:
                 raise api_error(exc, params) from None
         return out

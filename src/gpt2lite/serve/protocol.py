@@ -38,7 +38,8 @@ MAX_LOGIT_BIAS = 300  # entries of logit_bias, as OpenAI allows
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: "2" is not an n, true is not a token id (a whole number is still a float).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(_Body):
@@ -93,7 +94,7 @@ class CompletionRequest(_Sampling):
 class ChatMessage(BaseModel):
     """One message of a conversation (fields other than these are kept for the template)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None

@@ -30,7 +30,7 @@ from typing import Any
 from gpt2lite.tokenizers.protocol import TokenizerProtocol
 
 __all__ = ["DEFAULT_CHAT_TEMPLATE", "MAX_RENDER_CHARS", "MAX_RENDER_SECONDS", "ChatTemplate", "TemplateBudgetError",
-           "message_text"]
+           "TemplateRefusal", "message_text"]
 
 DEFAULT_CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{{ eos_token }}{% endfor %}"
 
@@ -38,6 +38,10 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 
 MAX_RENDER_SECONDS = 2.0  # a real template renders a long conversation in milliseconds
 MAX_RENDER_CHARS = 4 * 2**20  # more than any prompt a GPT-2 context holds
+
+
+class TemplateRefusal(ValueError):
+    """A chat template refused the messages (``raise_exception``, or another of jinja's own errors)."""
 
 
 class TemplateBudgetError(ValueError):
@@ -94,9 +98,12 @@ def message_text(content: Any) -> str:
     if isinstance(content, Sequence):
         texts = []
         for part in content:
-            if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            if not isinstance(part, Mapping) or part.get("type") != "text":
                 kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
                 raise ValueError(f"message content parts must be text ({{'type': 'text', 'text': ...}}), got {kind!r}")
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"a text part of a message must hold its text as a string ('text'), got "
+                                 f"{part.get('text')!r:.40}")
             texts.append(part["text"])
         return "\n".join(texts)
     raise ValueError(f"message content must be a string or a list of text parts, got {type(content).__name__}")
@@ -171,7 +178,7 @@ class ChatTemplate:
         except TemplateBudgetError:
             raise
         except self._errors as exc:
-            raise ValueError(f"the chat template refused these messages: {exc}") from None
+            raise TemplateRefusal(f"the chat template refused these messages: {exc}") from None
         except RecursionError:
             raise TemplateBudgetError("the chat template recurses without end") from None
         except MemoryError:
@@ -183,16 +190,17 @@ class ChatTemplate:
             sys.settrace(previous)
 
     def check(self) -> None:
-        """Render a one-message conversation once, so that a template over its budget is found at load.
+        """Render a one-message conversation once, so that a template that fails or runs away is found at load.
 
-        A template that refuses that conversation on purpose (``raise_exception``) passes.
+        A template that refuses that conversation itself (``raise_exception``,
+        or another of jinja's own errors) passes: other conversations may suit it.
         """
         try:
             self.render([{"role": "user", "content": "Hello"}])
-        except TemplateBudgetError as exc:
-            raise TemplateBudgetError(f"{exc} (on a one-message conversation, tried at load)") from None
-        except ValueError:
-            pass
+        except TemplateRefusal:
+            pass  # raise_exception, or another of jinja's own errors: a refusal of this conversation
+        except ValueError as exc:
+            raise type(exc)(f"{exc} (on a one-message conversation, tried at load)") from None
 
 
 def _raise(message: str) -> None:
