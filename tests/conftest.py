@@ -13,6 +13,25 @@ from safetensors.torch import save_file
 TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=96, vocab_size=50257)
 
 
+def pytest_report_header(config) -> list[str]:
+    """The installed versions that differ from constraints.txt, the last green run's (the oracles are unpinned)."""
+    from importlib import metadata
+
+    pinned = Path(__file__).resolve().parent.parent / "constraints.txt"
+    if not pinned.is_file():
+        return []
+    moved = []
+    for line in pinned.read_text(encoding="utf-8").splitlines():
+        name, _, version = line.partition("==")
+        try:
+            installed = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            installed = "absent"
+        if version and installed != version:
+            moved.append(f"{name} {version} -> {installed}")
+    return [f"versions moved since constraints.txt: {', '.join(moved) or 'none'}"]
+
+
 def _hf_model(seed: int, **config):
     import transformers
     torch.manual_seed(seed)

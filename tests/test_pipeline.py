@@ -89,7 +89,7 @@ def test_cli_generate_matches_api(gen, tiny_dir, capsys):
 @pytest.mark.parametrize(
     ("argv", "status", "match"),
     [
-        (["generate", "x", "--top-p", "2"], 1, "top_p must be in (0, 1]"),
+        (["generate", "x", "--top-p", "2"], 1, "--top-p must be in (0, 1]"),
         (["generate", "x", "--model", "/no/such/dir"], 1, "/no/such/dir"),
         (["generate", "x", "--max-new-tokens", "many"], 2, "invalid int value"),
         (["frobnicate"], 2, "invalid choice"),
