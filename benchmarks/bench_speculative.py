@@ -83,11 +83,11 @@ def main() -> None:
     def step_time(model: GPT2) -> float:
         state = model.new_state(1, 64)
         with torch.inference_mode():
-            model.decode(ids, state)
+            model.feed(ids, state)
             times = []
             for t in range(16):
                 t0 = time.perf_counter()
-                model.decode(ids[:, t : t + 1], state)
+                model.feed(ids[:, t : t + 1], state)
                 times.append(time.perf_counter() - t0)
         return statistics.median(times)
 

@@ -195,7 +195,7 @@ class ToyRNN(torch.nn.Module):
     def new_state(self, batch_size, max_length, *, static=False) -> ToyRNNState:
         return ToyRNNState(batch_size, 16)
 
-    def decode(self, input_ids, state, *, input_mask=None, rows=None, last_only=True):
+    def feed(self, input_ids, state, *, input_mask=None, rows=None, last_only=True):
         index = slice(None) if rows is None else list(rows)
         h, outs = state.h[index], []
         for t in range(input_ids.shape[1]):

@@ -53,9 +53,9 @@ def test_cached_logits_equal_full_forward_every_step(model_124m):
     with torch.no_grad():
         full = model_124m(seq, attention_mask=full_mask)
         T = ids.shape[1]
-        steps = [model_124m.decode(seq[:, :T], cache, input_mask=mask, last_only=False)]
+        steps = [model_124m.feed(seq[:, :T], cache, input_mask=mask, last_only=False)]
         for t in range(T, total):
-            steps.append(model_124m.decode(seq[:, t : t + 1], cache, last_only=False))
+            steps.append(model_124m.feed(seq[:, t : t + 1], cache, last_only=False))
     assert cache.lengths.tolist() == [total] * 3
     incremental = torch.cat(steps, dim=1)
     assert (incremental[real] - full[real]).abs().max() < 1e-4

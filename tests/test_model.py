@@ -108,8 +108,8 @@ def test_kv_cache_matches_full_forward(ours_124m):
     cache = ours_124m.new_state(2, 24)
     with torch.no_grad():
         full = ours_124m(ids)
-        step = [ours_124m.decode(ids[:, :10], cache, last_only=False)]
-        step += [ours_124m.decode(ids[:, t : t + 1], cache) for t in range(10, 24)]
+        step = [ours_124m.feed(ids[:, :10], cache, last_only=False)]
+        step += [ours_124m.feed(ids[:, t : t + 1], cache) for t in range(10, 24)]
     assert cache.lengths.tolist() == [24, 24]
     assert max_diff(torch.cat(step, dim=1), full) < 1e-4
 

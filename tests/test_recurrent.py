@@ -36,13 +36,13 @@ def test_cached_steps_equal_the_whole_sequence(cell):
     with torch.no_grad():
         full = model(ids)
         state = model.new_state(3, 14)
-        steps = [model.decode(ids[:, :6], state, last_only=False)]
-        steps += [model.decode(ids[:, t : t + 1], state) for t in range(6, 14)]
+        steps = [model.feed(ids[:, :6], state, last_only=False)]
+        steps += [model.feed(ids[:, t : t + 1], state) for t in range(6, 14)]
         assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
         # Left padding leaves the state as it was: a padded row equals its unpadded self.
         padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids[:1, :5]], 1)
         mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]])
-        logits = model.decode(padded, model.new_state(1, 8), input_mask=mask)
+        logits = model.feed(padded, model.new_state(1, 8), input_mask=mask)
         assert torch.allclose(logits[0, -1], full[0, 4], atol=1e-5)
 
 

@@ -534,10 +534,10 @@ class _Poisoned(torch.nn.Module):
     def new_state(self, *args, **kwargs):
         return self.inner.new_state(*args, **kwargs)
 
-    def decode(self, input_ids, state, **kwargs):
+    def feed(self, input_ids, state, **kwargs):
         if bool((input_ids == self.poison).any()):
             raise RuntimeError("activations overflowed")
-        return self.inner.decode(input_ids, state, **kwargs)
+        return self.inner.feed(input_ids, state, **kwargs)
 
 
 def test_a_failing_batched_forward_fails_only_its_row(gen):

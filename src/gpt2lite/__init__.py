@@ -19,10 +19,10 @@ if TYPE_CHECKING:
     from gpt2lite.errors import NonFiniteError as NonFiniteError
     from gpt2lite.generation.batching import left_pad as left_pad
     from gpt2lite.generation.batching import right_pad as right_pad
-    from gpt2lite.generation.decode import GenerateOutput as GenerateOutput
-    from gpt2lite.generation.decode import generate as generate
-    from gpt2lite.generation.decode import iter_steps as iter_steps
-    from gpt2lite.generation.decode import iter_tokens as iter_tokens
+    from gpt2lite.generation.loop import GenerateOutput as GenerateOutput
+    from gpt2lite.generation.loop import generate as generate
+    from gpt2lite.generation.loop import iter_steps as iter_steps
+    from gpt2lite.generation.loop import iter_tokens as iter_tokens
     from gpt2lite.generation.options import GenerationOptions as GenerationOptions
     from gpt2lite.generation.rules import Step as Step
     from gpt2lite.generation.rules import TokenRules as TokenRules

@@ -1,6 +1,6 @@
 """The per-token rules of decoding, written once for every decode loop.
 
-``generate`` (``decode.py``), beam search, speculative decoding and the server's
+``generate`` (``loop.py``), beam search, speculative decoding and the server's
 scheduler all go through a ``TokenRules`` for the rows they decode, so the same
 options give the same behaviour everywhere. At each step it
 

@@ -3,7 +3,7 @@
 ``DecodeSession`` feeds tokens to any model that follows
 ``gpt2lite.models.protocol`` and owns the state it made: nothing is kept on the
 model, two sessions never share a cache, and a session's memory goes with it. The
-decode loop (``decode.py``), beam search, speculative decoding and the server's
+decode loop (``loop.py``), beam search, speculative decoding and the server's
 scheduler all run on sessions.
 """
 
@@ -62,11 +62,11 @@ class DecodeSession:
     ) -> torch.Tensor:
         """Append tokens ``(R, T)`` to ``rows`` (default: all); logits ``(R, T or 1, vocab)``.
 
-        See ``DecoderModel.decode``.
+        See ``DecoderModel.feed``.
         """
         if self._compiled is not None and rows is None and input_mask is None and input_ids.shape[1] == 1:
             return self._compiled_feed(input_ids)
-        return self.model.decode(input_ids, self.state, input_mask=input_mask, rows=rows, last_only=last_only)
+        return self.model.feed(input_ids, self.state, input_mask=input_mask, rows=rows, last_only=last_only)
 
     def _compiled_feed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """One token for every row through the compiled step (eagerly once dynamo refuses another graph)."""
@@ -92,7 +92,7 @@ class DecodeSession:
                           "(torch._dynamo.config.recompile_limit): this session goes on eagerly",
                           RuntimeWarning, stacklevel=3)
             self._compiled = None
-            return self.model.decode(input_ids, state)
+            return self.model.feed(input_ids, state)
         if counts is not None and state.counts == counts:  # it ran traced: nothing counted it
             state.count(1)
         # A CUDA graph reuses its output buffer at the next replay: hand out a copy.
@@ -114,8 +114,8 @@ class DecodeSession:
 _COMPILED: dict[tuple[object, ...], Callable[..., torch.Tensor]] = {}
 
 
-def _decode_one(model: DecoderModel, input_ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
-    return model.decode(input_ids, state)
+def _feed_one(model: DecoderModel, input_ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
+    return model.feed(input_ids, state)
 
 
 def _recompile_limit_errors() -> tuple[type[Exception], ...]:
@@ -154,7 +154,7 @@ def _compiled_step(model: DecoderModel, device_type: str) -> Callable[..., torch
     """
     key = (device_type, _structure(model))
     if key not in _COMPILED:
-        step = types.FunctionType(_decode_one.__code__.replace(), _decode_one.__globals__, _decode_one.__name__)
+        step = types.FunctionType(_feed_one.__code__.replace(), _feed_one.__globals__, _feed_one.__name__)
         mode = "reduce-overhead" if device_type == "cuda" else None
         _COMPILED[key] = torch.compile(step, mode=mode, fullgraph=True)
     return _COMPILED[key]

@@ -6,7 +6,7 @@ maps onto the state dict without renaming; ``gpt2lite.models.weights`` reads
 and writes the files, and transposes the Conv1D weights on the way.
 
 ``GPT2`` implements the decoding protocol of ``gpt2lite.models.protocol``:
-``new_state`` makes a ``KVCache``, ``decode`` runs new tokens through it.
+``new_state`` makes a ``KVCache``, ``feed`` runs new tokens through it.
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ class GPT2(nn.Module):
         ``(B, T)`` packs several documents in a row: a token sees only the earlier
         tokens of its own segment, and each segment's positions start at 0, so each
         document gets the logits it would get alone. For token-by-token decoding use
-        ``new_state`` and ``decode``.
+        ``new_state`` and ``feed``.
         """
         return self._lm_head(self.hidden_states(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                                 segment_ids=segment_ids))
@@ -278,7 +278,7 @@ class GPT2(nn.Module):
             device=self.device, dtype=self.dtype, static=static,
         )
 
-    def decode(
+    def feed(
         self,
         input_ids: torch.Tensor,
         state: KVCache,

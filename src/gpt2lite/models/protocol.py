@@ -4,7 +4,7 @@
 through anything else, so a transformer with a key/value cache (``GPT2``) and a
 recurrent network whose state is ``(h, c)`` serve the same ``generate()``.
 
-A model makes an empty state for ``B`` rows, then ``decode`` feeds new tokens
+A model makes an empty state for ``B`` rows, then ``feed`` runs new tokens
 into some or all rows and returns logits; the state remembers each row's past.
 The engine empties rows to refill them (continuous batching), reorders them
 (beam search) and cuts them back (speculative decoding) through the state.
@@ -71,7 +71,7 @@ class DecoderModel(Protocol):
         """
         ...
 
-    def decode(
+    def feed(
         self,
         input_ids: torch.Tensor,
         state: DecodeState,

@@ -166,7 +166,7 @@ class RecurrentLM(nn.Module):
             raise ValueError("input_ids must be a non-empty 2-D tensor of token ids (batch, time)")
         if attention_mask is not None and not bool(attention_mask.all()):
             state = self.new_state(input_ids.shape[0], input_ids.shape[1])
-            return self.decode(input_ids, state, input_mask=attention_mask, last_only=False)
+            return self.feed(input_ids, state, input_mask=attention_mask, last_only=False)
         out, _ = self.rnn(self.drop(self.encoder(input_ids)))  # (B, T, H)
         return self.decoder(self.drop(out))  # (B, T, vocab)
 
@@ -178,7 +178,7 @@ class RecurrentLM(nn.Module):
         count = 2 if self.config.cell == "lstm" else 1
         return RecurrentState([torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(count)])
 
-    def decode(
+    def feed(
         self,
         input_ids: torch.Tensor,
         state: RecurrentState,

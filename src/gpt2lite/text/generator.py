@@ -11,7 +11,7 @@ import torch
 from gpt2lite.errors import CheckpointError
 from gpt2lite.generation.batching import left_pad
 from gpt2lite.generation.context import check_text_fits
-from gpt2lite.generation.decode import generate, iter_steps
+from gpt2lite.generation.loop import generate, iter_steps
 from gpt2lite.generation.options import GenerationKwargs, GenerationOptions
 from gpt2lite.loading import load_chat_template, load_generation_defaults, load_model, load_tokenizer
 from gpt2lite.models.protocol import DecoderModel

@@ -33,7 +33,7 @@ from torch import nn
 
 from gpt2lite.errors import CheckpointError, NonFiniteError
 from gpt2lite.generation.context import check_window
-from gpt2lite.generation.decode import generate
+from gpt2lite.generation.loop import generate
 from gpt2lite.io.files import write_json
 from gpt2lite.loading import save_model
 from gpt2lite.models.gpt2 import GPT2

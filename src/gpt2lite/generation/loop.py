@@ -87,7 +87,7 @@ def generate(
         if not return_dict:
             return sequences
         return _scored_output(model, sequences, prompt.shape[1], mask, opts, reasons, scores)
-    steps = list(_decode(model, prompt, mask, opts, generator, with_logprobs=return_dict))
+    steps = list(_loop(model, prompt, mask, opts, generator, with_logprobs=return_dict))
     sequences = torch.cat([prompt, torch.stack([s.tokens for s in steps], dim=1)], dim=1) if steps else prompt
     if not return_dict:
         return sequences
@@ -140,7 +140,7 @@ def iter_steps(
     if opts.prompt_lookup_num_tokens:
         raise ValueError("prompt lookup makes tokens in rounds of several: call generate(), not a stream")
     prompt, mask = _prepare_prompt(model, input_ids, attention_mask, opts)
-    return _decode(model, prompt, mask, opts, generator, with_logprobs=True)
+    return _loop(model, prompt, mask, opts, generator, with_logprobs=True)
 
 
 def _finish_reasons(steps: list[Step], B: int) -> list[str]:
@@ -224,7 +224,7 @@ def _prepare_prompt(
     return input_ids, attention_mask
 
 
-def _decode(
+def _loop(
     model: DecoderModel,
     prompt: torch.Tensor,
     mask: torch.Tensor | None,
@@ -323,7 +323,7 @@ class _Window:
 def _score_prompt(model: DecoderModel, prompt: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Prompt log-probabilities by a forward pass of their own (when nothing is generated)."""
     with torch.inference_mode():
-        logits = model.decode(prompt, model.new_state(*prompt.shape), input_mask=mask, last_only=False)
+        logits = model.feed(prompt, model.new_state(*prompt.shape), input_mask=mask, last_only=False)
         return prompt_logprobs(logits, prompt, mask).values
 
 
@@ -339,7 +339,7 @@ def _scored_output(
                                                                        device=mask.device)], dim=1)
     with torch.inference_mode():
         state = model.new_state(N, total)
-        every = model.decode(sequences, state, input_mask=full_mask, last_only=False)  # (N, total, V)
+        every = model.feed(sequences, state, input_mask=full_mask, last_only=False)  # (N, total, V)
         logp = every[:, T - 1 : -1].float().log_softmax(-1)  # (N, new, V)
         new = sequences[:, T:]
         logprobs = logp.gather(2, new[..., None])[..., 0]
