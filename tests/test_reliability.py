@@ -314,13 +314,16 @@ def test_full_disk_during_final_save_leaves_no_partial_file(tiny, tmp_path, monk
 # Each phase of the command waits at a marker it prints, so the signal lands inside that phase
 # whatever the machine's load (a fixed delay could land before Python even runs our code).
 _PAUSED = """
-import sys, threading
+import sys, time
 import gpt2lite.cli as cli
 
 def pause(name, real):
     def paused(*args, **kwargs):
         print("at " + name, file=sys.stderr, flush=True)
-        threading.Event().wait(60)  # Ctrl-C arrives here
+        # Ctrl-C arrives here. Short sleeps in a loop: a signal that lands just before one blocking
+        # call begins is still handled at the next turn (one 60 s wait could sleep through it).
+        for _ in range(600):
+            time.sleep(0.1)
         return real(*args, **kwargs)
     return paused
 
