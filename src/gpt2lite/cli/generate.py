@@ -54,6 +54,12 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(*flags, type=_bool_or_never, metavar="{true,false,never}", **common)
         elif f.name == "logit_bias":
             parser.add_argument(*flags, type=_token_bias, action="append", metavar="ID=BIAS", **common)
+        elif f.name in ("json_schema", "grammar"):  # a file, or the text itself
+            parser.add_argument(*flags, type=_file_or_text, metavar="FILE_OR_TEXT", **common)
+        elif f.name == "choice":
+            parser.add_argument(*flags, action="append", metavar="TEXT", **common)
+        elif kind == str | None:
+            parser.add_argument(*flags, type=str, **common)
         elif kind in (int, int | None):
             parser.add_argument(*flags, type=int, **common)
         elif kind is float:
@@ -68,6 +74,13 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
                         help="speculative decoding: a smaller model with the same vocabulary proposes tokens")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object per completion: text, tokens, logprobs, finish_reason")
+
+
+def _file_or_text(value: str) -> str:
+    """A flag's text: the contents of the file it names, else the text as given (a schema inline)."""
+    import os
+
+    return read_input(value, "file", is_file=True) if os.path.isfile(value) else value
 
 
 def _bool_or_never(value: str) -> bool | str:

@@ -17,11 +17,12 @@ import torch
 from gpt2lite.errors import OptionError
 from gpt2lite.generation.beam import beam_search
 from gpt2lite.generation.context import fit_prompt, shifted
-from gpt2lite.generation.options import GenerationKwargs, GenerationOptions
+from gpt2lite.generation.options import CONSTRAINTS, GenerationKwargs, GenerationOptions
 from gpt2lite.generation.rules import Step, TokenRules, end_tokens, prompt_logprobs
 from gpt2lite.generation.session import DecodeSession
 from gpt2lite.generation.speculative import speculative_generate
 from gpt2lite.models.protocol import DecoderModel
+from gpt2lite.tokenizers.protocol import TokenizerProtocol
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -58,6 +59,7 @@ def generate(
     generator: torch.Generator | None = None,
     return_dict: bool = False,
     draft_model: DecoderModel | None = None,
+    tokenizer: TokenizerProtocol | None = None,
     **overrides: Unpack[GenerationKwargs],
 ) -> torch.Tensor | GenerateOutput:
     """Continue each prompt; returns ``(batch * num_return_sequences, time + new)`` token ids.
@@ -70,11 +72,16 @@ def generate(
     ``return_dict=True`` returns a ``GenerateOutput`` with log-probabilities and
     finish reasons. ``num_beams > 1`` runs beam search; a ``draft_model`` (same
     vocabulary, smaller) or ``prompt_lookup_num_tokens`` runs speculative decoding;
-    ``context_shift=True`` goes on past the model's context.
+    ``context_shift=True`` goes on past the model's context. A structured-output
+    constraint (``json_schema``, ``regex``, ``choice``, ``grammar``) is compiled
+    against ``tokenizer`` (default: GPT-2's, for a model of its vocabulary).
     """
     opts = GenerationOptions.build(options, overrides, "generate")
     prompt, mask = _prepare_prompt(model, input_ids, attention_mask, opts)
     if opts.num_beams > 1 or draft_model is not None or opts.prompt_lookup_num_tokens:
+        constraint = next((name for name in CONSTRAINTS if getattr(opts, name)), None)
+        if constraint is not None:  # the options refuse beams and prompt lookup already
+            raise OptionError(constraint, f"{constraint} does not combine with a draft model")
         if opts.num_beams > 1 and draft_model is not None:
             raise ValueError("beam search and speculative decoding (draft_model) do not combine")
         if opts.context_shift:
@@ -87,7 +94,7 @@ def generate(
         if not return_dict:
             return sequences
         return _scored_output(model, sequences, prompt.shape[1], mask, opts, reasons, scores)
-    steps = list(_loop(model, prompt, mask, opts, generator, with_logprobs=return_dict))
+    steps = list(_loop(model, prompt, mask, opts, generator, tokenizer, with_logprobs=return_dict))
     sequences = torch.cat([prompt, torch.stack([s.tokens for s in steps], dim=1)], dim=1) if steps else prompt
     if not return_dict:
         return sequences
@@ -117,11 +124,12 @@ def iter_tokens(
     *,
     attention_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    tokenizer: TokenizerProtocol | None = None,
     **overrides: Unpack[GenerationKwargs],
 ) -> Iterator[torch.Tensor]:
     """Like ``generate``, but yield the new tokens of every row, ``(batch,)``, one step at a time."""
     return (step.tokens for step in iter_steps(model, input_ids, options, attention_mask=attention_mask,
-                                               generator=generator, **overrides))
+                                               generator=generator, tokenizer=tokenizer, **overrides))
 
 
 def iter_steps(
@@ -131,6 +139,7 @@ def iter_steps(
     *,
     attention_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    tokenizer: TokenizerProtocol | None = None,
     **overrides: Unpack[GenerationKwargs],
 ) -> Iterator[Step]:
     """Like ``iter_tokens``, but yield a ``Step`` with each token's log-probability (and top alternatives)."""
@@ -140,7 +149,7 @@ def iter_steps(
     if opts.prompt_lookup_num_tokens:
         raise ValueError("prompt lookup makes tokens in rounds of several: call generate(), not a stream")
     prompt, mask = _prepare_prompt(model, input_ids, attention_mask, opts)
-    return _loop(model, prompt, mask, opts, generator, with_logprobs=True)
+    return _loop(model, prompt, mask, opts, generator, tokenizer, with_logprobs=True)
 
 
 def _finish_reasons(steps: list[Step], B: int) -> list[str]:
@@ -230,6 +239,7 @@ def _loop(
     mask: torch.Tensor | None,
     opts: GenerationOptions,
     generator: torch.Generator | None,
+    tokenizer: TokenizerProtocol | None = None,
     *,
     with_logprobs: bool = False,
 ) -> Iterator[Step]:
@@ -253,7 +263,7 @@ def _loop(
     # Made outside inference mode: a compiled step's state outlives this call's first graph.
     session = DecodeSession(model, B, length, compile=opts.compile)
     with torch.inference_mode():
-        rules = TokenRules(opts, config, prompt, mask, generator=generator)
+        rules = TokenRules(opts, config, prompt, mask, generator=generator, tokenizer=tokenizer)
         if shifting:
             window = _Window(session, prompt, mask, config.n_positions, opts.n_keep)
             logits = window.start()  # (B, vocab)

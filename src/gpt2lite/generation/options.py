@@ -8,6 +8,7 @@ option appears everywhere by being added here.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
@@ -16,7 +17,8 @@ from typing import Any, Literal, TypedDict
 
 from gpt2lite.errors import OptionError
 
-__all__ = ["GREEDY_BELOW", "MAX_TOP_LOGPROBS", "GenerationKwargs", "GenerationOptions", "LogitsProcessor"]
+__all__ = ["CONSTRAINTS", "GREEDY_BELOW", "MAX_TOP_LOGPROBS", "GenerationKwargs", "GenerationOptions",
+           "LogitsProcessor"]
 
 MAX_TOP_LOGPROBS = 20  # as the OpenAI API allows
 
@@ -91,6 +93,11 @@ class GenerationOptions:
     seed: int | None = _option(None, "seed for reproducible sampling")
     num_return_sequences: int = _option(1, "sequences to generate per prompt")
     compile: bool = _option(False, "decode with a torch.compile'd fixed-shape step (CUDA graphs on a GPU)")
+    json_schema: str | None = _option(
+        None, "structured output: text valid under this JSON schema (a dict, JSON text or a pydantic model class)")
+    regex: str | None = _option(None, "structured output: text that matches this regular expression, whole")
+    choice: tuple[str, ...] = _option((), "structured output: one of these strings")
+    grammar: str | None = _option(None, "structured output: text of this grammar (llguidance's Lark, or GBNF)")
 
     def __post_init__(self) -> None:
         _check_int(self, "max_new_tokens", 0)
@@ -160,6 +167,7 @@ class GenerationOptions:
         object.__setattr__(self, "stop", _stop_sequences(self.stop, "stop"))
         object.__setattr__(self, "bad_words_ids", _stop_sequences(self.bad_words_ids, "bad_words_ids"))
         object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
+        _check_constraint(self)
         processors = self.logits_processor
         if callable(processors):
             processors = (processors,)
@@ -226,6 +234,46 @@ class GenerationKwargs(TypedDict, total=False):
     seed: int | None
     num_return_sequences: int
     compile: bool
+    json_schema: str | Mapping[str, Any] | type | None
+    regex: str | None
+    choice: Sequence[str]
+    grammar: str | None
+
+
+CONSTRAINTS = ("json_schema", "regex", "choice", "grammar")  # structured output: at most one per call
+
+
+def _check_constraint(options: GenerationOptions) -> None:
+    """Normalise the structured-output fields (a schema to JSON text, choices to a tuple) and refuse conflicts."""
+    schema = options.json_schema
+    if schema is not None:
+        if isinstance(schema, type) and hasattr(schema, "model_json_schema"):  # a pydantic model class
+            schema = schema.model_json_schema()
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as exc:
+                raise OptionError("json_schema", f"json_schema is not valid JSON: {exc}") from None
+        if not isinstance(schema, (Mapping, bool)):
+            raise OptionError("json_schema", "json_schema must be a JSON schema: a dict, its JSON text, or a pydantic "
+                                             f"model class; got {type(schema).__name__}")
+        object.__setattr__(options, "json_schema", json.dumps(schema, sort_keys=True))
+    choice = options.choice
+    if isinstance(choice, str) or not isinstance(choice, Sequence) or not all(isinstance(c, str) for c in choice):
+        raise OptionError("choice", f"choice must be a list of strings, got {choice!r:.100}")
+    object.__setattr__(options, "choice", tuple(choice))
+    for name in ("regex", "grammar"):
+        value = getattr(options, name)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise OptionError(name, f"{name} must be a non-empty string, got {value!r:.100}")
+    given = [name for name in CONSTRAINTS if getattr(options, name)]
+    if len(given) > 1:
+        raise OptionError(given[1], f"give one structured-output constraint, not {' and '.join(given)}")
+    if given and (options.num_beams > 1 or options.prompt_lookup_num_tokens or options.ignore_eos):
+        other = "num_beams" if options.num_beams > 1 else "prompt_lookup_num_tokens" \
+            if options.prompt_lookup_num_tokens else "ignore_eos"
+        raise OptionError(given[0], f"{given[0]} does not combine with {other}: a constraint ends at its end "
+                                    "token and is checked one token at a time")
 
 
 def _is_number(x: object) -> bool:

@@ -5,7 +5,8 @@ scheduler all go through a ``TokenRules`` for the rows they decode, so the same
 options give the same behaviour everywhere. At each step it
 
 1. adjusts the logits: penalties over each row's history and counts, bias, bans,
-   ``min_new_tokens`` and the user's hooks (``processors.py``);
+   ``min_new_tokens`` and the user's hooks (``processors.py``), then the mask of a
+   structured-output constraint, one matcher per row (``constraints.py``);
 2. chooses a token per row: the argmax, or a draw from the filtered distribution
    (``sampling.py``) with the rows' seeded ``torch.Generator``, after checking that
    the deciding logit is finite (``NonFiniteError``, the one error for this);
@@ -25,11 +26,14 @@ from typing import NamedTuple
 
 import torch
 
-from gpt2lite.errors import NonFiniteError
-from gpt2lite.generation.options import GenerationOptions
+from gpt2lite.errors import NonFiniteError, OptionError
+from gpt2lite.generation.constraints import RowConstraints
+from gpt2lite.generation.options import CONSTRAINTS, GenerationOptions
 from gpt2lite.generation.processors import LogitsProcessors
 from gpt2lite.generation.sampling import choose_next
 from gpt2lite.models.protocol import ModelConfig
+from gpt2lite.tokenizers.bpe import Tokenizer
+from gpt2lite.tokenizers.protocol import TokenizerProtocol
 
 __all__ = [
     "PromptLogprobs",
@@ -153,8 +157,13 @@ class TokenRules:
         mask: torch.Tensor | None = None,
         *,
         generator: torch.Generator | None = None,
+        tokenizer: TokenizerProtocol | None = None,
     ) -> None:
-        """Prepare the rows' history, counts and generator (default: one seeded with ``options.seed``)."""
+        """Prepare the rows' history, counts and generator (default: one seeded with ``options.seed``).
+
+        ``tokenizer`` gives a structured-output constraint its vocabulary (default:
+        the bundled GPT-2 one, for a model with GPT-2's vocabulary).
+        """
         B, T = prompt.shape
         device = prompt.device
         self.options = options
@@ -178,6 +187,10 @@ class TokenRules:
                 self.penalty_tokens[:, :T] = torch.where(mask.bool(), prompt, prompt[:, -1:])
         self.counts = torch.zeros(B, config.vocab_size, device=device) if self.processors.needs_counts else None
         self.finished = torch.zeros(B, dtype=torch.bool, device=device)
+        self.constraints = None
+        if any(getattr(options, name) for name in CONSTRAINTS):
+            self.constraints = RowConstraints(options, _constraint_tokenizer(tokenizer, config, options),
+                                              self.eos if self.eos is not None else self.pad, config.vocab_size, B)
 
     @property
     def batch_size(self) -> int:
@@ -195,13 +208,15 @@ class TokenRules:
         The rows must be at the same length (every path but speculative decoding,
         which refuses these options).
         """
-        if not self.processors.active:
-            return logits
-        new = self.generated[0]
-        cur = self.prompt_length + new
-        history = self.penalty_tokens[:, :cur] if self.penalty_tokens is not None else None
-        return self.processors(logits.float(), self.tokens[:, :cur], penalty_history=history, counts=self.counts,
-                               new_tokens=new)
+        if self.processors.active:
+            new = self.generated[0]
+            cur = self.prompt_length + new
+            history = self.penalty_tokens[:, :cur] if self.penalty_tokens is not None else None
+            logits = self.processors(logits.float(), self.tokens[:, :cur], penalty_history=history,
+                                     counts=self.counts, new_tokens=new)
+        if self.constraints is not None:  # last: what the constraint forbids stays forbidden
+            logits = self.constraints.mask(logits)
+        return logits
 
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
         """One token per row of adjusted logits ``(B, V)``: the argmax, or a seeded draw; ``(B,)``."""
@@ -227,7 +242,7 @@ class TokenRules:
         if chosen is None:
             chosen = self.choose(self.adjust(logits))
         else:
-            if not self.options.greedy or self.processors.active:
+            if not self.options.greedy or self.processors.active or self.constraints is not None:
                 raise ValueError("only rows of plain greedy decoding take a token chosen for them")
             check_finite(logits.gather(1, chosen[:, None])[:, 0], max(self.generated))
         tokens = self.append(chosen)
@@ -265,6 +280,10 @@ class TokenRules:
             self.generated[r] += 1
         ends = self._ends(self.tokens[index], at, [self.generated[r] for r in row_list])
         self.finished[index] = was_finished | ends
+        if self.constraints is not None:
+            for r, token, finished in zip(row_list, tokens.tolist(), was_finished.tolist(), strict=True):
+                if not finished:
+                    self.constraints.consume(token, r)
         return tokens
 
     def ends(self, sequences: torch.Tensor, generated: int) -> torch.Tensor:
@@ -280,6 +299,8 @@ class TokenRules:
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t[index])
+        if self.constraints is not None:
+            self.constraints.reorder(index.tolist())
 
     def _ends(self, tokens: torch.Tensor, at: torch.Tensor | int, generated: list[int]) -> torch.Tensor:
         """Rows of ``tokens`` ``(N, L)`` whose token at column ``at`` ends them (end token, stop sequence).
@@ -310,6 +331,17 @@ class TokenRules:
         return ended
 
 
+def _constraint_tokenizer(tokenizer: TokenizerProtocol | None, config: ModelConfig,
+                          options: GenerationOptions) -> TokenizerProtocol:
+    """The vocabulary a constraint is compiled against: the one given, else GPT-2's for a GPT-2-sized model."""
+    if tokenizer is not None:
+        return tokenizer
+    if 50257 <= config.vocab_size < 50257 + 128:  # GPT-2's, or padded to a multiple of 64
+        return Tokenizer.gpt2()
+    name = next(n for n in CONSTRAINTS if getattr(options, n))
+    raise OptionError(name, f"{name} needs the model's tokenizer to know each token's text: pass tokenizer=")
+
+
 def step_rows(rules: Sequence[TokenRules], logits: torch.Tensor) -> list[Step | Exception]:
     """One step of rows that each follow their own rules (the server's batch): a ``Step`` or the error, per row.
 
@@ -318,7 +350,8 @@ def step_rows(rules: Sequence[TokenRules], logits: torch.Tensor) -> list[Step | 
     choice fails (non-finite logits, a hook that raises) fails alone.
     """
     out: list[Step | Exception] = []
-    plain = [i for i, r in enumerate(rules) if r.options.greedy and not r.processors.active]
+    plain = [i for i, r in enumerate(rules)
+             if r.options.greedy and not r.processors.active and r.constraints is None]
     argmax = dict(zip(plain, logits[plain].argmax(-1)[:, None], strict=True)) if len(plain) > 1 else {}
     for i, r in enumerate(rules):
         try:

@@ -347,7 +347,7 @@ def create_app(model: DecoderModel, tokenizer: TokenizerProtocol, options: Serve
     text = TextGenerator(model, tokenizer, chat_template=chat_template)
     text.check_chat_template()
     scheduler = Scheduler(model, max_batch=options.max_batch, max_queue=options.max_queue,
-                          background=background, prefix_cache=options.prefix_cache)
+                          background=background, prefix_cache=options.prefix_cache, tokenizer=tokenizer)
     server = _Server(RequestGate(text, options.model_name, options.max_queue), scheduler)
 
     @contextlib.asynccontextmanager

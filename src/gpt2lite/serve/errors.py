@@ -60,6 +60,8 @@ def api_error(exc: BaseException, params: Mapping[str, str] | None = None) -> Ap
         return ApiError(400, str(exc), param, code=TOO_LONG if isinstance(exc, ContextLengthError) else None)
     if isinstance(exc, (ValueError, TypeError)):
         return ApiError(400, str(exc))
+    if isinstance(exc, ImportError):  # an extra the server was installed without (structured output)
+        return ApiError(400, str(exc))
     return ApiError(500, f"generation failed: {type(exc).__name__}: {exc}", kind=KINDS[500])
 
 

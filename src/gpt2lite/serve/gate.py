@@ -17,10 +17,11 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from gpt2lite.errors import ContextLengthError, OptionError
+from gpt2lite.generation.constraints import RowConstraints
 from gpt2lite.generation.context import check_text_fits, fit_prompt
-from gpt2lite.generation.options import GenerationOptions
+from gpt2lite.generation.options import CONSTRAINTS, GenerationOptions
 from gpt2lite.serve.errors import KINDS, TOO_LONG, ApiError, api_error
-from gpt2lite.serve.protocol import ChatMessage, sampling_options, stop_strings
+from gpt2lite.serve.protocol import ChatMessage, constraint, sampling_options, stop_strings
 from gpt2lite.text.generator import TextGenerator
 
 __all__ = ["Prompt", "RequestGate"]
@@ -108,11 +109,16 @@ class RequestGate:
                   "top_logprobs": "top_logprobs" if prompt_param == "messages" else "logprobs",
                   "num_return_sequences": "n", "prompt": prompt_param}
         try:
+            structured = constraint(body)
+            if structured is not None:  # the library names its own field; the request had another
+                params.update({name: structured[0] for name in CONSTRAINTS})
             # Built once per request: its logit_bias and other values are shared by every prompt and choice.
             base = self.text.text_options(sampling_options(
                 body, max_tokens=max_tokens or 0, eos=self.tokenizer.eot_token, vocab=self.vocab,
                 top_logprobs=top_logprobs))
-        except ValueError as exc:
+            # A constraint that cannot be compiled is refused here, before anything streams.
+            RowConstraints.check(base, self.tokenizer, self.tokenizer.eot_token, self.vocab)
+        except (ValueError, ImportError) as exc:
             raise api_error(exc, params) from None
         out = []
         for ids, _ in prompts:

@@ -29,6 +29,7 @@ __all__ = [
     "chat_logprobs",
     "check_chat_extras",
     "completion_logprobs",
+    "constraint",
     "sampling_options",
     "token_text",
 ]
@@ -47,6 +48,36 @@ class StreamOptions(_Body):
 
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM's name; accepted, not acted on
+
+
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema``: OpenAI's wrapper of a schema (``name``, ``schema``, ``strict``)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(BaseModel):
+    """``response_format``: free text, any JSON object, or JSON valid under a schema."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # llama.cpp's and Ollama's spelling
+
+
+class StructuredOutputs(_Body):
+    """vLLM's ``structured_outputs``: one of a schema, a regex, a choice or a grammar."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
 
 
 class _Sampling(_Body):
@@ -77,6 +108,14 @@ class _Sampling(_Body):
     eta_cutoff: float | None = Field(None, ge=0, lt=1)
     context_shift: bool = False
     n_keep: int = Field(0, ge=0)
+    # Structured output: OpenAI's response_format, vLLM's structured_outputs and guided_*, llama.cpp's json_schema
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    json_schema: dict[str, Any] | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -101,14 +140,6 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
 
-class ResponseFormat(BaseModel):
-    """``response_format``: only plain text is produced (a JSON mode is refused by name, not as unknown)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    type: Literal["text", "json_object", "json_schema"] = "text"
-
-
 class ChatCompletionRequest(_Sampling):
     """The body of ``POST /v1/chat/completions``."""
 
@@ -117,7 +148,6 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    response_format: ResponseFormat | None = None
     add_generation_prompt: bool = True
     # OpenAI's fields that change nothing here: accepted and ignored (a tool call or another modality is refused).
     tools: list[dict[str, Any]] | None = None
@@ -149,12 +179,9 @@ class DetokenizeRequest(_Body):
 
 
 def check_chat_extras(body: ChatCompletionRequest) -> None:
-    """Refuse, by name, what a chat request asks that GPT-2 cannot do: tools, a JSON mode, other modalities."""
+    """Refuse, by name, what a chat request asks that GPT-2 cannot do: tools, other modalities."""
     if body.tools and body.tool_choice != "none":
         raise OptionError("tools", "tools: this model cannot call tools (send tool_choice='none', or no tools)")
-    if body.response_format is not None and body.response_format.type != "text":
-        raise OptionError("response_format", f"response_format: {body.response_format.type!r} is not supported; "
-                                             "this model writes free text (type 'text')")
     if body.modalities and body.modalities != ["text"]:
         raise OptionError("modalities", f"modalities: only ['text'] is produced, got {body.modalities}")
 
@@ -165,6 +192,39 @@ def stop_strings(stop: str | list[str] | None) -> list[str]:
     if len(stops) > MAX_STOP_STRINGS or not all(stops):
         raise OptionError("stop", f"stop takes up to {MAX_STOP_STRINGS} non-empty strings")
     return stops
+
+
+def constraint(body: _Sampling) -> tuple[str, dict[str, Any]] | None:
+    """(the request's field, ``GenerationOptions``' fields) of its structured-output request, or None.
+
+    Every spelling clients send is read: OpenAI's ``response_format``, vLLM's
+    ``structured_outputs`` and ``guided_*``, llama.cpp's ``json_schema``; two at once
+    are refused naming the second.
+    """
+    found: list[tuple[str, dict[str, Any]]] = []
+    rf = body.response_format
+    if rf is not None and rf.type == "json_object":
+        found.append(("response_format", {"json_schema": {"type": "object"}}))
+    elif rf is not None and rf.type == "json_schema":
+        schema = rf.json_schema.schema_ if rf.json_schema is not None else rf.schema_
+        if schema is None:
+            raise OptionError("response_format", "response_format of type json_schema needs its schema "
+                                                 "(json_schema.schema)")
+        found.append(("response_format", {"json_schema": schema}))
+    so = body.structured_outputs
+    if so is not None:
+        for key, name in (("json_", "json_schema"), ("regex", "regex"), ("choice", "choice"), ("grammar", "grammar")):
+            if getattr(so, key) is not None:
+                found.append((f"structured_outputs.{key.rstrip('_')}", {name: getattr(so, key)}))
+    for field, name in (("guided_json", "json_schema"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                        ("guided_grammar", "grammar"), ("json_schema", "json_schema")):
+        if getattr(body, field) is not None:
+            found.append((field, {name: getattr(body, field)}))
+    if len(found) > 1:
+        raise OptionError(found[1][0], f"give one structured-output constraint, not {found[0][0]} and {found[1][0]}")
+    if found and found[0][1].get("choice") == []:
+        raise OptionError(found[0][0], f"{found[0][0]} needs at least one string to choose from")
+    return found[0] if found else None
 
 
 def sampling_options(body: _Sampling, *, max_tokens: int, eos: int, vocab: int, top_logprobs: int) -> GenerationOptions:
@@ -191,7 +251,9 @@ def sampling_options(body: _Sampling, *, max_tokens: int, eos: int, vocab: int, 
         "top_k": None if body.top_k in (None, -1) else body.top_k,  # vLLM writes "off" as -1
         "typical_p": body.typical_p, "epsilon_cutoff": body.epsilon_cutoff, "eta_cutoff": body.eta_cutoff,
     }
+    structured = constraint(body)
     return GenerationOptions(
+        **(structured[1] if structured is not None else {}),
         max_new_tokens=max_tokens, min_new_tokens=min(body.min_tokens, max_tokens), logit_bias=bias,
         stop=stop_ids, ignore_eos=body.ignore_eos, eos_token_id=eos, top_logprobs=top_logprobs,
         context_shift=body.context_shift, n_keep=body.n_keep,

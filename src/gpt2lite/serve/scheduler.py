@@ -39,6 +39,7 @@ from gpt2lite.generation.options import GenerationOptions
 from gpt2lite.generation.rules import Step, TokenRules, prompt_logprobs, step_rows
 from gpt2lite.generation.session import DecodeSession
 from gpt2lite.models.protocol import DecoderModel
+from gpt2lite.tokenizers.protocol import TokenizerProtocol
 
 __all__ = ["PromptToken", "QueueFull", "Request", "Scheduler", "SchedulerStats"]
 
@@ -106,9 +107,11 @@ class Scheduler:
 
     def __init__(
         self, model: DecoderModel, *, max_batch: int = 16, max_queue: int = 256, background: bool = True,
-        prefix_cache: bool = True,
+        prefix_cache: bool = True, tokenizer: TokenizerProtocol | None = None,
     ) -> None:
         """Allocate ``max_batch`` rows of the model's whole context; start the loop in a thread if ``background``.
+
+        ``tokenizer`` gives requests with a structured-output constraint their vocabulary.
 
         Otherwise call ``run()`` from the thread that should own the model: on some
         CPUs torch's kernels run markedly slower outside the main thread (60% here),
@@ -117,6 +120,7 @@ class Scheduler:
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
         self.model = model
+        self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.context = model.config.n_positions  # None: no limit (recurrent models)
@@ -252,7 +256,7 @@ class Scheduler:
                        context_shift=opts.context_shift, n_keep=opts.n_keep)
             device = self.session.state.device
             ids = torch.tensor([request.prompt], device=device)
-            rules = TokenRules(opts, self.model.config, ids)
+            rules = TokenRules(opts, self.model.config, ids, tokenizer=self.tokenizer)
             echo = request.on_prompt_logprobs is not None
             cached = self._reuse_prefix(slot, request.prompt, echo)
             logits = self.session.feed(ids[:, cached:], rows=[slot], last_only=not echo)  # (1, T or 1, vocab)

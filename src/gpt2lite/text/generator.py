@@ -166,7 +166,8 @@ class TextGenerator:
                 for r, row in enumerate(rows):
                     row.add(new[r][step], float(out.logprobs[r, step]), _top(self.tokenizer, out, r, step))
         else:
-            for step in iter_steps(self.model, ids, opts, attention_mask=mask, generator=generator):
+            for step in iter_steps(self.model, ids, opts, attention_mask=mask, generator=generator,
+                                   tokenizer=self.tokenizer):
                 if step.prompt_logprobs is not None:
                     prompt_lp = step.prompt_logprobs
                 logprobs = step.logprobs.tolist()
@@ -242,7 +243,7 @@ class TextGenerator:
         (row,) = self._rows([prompt], stop, opts)
         ids, mask = self._encode([prompt], opts)
         # Built here, not inside the generator, so that bad options fail at the call.
-        steps = iter_steps(self.model, ids, opts, attention_mask=mask, generator=generator)
+        steps = iter_steps(self.model, ids, opts, attention_mask=mask, generator=generator, tokenizer=self.tokenizer)
         return self._stream(row, steps)
 
     @staticmethod

@@ -1,0 +1,134 @@
+"""Structured output: every text parses and validates (jsonschema, re), and every token is one llguidance allows."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+import jsonschema
+import llguidance
+import openai
+import pydantic
+import pytest
+import torch
+
+from gpt2lite import GPT2, GenerationOptions, GPT2Config, TextGenerator, Tokenizer, generate
+from gpt2lite.errors import OptionError
+from gpt2lite.generation.constraints import _vocabulary, constraint_grammar
+from gpt2lite.serve.app import ServerOptions, create_app
+from test_serve import running
+
+SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                      "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+     "required": ["name", "age"], "additionalProperties": False},
+    {"type": "array", "items": {"type": "integer", "minimum": -5, "maximum": 5}, "minItems": 1, "maxItems": 4},
+    {"type": "object", "properties": {"ok": {"type": "boolean"}, "tag": {"enum": ["red", "green", "blue"]}},
+     "required": ["ok", "tag"], "additionalProperties": False},
+    {"type": "object", "properties": {"point": {"type": "object", "properties": {
+        "x": {"type": "integer", "minimum": 0, "maximum": 9}, "y": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["x", "y"], "additionalProperties": False}}, "required": ["point"], "additionalProperties": False},
+    {"type": "string", "maxLength": 12},
+]
+
+
+@pytest.fixture(scope="module")
+def gen():
+    torch.manual_seed(0)
+    return TextGenerator(GPT2(GPT2Config.from_preset("tiny")).eval(), Tokenizer.gpt2())
+
+
+def _allowed_by_llguidance(gen, options, tokens):
+    """Replay the tokens through a fresh matcher of the same constraint: each must be accepted in turn."""
+    _, grammar = constraint_grammar(options)
+    matcher = llguidance.LLMatcher(_vocabulary(gen.tokenizer, gen.tokenizer.eot_token, 50257), grammar)
+    return all(matcher.consume_token(t) for t in tokens)
+
+
+@pytest.mark.parametrize("schema", SCHEMAS, ids=["person", "ints", "enum", "nested", "string"])
+def test_fifty_seeds_all_parse_and_validate(gen, schema):
+    opts = GenerationOptions(json_schema=schema, max_new_tokens=60, seed=0)
+    completions = gen.complete(["Data:"] * 50, opts)
+    for c in completions:
+        assert c.finish_reason == "stop", c.text  # the end token came only once the JSON was whole
+        jsonschema.validate(json.loads(c.text), schema)
+        assert _allowed_by_llguidance(gen, opts, c.token_ids)
+
+
+def test_regex_choice_and_grammar(gen):
+    for seed in range(10):
+        text = gen("x", regex=r"[0-9]{3}-[a-z]{2,4}", max_new_tokens=12, seed=seed)
+        assert re.fullmatch(r"[0-9]{3}-[a-z]{2,4}", text), text
+        assert gen("x", choice=["yes", "no", "maybe"], max_new_tokens=5, seed=seed) in ("yes", "no", "maybe")
+        said = gen("x", grammar='start: "hi " NAME\nNAME: /[a-z]{1,5}/', max_new_tokens=8, seed=seed)
+        assert re.fullmatch(r"hi [a-z]{1,5}", said), said
+
+
+def test_streamed_equals_whole_and_greedy_is_a_pydantic_model(gen):
+    class Person(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(extra="forbid")  # else any key may follow: unbounded
+        name: str = pydantic.Field(max_length=6)
+        age: int = pydantic.Field(ge=0, le=99)
+
+    whole = gen("A person:", json_schema=Person, max_new_tokens=40, seed=4)
+    streamed = "".join(gen.stream("A person:", json_schema=Person, max_new_tokens=40, seed=4))
+    assert whole == streamed
+    Person.model_validate_json(whole)
+
+
+def test_an_unfinished_object_ends_by_length_and_bad_options_are_refused(gen):
+    c = gen.complete("x", json_schema=SCHEMAS[0], max_new_tokens=3, seed=0)[0]
+    assert c.finish_reason == "length" and len(c.token_ids) == 3
+    with pytest.raises(OptionError, match="json_schema cannot be used"):
+        gen("x", json_schema={"type": "nonsense"})
+    with pytest.raises(OptionError, match="give one structured-output constraint"):
+        GenerationOptions(regex="a", choice=["b"])
+    with pytest.raises(OptionError, match="does not combine with num_beams"):
+        GenerationOptions(regex="a", num_beams=2, temperature=0)
+    ids = generate(gen.model, [[1, 2]], choice=["ab"], max_new_tokens=4, temperature=0)  # GPT-2's vocabulary
+    assert gen.tokenizer.decode(ids[0, 2:].tolist()).startswith("ab")
+
+
+def test_the_server_constrains_every_spelling_with_the_openai_client(gen):
+    class Item(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(extra="forbid")
+        label: str = pydantic.Field(max_length=6)
+        count: int = pydantic.Field(ge=0, le=9)
+
+    app = create_app(gen.model, gen.tokenizer, ServerOptions(model_name="tiny", max_batch=4))
+    with running(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        chat = [{"role": "user", "content": "An item, as JSON:"}]
+        parsed = client.chat.completions.parse(model="tiny", messages=chat, response_format=Item, max_tokens=60,
+                                               seed=1)
+        assert isinstance(parsed.choices[0].message.parsed, Item)
+        for seed in range(4):  # any object: a random model may write keys until max_tokens, then it is cut
+            anything = client.chat.completions.create(model="tiny", messages=chat, max_tokens=40, seed=seed,
+                                                      response_format={"type": "json_object"}).choices[0]
+            if anything.finish_reason == "stop":
+                assert isinstance(json.loads(anything.message.content), dict)
+            else:
+                assert anything.finish_reason == "length" and anything.message.content.startswith("{")
+        for extra in ({"guided_choice": ["left", "right"]}, {"structured_outputs": {"choice": ["left", "right"]}}):
+            r = client.completions.create(model="tiny", prompt="Go", max_tokens=5, seed=3, extra_body=extra)
+            assert r.choices[0].text in ("left", "right")
+        streamed = client.completions.create(model="tiny", prompt="Code:", max_tokens=10, seed=5, stream=True,
+                                             extra_body={"guided_regex": "[A-Z]{2}[0-9]{2}"})
+        assert re.fullmatch("[A-Z]{2}[0-9]{2}", "".join(c.choices[0].text for c in streamed))
+        # Rows of a batch with different constraints, and none, side by side.
+        bodies = [{"prompt": "a", "max_tokens": 30, "seed": i, **extra} for i, extra in enumerate(
+            [{"json_schema": SCHEMAS[2]}, {"guided_regex": "[0-9]{4}"}, {}, {"guided_choice": ["x", "y"]}])]
+        with httpx.Client(timeout=60) as http:
+            import concurrent.futures
+
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                texts = list(pool.map(lambda b: http.post(url + "/v1/completions", json=b).json()["choices"][0]
+                                      ["text"], bodies))
+            jsonschema.validate(json.loads(texts[0]), SCHEMAS[2])
+            assert re.fullmatch("[0-9]{4}", texts[1]) and texts[3] in ("x", "y")
+            bad = http.post(url + "/v1/chat/completions", json={"messages": chat, "stream": True, "response_format": {
+                "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}})
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format", bad.text
+            two = http.post(url + "/v1/completions", json={"prompt": "a", "guided_regex": "a", "guided_choice": ["b"]})
+            assert two.status_code == 400 and two.json()["error"]["param"] == "guided_choice"
