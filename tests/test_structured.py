@@ -132,3 +132,66 @@ def test_the_server_constrains_every_spelling_with_the_openai_client(gen):
             assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format", bad.text
             two = http.post(url + "/v1/completions", json={"prompt": "a", "guided_regex": "a", "guided_choice": ["b"]})
             assert two.status_code == 400 and two.json()["error"]["param"] == "guided_choice"
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                            "parameters": {"type": "object", "properties": {
+                                                "city": {"type": "string", "maxLength": 10},
+                                                "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                                                "required": ["city", "days"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+    "additionalProperties": False}}}
+
+
+def test_tool_calls_named_required_and_streamed_with_the_openai_client(gen):
+    with running(create_app(gen.model, gen.tokenizer, ServerOptions(model_name="tiny"))) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        chat = [{"role": "user", "content": "Weather in Paris for 3 days?"}]
+        named = client.chat.completions.create(
+            model="tiny", messages=chat, tools=[WEATHER, TIME], max_tokens=40, seed=1,
+            tool_choice={"type": "function", "function": {"name": "get_weather"}}).choices[0]
+        assert named.finish_reason == "tool_calls" and named.message.content is None
+        (call,) = named.message.tool_calls
+        assert call.function.name == "get_weather" and call.id.startswith("call_")
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+        required = client.chat.completions.create(model="tiny", messages=chat, tools=[WEATHER, TIME], seed=2,
+                                                  tool_choice="required", parallel_tool_calls=False,
+                                                  max_tokens=60).choices[0]
+        assert required.finish_reason == "tool_calls" and len(required.message.tool_calls) == 1
+        picked = required.message.tool_calls[0].function
+        schema = {"get_weather": WEATHER, "get_time": TIME}[picked.name]["function"]["parameters"]
+        jsonschema.validate(json.loads(picked.arguments), schema)
+        # Streamed: the id and name first, then the arguments in pieces that join to the whole call.
+        chunks = list(client.chat.completions.create(
+            model="tiny", messages=chat, tools=[WEATHER], max_tokens=40, seed=1, stream=True,
+            tool_choice={"type": "function", "function": {"name": "get_weather"}}))
+        deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+        assert deltas[0].id and deltas[0].function.name == "get_weather"
+        assert "".join(d.function.arguments for d in deltas) == call.function.arguments
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        # The reply to a call comes back as a tool message.
+        follow = [*chat, named.message.model_dump(exclude_none=True),
+                  {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+        assert client.chat.completions.create(model="tiny", messages=follow, max_tokens=3).choices[0].message.content
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model="tiny", messages=chat, tools=[WEATHER],
+                                           tool_choice={"type": "function", "function": {"name": "nope"}})
+        assert info.value.body["param"] == "tool_choice"
+
+
+def test_langchain_with_structured_output(gen):
+    from langchain_openai import ChatOpenAI
+
+    class Forecast(pydantic.BaseModel):
+        """A forecast."""
+
+        model_config = pydantic.ConfigDict(extra="forbid")
+        city: str = pydantic.Field(max_length=8)
+        days: int = pydantic.Field(ge=1, le=7)
+
+    with running(create_app(gen.model, gen.tokenizer, ServerOptions(model_name="tiny"))) as url:
+        llm = ChatOpenAI(model="tiny", base_url=url + "/v1", api_key="x", max_retries=0, max_tokens=60, seed=1)
+        for method in ("json_schema", "function_calling"):
+            result = llm.with_structured_output(Forecast, method=method).invoke("The forecast for Oslo:")
+            assert isinstance(result, Forecast), method

@@ -289,7 +289,7 @@ class _Server:
         except ValueError as exc:
             raise ApiError(400, str(exc), getattr(exc, "param", None)) from None
         stops = self.gate.stops(body.stop)
-        text = await self.gate.chat_prompt(body.messages)
+        text = await self.gate.chat_prompt(body.messages, body.tools)
         ids = (await self.gate.encode(text, "messages", special=True)) or [self.tokenizer.eot_token]
         prompts = [(ids, text)]
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens

@@ -21,7 +21,7 @@ from gpt2lite.generation.constraints import RowConstraints
 from gpt2lite.generation.context import check_text_fits, fit_prompt
 from gpt2lite.generation.options import CONSTRAINTS, GenerationOptions
 from gpt2lite.serve.errors import KINDS, TOO_LONG, ApiError, api_error
-from gpt2lite.serve.protocol import ChatMessage, constraint, sampling_options, stop_strings
+from gpt2lite.serve.protocol import ChatMessage, Tool, constraint, sampling_options, stop_strings
 from gpt2lite.text.generator import TextGenerator
 
 __all__ = ["Prompt", "RequestGate"]
@@ -44,11 +44,12 @@ class RequestGate:
             raise ApiError(404, f"the model {name!r} does not exist here; this server serves {self.model_name!r}",
                            "model", KINDS[404])
 
-    async def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
-        """The chat template's rendering of ``messages``, off the event loop (the template has a time budget)."""
+    async def chat_prompt(self, messages: Sequence[ChatMessage], tools: Sequence[Tool] | None = None) -> str:
+        """The chat template's rendering of ``messages`` (and ``tools``), off the event loop (it has a time budget)."""
         plain = [m.model_dump(exclude_none=True) for m in messages]
+        specs = [t.model_dump(exclude_none=True) for t in tools] if tools else None
         try:
-            return await run_in_threadpool(self.text.chat_prompt, plain)
+            return await run_in_threadpool(self.text.chat_prompt, plain, specs)
         except ValueError as exc:
             raise ApiError(400, str(exc), "messages") from None
 

@@ -32,6 +32,7 @@ __all__ = [
     "constraint",
     "sampling_options",
     "token_text",
+    "tool_calls_schema",
 ]
 
 MAX_STOP_STRINGS = 64  # OpenAI takes 4; lm-evaluation-harness sends more, vLLM has no limit
@@ -140,6 +141,37 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
 
+class FunctionSpec(BaseModel):
+    """A tool's function: its name, and the JSON schema of its arguments."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    """One of ``tools``: a function the model may call."""
+
+    type: Literal["function"] = "function"
+    function: FunctionSpec
+
+
+class NamedFunction(_Body):
+    """The function a named ``tool_choice`` forces."""
+
+    name: str
+
+
+class NamedToolChoice(_Body):
+    """``tool_choice: {"type": "function", "function": {"name": ...}}``: call this function."""
+
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_Sampling):
     """The body of ``POST /v1/chat/completions``."""
 
@@ -150,8 +182,8 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     add_generation_prompt: bool = True
     # OpenAI's fields that change nothing here: accepted and ignored (a tool call or another modality is refused).
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     store: bool | None = None
     metadata: dict[str, Any] | None = None
@@ -179,9 +211,16 @@ class DetokenizeRequest(_Body):
 
 
 def check_chat_extras(body: ChatCompletionRequest) -> None:
-    """Refuse, by name, what a chat request asks that GPT-2 cannot do: tools, other modalities."""
-    if body.tools and body.tool_choice != "none":
-        raise OptionError("tools", "tools: this model cannot call tools (send tool_choice='none', or no tools)")
+    """Refuse, by name, what a chat request asks that cannot be done: a tool choice without its tool, modalities."""
+    names = [t.function.name for t in body.tools or []]
+    if len(set(names)) != len(names):
+        raise OptionError("tools", "tools: each function needs a name of its own")
+    choice = body.tool_choice
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        raise OptionError("tool_choice", f"tool_choice names {choice.function.name!r}, which is not among the "
+                                         f"tools {names}")
+    if choice == "required" and not names:
+        raise OptionError("tool_choice", "tool_choice 'required' needs tools to choose from")
     if body.modalities and body.modalities != ["text"]:
         raise OptionError("modalities", f"modalities: only ['text'] is produced, got {body.modalities}")
 
@@ -192,6 +231,34 @@ def stop_strings(stop: str | list[str] | None) -> list[str]:
     if len(stops) > MAX_STOP_STRINGS or not all(stops):
         raise OptionError("stop", f"stop takes up to {MAX_STOP_STRINGS} non-empty strings")
     return stops
+
+
+MAX_PARALLEL_TOOL_CALLS = 4  # calls one reply may make under tool_choice "required"
+
+
+def tool_calls_schema(body: _Sampling) -> tuple[str | None, dict[str, Any]] | None:
+    """(the forced function's name, or None for any) and the JSON schema a tool-calling reply is written in.
+
+    A named ``tool_choice`` makes the reply that function's arguments; ``"required"``
+    a list of ``{"name", "arguments"}`` calls of the tools (one without
+    ``parallel_tool_calls``). ``"auto"`` and ``"none"`` leave the reply free text:
+    GPT-2 has no format of its own for choosing to call a tool.
+    """
+    tools = getattr(body, "tools", None) or []
+    choice = getattr(body, "tool_choice", None)
+
+    def parameters(tool: Tool) -> dict[str, Any]:
+        return tool.function.parameters or {"type": "object", "properties": {}, "additionalProperties": False}
+
+    if isinstance(choice, NamedToolChoice):
+        tool = next(t for t in tools if t.function.name == choice.function.name)
+        return tool.function.name, parameters(tool)
+    if choice == "required":
+        calls = [{"type": "object", "properties": {"name": {"const": t.function.name}, "arguments": parameters(t)},
+                  "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
+        most = 1 if body.parallel_tool_calls is False else MAX_PARALLEL_TOOL_CALLS
+        return None, {"type": "array", "items": {"anyOf": calls}, "minItems": 1, "maxItems": most}
+    return None
 
 
 def constraint(body: _Sampling) -> tuple[str, dict[str, Any]] | None:
@@ -211,6 +278,9 @@ def constraint(body: _Sampling) -> tuple[str, dict[str, Any]] | None:
             raise OptionError("response_format", "response_format of type json_schema needs its schema "
                                                  "(json_schema.schema)")
         found.append(("response_format", {"json_schema": schema}))
+    tools = tool_calls_schema(body)
+    if tools is not None:
+        found.append(("tool_choice", {"json_schema": tools[1]}))
     so = body.structured_outputs
     if so is not None:
         for key, name in (("json_", "json_schema"), ("regex", "regex"), ("choice", "choice"), ("grammar", "grammar")):

@@ -8,6 +8,7 @@ finished or running choices. Nothing here decides what runs.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from typing import Any
@@ -20,6 +21,7 @@ from gpt2lite.serve.protocol import (
     chat_logprobs,
     completion_logprobs,
     token_text,
+    tool_calls_schema,
 )
 from gpt2lite.serve.scheduler import PromptToken
 from gpt2lite.serve.scheduler import Request as ScheduledRequest
@@ -42,6 +44,7 @@ class Choice:
         self.prompt_scored = asyncio.Event()  # set once the prompt's scores came, or the choice ended without
         self.tokens: list[tuple[int, float, list[tuple[int, float]]]] = []
         self.reason: str | None = None
+        self.call_ids: list[str] = []  # the ids of its tool calls, once made
         self._call = loop.call_soon_threadsafe  # the scheduler's thread hands events to this loop
         self.scheduled = ScheduledRequest(
             prompt=prompt_ids, options=options,
@@ -211,16 +214,63 @@ class ResponseBuilder:
             new = [tok for k, tok in enumerate(c.tokens[len(c.tokens) - count :])
                    if len(c.tokens) - count + k < c.kept or not c.text.done]
             logprobs = chat_logprobs(self.tokenizer, new) if new else None
-        if not (piece or logprobs or done):
+        delta: dict[str, Any] = {"content": piece} if piece else {}
+        reason = c.reason if done else None
+        tools = tool_calls_schema(body)
+        if tools is not None and tools[0] is not None:  # one named function: its arguments stream as they come
+            delta = {"tool_calls": [self._call_delta(c, tools[0], piece)]} if piece else {}
+            reason = "tool_calls" if reason == "stop" else reason
+        elif tools is not None:  # a list of calls: sent whole once it is (a cut one is sent as text)
+            calls = self._calls(c, body) if done else None
+            delta = {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]} if calls else \
+                ({"content": c.text.text} if done else {})
+            reason = "tool_calls" if calls and reason == "stop" else reason
+        if not (delta or logprobs or done):
             return None
-        return {**meta, "choices": [{"index": c.index, "delta": {"content": piece} if piece else {},
-                                     "logprobs": logprobs, "finish_reason": c.reason if done else None}]}
+        return {**meta, "choices": [{"index": c.index, "delta": delta, "logprobs": logprobs,
+                                     "finish_reason": reason}]}
 
     def chat_choice(self, c: Choice, body: ChatCompletionRequest) -> dict[str, Any]:
-        """A finished chat choice."""
-        return {"index": c.index, "message": {"role": "assistant", "content": c.text.text, "refusal": None},
+        """A finished chat choice: its text, or the tool calls it makes."""
+        message: dict[str, Any] = {"role": "assistant", "content": c.text.text, "refusal": None}
+        reason = c.reason
+        calls = self._calls(c, body)
+        if calls is not None:
+            message.update(content=None, tool_calls=calls)
+            reason = "tool_calls" if reason == "stop" else reason
+        return {"index": c.index, "message": message,
                 "logprobs": chat_logprobs(self.tokenizer, c.tokens[: c.kept]) if body.logprobs else None,
-                "finish_reason": c.reason}
+                "finish_reason": reason}
+
+    @staticmethod
+    def _call_id(c: Choice, i: int) -> str:
+        """The id of a choice's ``i``-th tool call, the same in every chunk."""
+        while len(c.call_ids) <= i:
+            c.call_ids.append(f"call_{uuid.uuid4().hex[:24]}")
+        return c.call_ids[i]
+
+    def _call_delta(self, c: Choice, name: str, piece: str) -> dict[str, Any]:
+        """A streamed piece of a named function's arguments; the first carries its id and name."""
+        if c.call_ids:
+            return {"index": 0, "function": {"arguments": piece}}
+        return {"index": 0, "id": self._call_id(c, 0), "type": "function",
+                "function": {"name": name, "arguments": piece}}
+
+    def _calls(self, c: Choice, body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
+        """OpenAI's ``tool_calls`` of a reply written under a tool choice (None: a text reply, or a cut list)."""
+        tools = tool_calls_schema(body)
+        if tools is None:
+            return None
+        if tools[0] is not None:
+            return [{"id": self._call_id(c, 0), "type": "function",
+                     "function": {"name": tools[0], "arguments": c.text.text}}]
+        try:
+            items = json.loads(c.text.text)
+        except json.JSONDecodeError:
+            return None  # max_tokens cut the list
+        return [{"id": self._call_id(c, i), "type": "function",
+                 "function": {"name": item["name"], "arguments": json.dumps(item["arguments"])}}
+                for i, item in enumerate(items)]
 
 
 def cancel(work: asyncio.Future, choices: list[Choice]) -> None:

@@ -151,8 +151,13 @@ class ChatTemplate:
         eos = tokenizer.decode([tokenizer.eot_token])
         return cls(source, {"eos_token": eos, "bos_token": eos})
 
-    def render(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True) -> str:
-        """The prompt for ``messages`` (``[{"role": ..., "content": ...}, ...]``), ready for the model to continue."""
+    def render(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+               tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+        """The prompt for ``messages`` (``[{"role": ..., "content": ...}, ...]``), ready for the model to continue.
+
+        ``tools`` (OpenAI's ``[{"type": "function", "function": {...}}]``) reach the
+        template as ``tools``, as transformers hands them over.
+        """
         if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
             raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...}")
         plain = []
@@ -168,7 +173,7 @@ class ChatTemplate:
         try:
             pieces, size = [], 0
             for piece in self._template.generate(messages=plain, add_generation_prompt=add_generation_prompt,
-                                                 **self.special_tokens):
+                                                 tools=list(tools) if tools else None, **self.special_tokens):
                 pieces.append(piece)
                 size += len(piece)
                 if size > MAX_RENDER_CHARS:

@@ -201,13 +201,13 @@ class TextGenerator:
         return self.complete(prompt, options, stop=stop, bad_words=bad_words, generator=generator,
                              allowed_special="all", **overrides)[0].text
 
-    def chat_prompt(self, messages: Sequence[dict[str, Any]]) -> str:
+    def chat_prompt(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> str:
         """The prompt text for ``messages`` (``[{"role": "user", "content": "..."}, ...]``), ready to continue.
 
         The model's chat template renders it; without one, each turn's text is
         followed by the end token (DialoGPT's convention).
         """
-        return self._template().render(messages)
+        return self._template().render(messages, tools=tools)
 
     def check_chat_template(self) -> None:
         """Compile the chat template and render one message, so that a broken or runaway template shows at load."""
