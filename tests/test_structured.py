@@ -195,3 +195,22 @@ def test_langchain_with_structured_output(gen):
         for method in ("json_schema", "function_calling"):
             result = llm.with_structured_output(Forecast, method=method).invoke("The forecast for Oslo:")
             assert isinstance(result, Forecast), method
+
+
+def test_found_by_review_padded_vocabulary_conflicts_and_cut_calls(gen):
+    """A vocabulary padded to 50304, a ban that leaves a constraint nothing, a stop string inside a call."""
+    padded = TextGenerator(GPT2(GPT2Config.from_preset("tiny", vocab_size=50304)).eval(), gen.tokenizer)
+    assert padded("Hi", choice=["yes", "no"], max_new_tokens=5, temperature=0) in ("yes", "no")
+    with pytest.raises(OptionError, match="leaves no token that the other options allow"):
+        gen("Hi", choice=["yes"], bad_words=["yes"], max_new_tokens=12, seed=0)
+    with pytest.raises(OptionError, match="does not combine with min_new_tokens"):
+        GenerationOptions(choice=["a"], min_new_tokens=1)
+    with running(create_app(gen.model, gen.tokenizer, ServerOptions(model_name="tiny"))) as url:
+        body = {"messages": [{"role": "user", "content": "Weather?"}], "tools": [WEATHER], "stop": [","],
+                "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "seed": 1,
+                "max_tokens": 40}
+        choice = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]
+        arguments = choice["message"]["tool_calls"][0]["function"]["arguments"]
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(arguments)  # the stop string cut it ...
+        assert choice["finish_reason"] == "stop"  # ... so it is no finished call

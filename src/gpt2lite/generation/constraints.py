@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from gpt2lite.errors import OptionError
-from gpt2lite.generation.options import CONSTRAINTS, GenerationOptions
+from gpt2lite.generation.options import GenerationOptions
 from gpt2lite.tokenizers.protocol import TokenizerProtocol
 
 __all__ = ["RowConstraints", "constraint_grammar"]
@@ -39,7 +39,7 @@ def _llguidance() -> Any:
 
 def constraint_grammar(options: GenerationOptions) -> tuple[str, str] | None:
     """(option name, llguidance grammar) of the options' constraint, or None without one."""
-    name = next((n for n in CONSTRAINTS if getattr(options, n)), None)
+    name = options.constraint
     if name is None:
         return None
     value = getattr(options, name)
@@ -83,10 +83,14 @@ class _Wrapped:
         self.eos_token_id, self.bos_token_id = eos, None
         self.tokens = [tokenizer.decode_token_bytes(i) for i in range(tokenizer.n_vocab)]
         self.special_token_ids = sorted(set(getattr(tokenizer, "special_tokens", {}).values()) | {eos})
-        self._encode = tokenizer.encode
+        # Weakly: the cache of vocabularies is keyed by the tokenizer, and must not keep it alive.
+        self._tokenizer = weakref.ref(tokenizer)
 
     def __call__(self, text: str | bytes) -> list[int]:
-        return self._encode(text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text)
+        tokenizer = self._tokenizer()
+        if tokenizer is None:
+            raise RuntimeError("the tokenizer of this constraint is gone")
+        return tokenizer.encode(text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text)
 
 
 class RowConstraints:
@@ -109,23 +113,37 @@ class RowConstraints:
         if error:
             raise OptionError(self.name, f"{self.name} cannot be used: {error}")
         self.matchers = [llg.LLMatcher(self.vocabulary, grammar, log_level=0) for _ in range(rows)]
-        self.vocab_size = vocab_size
-        self._bitmask = self._torch.allocate_token_bitmask(rows, vocab_size)
+        # The tokenizer's size, not the model's: rows a vocabulary is padded with are never allowed.
+        self._bitmask = self._torch.allocate_token_bitmask(rows, self.vocabulary.vocab_size)
 
     @classmethod
     def check(cls, options: GenerationOptions, tokenizer: TokenizerProtocol, eos: int, vocab_size: int) -> None:
         """Compile the options' constraint, if any, to refuse one that cannot be used before anything runs."""
-        if any(getattr(options, name) for name in CONSTRAINTS):
+        if options.constraint is not None:
             cls(options, tokenizer, eos, vocab_size, rows=0)
 
-    def mask(self, logits: torch.Tensor, rows: Sequence[int] | None = None) -> torch.Tensor:
-        """``logits`` ``(n, V)`` of ``rows`` (default: all) with every token the row's matcher forbids at -inf."""
-        rows = range(len(self.matchers)) if rows is None else rows
-        bitmask = self._bitmask[: len(rows)]
-        for i, row in enumerate(rows):
-            self._torch.fill_next_token_bitmask(self.matchers[row], bitmask, i)
-        allowed = _unpack(bitmask, logits.shape[-1]).to(logits.device)  # (n, V) bool
-        return logits.float().masked_fill(~allowed, float("-inf"))
+    def mask(self, logits: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
+        """``logits`` ``(B, V)`` with every token a row's matcher forbids at -inf (rows that ``finished`` as they are).
+
+        A row left with no token at all (the constraint and a ban, ``bad_words``
+        or a ``logit_bias`` of -100, exclude each other) is an ``OptionError``.
+        """
+        n, vocab = logits.shape
+        allowed = torch.ones(n, vocab, dtype=torch.bool)
+        for row in range(n):
+            if not bool(finished[row]):
+                self._torch.fill_next_token_bitmask(self.matchers[row], self._bitmask, row)
+                words = _unpack(self._bitmask[row : row + 1], self.vocabulary.vocab_size)[0]
+                allowed[row, : words.numel()] = words
+                allowed[row, words.numel() :] = False
+        allowed = allowed.to(logits.device)
+        masked = logits.float().masked_fill(~allowed, float("-inf"))
+        # (A NaN counts as a token here: check_finite names a broken model apart.)
+        dead = ~(allowed & (logits != float("-inf"))).any(dim=-1) & ~finished
+        if bool(dead.any()):
+            raise OptionError(self.name, f"{self.name} leaves no token that the other options allow (bad_words, a "
+                                         "logit_bias of -100 or stop_token_ids exclude what it needs next)")
+        return masked
 
     def consume(self, token: int, row: int) -> None:
         """Advance ``row``'s matcher by the token it chose (one the mask allowed)."""

@@ -17,7 +17,7 @@ import torch
 from gpt2lite.errors import OptionError
 from gpt2lite.generation.beam import beam_search
 from gpt2lite.generation.context import fit_prompt, shifted
-from gpt2lite.generation.options import CONSTRAINTS, GenerationKwargs, GenerationOptions
+from gpt2lite.generation.options import GenerationKwargs, GenerationOptions
 from gpt2lite.generation.rules import Step, TokenRules, end_tokens, prompt_logprobs
 from gpt2lite.generation.session import DecodeSession
 from gpt2lite.generation.speculative import speculative_generate
@@ -79,9 +79,8 @@ def generate(
     opts = GenerationOptions.build(options, overrides, "generate")
     prompt, mask = _prepare_prompt(model, input_ids, attention_mask, opts)
     if opts.num_beams > 1 or draft_model is not None or opts.prompt_lookup_num_tokens:
-        constraint = next((name for name in CONSTRAINTS if getattr(opts, name)), None)
-        if constraint is not None:  # the options refuse beams and prompt lookup already
-            raise OptionError(constraint, f"{constraint} does not combine with a draft model")
+        if draft_model is not None and opts.constraint is not None:  # the options refuse beams, prompt lookup
+            raise OptionError(opts.constraint, f"{opts.constraint} does not combine with a draft model")
         if opts.num_beams > 1 and draft_model is not None:
             raise ValueError("beam search and speculative decoding (draft_model) do not combine")
         if opts.context_shift:

@@ -177,6 +177,11 @@ class GenerationOptions:
         object.__setattr__(self, "logits_processor", tuple(processors))
 
     @property
+    def constraint(self) -> str | None:
+        """The structured-output option that is set (``json_schema``, ``regex``, ``choice``, ``grammar``), or None."""
+        return next((name for name in CONSTRAINTS if getattr(self, name)), None)
+
+    @property
     def greedy(self) -> bool:
         """Whether the most likely token is always taken (temperature 0, or too small to scale by)."""
         return self.temperature < GREEDY_BELOW
@@ -269,11 +274,11 @@ def _check_constraint(options: GenerationOptions) -> None:
     given = [name for name in CONSTRAINTS if getattr(options, name)]
     if len(given) > 1:
         raise OptionError(given[1], f"give one structured-output constraint, not {' and '.join(given)}")
-    if given and (options.num_beams > 1 or options.prompt_lookup_num_tokens or options.ignore_eos):
-        other = "num_beams" if options.num_beams > 1 else "prompt_lookup_num_tokens" \
-            if options.prompt_lookup_num_tokens else "ignore_eos"
-        raise OptionError(given[0], f"{given[0]} does not combine with {other}: a constraint ends at its end "
-                                    "token and is checked one token at a time")
+    others = [name for name, off in (("num_beams", 1), ("prompt_lookup_num_tokens", 0), ("ignore_eos", False),
+                                     ("min_new_tokens", 0)) if getattr(options, name) != off]
+    if given and others:  # named by the other option: the constraint is what the call is for
+        raise OptionError(others[0], f"{given[0]} does not combine with {others[0]}: the constraint decides where the "
+                                    "text ends (at the end token), and is checked one token at a time")
 
 
 def _is_number(x: object) -> bool:

@@ -20,6 +20,7 @@ token and its ``top_logprobs`` alternatives, from the model's raw logits.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -28,7 +29,7 @@ import torch
 
 from gpt2lite.errors import NonFiniteError, OptionError
 from gpt2lite.generation.constraints import RowConstraints
-from gpt2lite.generation.options import CONSTRAINTS, GenerationOptions
+from gpt2lite.generation.options import GenerationOptions
 from gpt2lite.generation.processors import LogitsProcessors
 from gpt2lite.generation.sampling import choose_next
 from gpt2lite.models.protocol import ModelConfig
@@ -188,7 +189,7 @@ class TokenRules:
         self.counts = torch.zeros(B, config.vocab_size, device=device) if self.processors.needs_counts else None
         self.finished = torch.zeros(B, dtype=torch.bool, device=device)
         self.constraints = None
-        if any(getattr(options, name) for name in CONSTRAINTS):
+        if options.constraint is not None:
             self.constraints = RowConstraints(options, _constraint_tokenizer(tokenizer, config, options),
                                               self.eos if self.eos is not None else self.pad, config.vocab_size, B)
 
@@ -215,7 +216,7 @@ class TokenRules:
             logits = self.processors(logits.float(), self.tokens[:, :cur], penalty_history=history,
                                      counts=self.counts, new_tokens=new)
         if self.constraints is not None:  # last: what the constraint forbids stays forbidden
-            logits = self.constraints.mask(logits)
+            logits = self.constraints.mask(logits, self.finished)
         return logits
 
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
@@ -331,14 +332,20 @@ class TokenRules:
         return ended
 
 
+@functools.cache
+def _gpt2_tokenizer() -> Tokenizer:
+    """The bundled GPT-2 tokenizer, made once: a constraint's vocabulary is built once per tokenizer."""
+    return Tokenizer.gpt2()
+
+
 def _constraint_tokenizer(tokenizer: TokenizerProtocol | None, config: ModelConfig,
                           options: GenerationOptions) -> TokenizerProtocol:
     """The vocabulary a constraint is compiled against: the one given, else GPT-2's for a GPT-2-sized model."""
     if tokenizer is not None:
         return tokenizer
     if 50257 <= config.vocab_size < 50257 + 128:  # GPT-2's, or padded to a multiple of 64
-        return Tokenizer.gpt2()
-    name = next(n for n in CONSTRAINTS if getattr(options, n))
+        return _gpt2_tokenizer()
+    name = options.constraint or "json_schema"
     raise OptionError(name, f"{name} needs the model's tokenizer to know each token's text: pass tokenizer=")
 
 

@@ -219,7 +219,7 @@ class ResponseBuilder:
         tools = tool_calls_schema(body)
         if tools is not None and tools[0] is not None:  # one named function: its arguments stream as they come
             delta = {"tool_calls": [self._call_delta(c, tools[0], piece)]} if piece else {}
-            reason = "tool_calls" if reason == "stop" else reason
+            reason = "tool_calls" if reason == "stop" and _is_json(c.text.text) else reason
         elif tools is not None:  # a list of calls: sent whole once it is (a cut one is sent as text)
             calls = self._calls(c, body) if done else None
             delta = {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]} if calls else \
@@ -237,7 +237,8 @@ class ResponseBuilder:
         calls = self._calls(c, body)
         if calls is not None:
             message.update(content=None, tool_calls=calls)
-            reason = "tool_calls" if reason == "stop" else reason
+            # A stop string can end the text before the JSON does: then it is no finished call.
+            reason = "tool_calls" if reason == "stop" and _is_json(c.text.text) else reason
         return {"index": c.index, "message": message,
                 "logprobs": chat_logprobs(self.tokenizer, c.tokens[: c.kept]) if body.logprobs else None,
                 "finish_reason": reason}
@@ -271,6 +272,15 @@ class ResponseBuilder:
         return [{"id": self._call_id(c, i), "type": "function",
                  "function": {"name": item["name"], "arguments": json.dumps(item["arguments"])}}
                 for i, item in enumerate(items)]
+
+
+def _is_json(text: str) -> bool:
+    """Whether ``text`` is whole JSON (a tool call's arguments that no stop string or max_tokens cut)."""
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def cancel(work: asyncio.Future, choices: list[Choice]) -> None:
