@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import weakref
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -155,10 +154,6 @@ class RowConstraints:
     def accepting(self, row: int) -> bool:
         """Whether ``row``'s text so far is complete under the constraint."""
         return self.matchers[row].is_accepting()
-
-    def reorder(self, index: Sequence[int]) -> None:
-        """Make row ``i``'s matcher a copy of row ``index[i]``'s."""
-        self.matchers = [self.matchers[j].deep_copy() for j in index]
 
 
 def _unpack(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:

@@ -300,8 +300,7 @@ class TokenRules:
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t[index])
-        if self.constraints is not None:
-            self.constraints.reorder(index.tolist())
+
 
     def _ends(self, tokens: torch.Tensor, at: torch.Tensor | int, generated: list[int]) -> torch.Tensor:
         """Rows of ``tokens`` ``(N, L)`` whose token at column ``at`` ends them (end token, stop sequence).

@@ -49,6 +49,7 @@ from gpt2lite.serve.protocol import (
     TokenizeRequest,
     check_chat_extras,
     token_text,
+    tool_calls_schema,
 )
 from gpt2lite.serve.responses import Choice, ResponseBuilder, cancel
 from gpt2lite.serve.scheduler import QueueFull, Scheduler
@@ -138,10 +139,10 @@ class _Server:
 
     # helpers ------------------------------------------------------------------------------
 
-    def _choices(self, prompts: list[Prompt], body: Any, per_prompt: int, max_tokens: int | None,
+    async def _choices(self, prompts: list[Prompt], body: Any, per_prompt: int, max_tokens: int | None,
                  top_logprobs: int, stops: list[str], prompt_top: int | None, prompt_param: str) -> list[Choice]:
         """``per_prompt`` choices for each prompt, choice ``i`` seeded with ``seed + i``."""
-        options = self.gate.options(prompts, body, per_prompt, max_tokens, top_logprobs, prompt_param)
+        options = await self.gate.options(prompts, body, per_prompt, max_tokens, top_logprobs, prompt_param)
         loop = asyncio.get_running_loop()
         choices = []
         for p, ((ids, text), base) in enumerate(zip(prompts, options, strict=True)):
@@ -252,7 +253,7 @@ class _Server:
         prompt_top = None
         if echo_scores or body.prompt_logprobs is not None:
             prompt_top = max(body.logprobs or 0, body.prompt_logprobs or 0)
-        choices = self._choices(prompts, body, best_of, body.max_tokens, body.logprobs or 0, stops, prompt_top,
+        choices = await self._choices(prompts, body, best_of, body.max_tokens, body.logprobs or 0, stops, prompt_top,
                                 "prompt")
         self._submit(choices)
         meta = self.build.meta("text_completion")
@@ -294,7 +295,8 @@ class _Server:
         prompts = [(ids, text)]
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         top = (body.top_logprobs or 0) if body.logprobs else 0
-        choices = self._choices(prompts, body, body.n, max_tokens, top, stops, None, "messages")
+        choices = await self._choices(prompts, body, body.n, max_tokens, top, stops, None, "messages")
+        tools = tool_calls_schema(body)  # whether the reply is a tool call, read once
         self._submit(choices)
         meta = self.build.meta("chat.completion.chunk" if body.stream else "chat.completion")
         if body.stream:
@@ -308,11 +310,11 @@ class _Server:
 
             return EventSourceResponse(
                 self._stream(choices, lambda c, piece, count, done: self.build.chat_chunk(
-                    c, piece, count, done, body, meta), usage, started, first), ping=15, sep="\n")
+                    c, piece, count, done, body, meta, tools), usage, started, first), ping=15, sep="\n")
         if not await self._collect(choices, request):
             return Response(status_code=499)
         self.metrics.latency.observe(time.perf_counter() - started)
-        return JSONResponse({**meta, "choices": [self.build.chat_choice(c, body) for c in choices],
+        return JSONResponse({**meta, "choices": [self.build.chat_choice(c, body, tools) for c in choices],
                              "usage": self.build.usage(choices, prompts)})
 
 

@@ -93,8 +93,8 @@ class RequestGate:
             out.append((list(item), self.tokenizer.decode(item)))
         return out
 
-    def options(self, prompts: list[Prompt], body: Any, completions: int, max_tokens: int | None,
-                top_logprobs: int, prompt_param: str) -> list[GenerationOptions]:
+    async def options(self, prompts: list[Prompt], body: Any, completions: int, max_tokens: int | None,
+                      top_logprobs: int, prompt_param: str) -> list[GenerationOptions]:
         """Each prompt's options (the seed of its first choice), checked against the context and the queue.
 
         ``completions`` choices per prompt; ``max_tokens`` None is as many as fit.
@@ -116,9 +116,10 @@ class RequestGate:
             # Built once per request: its logit_bias and other values are shared by every prompt and choice.
             base = self.text.text_options(sampling_options(
                 body, max_tokens=max_tokens or 0, eos=self.tokenizer.eot_token, vocab=self.vocab,
-                top_logprobs=top_logprobs))
-            # A constraint that cannot be compiled is refused here, before anything streams.
-            RowConstraints.check(base, self.tokenizer, self.tokenizer.eot_token, self.vocab)
+                top_logprobs=top_logprobs, structured=structured[1] if structured is not None else None))
+            if base.constraint is not None:  # one that cannot be compiled is refused before anything streams
+                await run_in_threadpool(RowConstraints.check, base, self.tokenizer, self.tokenizer.eot_token,
+                                        self.vocab)
         except (ValueError, ImportError) as exc:
             raise api_error(exc, params) from None
         out = []

@@ -8,7 +8,7 @@ written ``bytes:\\xNN...``, one ``\\xNN`` per byte.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -297,8 +297,12 @@ def constraint(body: _Sampling) -> tuple[str, dict[str, Any]] | None:
     return found[0] if found else None
 
 
-def sampling_options(body: _Sampling, *, max_tokens: int, eos: int, vocab: int, top_logprobs: int) -> GenerationOptions:
-    """The ``GenerationOptions`` a request body asks for (the seed of choice 0; add ``i`` for choice ``i``)."""
+def sampling_options(body: _Sampling, *, max_tokens: int, eos: int, vocab: int, top_logprobs: int,
+                     structured: Mapping[str, Any] | None = None) -> GenerationOptions:
+    """The ``GenerationOptions`` a request body asks for (the seed of choice 0; add ``i`` for choice ``i``).
+
+    ``structured``: the constraint fields ``constraint(body)`` found, read once by the caller.
+    """
     bias: dict[int, float] = {}
     if body.logit_bias:
         if len(body.logit_bias) > MAX_LOGIT_BIAS:
@@ -321,9 +325,8 @@ def sampling_options(body: _Sampling, *, max_tokens: int, eos: int, vocab: int, 
         "top_k": None if body.top_k in (None, -1) else body.top_k,  # vLLM writes "off" as -1
         "typical_p": body.typical_p, "epsilon_cutoff": body.epsilon_cutoff, "eta_cutoff": body.eta_cutoff,
     }
-    structured = constraint(body)
     return GenerationOptions(
-        **(structured[1] if structured is not None else {}),
+        **(structured or {}),
         max_new_tokens=max_tokens, min_new_tokens=min(body.min_tokens, max_tokens), logit_bias=bias,
         stop=stop_ids, ignore_eos=body.ignore_eos, eos_token_id=eos, top_logprobs=top_logprobs,
         context_shift=body.context_shift, n_keep=body.n_keep,

@@ -21,14 +21,16 @@ from gpt2lite.serve.protocol import (
     chat_logprobs,
     completion_logprobs,
     token_text,
-    tool_calls_schema,
 )
 from gpt2lite.serve.scheduler import PromptToken
 from gpt2lite.serve.scheduler import Request as ScheduledRequest
 from gpt2lite.text.assembler import TextAssembler
 from gpt2lite.tokenizers.protocol import TokenizerProtocol
 
-__all__ = ["Choice", "ResponseBuilder", "cancel", "text_offsets"]
+__all__ = ["Choice", "ResponseBuilder", "ToolCalls", "cancel", "text_offsets"]
+
+# What tool_calls_schema found: (the forced function's name, or None for a list of calls, and the schema), or None.
+ToolCalls = tuple[str | None, dict[str, Any]] | None
 
 
 class Choice:
@@ -207,7 +209,7 @@ class ResponseBuilder:
                                      "logprobs": None, "finish_reason": None}]}
 
     def chat_chunk(self, c: Choice, piece: str, count: int, done: bool, body: ChatCompletionRequest,
-                   meta: dict[str, Any]) -> dict[str, Any] | None:
+                   meta: dict[str, Any], tools: ToolCalls = None) -> dict[str, Any] | None:
         """A streamed chat chunk of the ``count`` newest tokens (None: nothing to send)."""
         logprobs = None
         if body.logprobs and count:
@@ -216,12 +218,11 @@ class ResponseBuilder:
             logprobs = chat_logprobs(self.tokenizer, new) if new else None
         delta: dict[str, Any] = {"content": piece} if piece else {}
         reason = c.reason if done else None
-        tools = tool_calls_schema(body)
         if tools is not None and tools[0] is not None:  # one named function: its arguments stream as they come
             delta = {"tool_calls": [self._call_delta(c, tools[0], piece)]} if piece else {}
             reason = "tool_calls" if reason == "stop" and _is_json(c.text.text) else reason
         elif tools is not None:  # a list of calls: sent whole once it is (a cut one is sent as text)
-            calls = self._calls(c, body) if done else None
+            calls = self._calls(c, tools) if done else None
             delta = {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]} if calls else \
                 ({"content": c.text.text} if done else {})
             reason = "tool_calls" if calls and reason == "stop" else reason
@@ -230,11 +231,11 @@ class ResponseBuilder:
         return {**meta, "choices": [{"index": c.index, "delta": delta, "logprobs": logprobs,
                                      "finish_reason": reason}]}
 
-    def chat_choice(self, c: Choice, body: ChatCompletionRequest) -> dict[str, Any]:
-        """A finished chat choice: its text, or the tool calls it makes."""
+    def chat_choice(self, c: Choice, body: ChatCompletionRequest, tools: ToolCalls = None) -> dict[str, Any]:
+        """A finished chat choice: its text, or the tool calls it makes (``tools``: ``tool_calls_schema``'s)."""
         message: dict[str, Any] = {"role": "assistant", "content": c.text.text, "refusal": None}
         reason = c.reason
-        calls = self._calls(c, body)
+        calls = self._calls(c, tools)
         if calls is not None:
             message.update(content=None, tool_calls=calls)
             # A stop string can end the text before the JSON does: then it is no finished call.
@@ -257,9 +258,8 @@ class ResponseBuilder:
         return {"index": 0, "id": self._call_id(c, 0), "type": "function",
                 "function": {"name": name, "arguments": piece}}
 
-    def _calls(self, c: Choice, body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
+    def _calls(self, c: Choice, tools: ToolCalls) -> list[dict[str, Any]] | None:
         """OpenAI's ``tool_calls`` of a reply written under a tool choice (None: a text reply, or a cut list)."""
-        tools = tool_calls_schema(body)
         if tools is None:
             return None
         if tools[0] is not None:
