@@ -214,3 +214,29 @@ def test_found_by_review_padded_vocabulary_conflicts_and_cut_calls(gen):
         with pytest.raises(json.JSONDecodeError):
             json.loads(arguments)  # the stop string cut it ...
         assert choice["finish_reason"] == "stop"  # ... so it is no finished call
+
+
+def test_fifty_seeds_per_schema_over_http_streamed_and_not(gen):
+    """Each schema over HTTP: 52 choices (4 requests of n=13, seeds apart), half streamed, every one validates."""
+    with running(create_app(gen.model, gen.tokenizer, ServerOptions(model_name="tiny", max_batch=16))) as url, \
+            httpx.Client(timeout=120) as http:
+        for schema in SCHEMAS:
+            texts: list[str] = []
+            for k, stream in enumerate((False, True, False, True)):
+                body = {"prompt": "Data:", "max_tokens": 60, "n": 13, "seed": 13 * k, "stream": stream,
+                        "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}
+                if not stream:
+                    r = http.post(url + "/v1/completions", json=body).json()
+                    assert all(c["finish_reason"] == "stop" for c in r["choices"]), r
+                    texts += [c["text"] for c in r["choices"]]
+                    continue
+                pieces = [""] * 13
+                with http.stream("POST", url + "/v1/completions", json=body) as r:
+                    for line in r.iter_lines():
+                        if line.startswith("data: {"):
+                            for c in json.loads(line[6:])["choices"]:
+                                pieces[c["index"]] += c["text"]
+                texts += pieces
+            assert len(texts) == 52
+            for text in texts:
+                jsonschema.validate(json.loads(text), schema)
