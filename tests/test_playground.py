@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import urllib.parse
 
 import httpx
@@ -68,3 +69,19 @@ def test_no_playground_flag(tiny_dir):
     with serve(tiny_dir, "--no-playground") as (url, _):
         response = httpx.get(url + "/")
         assert response.status_code == 404 and "error" in response.json()
+
+
+def test_a_json_schema_in_the_page_gives_the_api_s_constrained_text(tiny_dir):
+    schema = '{"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, ' \
+             '"required": ["n"], "additionalProperties": false}'
+    with serve(tiny_dir) as (url, _):
+        link = page_url(url, prompt=PROMPT, max_tokens="20", temperature="0", json_schema=schema, autorun="1")
+        with open_page(link) as page:
+            page.wait_for("document.getElementById('output').dataset.done === '1'")
+            shown = page.evaluate("document.getElementById('output').textContent")
+        expected = api_text(url, max_tokens=20, temperature=0, extra_body={"response_format": {
+            "type": "json_schema", "json_schema": {"name": "playground", "schema": json.loads(schema)}}})
+        assert shown == expected and 0 <= json.loads(shown)["n"] <= 9
+        with open_page(page_url(url, prompt=PROMPT, json_schema="{not json", autorun="1")) as page:
+            message = page.wait_for("document.getElementById('error').textContent")
+        assert "not JSON" in message
