@@ -240,3 +240,27 @@ def test_fifty_seeds_per_schema_over_http_streamed_and_not(gen):
             assert len(texts) == 52
             for text in texts:
                 jsonschema.validate(json.loads(text), schema)
+
+
+@pytest.mark.slow  # a server process
+def test_llm_cli_schema_against_a_server_process(tiny_dir, tmp_path):
+    """Simon Willison's `llm --schema`, configured for an OpenAI-compatible server, gets valid JSON back."""
+    import os
+    import shutil
+    import subprocess
+
+    from test_serve_process import serve
+
+    llm = shutil.which("llm")
+    assert llm is not None, "the test extra installs llm"
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["name", "age"], "additionalProperties": False}
+    with serve(tiny_dir) as (url, _):
+        (tmp_path / "extra-openai-models.yaml").write_text(
+            f'- model_id: tiny\n  model_name: tiny\n  api_base: "{url}/v1"\n  supports_schema: true\n')
+        env = {**os.environ, "LLM_USER_PATH": str(tmp_path), "OPENAI_API_KEY": "x"}
+        done = subprocess.run([llm, "-m", "tiny", "--schema", json.dumps(schema), "-o", "max_tokens", "40",
+                               "A person"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    jsonschema.validate(json.loads(done.stdout), schema)
