@@ -42,7 +42,7 @@ def gen():
 def _allowed_by_llguidance(gen, options, tokens):
     """Replay the tokens through a fresh matcher of the same constraint: each must be accepted in turn."""
     _, grammar = constraint_grammar(options)
-    matcher = llguidance.LLMatcher(_vocabulary(gen.tokenizer, gen.tokenizer.eot_token, 50257), grammar)
+    matcher = llguidance.LLMatcher(_vocabulary(gen.tokenizer, gen.tokenizer.eot_token), grammar)
     return all(matcher.consume_token(t) for t in tokens)
 
 

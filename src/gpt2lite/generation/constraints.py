@@ -60,19 +60,20 @@ def constraint_grammar(options: GenerationOptions) -> tuple[str, str] | None:
         raise OptionError(name, f"{name} cannot be compiled: {exc}") from None
 
 
-# One llguidance vocabulary per tokenizer, end token and vocabulary size: building one takes about 0.1 s.
-_VOCABULARIES: weakref.WeakKeyDictionary[Any, dict[tuple[int, int], Any]] = weakref.WeakKeyDictionary()
+# One llguidance vocabulary per tokenizer and end token: building one takes about 0.1 s.
+_VOCABULARIES: weakref.WeakKeyDictionary[Any, dict[int, Any]] = weakref.WeakKeyDictionary()
 
 
-def _vocabulary(tokenizer: TokenizerProtocol, eos: int, vocab_size: int) -> Any:
-    """llguidance's view of ``tokenizer``: each id's bytes, and ``eos`` as the token that ends a constraint."""
+def _vocabulary(tokenizer: TokenizerProtocol, eos: int) -> Any:
+    """llguidance's view of ``tokenizer``: each id's bytes, and ``eos`` as the token that ends a constraint.
+
+    It has the tokenizer's size: the rows a model's vocabulary is padded with are never allowed.
+    """
     cached = _VOCABULARIES.setdefault(tokenizer, {})
-    key = (eos, vocab_size)
-    if key not in cached:
+    if eos not in cached:
         llg = _llguidance()
-        cached[key] = llg.LLTokenizer(llg.TokenizerWrapper(_Wrapped(tokenizer, eos)), n_vocab=vocab_size,
-                                      eos_token=eos)
-    return cached[key]
+        cached[eos] = llg.LLTokenizer(llg.TokenizerWrapper(_Wrapped(tokenizer, eos)), eos_token=eos)
+    return cached[eos]
 
 
 class _Wrapped:
@@ -98,8 +99,7 @@ class RowConstraints:
     Raises ``OptionError`` naming the option when the constraint does not compile.
     """
 
-    def __init__(self, options: GenerationOptions, tokenizer: TokenizerProtocol, eos: int, vocab_size: int,
-                 rows: int) -> None:
+    def __init__(self, options: GenerationOptions, tokenizer: TokenizerProtocol, eos: int, rows: int) -> None:
         """Compile the options' constraint once and start ``rows`` matchers on it."""
         found = constraint_grammar(options)
         if found is None:
@@ -107,19 +107,18 @@ class RowConstraints:
         self.name, grammar = found
         llg = _llguidance()
         self._torch = llg.torch
-        self.vocabulary = _vocabulary(tokenizer, eos, vocab_size)
+        self.vocabulary = _vocabulary(tokenizer, eos)
         error = llg.LLMatcher.validate_grammar(grammar, self.vocabulary)
         if error:
             raise OptionError(self.name, f"{self.name} cannot be used: {error}")
         self.matchers = [llg.LLMatcher(self.vocabulary, grammar, log_level=0) for _ in range(rows)]
-        # The tokenizer's size, not the model's: rows a vocabulary is padded with are never allowed.
         self._bitmask = self._torch.allocate_token_bitmask(rows, self.vocabulary.vocab_size)
 
     @classmethod
-    def check(cls, options: GenerationOptions, tokenizer: TokenizerProtocol, eos: int, vocab_size: int) -> None:
+    def check(cls, options: GenerationOptions, tokenizer: TokenizerProtocol, eos: int) -> None:
         """Compile the options' constraint, if any, to refuse one that cannot be used before anything runs."""
         if options.constraint is not None:
-            cls(options, tokenizer, eos, vocab_size, rows=0)
+            cls(options, tokenizer, eos, rows=0)
 
     def mask(self, logits: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
         """``logits`` ``(B, V)`` with every token a row's matcher forbids at -inf (rows that ``finished`` as they are).
@@ -128,13 +127,13 @@ class RowConstraints:
         or a ``logit_bias`` of -100, exclude each other) is an ``OptionError``.
         """
         n, vocab = logits.shape
-        allowed = torch.ones(n, vocab, dtype=torch.bool)
+        words = self.vocabulary.vocab_size
         for row in range(n):
             if not bool(finished[row]):
                 self._torch.fill_next_token_bitmask(self.matchers[row], self._bitmask, row)
-                words = _unpack(self._bitmask[row : row + 1], self.vocabulary.vocab_size)[0]
-                allowed[row, : words.numel()] = words
-                allowed[row, words.numel() :] = False
+        allowed = torch.zeros(n, vocab, dtype=torch.bool)
+        allowed[:, :words] = _unpack(self._bitmask[:n], words)
+        allowed[finished.cpu()] = True  # their tokens are the pad token whatever is chosen
         allowed = allowed.to(logits.device)
         masked = logits.float().masked_fill(~allowed, float("-inf"))
         # (A NaN counts as a token here: check_finite names a broken model apart.)
@@ -150,10 +149,6 @@ class RowConstraints:
         if not matcher.consume_token(token):
             raise RuntimeError(f"the {self.name} constraint refused token {token} it had allowed: "
                                f"{matcher.get_error()}")
-
-    def accepting(self, row: int) -> bool:
-        """Whether ``row``'s text so far is complete under the constraint."""
-        return self.matchers[row].is_accepting()
 
 
 def _unpack(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:

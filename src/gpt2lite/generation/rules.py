@@ -191,7 +191,7 @@ class TokenRules:
         self.constraints = None
         if options.constraint is not None:
             self.constraints = RowConstraints(options, _constraint_tokenizer(tokenizer, config, options),
-                                              self.eos if self.eos is not None else self.pad, config.vocab_size, B)
+                                              self.eos if self.eos is not None else self.pad, B)
 
     @property
     def batch_size(self) -> int:

@@ -118,8 +118,7 @@ class RequestGate:
                 body, max_tokens=max_tokens or 0, eos=self.tokenizer.eot_token, vocab=self.vocab,
                 top_logprobs=top_logprobs, structured=structured[1] if structured is not None else None))
             if base.constraint is not None:  # one that cannot be compiled is refused before anything streams
-                await run_in_threadpool(RowConstraints.check, base, self.tokenizer, self.tokenizer.eot_token,
-                                        self.vocab)
+                await run_in_threadpool(RowConstraints.check, base, self.tokenizer, self.tokenizer.eot_token)
         except (ValueError, ImportError) as exc:
             raise api_error(exc, params) from None
         out = []
