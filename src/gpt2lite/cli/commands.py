@@ -80,6 +80,9 @@ def add_evaluate(commands: Any) -> None:
     ev.add_argument("--predictions", required=True, help="a text file, one prediction per line")
     ev.add_argument("--references", required=True, nargs="+",
                     help="text files, one reference per line each (several files: several references)")
+    ev.add_argument("--tokenize", default=None,
+                    help="sacrebleu's tokenizer for words: 13a, zh, char, intl, none, ... (default: zh for Chinese "
+                         "text, char for Japanese, else 13a)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(run=_evaluate)
 
@@ -131,12 +134,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     def lines(path: str) -> list[str]:
         return split_lines(read_input(path, "text", is_file=True))
 
-    scores = evaluate_texts(lines(args.predictions), [lines(r) for r in args.references]).to_dict()
+    scores = evaluate_texts(lines(args.predictions), [lines(r) for r in args.references],
+                            tokenize=args.tokenize).to_dict()
     if args.json:
         print(json.dumps(scores))
     else:
         for name, value in scores.items():
-            print(f"{name:>10}: {value:.4f}")
+            print(f"{name:>10}: {value:.4f}" if isinstance(value, float) else f"{name:>10}: {value}")
     return 0
 
 

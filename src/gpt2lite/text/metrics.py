@@ -13,22 +13,34 @@ comparable with published ones; they are in the ``eval`` extra
 
 Scales are the libraries' own: BLEU, chrF and self-BLEU in 0..100, ROUGE F1 and
 distinct-n in 0..1.
+
+Words are counted as sacrebleu's tokenizer ``tokenize`` splits them (its names:
+``13a``, ``zh``, ``char``, ``intl``, ``none``, ...), chosen from the text when not
+given (``auto_tokenize``): Chinese text has no spaces between words, and 13a would
+score it as a few long "words" (BLEU about 0). BLEU, self-BLEU and distinct-n use
+that tokenizer; ROUGE, whose rouge-score tokenizer deletes every character outside
+``a-z0-9``, compares each CJK character as a word under ``zh``, and every letter or
+digit under ``char`` (rouge-score's words, stemmed, otherwise). The choice is in
+the report (``TextMetrics.tokenize``).
 """
 
 from __future__ import annotations
 
 import bisect
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["MAX_ROUGE_L_CELLS", "TextMetrics", "distinct_n", "evaluate_texts", "self_bleu"]
+import regex
+
+__all__ = ["MAX_ROUGE_L_CELLS", "TextMetrics", "auto_tokenize", "distinct_n", "evaluate_texts", "self_bleu"]
 
 # ROUGE-L's longest common subsequence fills a table of (prediction words x reference words)
 # Python objects: past this many cells (about 64 MB) a pair is refused rather than let run out of memory.
 MAX_ROUGE_L_CELLS = 8_000_000
-_ROUGE_WORD = re.compile(r"[a-z0-9]+")  # rouge-score's tokenizer keeps these runs (after lowercasing)
+_HAN = regex.compile(r"\p{Han}")
+_KANA = regex.compile(r"[\p{Hiragana}\p{Katakana}]")
+_LETTER_OR_DIGIT = regex.compile(r"[\p{L}\p{N}]")
 
 
 @dataclass(frozen=True)
@@ -43,9 +55,10 @@ class TextMetrics:
     distinct_1: float
     distinct_2: float
     self_bleu: float
+    tokenize: str = "13a"  # sacrebleu's name of the tokenizer the words were counted with
 
-    def to_dict(self) -> dict[str, float]:
-        """The scores by name."""
+    def to_dict(self) -> dict[str, float | str]:
+        """The scores by name, and ``tokenize``."""
         return asdict(self)
 
 
@@ -62,23 +75,55 @@ def _check_texts(texts: Sequence[str], what: str) -> list[str]:
     return list(texts)
 
 
-def distinct_n(texts: Sequence[str], n: int) -> float:
-    """Distinct n-grams / all n-grams over whitespace tokens of all ``texts``; 0 when there is no n-gram.
+def auto_tokenize(texts: Sequence[str]) -> str:
+    """sacrebleu's tokenizer for ``texts``: ``zh`` for Chinese characters, ``char`` for Japanese, else ``13a``.
+
+    Japanese is text whose kana are at least a fifth of its Han characters and kana
+    (sacrebleu's ``zh`` splits only the Han ones; ``ja-mecab`` needs MeCab).
+
+    >>> auto_tokenize(["今天天气很好。"]), auto_tokenize(["the cat"]), auto_tokenize(["猫がいます。"])
+    ('zh', '13a', 'char')
+    """
+    han = sum(len(_HAN.findall(t)) for t in texts)
+    kana = sum(len(_KANA.findall(t)) for t in texts)
+    if kana and kana * 5 >= han + kana:
+        return "char"
+    return "zh" if han else "13a"
+
+
+def _tokenizer(tokenize: str | None, texts: Sequence[str]) -> tuple[str, Any]:
+    """The chosen name (``tokenize``, or ``auto_tokenize``'s) and sacrebleu's tokenizer of that name."""
+    sacrebleu = _import("sacrebleu")
+    name = auto_tokenize(texts) if tokenize is None else tokenize
+    if name not in sacrebleu.BLEU.TOKENIZERS:
+        raise ValueError(f"tokenize must be one of sacrebleu's tokenizers ({', '.join(sacrebleu.BLEU.TOKENIZERS)}), "
+                         f"got {name!r}")
+    return name, sacrebleu.BLEU(tokenize=name).tokenizer
+
+
+def distinct_n(texts: Sequence[str], n: int, *, tokenize: str | None = None) -> float:
+    """Distinct n-grams / all n-grams of all ``texts``; 0 when there is no n-gram.
+
+    Words are sacrebleu's tokens (``tokenize``, chosen from the texts when None;
+    ``"none"`` splits on whitespace only).
 
     >>> distinct_n(["the cat sat", "the cat ran"], 1)
     0.6666666666666666
     """
+    texts = _check_texts(texts, "texts")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    grams = [tuple(words[i : i + n]) for t in _check_texts(texts, "texts") for words in [t.split()]
+    _, split = _tokenizer(tokenize, texts)
+    grams = [tuple(words[i : i + n]) for t in texts for words in [split(t.rstrip()).split()]
              for i in range(len(words) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def self_bleu(texts: Sequence[str]) -> float:
+def self_bleu(texts: Sequence[str], *, tokenize: str | None = None) -> float:
     """Mean sentence BLEU (sacrebleu's) of each text against all the others as references; needs two texts.
 
-    Equal to ``mean(sentence_bleu(t, others))``, in time linear in the corpus.
+    Equal to ``mean(sentence_bleu(t, others, tokenize=tokenize))``, in time linear in
+    the corpus; ``tokenize`` is chosen from the texts when None.
     """
     sacrebleu = _import("sacrebleu")
     from sacrebleu.metrics.helpers import extract_all_word_ngrams
@@ -86,7 +131,8 @@ def self_bleu(texts: Sequence[str]) -> float:
     texts = _check_texts(texts, "texts")
     if len(texts) < 2:
         raise ValueError("self-BLEU compares texts with each other: give at least two")
-    metric = sacrebleu.BLEU(effective_order=True)
+    tokenize, _ = _tokenizer(tokenize, texts)
+    metric = sacrebleu.BLEU(effective_order=True, tokenize=tokenize)
     order = metric.max_ngram_order
     grams, lengths = [], []
     for t in texts:
@@ -129,15 +175,19 @@ def _closest_other(ordered: list[int], length: int) -> int:
 
 
 class _StemmingTokenizer:
-    """rouge-score's own tokenizer with its Porter stemmer, each word stemmed once (most of the time, otherwise)."""
+    """rouge-score's own tokenizer with its Porter stemmer, each word stemmed once (most of the time, otherwise).
 
-    def __init__(self) -> None:
+    Under ``zh`` each Han character is a word of its own too; under ``char`` every letter or digit is one.
+    """
+
+    def __init__(self, tokenize: str = "13a") -> None:
         from nltk.stem import porter
-        from rouge_score import tokenize
+        from rouge_score import tokenize as rouge_tokenize
 
-        self._tokenize = tokenize.tokenize
+        self._tokenize = rouge_tokenize.tokenize
         self._stemmer = porter.PorterStemmer()
         self._stems: dict[str, str] = {}
+        self._mode = tokenize
 
     def stem(self, word: str) -> str:
         stem = self._stems.get(word)
@@ -148,14 +198,28 @@ class _StemmingTokenizer:
         return stem
 
     def tokenize(self, text: str) -> list[str]:
+        """The words ROUGE compares."""
+        if self._mode == "char":
+            return _LETTER_OR_DIGIT.findall(text.lower())
+        if self._mode == "zh":  # rouge-score's words between the Han characters, in order
+            words: list[str] = []
+            at = 0
+            for match in _HAN.finditer(text):
+                words += self._tokenize(text[at : match.start()], self)
+                words.append(match.group())
+                at = match.end()
+            return words + self._tokenize(text[at:], self)
         return self._tokenize(text, self)
 
 
-def evaluate_texts(predictions: Sequence[str], references: Sequence[str] | Sequence[Sequence[str]]) -> TextMetrics:
+def evaluate_texts(predictions: Sequence[str], references: Sequence[str] | Sequence[Sequence[str]], *,
+                   tokenize: str | None = None) -> TextMetrics:
     """Score ``predictions`` against ``references`` (one per prediction, or several lists of them).
 
     BLEU and chrF are sacrebleu's corpus scores; ROUGE is the mean F1 of
     rouge-score with stemming, taking the best reference per prediction.
+    ``tokenize`` is sacrebleu's tokenizer name, chosen from all the texts when None
+    (``auto_tokenize``: ``zh`` for Chinese).
     """
     sacrebleu = _import("sacrebleu")
     rouge_scorer = _import("rouge_score.rouge_scorer").rouge_scorer
@@ -167,12 +231,14 @@ def evaluate_texts(predictions: Sequence[str], references: Sequence[str] | Seque
     for stream in streams:
         if len(stream) != len(predictions):
             raise ValueError(f"{len(predictions)} predictions but {len(stream)} references: give one per prediction")
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=_StemmingTokenizer())
+    tokenize, _ = _tokenizer(tokenize, [*predictions, *(t for s in streams for t in s)])
+    words_of = _StemmingTokenizer(tokenize)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=words_of)
     rouge = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
     for i, prediction in enumerate(predictions):
-        words = len(_ROUGE_WORD.findall(prediction.lower()))
+        words = len(words_of.tokenize(prediction))
         for s in streams:
-            cells = words * len(_ROUGE_WORD.findall(s[i].lower()))
+            cells = words * len(words_of.tokenize(s[i]))
             if cells > MAX_ROUGE_L_CELLS:
                 raise ValueError(f"line {i + 1}: ROUGE-L compares word by word, and this prediction and reference "
                                  f"make {cells:,} pairs (more than {MAX_ROUGE_L_CELLS:,}, about 64 MB): split long "
@@ -181,10 +247,11 @@ def evaluate_texts(predictions: Sequence[str], references: Sequence[str] | Seque
         for key in rouge:
             rouge[key] += best[key].fmeasure / len(predictions)
     return TextMetrics(
-        bleu=sacrebleu.corpus_bleu(predictions, streams).score,
+        bleu=sacrebleu.corpus_bleu(predictions, streams, tokenize=tokenize).score,
         chrf=sacrebleu.corpus_chrf(predictions, streams).score,
         **rouge,
-        distinct_1=distinct_n(predictions, 1),
-        distinct_2=distinct_n(predictions, 2),
-        self_bleu=self_bleu(predictions) if len(predictions) > 1 else 0.0,
+        distinct_1=distinct_n(predictions, 1, tokenize=tokenize),
+        distinct_2=distinct_n(predictions, 2, tokenize=tokenize),
+        self_bleu=self_bleu(predictions, tokenize=tokenize) if len(predictions) > 1 else 0.0,
+        tokenize=tokenize,
     )
