@@ -197,6 +197,49 @@ def test_langchain_with_structured_output(gen):
             assert isinstance(result, Forecast), method
 
 
+@pytest.mark.slow  # trains a tiny model for a few seconds
+def test_instructor_every_json_mode_returns_a_validated_object():
+    """instructor's TOOLS, TOOLS_STRICT, JSON_SCHEMA, JSON and MD_JSON modes return a validated pydantic object.
+
+    JSON and MD_JSON send no schema (JSON asks only for some JSON object), so a random model writes strings that
+    never end; the model here is first taught, in a few seconds, to answer with short forecasts in JSON, as a
+    user's fine-tune would be.
+    """
+    instructor = pytest.importorskip("instructor", reason="CI installs instructor without its jiter pin: see .ci/run")
+
+    class Forecast(pydantic.BaseModel):
+        city: str = pydantic.Field(max_length=8)
+        days: int = pydantic.Field(ge=1, le=7)
+
+    torch.manual_seed(0)
+    tokenizer = Tokenizer.gpt2()
+    # JSON mode's system message holds the schema, about 270 tokens: the tiny preset's 128 positions are too few.
+    model = GPT2(GPT2Config.from_preset("tiny", n_positions=512))
+    cities = ["Oslo", "Paris", "Rome", "Lima", "Cairo", "Tokyo", "Bern", "Riga"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(120):
+        answers = [json.dumps({"city": cities[(step + n) % 8], "days": 1 + (step * n) % 7}, separators=(",", ":"))
+                   for n in range(12)]
+        ids = [i for text in answers for i in [*tokenizer.encode(text), tokenizer.eot_token]]
+        x = torch.tensor(ids[:128])[None]  # (1, T)
+        logits = model(x[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 1.0
+    with running(create_app(model.eval(), tokenizer, ServerOptions(model_name="tiny"))) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        chat = [{"role": "user", "content": "The forecast for Oslo"}]
+        modes = (instructor.Mode.TOOLS, instructor.Mode.TOOLS_STRICT, instructor.Mode.JSON_SCHEMA,
+                 instructor.Mode.JSON, instructor.Mode.MD_JSON)
+        for mode in modes:
+            patched = instructor.from_openai(client, mode=mode)
+            result = patched.chat.completions.create(model="tiny", response_model=Forecast, messages=chat,
+                                                     max_retries=0, max_tokens=60, seed=1)
+            assert isinstance(result, Forecast) and result.city in cities, mode
+
+
 def test_found_by_review_padded_vocabulary_conflicts_and_cut_calls(gen):
     """A vocabulary padded to 50304, a ban that leaves a constraint nothing, a stop string inside a call."""
     padded = TextGenerator(GPT2(GPT2Config.from_preset("tiny", vocab_size=50304)).eval(), gen.tokenizer)
