@@ -54,9 +54,9 @@ def test_prepare_data_tokens_and_reuse(corpus, tmp_path):
     assert d.tokens.dtype == np.uint16
     assert d.tokens.tolist() == expected
     assert len(d.val) == len(expected) - d.split and abs(len(d.val) / len(expected) - 0.1) < 0.01
-    stamp = (tmp_path / "d" / "tokens.bin").stat().st_mtime_ns
+    stamp = (tmp_path / "d" / "shard-00000.bin").stat().st_mtime_ns
     again = prepare_data(corpus, tmp_path / "d", val_fraction=0.1)
-    assert (tmp_path / "d" / "tokens.bin").stat().st_mtime_ns == stamp  # reused, not rewritten
+    assert (tmp_path / "d" / "shard-00000.bin").stat().st_mtime_ns == stamp  # reused, not rewritten
     assert again.tokens.tolist() == expected
 
 

@@ -12,7 +12,14 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from gpt2lite.cli.commands import add_classify, add_evaluate, add_perplexity, add_push, add_train_tokenizer
+from gpt2lite.cli.commands import (
+    add_classify,
+    add_evaluate,
+    add_perplexity,
+    add_prepare,
+    add_push,
+    add_train_tokenizer,
+)
 from gpt2lite.cli.common import QUANTIZE_CHOICES
 from gpt2lite.cli.finetune import add_finetune
 from gpt2lite.cli.generate import add_generate, as_flags
@@ -35,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gpt2lite {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
-    for add in (add_generate, add_finetune, add_train_tokenizer, add_classify, add_serve, add_evaluate,
+    for add in (add_generate, add_finetune, add_prepare, add_train_tokenizer, add_classify, add_serve, add_evaluate,
                 add_perplexity, add_push):
         add(commands)
     return parser

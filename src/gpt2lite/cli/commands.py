@@ -1,4 +1,4 @@
-"""The smaller commands: ``classify``, ``train-tokenizer``, ``push``, ``evaluate`` and ``perplexity``."""
+"""The smaller commands: ``classify``, ``prepare``, ``train-tokenizer``, ``push``, ``evaluate`` and ``perplexity``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 from gpt2lite.cli.common import add_model_options, check_device, load_text_generator, read_input, split_lines
 
-__all__ = ["add_classify", "add_evaluate", "add_perplexity", "add_push", "add_train_tokenizer"]
+__all__ = ["add_classify", "add_evaluate", "add_perplexity", "add_prepare", "add_push", "add_train_tokenizer"]
 
 
 def add_classify(commands: Any) -> None:
@@ -22,6 +22,62 @@ def add_classify(commands: Any) -> None:
     cl.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default: float32)")
     cl.add_argument("--offline", action="store_true", help="use only files already in the hub cache")
     cl.set_defaults(run=_classify)
+
+
+def add_prepare(commands: Any) -> None:
+    """The ``prepare`` command's flags."""
+    pr = commands.add_parser("prepare", help="tokenize a corpus once, in parallel, into token shards to train on")
+    pr.add_argument("data", help="a text file, a folder of text files, a glob (quoted: 'dir/*.txt'), or a "
+                                 ".csv/.jsonl corpus of one document per row")
+    pr.add_argument("--out", required=True, help="folder for the shards and index.json (train on it: --data OUT)")
+    pr.add_argument("--tokenizer", default=None,
+                    help="a tokenizer folder (gpt2lite train-tokenizer's --out, a model's) or hub id "
+                         "(default: GPT-2's, bundled)")
+    pr.add_argument("--workers", type=int, default=None, help="tokenizing processes (default: the CPU count)")
+    pr.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard (default: 16777216)")
+    pr.add_argument("--val-fraction", type=float, default=0.05, help="share held out for validation (default: 0.05)")
+    pr.add_argument("--text-column", default="text", help="column (CSV) or key (JSONL) of the text (default: text)")
+    pr.add_argument("--encoding-errors", choices=["strict", "replace"], default="strict",
+                    help="what to do with text that is not UTF-8 (default: strict, an error)")
+    pr.add_argument("--offline", action="store_true", help="use only files already in the hub cache")
+    pr.set_defaults(run=_prepare)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    import os
+    import time
+
+    from gpt2lite.loading import load_tokenizer
+    from gpt2lite.tokenizers.bpe import Tokenizer
+    from gpt2lite.training.data import prepare_data
+    from gpt2lite.training.shards import SHARD_TOKENS
+
+    workers = args.workers if args.workers is not None else len(os.sched_getaffinity(0))
+    tokenizer = Tokenizer.gpt2() if args.tokenizer is None else load_tokenizer(args.tokenizer, 0,
+                                                                               local_files_only=args.offline)
+    bar = None
+    if sys.stderr is not None and sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="prepare", unit="tok", unit_scale=True)
+
+    def progress(tokens: int) -> None:
+        if bar is not None:
+            bar.update(tokens - bar.n)
+
+    t0 = time.perf_counter()
+    try:
+        data = prepare_data(args.data, args.out, tokenizer=tokenizer, val_fraction=args.val_fraction,
+                            errors=args.encoding_errors, text_column=args.text_column, workers=workers,
+                            shard_tokens=args.shard_tokens or SHARD_TOKENS, on_tokens=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    shards = len(getattr(data.tokens, "parts", [data.tokens]))
+    print(f"{len(data.tokens):,} tokens ({len(data.train):,} training, {len(data.val):,} held out) in {shards} "
+          f"shards in {args.out}, {time.perf_counter() - t0:.1f} s (train on them: gpt2lite finetune --data "
+          f"{args.out} ...)")
+    return 0
 
 
 def add_train_tokenizer(commands: Any) -> None:

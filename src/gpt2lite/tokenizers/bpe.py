@@ -233,6 +233,14 @@ class Tokenizer:
         at a piece's edge and memory stays bounded by the piece size (unless the
         text holds a single word longer than that).
         """
+        for piece in self.split_stream(chunks):
+            yield self.encode(piece)
+
+    def split_stream(self, chunks: Iterable[str]) -> Iterator[str]:
+        """The text of ``chunks`` again, cut only where a pre-token must end: encoding each piece gives the whole's ids.
+
+        The pieces can be encoded in any order, by other processes (``prepare_data``'s workers).
+        """
         carry = ""
         for chunk in chunks:
             if not isinstance(chunk, str):
@@ -243,9 +251,9 @@ class Tokenizer:
             cut = m.start() if m else 0
             carry = text[cut:]
             if cut:
-                yield self.encode(text[:cut])
+                yield text[:cut]
         if carry:
-            yield self.encode(carry)
+            yield carry
 
     def _allowed(self, allowed_special: Literal["all"] | Iterable[str]) -> set[str]:
         if allowed_special == "all":

@@ -73,6 +73,10 @@ class CharTokenizer:
         for chunk in chunks:
             yield self.encode(chunk)
 
+    def split_stream(self, chunks: Iterable[str]) -> Iterator[str]:
+        """The pieces as they are: any cut between characters is a cut between tokens."""
+        yield from chunks
+
     def decode_token_bytes(self, token: int) -> bytes:
         """The UTF-8 bytes of one token."""
         if not 0 <= token < self.n_vocab:

@@ -143,6 +143,11 @@ class HFTokenizer:
 
     def encode_stream(self, chunks: Iterable[str]) -> Iterator[list[int]]:
         """Encode text that arrives in pieces, cut where a line ends before a word (no token spans such a cut)."""
+        for piece in self.split_stream(chunks):
+            yield self.encode(piece)
+
+    def split_stream(self, chunks: Iterable[str]) -> Iterator[str]:
+        """The text of ``chunks`` again, cut only where a line ends before a word (the cuts ``encode_stream`` makes)."""
         carry = ""
         for chunk in chunks:
             text = carry + chunk
@@ -150,9 +155,9 @@ class HFTokenizer:
                        and i + 1 < len(text) and not text[i + 1].isspace()), default=0)
             carry = text[cut:]
             if cut:
-                yield self.encode(text[:cut])
+                yield text[:cut]
         if carry:
-            yield self.encode(carry)
+            yield carry
 
     def decode(self, ids: Iterable[int]) -> str:
         """The text of ``ids``, as transformers' ``decode`` gives it (special tokens kept)."""

@@ -31,10 +31,11 @@ def _base_model(model: nn.Module) -> str | None:
 
 
 def _data(data: Any) -> str:
-    manifest = Path(getattr(data, "directory", "")) / "manifest.json"
-    if manifest.is_file():
-        info = json.loads(manifest.read_text(encoding="utf-8"))
-        return f"{info.get('source', 'text')} ({info.get('tokens', '?'):,} tokens)"
+    for record in ("index.json", "manifest.json"):  # token shards, or one memmap (folders made before shards)
+        path = Path(getattr(data, "directory", "")) / record
+        if path.is_file():
+            info = json.loads(path.read_text(encoding="utf-8"))
+            return f"{info.get('source', 'text')} ({info.get('tokens', '?'):,} tokens)"
     if hasattr(data, "labels"):
         return f"{len(data.train_ids) + len(data.val_ids):,} labeled texts in {len(data.labels)} classes"
     return "text"

@@ -159,8 +159,12 @@ def training_data(spec: RunSpec, tokenizer: Any, chat_prompt: ChatPrompt | None 
         render = None if chat_prompt is None else lambda messages: chat_prompt(tokenizer, messages)
         return load_instructions(spec.data, tokenizer, chat_prompt=render, val_fraction=spec.val_fraction,
                                  seed=spec.seed)
-    from gpt2lite.training.data import prepare_data
+    from gpt2lite.training.data import TokenData, is_prepared, prepare_data
 
+    if is_prepared(spec.data):  # tokens from gpt2lite prepare: read as they are
+        data = TokenData.open(spec.data)
+        data.check_tokenizer(tokenizer)
+        return data
     return prepare_data(spec.data, os.path.join(spec.out, "data"), tokenizer=tokenizer, errors=spec.encoding_errors,
                         val_fraction=spec.val_fraction, text_column=spec.text_column)
 
