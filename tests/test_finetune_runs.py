@@ -178,7 +178,8 @@ def test_samples_and_tensorboard(corpus, tmp_path, capsys):
     pytest.importorskip("tensorboard")
     out = tmp_path / "run"
     assert main(["finetune", "--data", str(corpus), "--out", str(out), "--preset", "tiny", *TINY_RUN,
-                 "--sample-every", "2", "--sample-prompt", "The", "--sample-tokens", "5", "--tensorboard"]) == 0
+                 "--sample-every", "2", "--sample-prompt", "The", "--sample-tokens", "5", "--tensorboard",
+                 "--peak-flops", "1e12"]) == 0
     samples = {m["step"]: m["sample"] for m in metrics(out) if "sample" in m}
     assert sorted(samples) == [2, 4] and all(isinstance(s, str) for s in samples.values())
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
@@ -187,6 +188,7 @@ def test_samples_and_tensorboard(corpus, tmp_path, capsys):
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("train_loss")] == [1, 2, 3, 4]
+    assert [e.value for e in events.Scalars("mfu")] == pytest.approx([m["mfu"] for m in metrics(out)])
 
 
 # data ---------------------------------------------------------------------------------------------

@@ -70,6 +70,8 @@ def add_finetune(commands: Any) -> None:
     sched.add_argument("--seed", type=int, default=None, help="(default: 0)")
     sched.add_argument("--autocast", choices=["bf16", "fp16"], default=None, help="mixed precision on CUDA")
     sched.add_argument("--compile", action="store_true", help="torch.compile the model")
+    sched.add_argument("--peak-flops", type=float, default=None,
+                       help="the device's peak FLOP/s, for MFU (default: known for A100/H100/H200 in bf16)")
     runs = ft.add_argument_group("the run's folder and records")
     runs.add_argument("--resume", action="store_true",
                       help="continue the run in OUT with its own model, tokenizer, data and settings")
@@ -149,7 +151,7 @@ def _finetune(args: argparse.Namespace) -> int:
         autocast=args.autocast, compile=args.compile, freeze_blocks=args.freeze_blocks,
         gradient_checkpointing=args.gradient_checkpointing, early_stopping=args.early_stopping,
         sample_every=args.sample_every, sample_prompt=args.sample_prompt, sample_tokens=args.sample_tokens,
-        tensorboard=args.tensorboard,
+        tensorboard=args.tensorboard, peak_flops=args.peak_flops,
     )  # bad values fail here, before any data is read
     lora = _lora_config(args)
     if not os.path.exists(args.data):
@@ -177,6 +179,11 @@ def _finetune(args: argparse.Namespace) -> int:
             torch.distributed.destroy_process_group()
     if rank == 0:
         _report(result, lora is not None, args)
+        from gpt2lite.training.flops import peak_flops
+
+        if args.arch == "gpt2" and config.peak_flops is None and peak_flops(device) is None:
+            print(f"note: MFU unknown (null in metrics.jsonl): the peak FLOP/s of {device} is not known; give "
+                  "--peak-flops", file=sys.stderr)
     return 0
 
 

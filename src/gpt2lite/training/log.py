@@ -1,8 +1,9 @@
 """What a training run records of itself: ``metrics.jsonl``, ``loss.png``, TensorBoard.
 
 Every step appends a line to ``metrics.jsonl`` in the run's folder (step, training
-loss, learning rate, tokens/s, seconds since the start; validation loss and
-metrics at evaluations; samples); a resumed run drops the lines past the step it
+loss, learning rate, tokens/s, MFU (``flops.py``; null where the device's peak is
+unknown), seconds since the start; validation loss and metrics at evaluations;
+samples); a resumed run drops the lines past the step it
 resumes from, so the file tells one story. ``loss.png`` is redrawn at every
 checkpoint when matplotlib is installed, and TensorBoard gets the same numbers
 when asked for (``tensorboard`` installed).

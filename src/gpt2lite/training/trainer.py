@@ -42,6 +42,7 @@ from gpt2lite.tokenizers.protocol import TokenizerProtocol
 from gpt2lite.training.card import write_model_card
 from gpt2lite.training.checkpoint import load_training_checkpoint, save_training_checkpoint
 from gpt2lite.training.data import TokenData
+from gpt2lite.training.flops import flops_per_token, mfu, peak_flops
 from gpt2lite.training.instructions import InstructionData
 from gpt2lite.training.labeled import LabeledData
 from gpt2lite.training.log import METRICS, PLOT, TENSORBOARD, RunLog, plot_losses
@@ -102,6 +103,7 @@ class TrainConfig:
     sample_prompt: str = ""  # what the samples continue ("" starts from the end token)
     sample_tokens: int = 40  # tokens per sample
     tensorboard: bool = False  # also log to out_dir/tensorboard (needs the tensorboard package)
+    peak_flops: float | None = None  # FLOP/s of one device, for MFU; default: known GPUs' bf16 peak, else MFU unknown
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_batches"):
@@ -131,6 +133,9 @@ class TrainConfig:
             raise ValueError(f"betas must both be in [0, 1), got {self.betas!r}")
         if self.autocast not in (None, "bf16", "fp16"):
             raise ValueError(f"autocast must be None, 'bf16' or 'fp16', got {self.autocast!r}")
+        if self.peak_flops is not None and (isinstance(self.peak_flops, bool) or not isinstance(
+                self.peak_flops, (int, float)) or not (math.isfinite(self.peak_flops) and self.peak_flops > 0)):
+            raise ValueError(f"peak_flops must be a number of FLOP/s > 0, got {self.peak_flops!r}")
         if not isinstance(self.sample_prompt, str):
             raise ValueError(f"sample_prompt must be a str, got {self.sample_prompt!r}")
 
@@ -282,8 +287,10 @@ def train(
                 )
             result.losses.append(step_loss)
             seconds = time.perf_counter() - t0
+            tokens_per_s = run.tokens_per_step / seconds
             entry: dict[str, Any] = {"train_loss": step_loss, "lr": run.scheduler.get_last_lr()[0],
-                                     "tokens_per_s": run.tokens_per_step / seconds}
+                                     "tokens_per_s": tokens_per_s,
+                                     "mfu": mfu(run.flops_per_token, tokens_per_s, run.peak_flops, world)}
             done = step + 1 == config.steps
             if _due(config.eval_interval, step) or done:
                 metrics = objective.evaluate(model, block, config.eval_batches, config.batch_size)
@@ -308,7 +315,7 @@ def train(
                 saved = step + 1
                 result.plot = plot_losses(out_dir)
             if bar is not None:
-                bar.set_postfix(_postfix(step_loss, run, result, seconds))
+                bar.set_postfix(_postfix(step_loss, run, result, seconds, entry["mfu"]))
                 bar.update(1)
             for callback in callbacks:  # after the checkpoint, so a callback that stops the run loses nothing
                 callback(step + 1, entry)
@@ -382,10 +389,12 @@ def _due(interval: int, step: int) -> bool:
     return bool(interval) and (step + 1) % interval == 0
 
 
-def _postfix(loss: float, run: _Run, result: TrainResult, seconds: float) -> dict[str, Any]:
+def _postfix(loss: float, run: _Run, result: TrainResult, seconds: float, utilization: float | None) -> dict[str, Any]:
     """What the progress bar shows after a step."""
     postfix: dict[str, Any] = {"loss": f"{loss:.3f}", "lr": f"{run.scheduler.get_last_lr()[0]:.2e}",
                                "tok/s": f"{run.tokens_per_step / seconds:.0f}"}
+    if utilization is not None:
+        postfix["mfu"] = f"{utilization:.1%}"
     if result.val_losses:
         postfix["val"] = f"{result.val_losses[-1][1]:.3f}"
     if result.val_metrics:
@@ -482,6 +491,8 @@ class _Run:
         self.population = objective.population(block)  # window starts, or examples
         # Tokens one optimizer step reads (windows; for examples, at most that many).
         self.tokens_per_step = config.batch_size * config.grad_accum * world * block
+        self.flops_per_token = flops_per_token(model, block)  # None: not a GPT-2, MFU unknown
+        self.peak_flops = config.peak_flops or peak_flops(model.device)  # None: MFU unknown
 
     def step(self) -> float:
         """Accumulate the gradients of ``grad_accum`` micro-batches and update; return the mean loss."""
