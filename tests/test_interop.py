@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -190,9 +191,83 @@ def test_a_chinese_gpt2_with_a_bert_vocabulary(tmp_path):
     expected = theirs.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                max_new_tokens=15, do_sample=False, pad_token_id=0, eos_token_id=None)
     text = gen(CHINESE, max_new_tokens=15, temperature=0, ignore_eos=True)
-    assert text == hf_tok.decode(expected[0, len(ids) :])
+    assert text == _bert_spacing_removed(hf_tok.decode(expected[0, len(ids) :]))
     streamed = "".join(gen.stream(CHINESE, max_new_tokens=15, temperature=0, ignore_eos=True))
     assert streamed == text
+
+
+def _bert_spacing_removed(text):
+    """transformers' text without the spaces beside Chinese characters and CJK punctuation (this test's rule)."""
+    return re.sub(r"(?<=[\u4e00-\u9fff\u3000-\u303f\uff00-\uffef]) | (?=[\u4e00-\u9fff\u3000-\u303f\uff00-\uffef])",
+                  "", text)
+
+
+def test_a_vocab_txt_alone_is_read_as_bert_tokenizer_reads_it(tmp_path):
+    directory, _ = _uer_checkpoint(tmp_path)
+    (directory / "tokenizer_config.json").unlink()  # the common case: vocab.txt and the model, nothing else
+    (directory / "config.json").write_text(json.dumps({**json.loads((directory / "config.json").read_text()),
+                                                       "eos_token_id": None}))
+    bert = transformers.BertTokenizer(str(directory / "vocab.txt"))
+    tok = load_tokenizer(directory, 64)
+    assert tok.eot_token == bert.sep_token_id == 3  # BertTokenizer's default sep_token, [SEP]
+    assert {t: tok.special_tokens[t] for t in bert.all_special_tokens} == dict(
+        zip(bert.all_special_tokens, bert.all_special_ids, strict=True))
+    for text in (CHINESE, "hello 天气好", "helloS 北京 ?"):
+        assert tok.encode(text) == bert.encode(text, add_special_tokens=False)
+    text = "Hello 北京 [SEP] 天气[CLS]"
+    assert tok.encode(text, allowed_special="all") == bert.encode(text, add_special_tokens=False)
+    ids = tok.encode(CHINESE + "hello " + CHINESE)
+    assert tok.decode(ids) == CHINESE + "hello" + CHINESE  # Chinese as written: no space between characters
+    spaced = load_tokenizer(directory, 64, cjk_spaces=True)
+    assert spaced.decode(ids) == bert.decode(ids) != tok.decode(ids)  # the option keeps transformers' spacing
+    gen = TextGenerator.from_pretrained(directory, prepack=False)
+    assert gen.tokenizer.eot_token == 3 and gen.model.config.eos_token_id is None
+
+
+def test_chinese_text_has_no_spaces_in_text_streams_and_samples(tmp_path):
+    directory, _ = _uer_checkpoint(tmp_path)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(directory)
+    gen = TextGenerator.from_pretrained(directory, prepack=False)
+    spaced = TextGenerator.from_pretrained(directory, prepack=False, cjk_spaces=True)
+    continuation = "##是" if "##是" in hf_tok.vocab else "##" + sorted(set(CHINESE))[0]
+    first = hf_tok.convert_tokens_to_ids(continuation)
+    start = len(gen.tokenizer.encode(CHINESE))
+
+    def continuation_first(tokens, logits):  # a word's continuation ("##x") as the first new token
+        if tokens.shape[1] == start:
+            logits = torch.full_like(logits, -1e4)
+            logits[:, first] = 0
+        return logits
+
+    options = dict(max_new_tokens=12, temperature=0, ignore_eos=True, logits_processor=continuation_first)
+    completion = gen.complete(CHINESE, **options)[0]
+    theirs = hf_tok.decode(completion.token_ids, skip_special_tokens=True)
+    assert spaced(CHINESE, **options) == theirs and " " in theirs
+    assert completion.text == _bert_spacing_removed(theirs).removeprefix("##")
+    assert "##" not in completion.text and not re.search(r"[\u4e00-\u9fff] +[\u4e00-\u9fff]", completion.text)
+    pieces = list(gen.stream(CHINESE, **options))
+    assert "".join(pieces) == completion.text and len(pieces) > 1
+    assert "".join(spaced.stream(CHINESE, **options)) == theirs
+    # The decoder's rule on its own, against the text it came from: spaces beside CJK go, others stay.
+    decoder = gen.tokenizer.stream_decoder()
+    ids = gen.tokenizer.encode("hello 天气好 hello hellos。北京")
+    assert "".join(decoder.add(i) for i in ids) + decoder.flush() == "hello天气好hello hellos。北京"
+
+
+def test_training_samples_leave_special_tokens_out_and_join_chinese(tmp_path, monkeypatch):
+    from gpt2lite.training import trainer
+
+    directory, _ = _uer_checkpoint(tmp_path)
+    gen = TextGenerator.from_pretrained(directory, prepack=False)
+    tok, special = gen.tokenizer, gen.tokenizer.special_tokens
+    new = [special["[CLS]"], *tok.encode("北京"), special["[UNK]"], *tok.encode("天气好"), special["[SEP]"]]
+
+    def generated(model, prompts, **kwargs):  # the model's choice, fixed: special tokens among Chinese
+        return torch.tensor([prompts[0] + new])
+
+    monkeypatch.setattr(trainer, "generate", generated)
+    config = TrainConfig(steps=1, sample_every=1, sample_prompt="今日", progress=False)
+    assert trainer._sample(gen.model, tok, config, 1) == "北京天气好"
 
 
 def test_a_tokenizer_json_with_added_tokens_streams_whole_characters(tmp_path):
@@ -249,12 +324,14 @@ def test_text_leaves_special_tokens_out_as_transformers_pipeline_does(tmp_path):
     completion = gen.complete(CHINESE, **options)[0]
     ids = completion.token_ids
     assert [ids[step] for step in forced] == list(forced.values())
-    assert completion.text == hf_tok.decode(ids, skip_special_tokens=True)
+    assert completion.text == _bert_spacing_removed(hf_tok.decode(ids, skip_special_tokens=True))
     assert not any(t in completion.text for t in ("[CLS]", "[UNK]", "[SEP]"))
     assert "".join(gen.stream(CHINESE, **options)) == completion.text
     assert gen(CHINESE, **options) == completion.text
     # The token API decodes the ids it is given, special tokens included, as transformers' decode does.
-    assert gen.tokenizer.decode(ids) == hf_tok.decode(ids) and "[UNK]" in gen.tokenizer.decode(ids)
+    assert gen.tokenizer.decode(ids) == _bert_spacing_removed(hf_tok.decode(ids))
+    assert "[UNK]" in gen.tokenizer.decode(ids)
+    assert load_tokenizer(directory, 64, cjk_spaces=True).decode(ids) == hf_tok.decode(ids)
 
 
 def test_a_tokenizer_json_without_an_end_token_ends_where_transformers_does(tmp_path):

@@ -143,7 +143,7 @@ def save_model(model: nn.Module, directory: str | os.PathLike[str], *,
 
 def load_tokenizer(
     name_or_path: str | os.PathLike[str], vocab_size: int, *, revision: str | None = None,
-    cache_dir: str | os.PathLike[str] | None = None, local_files_only: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None, local_files_only: bool = False, cjk_spaces: bool = False,
 ) -> TokenizerProtocol:
     """The tokenizer that belongs beside a model, found in this order:
 
@@ -154,6 +154,8 @@ def load_tokenizer(
        Face's ``tokenizers`` (the ``tokenizers`` extra);
     4. another ``vocab.json`` + ``merges.txt`` (or OpenAI's ``encoder.json`` + ``vocab.bpe``): the pure-Python BPE;
     5. no files beside a model with GPT-2's vocabulary (or one padded to 50304): GPT-2's.
+
+    ``cjk_spaces`` keeps the spaces a WordPiece vocabulary's text has between CJK characters (``HFTokenizer``).
     """
     hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     # GPT-2's 50257 tokens, or them padded to a multiple of 64 or 128 rows (nanoGPT's 50304).
@@ -181,7 +183,7 @@ def load_tokenizer(
                 resolve_files(name_or_path, [(extra,)], what=extra, **hub)
         config_file, config = _model_settings(name_or_path, **hub)
         eos = config.get("eos_token_id")
-        hf = HFTokenizer.from_directory(found.parent, eos_token_id=eos)
+        hf = HFTokenizer.from_directory(found.parent, eos_token_id=eos, cjk_spaces=cjk_spaces)
         if hf.eot_token is None:
             beside = (f"{str(config_file)!r} has eos_token_id={eos!r}, not one of its {hf.n_vocab} token ids"
                       if config_file is not None else "no config.json beside it has an eos_token_id")

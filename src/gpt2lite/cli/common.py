@@ -50,6 +50,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
                         help="float32 on the CPU: faster batches for twice the weight memory (default: only the "
                              "one-row kernel measured fastest on this CPU; --no-prepack: F.linear everywhere)")
+    parser.add_argument("--cjk-spaces", action="store_true",
+                        help="a BERT (WordPiece) vocabulary: keep the space transformers writes between every two "
+                             "Chinese characters (default: none, as Chinese is written)")
 
 
 # gpt2lite.transforms.quantize.QUANTIZE_MODES, spelled out so that parsing arguments needs no torch.
@@ -62,7 +65,8 @@ def load_text_generator(args: argparse.Namespace, name_or_path: str, *, draft: b
 
     return TextGenerator.from_pretrained(name_or_path, device=check_device(args.device), dtype=args.dtype,
                                          local_files_only=args.offline, quantize=args.quantize,
-                                         adapter=None if draft else args.adapter, prepack=args.prepack)
+                                         adapter=None if draft else args.adapter, prepack=args.prepack,
+                                         cjk_spaces=args.cjk_spaces)
 
 
 def check_device(name: str) -> str:

@@ -69,6 +69,7 @@ class TextGenerator:
         quantize: QuantizeMode | None = None,
         adapter: str | os.PathLike[str] | None = None,
         prepack: bool | None = None,
+        cjk_spaces: bool = False,
     ) -> TextGenerator:
         """Load model and tokenizer from a hub id or local path (see ``gpt2lite.load_model``).
 
@@ -82,7 +83,9 @@ class TextGenerator:
 
         A directory saved from a ``RecurrentLM`` (RNN, LSTM, GRU) loads that model instead,
         and one with a character vocabulary (``CharTokenizer``) uses it; another vocabulary
-        (``tokenizer.json``, a BERT ``vocab.txt``) goes through Hugging Face's ``tokenizers``.
+        (``tokenizer.json``, a BERT ``vocab.txt``) goes through Hugging Face's ``tokenizers``:
+        its text has no spaces between Chinese characters unless ``cjk_spaces=True``
+        (transformers' ``BertTokenizer.decode`` writes one between every two).
 
         Where no tokenizer files are found beside a model with GPT-2's 50257-token
         vocabulary, the GPT-2 tokenizer bundled with the package is used. The sampling
@@ -91,7 +94,7 @@ class TextGenerator:
         hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
         model = load_model(name_or_path, device=device, dtype=dtype, quantize=quantize, adapter=adapter,
                            merge_adapter=True, prepack=prepack, **hub)
-        tokenizer = load_tokenizer(name_or_path, model.config.vocab_size, **hub)
+        tokenizer = load_tokenizer(name_or_path, model.config.vocab_size, cjk_spaces=cjk_spaces, **hub)
         defaults = load_generation_defaults(name_or_path, **hub)
         try:
             template, error = load_chat_template(name_or_path, **hub), None

@@ -7,12 +7,19 @@ training, the server and the command line use it alike. Special-token strings in
 text are ordinary text unless allowed (``allowed_special``), as for GPT-2's BPE;
 streaming decodes whole characters with the library's own ``DecodeStream``.
 
+A WordPiece vocabulary splits Chinese text into characters, and its decoder (as
+transformers' ``BertTokenizer.decode``) writes a space between every two of them:
+``'我 们 好'``. Text from these vocabularies drops every space beside a CJK character
+or CJK punctuation (Chinese writes none) and a leading ``##``; ``cjk_spaces=True``
+keeps the library's spacing, as transformers gives it.
+
 It needs the ``tokenizers`` extra: ``pip install "gpt2lite[tokenizers]"``.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -21,10 +28,28 @@ from gpt2lite.errors import CheckpointError
 from gpt2lite.io.files import atomic_write, read_json
 from gpt2lite.tokenizers.files import SPECIAL_KEYS, bytes_to_unicode, write_tokenizer_config
 
-__all__ = ["HFTokenizer"]
+__all__ = ["HFTokenizer", "join_cjk"]
 
 # The special tokens tokenizer_config.json may name, in the order an end-of-text token is looked for.
 _END_TOKENS = ("eos_token", "sep_token", "pad_token")
+
+# transformers' BertTokenizer defaults, which a vocab.txt without tokenizer_config.json gets.
+_BERT_DEFAULTS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+                  "mask_token": "[MASK]"}
+
+# A space beside one of these is the WordPiece decoder's, not the writer's: the CJK ideographs BERT splits
+# into single tokens, CJK punctuation (U+3000..U+303F) and full-width forms (U+FF00..U+FFEF).
+_CJK = r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f\u3000-\u303f\uff00-\uffef]"
+_CJK_SPACE = re.compile(rf"(?<={_CJK}) | (?={_CJK})")
+
+
+def join_cjk(text: str) -> str:
+    """``text`` without the spaces beside CJK characters (a WordPiece decoder's), other spaces kept.
+
+    >>> join_cjk("今 天 天 气 很 好 ， hello world 。")
+    '今天天气很好，hello world。'
+    """
+    return _CJK_SPACE.sub("", text)
 
 
 def _library() -> Any:
@@ -59,13 +84,16 @@ class HFTokenizer:
     """
 
     def __init__(self, tokenizer: Any, special: Mapping[str, object] | None = None, *,
-                 eos_token_id: int | None = None) -> None:
+                 eos_token_id: int | None = None, cjk_spaces: bool = False) -> None:
         """Wrap a loaded ``tokenizers.Tokenizer``; ``special`` maps ``eos_token``, ``sep_token`` ... to their text.
 
         ``eos_token_id`` is the end token where ``special`` names none (None there
-        too, or an id outside the vocabulary: ``eot_token`` is None).
+        too, or an id outside the vocabulary: ``eot_token`` is None). ``cjk_spaces``
+        keeps the spaces a WordPiece decoder writes between CJK characters.
         """
         self._tok = tokenizer
+        self.cjk_spaces = cjk_spaces
+        self._wordpiece = type(tokenizer.decoder).__name__ == "WordPiece" if tokenizer.decoder else False
         self.special = {k: t for k in SPECIAL_KEYS if (t := _token_text((special or {}).get(k))) is not None}
         added = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
         named = {t: tokenizer.token_to_id(t) for t in self.special.values()}
@@ -89,11 +117,14 @@ class HFTokenizer:
     # construction from files -------------------------------------------------
 
     @classmethod
-    def from_directory(cls, directory: str | os.PathLike[str], *, eos_token_id: int | None = None) -> HFTokenizer:
+    def from_directory(cls, directory: str | os.PathLike[str], *, eos_token_id: int | None = None,
+                       cjk_spaces: bool = False) -> HFTokenizer:
         """Read ``tokenizer.json``, else a BERT ``vocab.txt``, with ``tokenizer_config.json`` and
         ``special_tokens_map.json`` for the special tokens (and ``added_tokens.json``).
 
         ``eos_token_id`` (the model's, from its ``config.json``) is the end token where those files name none.
+        A ``vocab.txt`` alone has BertTokenizer's special tokens: ``[SEP]`` ends a text.
+        ``cjk_spaces``: see ``HFTokenizer``.
         """
         tokenizers = _library()
         directory = Path(directory)
@@ -112,7 +143,9 @@ class HFTokenizer:
                 raise CheckpointError(f"{str(directory / 'tokenizer.json')!r} is not a tokenizers file: {exc}") \
                     from None
         elif (directory / "vocab.txt").is_file():
-            inner = _wordpiece(directory / "vocab.txt", settings)
+            defaults = {k: t for k, t in _BERT_DEFAULTS.items() if k not in settings}
+            inner = _wordpiece(directory / "vocab.txt", {**defaults, **settings})
+            settings.update({k: t for k, t in defaults.items() if inner.token_to_id(t) is not None})
         else:
             raise FileNotFoundError(f"{str(directory)!r} holds no tokenizer.json or vocab.txt")
         added = directory / "added_tokens.json"
@@ -121,7 +154,7 @@ class HFTokenizer:
             if not isinstance(extra, dict) or not all(isinstance(v, int) for v in extra.values()):
                 raise ValueError(f"{str(added)!r} must map token strings to ids")
             inner.add_special_tokens([t for t, _ in sorted(extra.items(), key=lambda kv: kv[1])])
-        return cls(inner, settings, eos_token_id=eos_token_id)
+        return cls(inner, settings, eos_token_id=eos_token_id, cjk_spaces=cjk_spaces)
 
     # the tokenizer protocol --------------------------------------------------
 
@@ -160,9 +193,15 @@ class HFTokenizer:
             yield carry
 
     def decode(self, ids: Iterable[int]) -> str:
-        """The text of ``ids``, as transformers' ``decode`` gives it (special tokens kept)."""
+        """The text of ``ids``, as transformers' ``decode`` gives it (special tokens kept), CJK joined (see above)."""
         ids = [self._check_id(i) for i in ids]
-        return self._tok.decode(ids, skip_special_tokens=False)
+        text = self._tok.decode(ids, skip_special_tokens=False)
+        return join_cjk(text.removeprefix("##")) if self.joins_cjk else text
+
+    @property
+    def joins_cjk(self) -> bool:
+        """Whether text drops the WordPiece decoder's spaces beside CJK characters (not ``cjk_spaces``)."""
+        return self._wordpiece and not self.cjk_spaces
 
     def decode_token_bytes(self, token: int) -> bytes:
         """The bytes of one token's text (a byte-level piece of a character, or a word piece without ``##``)."""
@@ -207,15 +246,32 @@ class _HFStream:
         self._stream = DecodeStream(skip_special_tokens=False)
         # Ours, not the library's flag: transformers also skips the tokens tokenizer_config.json names.
         self._skip = frozenset(tokenizer.special_tokens.values()) if skip_special_tokens else frozenset()
+        self._join = tokenizer.joins_cjk
+        self._before = ""  # the last character given out, when joining CJK: a space's left neighbour
+        self._spaces = ""  # spaces held back until the character after them says whether they stay
+        self._started = False
 
     def add(self, token: int) -> str:
         """Take one token; return the text that is now complete (maybe empty)."""
         token = self._owner._check_id(int(token))
-        return "" if token in self._skip else self._stream.step(self._owner._tok, token) or ""
+        piece = "" if token in self._skip else self._stream.step(self._owner._tok, token) or ""
+        if not self._join or not piece:
+            return piece
+        if not self._started:  # a word's continuation first: its "##" is no text
+            piece, self._started = piece.removeprefix("##"), True
+        body = self._spaces + piece
+        held = len(body) - len(body.rstrip(" "))
+        body, self._spaces = body[: len(body) - held], body[len(body) - held :]
+        if not body:
+            return ""
+        out = join_cjk(self._before + body)[len(self._before) :]  # the neighbour judges the first space
+        self._before = body[-1]
+        return out
 
     def flush(self) -> str:
-        """End the stream (the library holds back nothing that a later token could not complete)."""
-        return ""
+        """End the stream: spaces held back at the end, where no CJK character is before them."""
+        spaces, self._spaces = self._spaces, ""
+        return join_cjk(self._before + spaces)[len(self._before) :]
 
 
 def _wordpiece(vocab_file: Path, settings: Mapping[str, Any]) -> Any:

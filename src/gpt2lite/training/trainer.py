@@ -381,7 +381,9 @@ def _sample(model: nn.Module, tokenizer: TokenizerProtocol, config: TrainConfig,
                        seed=config.seed + step, eos_token_id=tokenizer.eot_token, truncate_prompt="left")
     finally:
         model.train(was_training)
-    return tokenizer.decode([t for t in out[0, len(prompt) :].tolist() if t != tokenizer.eot_token])
+    # As the text API gives text: special tokens ([CLS], [UNK], ...) left out, a WordPiece vocabulary's CJK joined.
+    decoder = tokenizer.stream_decoder(skip_special_tokens=True)
+    return "".join(decoder.add(t) for t in out[0, len(prompt) :].tolist()) + decoder.flush()
 
 
 def _due(interval: int, step: int) -> bool:
