@@ -88,3 +88,31 @@ def test_lm_eval_local_completions_equals_its_hf_backend(checkpoint, tmp_path):
             for (lp_a, greedy_a), (lp_b, greedy_b) in zip(a, b, strict=True):
                 assert float(lp_a) == pytest.approx(float(lp_b), abs=1e-4)
                 assert bool(greedy_a) == bool(greedy_b)
+
+
+@pytest.mark.slow
+def test_lm_eval_remote_tokenizer_rolling_perplexity_equals_its_hf_backend(checkpoint, tmp_path):
+    """``tokenizer_backend=remote`` (/tokenize, /detokenize, /tokenizer_info) scores rolling perplexity as ``hf``.
+
+    lm-eval takes its prefix token from ``/tokenize`` of the end token's text: read as text, it was ``<``.
+    """
+    from lm_eval.tasks import TaskManager
+
+    rolling = _task(tmp_path, "py_rolling", "loglikelihood_rolling", [{"text": " ".join(SENTENCES[i:i + 3])}
+                                                                      for i in range(3)],
+                    doc_to_text="", doc_to_target="{{text}}",
+                    metric_list=[{"metric": "word_perplexity"}, {"metric": "byte_perplexity"},
+                                 {"metric": "bits_per_byte"}])
+    manager = TaskManager(include_defaults=False)
+    app = serve_app(TextGenerator.from_pretrained(checkpoint), ServerOptions(model_name="tiny"))
+    with running(app) as url:
+        served = lm_eval.simple_evaluate(
+            model="local-completions", tasks=[rolling], task_manager=manager,
+            model_args={"model": "tiny", "base_url": url + "/v1/completions", "tokenizer_backend": "remote",
+                        "max_length": 32, "batch_size": 2})
+    oracle = lm_eval.simple_evaluate(model="hf", tasks=[rolling], task_manager=manager, device="cpu", batch_size=2,
+                                     model_args={"pretrained": str(checkpoint), "dtype": "float32",
+                                                 "max_length": 32})
+    for metric in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
+        assert served["results"]["py_rolling"][metric] == pytest.approx(
+            oracle["results"]["py_rolling"][metric], rel=1e-4), metric

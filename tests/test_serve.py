@@ -14,10 +14,12 @@ import openai
 import pytest
 import torch
 import uvicorn
+from transformers import GPT2TokenizerFast
 
 from gpt2lite import GenerationOptions, TextGenerator
 from gpt2lite.serve.app import ServerOptions, create_app
 from gpt2lite.serve.scheduler import Request, Scheduler
+from gpt2lite.tokenizers.files import bundled_gpt2_files
 
 
 def free_port() -> int:
@@ -269,6 +271,12 @@ def test_tokenize_and_detokenize(server, gen):
     assert chat["tokens"] == gen.tokenizer.encode("Hi<|endoftext|>", allowed_special="all")
     assert httpx.post(url + "/detokenize", json={"tokens": [10**9]}).status_code == 400
     assert httpx.get(url + "/tokenizer_info").json()["eos_token"] == "<|endoftext|>"
+    # Special-token text is the token, as transformers' tokenizer (vLLM's) reads it, in /tokenize and in prompts.
+    oracle = GPT2TokenizerFast(*map(str, bundled_gpt2_files()))
+    text = "Hi<|endoftext|>there"
+    assert httpx.post(url + "/tokenize", json={"prompt": text}).json()["tokens"] == oracle(text).input_ids
+    done = httpx.post(url + "/v1/completions", json={"prompt": text, "max_tokens": 1}).json()
+    assert done["usage"]["prompt_tokens"] == len(oracle(text).input_ids) == 3
 
 
 def test_chat_completions_plain_and_streamed(client, gen):

@@ -124,7 +124,7 @@ class _Server:
             ids = await self.gate.encode(await self.gate.chat_prompt(body.messages), "messages", special=True,
                                          fit=False)
         else:
-            ids = await self.gate.encode(body.prompt, "prompt", fit=False)
+            ids = await self.gate.encode(body.prompt, "prompt", special=True, fit=False)  # as completions reads it
         out: dict[str, Any] = {"tokens": ids, "count": len(ids), "max_model_len": self.gate.context}
         if body.return_token_strs:
             out["token_strs"] = await run_in_threadpool(lambda: [token_text(self.tokenizer, t) for t in ids])

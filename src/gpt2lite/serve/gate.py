@@ -85,7 +85,8 @@ class RequestGate:
         known = self.tokenizer.n_vocab  # a padded model has rows the tokenizer cannot decode
         for item in items:
             if isinstance(item, str):
-                out.append(((await self.encode(item, "prompt")) or [self.tokenizer.eot_token], item))
+                # Special-token strings are tokens, as in vLLM and transformers: "<|endoftext|>" is [50256].
+                out.append(((await self.encode(item, "prompt", special=True)) or [self.tokenizer.eot_token], item))
                 continue
             if not item or any(not 0 <= t < known for t in item):
                 raise ApiError(400, f"prompt token ids must be non-empty and in 0..{known - 1}", "prompt")
