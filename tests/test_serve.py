@@ -16,7 +16,7 @@ import torch
 import uvicorn
 from transformers import GPT2TokenizerFast
 
-from gpt2lite import GenerationOptions, TextGenerator
+from gpt2lite import GPT2, GenerationOptions, GPT2Config, TextGenerator, Tokenizer
 from gpt2lite.serve.app import ServerOptions, create_app
 from gpt2lite.serve.scheduler import Request, Scheduler
 from gpt2lite.tokenizers.files import bundled_gpt2_files
@@ -453,7 +453,7 @@ def test_a_prompt_longer_than_the_context_is_a_400_before_anything_streams(clien
                                            stream=stream)
         error = info.value.body
         assert error["param"] == "messages" and error["code"] == "context_length_exceeded"
-        assert "exceeds the context of 96 tokens" in error["message"] and "max_tokens" not in error["message"]
+        assert "maximum context length is 96 tokens" in error["message"] and "max_tokens" not in error["message"]
         with pytest.raises(openai.BadRequestError) as info:  # with max_tokens too, the prompt is to blame
             client.completions.create(model="tiny", prompt=long_text, max_tokens=5, stream=stream)
         assert info.value.body["param"] == "prompt"
@@ -461,6 +461,33 @@ def test_a_prompt_longer_than_the_context_is_a_400_before_anything_streams(clien
             client.completions.create(model="tiny", prompt=long_text, max_tokens=5, stream=stream,
                                       extra_body={"context_shift": True})
         assert info.value.body["code"] == "context_length_exceeded"
+
+
+def test_litellm_raises_its_context_window_error_and_falls_back(server, monkeypatch):
+    """OpenAI's wording of context_length_exceeded: LiteLLM raises ContextWindowExceededError, and falls back."""
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no fetch of its price list from the network
+    litellm = pytest.importorskip("litellm")
+    url = server[0] + "/v1"
+    long_chat = [{"role": "user", "content": "hello " * 200}]
+    for max_tokens in (None, 5):  # the prompt alone; the prompt with a completion
+        with pytest.raises(litellm.ContextWindowExceededError):
+            litellm.completion(model="openai/tiny", api_base=url, api_key="x", messages=long_chat,
+                               max_tokens=max_tokens, num_retries=0)
+    with pytest.raises(litellm.ContextWindowExceededError):  # fits alone, not with the completion asked
+        litellm.completion(model="openai/tiny", api_base=url, api_key="x", max_tokens=90, num_retries=0,
+                           messages=[{"role": "user", "content": "hello " * 20}])
+    # context_window_fallbacks: the request goes on to a model with a longer context, served beside.
+    torch.manual_seed(0)
+    longer = GPT2(GPT2Config.from_preset("tiny", n_positions=256)).eval()
+    with running(create_app(longer, Tokenizer.gpt2(), ServerOptions(model_name="long"))) as long_url:
+        router = litellm.Router(model_list=[
+            {"model_name": "small", "litellm_params": {"model": "openai/tiny", "api_base": url, "api_key": "x"}},
+            {"model_name": "large", "litellm_params": {"model": "openai/long", "api_base": long_url + "/v1",
+                                                       "api_key": "x"}}],
+            context_window_fallbacks=[{"small": ["large"]}], num_retries=0)
+        reply = router.completion(model="small", messages=[{"role": "user", "content": "hello " * 20}],
+                                  max_tokens=90, ignore_eos=True)
+    assert reply.model.endswith("long") and reply.usage.completion_tokens == 90
 
 
 def test_disconnect_cancels_and_frees_the_row(server):

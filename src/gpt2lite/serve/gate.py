@@ -28,6 +28,9 @@ __all__ = ["Prompt", "RequestGate"]
 
 Prompt = tuple[list[int], str]  # a prompt's token ids and its text
 
+# OpenAI's (and vLLM's) wording of context_length_exceeded, which clients such as LiteLLM recognise.
+_MAXIMUM = "This model's maximum context length is {} tokens."
+
 
 class RequestGate:
     """The checks of every endpoint over one model and tokenizer (wrapped in a ``TextGenerator`` for its text rules)."""
@@ -64,8 +67,9 @@ class RequestGate:
                 check_text_fits(len(text), self.context, self.tokenizer.max_token_bytes, context_shift=True,
                                 what=param)
         except ContextLengthError as exc:
-            raise ApiError(400, f"{param} has {len(text)} characters: more tokens than the context of "
-                                f"{exc.context} holds", param, code=TOO_LONG) from None
+            raise ApiError(400, f"{_MAXIMUM.format(exc.context)} However, your {param} of {len(text)} characters "
+                                f"holds more tokens than that. Please reduce the length of the {param}.",
+                           param, code=TOO_LONG) from None
         try:
             return await run_in_threadpool(self.tokenizer.encode, text, allowed_special="all" if special else ())
         except ValueError as exc:  # a character a character-level vocabulary lacks
@@ -146,10 +150,13 @@ class RequestGate:
             fit_prompt(length, self.context, max_new_tokens=asked, context_shift=shift, n_keep=n_keep)
         except ContextLengthError as exc:
             if exc.param == "prompt":
-                raise ApiError(400, f"the prompt of {length} tokens exceeds the context of {exc.context} tokens",
+                raise ApiError(400, f"{_MAXIMUM.format(exc.context)} However, your {prompt_param} resulted in "
+                                    f"{length} tokens. Please reduce the length of the {prompt_param}.",
                                prompt_param, code=TOO_LONG) from None
-            raise ApiError(400, f"the prompt of {length} tokens + {max_param}={asked} exceeds the context of "
-                                f"{exc.context} tokens", max_param, code=TOO_LONG) from None
+            raise ApiError(400, f"{_MAXIMUM.format(exc.context)} However, you requested {length + asked} tokens "
+                                f"({length} in the {prompt_param}, {asked} in the completion: {max_param}). Please "
+                                f"reduce the length of the {prompt_param} or completion.", max_param,
+                           code=TOO_LONG) from None
         except OptionError as exc:  # n_keep
             raise ApiError(400, str(exc), exc.param) from None
         return asked
