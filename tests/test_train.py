@@ -110,6 +110,19 @@ def test_training_from_scratch_lowers_held_out_loss(data, tmp_path):
     assert math.isclose(evaluate_loss(reloaded, data, block_size=64, batches=4, batch_size=8), after, rel_tol=1e-5)
 
 
+@pytest.mark.slow
+def test_compiled_training_step_follows_eager(data, tmp_path):
+    """torch.compile'd forward and backward (inductor, fp32): the eager run's loss curve, step by step."""
+    config = dataclasses.replace(GPT2Config.from_preset("tiny"), embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+    losses = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        run = TrainConfig(steps=20, batch_size=4, block_size=64, lr=3e-3, warmup_steps=5, compile=compile, **QUIET)
+        losses.append(train(GPT2(config), data, tmp_path / f"run{compile}", run).losses)
+    assert losses[0][-1] < losses[0][0] - 1.0  # it learns
+    assert max(abs(a - b) for a, b in zip(*losses, strict=True)) < 1e-4
+
+
 def test_finetuned_checkpoint_loads_in_transformers(tiny_dir, data, tmp_path):
     model = GPT2.from_pretrained(tiny_dir)
     result = train(model, data, tmp_path / "ft", TrainConfig(steps=3, batch_size=2, block_size=32, **QUIET))

@@ -253,8 +253,9 @@ class GPT2(nn.Module):
         if position_ids is not None and tuple(position_ids.shape) not in ((B, T), (1, T)):
             raise ValueError(f"position_ids must have shape {(B, T)}, got {tuple(position_ids.shape)}")
         # Checking values reads them back to the host: free on the CPU, a sync on a GPU, so a
-        # GPU training step skips it (an out-of-range id still fails there, less clearly).
-        if self.training and input_ids.device.type != "cpu":
+        # GPU training step skips it (an out-of-range id still fails there, less clearly); so does
+        # a compiled step, where reading a value would break the graph in two.
+        if (self.training and input_ids.device.type != "cpu") or torch.compiler.is_compiling():
             return
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= self.config.vocab_size:
