@@ -10,6 +10,7 @@ import openai
 import pytest
 
 from browser import find_chromium, open_page
+from test_serve import running
 from test_serve_process import serve
 
 pytestmark = pytest.mark.skipif(find_chromium() is None, reason="no Chromium here (apt-get install -y chromium)")
@@ -85,3 +86,37 @@ def test_a_json_schema_in_the_page_gives_the_api_s_constrained_text(tiny_dir):
         with open_page(page_url(url, prompt=PROMPT, json_schema="{not json", autorun="1")) as page:
             message = page.wait_for("document.getElementById('error').textContent")
         assert "not JSON" in message
+
+
+def test_cors_lets_the_allowed_origin_s_pages_call_the_api_and_no_other(tiny_dir, tmp_path):
+    """A page on another origin calls the API from a real browser (a preflighted POST with a key) only if allowed."""
+    import functools
+    import http.server
+    import threading
+
+    from gpt2lite import TextGenerator
+    from gpt2lite.serve.app import ServerOptions, create_app
+
+    (tmp_path / "index.html").write_text("<!doctype html><title>app</title>", encoding="utf-8")
+    site = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path)))
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    origin = f"http://127.0.0.1:{site.server_address[1]}"
+    gen = TextGenerator.from_pretrained(tiny_dir)
+    call = ("fetch(%r, {method: 'POST', headers: {'Authorization': 'Bearer k', 'Content-Type': 'application/json'}, "
+            "body: JSON.stringify({model: 'tiny', prompt: 'Hi', max_tokens: 3, temperature: 0})})"
+            ".then(r => r.json()).then(j => j.choices[0].text, e => 'refused: ' + e)")
+    try:
+        for allowed, expected in (((origin,), True), ((), False), (("http://elsewhere.example",), False)):
+            options = ServerOptions(model_name="tiny", api_key="k", allowed_origins=allowed)
+            with running(create_app(gen.model, gen.tokenizer, options)) as url, open_page(origin + "/") as page:
+                text = page.evaluate(call % (url + "/v1/completions"))
+            if expected:
+                assert text == gen.complete("Hi", max_new_tokens=3, temperature=0)[0].text
+            else:
+                assert text.startswith("refused: TypeError"), (allowed, text)
+    finally:
+        site.shutdown()
+    head = httpx.head
+    with running(create_app(gen.model, gen.tokenizer, ServerOptions(model_name="tiny"))) as url:
+        assert head(url + "/").status_code == 200 and head(url + "/health").status_code == 200

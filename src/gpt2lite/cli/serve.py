@@ -33,6 +33,13 @@ def add_serve(commands: Any) -> None:
     srv.add_argument("--no-prefix-cache", action="store_true",
                      help="always prefill whole prompts (default: reuse a cached shared prefix)")
     srv.add_argument("--no-playground", action="store_true", help="do not serve the playground page at /")
+    srv.add_argument("--allowed-origins", nargs="+", default=(), metavar="ORIGIN",
+                     help="web origins whose pages may call the API from a browser (CORS), or '*' for any "
+                          "(default: none; the playground needs none)")
+    srv.add_argument("--allowed-methods", nargs="+", default=("*",), metavar="METHOD",
+                     help="methods cross-origin pages may use (default: all)")
+    srv.add_argument("--allowed-headers", nargs="+", default=("*",), metavar="HEADER",
+                     help="request headers cross-origin pages may send (default: all)")
     add_model_options(srv)
     srv.set_defaults(run=_serve)
 
@@ -53,7 +60,9 @@ def _serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or _served_name(args.model)
     options = ServerOptions(model_name=name, max_batch=args.max_batch, max_queue=args.max_queue,
                             api_key=args.api_key, max_body_size=args.max_body_size, docs=args.docs,
-                            prefix_cache=not args.no_prefix_cache, playground=not args.no_playground)
+                            prefix_cache=not args.no_prefix_cache, playground=not args.no_playground,
+                            allowed_origins=tuple(args.allowed_origins), allowed_methods=tuple(args.allowed_methods),
+                            allowed_headers=tuple(args.allowed_headers))
     template = read_input(args.chat_template, "--chat-template", is_file=True) if args.chat_template else None
     listener = _listen(args.host, args.port)  # before the model loads: a port in use fails at once
     text_generator = load_text_generator(args, args.model)

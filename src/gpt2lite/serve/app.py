@@ -33,6 +33,7 @@ from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
@@ -74,6 +75,10 @@ class ServerOptions:
     docs: bool = False  # serve /docs and /openapi.json (behind the key)
     prefix_cache: bool = True  # reuse the keys and values of a prompt prefix a freed row still holds
     playground: bool = True  # serve the playground page at /
+    # Cross-origin browser calls (CORS), as vLLM's flags: none by default, so only the server's own pages call it.
+    allowed_origins: tuple[str, ...] = ()  # e.g. ("https://app.example.com",) or ("*",)
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_queue < 1 or self.max_body_size < 1:
@@ -377,6 +382,10 @@ def create_app(model: DecoderModel, tokenizer: TokenizerProtocol, options: Serve
 
         routes.append(("GET", "/", playground))
     for method, path, handler in routes:
-        app.add_api_route(path, handler, methods=[method])
+        # HEAD answers wherever GET does (load balancers and uptime checks probe with it).
+        app.add_api_route(path, handler, methods=[method, "HEAD"] if method == "GET" else [method])
     app.add_middleware(AccessGate, api_key=options.api_key, max_body_size=options.max_body_size)
+    if options.allowed_origins:  # outside the key check: a browser's preflight carries no key
+        app.add_middleware(CORSMiddleware, allow_origins=list(options.allowed_origins),
+                           allow_methods=list(options.allowed_methods), allow_headers=list(options.allowed_headers))
     return app
