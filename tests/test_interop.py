@@ -299,9 +299,65 @@ def test_a_tokenizer_json_with_added_tokens_streams_whole_characters(tmp_path):
 def test_the_character_vocabulary_has_a_name_of_its_own(tmp_path):
     tok = CharTokenizer.from_texts(["hello world"])
     tok.save(tmp_path)
-    assert (tmp_path / "char_vocab.json").is_file() and not (tmp_path / "tokenizer.json").exists()
+    assert (tmp_path / "char_vocab.json").is_file()
+    assert load_tokenizer(tmp_path, tok.n_vocab).encode("hold") == tok.encode("hold")
     (tmp_path / "char_vocab.json").rename(tmp_path / "tokenizer.json")  # as earlier versions wrote it
     assert load_tokenizer(tmp_path, tok.n_vocab).encode("hold") == tok.encode("hold")
+
+
+def test_the_model_card_names_no_local_path_and_prompts_in_the_models_vocabulary(tmp_path):
+    from gpt2lite.training.card import write_model_card
+
+    corpus = tmp_path / "文章.txt"
+    corpus.write_text("春天来了，花开了。\n小鸟在唱歌。\n" * 40, encoding="utf-8")
+    tok = CharTokenizer.from_texts([corpus.read_text(encoding="utf-8")])
+    data = prepare_data(str(corpus), tmp_path / "data", tokenizer=tok)
+    model = GPT2(GPT2Config.from_preset("tiny", vocab_size=tok.n_vocab, eos_token_id=tok.eot_token))
+    (tmp_path / "my-base").mkdir()
+    (tmp_path / "final").mkdir()
+    getattr(model, "transformer", model).name_or_path = str(tmp_path / "my-base")  # loaded from a local folder
+    card = write_model_card(tmp_path / "final", model, data, 3, [2.0], [], []).read_text(encoding="utf-8")
+    assert str(tmp_path) not in card and "`my-base`" in card and "文章.txt" in card and "base_model:" not in card
+    assert "print(gen('', max_new_tokens=40))" in card  # no tokenizer given: from the end token, in any vocabulary
+    card = write_model_card(tmp_path / "final", model, data, 3, [2.0], [], [], tok).read_text(encoding="utf-8")
+    assert "print(gen('春天来了，花开了。', max_new_tokens=40))" in card
+    code = card.split("```python\n")[1].split("```")[0]
+    prompt = code.split("print(gen(")[1].split(", max_new_tokens")[0]
+    tok.encode(eval(prompt))  # in the model's own vocabulary: "Hello" was not
+
+
+def test_a_character_vocabulary_is_a_tokenizer_json_transformers_reads(tmp_path):
+    tok = CharTokenizer.from_texts(["春天来了，花开了。\n小鸟 🐦 sings\t!"])
+    tok.save(tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert theirs.eos_token == "<|endoftext|>" and theirs.eos_token_id == tok.eot_token
+    for text in ("春天", "花开了。\n\n小鸟 🐦 sings\t!", "来了<|endoftext|>春天", ""):
+        ids = tok.encode(text, allowed_special="all")
+        assert theirs(text, add_special_tokens=False)["input_ids"] == ids
+        assert theirs.decode(ids) == text == tok.decode(ids)
+    with pytest.raises(Exception, match="WordLevel"):  # an unknown character is refused there too, not an id
+        theirs("春x")
+    assert CharTokenizer.load(tmp_path).chars == tok.chars  # char_vocab.json is still what gpt2lite reads
+
+
+def test_a_character_model_honours_special_tokens_and_chats(tmp_path):
+    tok = CharTokenizer.from_texts(["你好，今天天气很好。"])
+    end = tok.eot_token
+    written = CharTokenizer.from_texts(["a<|endoftext|>b"])  # the string's characters are in this one
+    assert written.encode("a<|endoftext|>") == [written.chars.index(c) for c in "a<|endoftext|>"]
+    assert written.encode("a<|endoftext|>", allowed_special="all") == [written.chars.index("a"), written.eot_token]
+    with pytest.raises(ValueError, match="character '<' is not in this character vocabulary"):
+        tok.encode("你好<|endoftext|>")  # not allowed: its characters, which this vocabulary lacks
+    assert tok.encode("你好<|endoftext|>今天", allowed_special="all") == [*tok.encode("你好"), end, *tok.encode("今天")]
+    assert tok.encode("<|endoftext|>", allowed_special={"<|endoftext|>"}) == [end]
+    model = GPT2(GPT2Config.from_preset("tiny", vocab_size=tok.n_vocab, eos_token_id=end))
+    gen = TextGenerator(model, tok)
+    messages = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好。"},
+                {"role": "user", "content": "今天天气很好"}]
+    assert gen.chat_prompt(messages).count("<|endoftext|>") == 3  # DialoGPT's convention: the end token per turn
+    assert isinstance(gen.chat(messages, max_new_tokens=5, seed=0), str)
+    with pytest.raises(ValueError, match="character '龘' is not in this character vocabulary"):
+        gen("龘", max_new_tokens=2)
 
 
 def test_text_leaves_special_tokens_out_as_transformers_pipeline_does(tmp_path):

@@ -1,9 +1,12 @@
 """A character-level tokenizer: one id per character of the training text, plus ``<|endoftext|>``.
 
 nanoGPT's ``shakespeare_char`` setting: the vocabulary is read off the data,
-saved beside the model (``char_vocab.json``; earlier versions wrote ``tokenizer.json``,
-which is still read), and serves any architecture, GPT-2
+saved beside the model (``char_vocab.json``; earlier versions wrote their own
+``tokenizer.json``, which is still read), and serves any architecture, GPT-2
 included. It has the same interface as ``Tokenizer`` where the library uses one.
+``save`` also writes the vocabulary as Hugging Face's ``tokenizer.json`` (a
+``WordLevel`` model over single characters), which transformers' ``AutoTokenizer``
+reads with the same ids.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from gpt2lite.io.files import atomic_write, read_json
+from gpt2lite.tokenizers.files import write_tokenizer_config
 from gpt2lite.tokenizers.protocol import StreamDecoder
 
 __all__ = ["CHAR_TOKENIZER_FILE", "CharTokenizer"]
@@ -60,13 +64,28 @@ class CharTokenizer:
         return hashlib.sha256("".join(self.chars).encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
     def encode(self, text: str, *, allowed_special: object = ()) -> list[int]:
-        """The id of each character; a character outside the vocabulary is an error naming it."""
+        """The id of each character; a character outside the vocabulary is an error naming it.
+
+        ``<|endoftext|>`` in ``text`` is its characters unless ``allowed_special``
+        (``"all"``, or a collection of special-token strings) allows it, as for GPT-2's tokenizer.
+        """
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+        if isinstance(allowed_special, str) and allowed_special != "all":
+            raise ValueError(f"allowed_special is 'all' or a collection of special tokens, got {allowed_special!r}")
+        if allowed_special == "all" or ENDOFTEXT in allowed_special:  # type: ignore[operator]
+            ids: list[int] = []
+            for i, part in enumerate(text.split(ENDOFTEXT)):
+                ids += [self.eot_token] * (i > 0) + self._encode_chars(part)
+            return ids
+        return self._encode_chars(text)
+
+    def _encode_chars(self, text: str) -> list[int]:
         try:
             return [self._ids[c] for c in text]
         except KeyError as exc:
-            raise ValueError(f"character {exc.args[0]!r} is not in this character vocabulary") from None
+            raise ValueError(f"character {exc.args[0]!r} is not in this character vocabulary "
+                             f"({len(self.chars)} characters, those of the training text)") from None
 
     def encode_stream(self, chunks: Iterable[str]) -> Iterator[list[int]]:
         """Encode text that arrives in pieces (characters never span pieces)."""
@@ -96,12 +115,33 @@ class CharTokenizer:
         return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write ``char_vocab.json`` into ``directory``; return the directory."""
+        """Write ``char_vocab.json``, and ``tokenizer.json`` + ``tokenizer_config.json`` for transformers; return
+        the directory."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         with atomic_write(directory / CHAR_TOKENIZER_FILE) as tmp:
             tmp.write_text(json.dumps({"type": "char", "chars": self.chars}, ensure_ascii=False), encoding="utf-8")
+        with atomic_write(directory / _OLD_FILE) as tmp:
+            tmp.write_text(json.dumps(self._hugging_face(), ensure_ascii=False), encoding="utf-8")
+        write_tokenizer_config(directory, {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": ENDOFTEXT,
+                                           "eos_token": ENDOFTEXT})
         return directory
+
+    def _hugging_face(self) -> dict[str, object]:
+        """The vocabulary in the format of Hugging Face's ``tokenizer.json``: each character a word of its own."""
+        return {
+            "version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": [{"id": self.eot_token, "content": ENDOFTEXT, "single_word": False, "lstrip": False,
+                              "rstrip": False, "normalized": False, "special": True}],
+            "normalizer": None,
+            # Every character (newlines included) a piece of its own, kept.
+            "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "Isolated",
+                              "invert": False},
+            "post_processor": None,
+            "decoder": {"type": "Fuse"},  # the pieces joined as they are, no spaces between them
+            # No unknown token: a character outside the vocabulary is an error there too, not a silent id.
+            "model": {"type": "WordLevel", "vocab": {c: i for i, c in enumerate(self.chars)}, "unk_token": ""},
+        }
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> CharTokenizer | None:

@@ -331,7 +331,8 @@ def train(
         last = len(result.losses)
         _check_weights(model, last)
         result.final_dir = save_model(model, out_dir / FINAL, tokenizer=tokenizer)
-        write_model_card(result.final_dir, model, data, last, result.losses, result.val_losses, result.val_metrics)
+        write_model_card(result.final_dir, model, data, last, result.losses, result.val_losses, result.val_metrics,
+                         tokenizer)
         if result.best_dir is None and best.step is not None:  # found by an earlier, resumed part of the run
             result.best_dir, result.best_step = best.directory, best.step
     if distributed:
@@ -360,7 +361,8 @@ class _Best:
         model.eval()
         save_model(model, self.directory, tokenizer=self.tokenizer)
         model.train(was_training)
-        write_model_card(self.directory, model, data, step, result.losses, result.val_losses, result.val_metrics)
+        write_model_card(self.directory, model, data, step, result.losses, result.val_losses, result.val_metrics,
+                         self.tokenizer)
         return True
 
     def state(self) -> dict[str, Any]:
