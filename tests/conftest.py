@@ -107,3 +107,15 @@ def _kernel_cache_in_a_temporary_folder(tmp_path_factory):
     kernels.default_cache = lambda: path
     yield path
     kernels.default_cache = saved
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _native_kernels_in_a_temporary_folder(tmp_path_factory):
+    """gpt2lite's compiled CPU kernels are built into a folder of the session's, never into the home folder."""
+    from gpt2lite.transforms import native
+
+    saved = native.default_cache_dir
+    path = tmp_path_factory.mktemp("native")
+    native.default_cache_dir = lambda: path
+    yield path
+    native.default_cache_dir = saved

@@ -127,7 +127,7 @@ def test_each_batch_kernel_without_a_copy_gives_transformers_greedy_tokens(tiny_
     assert all(m._packed is None for m in model.modules() if hasattr(m, "_packed"))  # no reordered copies
 
 
-def test_load_model_measures_the_one_row_kernel_by_default_with_one_copy_of_each_weight(
+def test_load_model_without_native_kernels_measures_the_one_row_kernel_with_one_copy_of_each_weight(
         tiny_dir, hf_tiny, _kernel_cache_in_a_temporary_folder):
     import json
 
@@ -136,7 +136,8 @@ def test_load_model_measures_the_one_row_kernel_by_default_with_one_copy_of_each
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    model = load_model(tiny_dir)  # float32 on the CPU: prepack(copy=False), the kernels measured or cached
+    # float32 on the CPU with PyTorch's routes: prepack(copy=False), the kernels measured or cached
+    model = load_model(tiny_dir, kernels="torch")
     assert torch.equal(torch.rand(3), expected)  # measuring drew nothing from the caller's random state
     c_fc = model.h[0].mlp.c_fc
     assert isinstance(c_fc, PackedLinear) and c_fc.copy is False
@@ -190,7 +191,7 @@ def test_kernel_choices_are_measured_once_per_cpu_and_cached(tiny_dir, tmp_path,
     from gpt2lite.transforms.packed import kernel_report
 
     cache = tmp_path / "kernels.json"
-    model = prepack(GPT2.from_pretrained(tiny_dir), kernel_cache=cache)
+    model = prepack(GPT2.from_pretrained(tiny_dir), kernel_cache=cache, kernels="torch")
     saved = json.loads(cache.read_text())[kernels.cpu_key()]
     assert set(saved) == {"64x192", "64x64", "64x256", "256x64", "64x50257"}  # c_attn, c_proj, c_fc, mlp c_proj, head
     assert all(s["kernel"] in ("mkl", "onednn") and s["mkl_us"] > 0 and s["onednn_us"] > 0 for s in saved.values())
@@ -201,14 +202,14 @@ def test_kernel_choices_are_measured_once_per_cpu_and_cached(tiny_dir, tmp_path,
         raise AssertionError("measured again despite the cache")
 
     monkeypatch.setattr(kernels, "measure", no_measuring)
-    again = prepack(GPT2.from_pretrained(tiny_dir), kernel_cache=cache)
+    again = prepack(GPT2.from_pretrained(tiny_dir), kernel_cache=cache, kernels="torch")
     assert again.wte.one_row == saved["64x50257"]["kernel"]
     monkeypatch.undo()
     cache.write_text("{not json")  # damaged (or deleted): measured again, and the file made whole
-    prepack(GPT2.from_pretrained(tiny_dir), kernel_cache=cache)
+    prepack(GPT2.from_pretrained(tiny_dir), kernel_cache=cache, kernels="torch")
     assert set(json.loads(cache.read_text())[kernels.cpu_key()]) == set(saved)
     cache.unlink()
-    prepack(GPT2.from_pretrained(tiny_dir), kernel_cache=cache)
+    prepack(GPT2.from_pretrained(tiny_dir), kernel_cache=cache, kernels="torch")
     assert cache.is_file()
 
 
@@ -219,14 +220,15 @@ def test_batch_kernels_are_measured_at_the_asked_rows_beside_older_one_row_choic
     from gpt2lite.transforms.packed import kernel_report
 
     cache = tmp_path / "kernels.json"
-    prepack(GPT2.from_pretrained(tiny_dir), kernel_cache=cache)  # one-row choices only, as older versions wrote
+    # One-row choices only, as older versions wrote.
+    prepack(GPT2.from_pretrained(tiny_dir), kernel_cache=cache, kernels="torch")
     one_row = json.loads(cache.read_text())[kernels.cpu_key()]
     measured: list[int] = []
     real = kernels.measure
     monkeypatch.setattr(kernels, "measure", lambda weights, rows=1, *rest: measured.append(rows) or
                         real(weights, rows, *rest))
-    model = prepack(GPT2.from_pretrained(tiny_dir), copy=False, kernel_cache=cache, rows=8)
-    model = prepack(model, rows=4, copy=False, kernel_cache=cache)  # made again, for batches of 4
+    model = prepack(GPT2.from_pretrained(tiny_dir), copy=False, kernel_cache=cache, rows=8, kernels="torch")
+    model = prepack(model, rows=4, copy=False, kernel_cache=cache, kernels="torch")  # made again, for batches of 4
     measured = [r for r in measured if r != 8]
     assert measured == [4] * 5  # each of the 5 shapes at 4 rows; the one-row choices were read, not measured
     saved = json.loads(cache.read_text())[kernels.cpu_key()]
@@ -236,7 +238,7 @@ def test_batch_kernels_are_measured_at_the_asked_rows_beside_older_one_row_choic
                for m, _shape in ((model.h[0].mlp.c_fc, "64x256"), (model.wte, "64x50257")))
     assert all("measured at 4 rows" in line for line in kernel_report(model))
     # Made again with copies: batches take those, and no batch choice is left behind.
-    model = prepack(model, copy=True, kernel_cache=cache)
+    model = prepack(model, copy=True, kernel_cache=cache, kernels="torch")
     assert all(m.copy and m.batch == "mkl" and m.batch_choice is None and m.rows == 8
                for m in model.modules() if isinstance(m, (PackedLinear, PackedEmbedding)))
     with pytest.raises(ValueError, match="rows must be at least 1"):

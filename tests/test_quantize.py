@@ -138,7 +138,7 @@ def test_compiled_int8_steps_run_fbgemm_inside_the_graph(tiny_dir, monkeypatch):
 
     from gpt2lite.transforms import quantize as quantize_module
 
-    q = load_model(tiny_dir, quantize="int8")
+    q = load_model(tiny_dir, quantize="int8", kernels="torch")  # gpt2lite's own kernel: tests/test_native.py
     ids = torch.tensor([[5, 17, 3, 99, 2048, 7]])
     eager = generate(q, ids, max_new_tokens=10, temperature=0, ignore_eos=True, return_dict=True)
     calls: list[int] = []

@@ -32,6 +32,7 @@ from gpt2lite.tokenizers.char import CHAR_TOKENIZER_FILE, CharTokenizer
 from gpt2lite.tokenizers.hf import HFTokenizer
 from gpt2lite.tokenizers.protocol import TokenizerProtocol
 from gpt2lite.transforms.lora import has_lora, merge_lora
+from gpt2lite.transforms.native import KERNEL_ROUTES, KernelRoute, use_kernels
 from gpt2lite.transforms.packed import can_prepack
 from gpt2lite.transforms.packed import prepack as prepack_model
 from gpt2lite.transforms.peft import adapter_base, adapter_labels, load_adapter, save_adapter
@@ -57,6 +58,7 @@ def load_model(
     merge_adapter: bool = False,
     quantize: QuantizeMode | None = None,
     prepack: bool | None = None,
+    kernels: KernelRoute = "native",
 ) -> nn.Module:
     """Load a model for inference or training: ``GPT2``, ``GPT2ForSequenceClassification`` or ``RecurrentLM``.
 
@@ -72,12 +74,17 @@ def load_model(
     weight shape's one-row product (batch-1 decoding) takes the kernel measured
     fastest on this CPU, with one copy of the weights (``prepack(copy=False, batch="mkl")``);
     ``True`` also adds oneDNN-reordered weights for batches (twice the weight
-    memory); ``False`` keeps ``F.linear`` everywhere. Example::
+    memory); ``False`` keeps ``F.linear`` everywhere. ``kernels="native"`` lets
+    batch-1 float32 and int8 CPU products take gpt2lite's own compiled kernels
+    (``transforms/native.py``; PyTorch's routes where none can be built),
+    ``"torch"`` keeps PyTorch's routes only. Example::
 
         model = load_model("gpt2", quantize="int8")
     """
     if quantize is not None and quantize not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {QUANTIZE_MODES} or None, got {quantize!r}")
+    if kernels not in KERNEL_ROUTES:
+        raise ValueError(f"kernels must be one of {KERNEL_ROUTES}, got {kernels!r}")
     if kind not in ("lm", "classifier"):
         raise ValueError(f"kind must be 'lm' or 'classifier', got {kind!r}")
     if adapter is None and (base := adapter_base(name_or_path)) is not None:
@@ -105,12 +112,13 @@ def load_model(
             merge_lora(model)
     if quantize:
         quantize_model(model, quantize)
+        use_kernels(model, kernels)
     if prepack or (prepack is None and kind == "lm" and can_prepack(model)):
         # The default keeps MKL for batches, as transformers computes them: oneDNN's batched products
         # round differently, and greedy tokens then part from transformers' at near ties (a random
         # 124M: from token 102 of 128). prepack=True opts into oneDNN's reordered copies, which
         # batches then take whatever `batch` says.
-        prepack_model(model, copy=bool(prepack), batch="mkl")
+        prepack_model(model, copy=bool(prepack), batch="mkl", kernels=kernels)
     return model
 
 

@@ -53,10 +53,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cjk-spaces", action="store_true",
                         help="a BERT (WordPiece) vocabulary: keep the space transformers writes between every two "
                              "Chinese characters (default: none, as Chinese is written)")
+    parser.add_argument("--kernels", choices=KERNEL_CHOICES, default="native",
+                        help="CPU products: native = gpt2lite's own kernels, compiled at first use (default; "
+                             "PyTorch's where none can be built), torch = PyTorch's routes only")
 
 
 # gpt2lite.transforms.quantize.QUANTIZE_MODES, spelled out so that parsing arguments needs no torch.
 QUANTIZE_CHOICES = ("int8", "int4")
+KERNEL_CHOICES = ("native", "torch")  # gpt2lite.transforms.native.KERNEL_ROUTES
 
 
 def load_text_generator(args: argparse.Namespace, name_or_path: str, *, draft: bool = False) -> TextGenerator:
@@ -66,7 +70,7 @@ def load_text_generator(args: argparse.Namespace, name_or_path: str, *, draft: b
     return TextGenerator.from_pretrained(name_or_path, device=check_device(args.device), dtype=args.dtype,
                                          local_files_only=args.offline, quantize=args.quantize,
                                          adapter=None if draft else args.adapter, prepack=args.prepack,
-                                         cjk_spaces=args.cjk_spaces)
+                                         cjk_spaces=args.cjk_spaces, kernels=args.kernels)
 
 
 def check_device(name: str) -> str:

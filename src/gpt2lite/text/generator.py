@@ -19,6 +19,7 @@ from gpt2lite.text.assembler import Completion, TextAssembler
 from gpt2lite.text.chat import ChatTemplate
 from gpt2lite.text.scoring import perplexity, token_logprobs
 from gpt2lite.tokenizers.protocol import TokenizerProtocol
+from gpt2lite.transforms.native import KernelRoute
 from gpt2lite.transforms.quantize import QuantizeMode
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ class TextGenerator:
         adapter: str | os.PathLike[str] | None = None,
         prepack: bool | None = None,
         cjk_spaces: bool = False,
+        kernels: KernelRoute = "native",
     ) -> TextGenerator:
         """Load model and tokenizer from a hub id or local path (see ``gpt2lite.load_model``).
 
@@ -79,7 +81,8 @@ class TextGenerator:
         ``prepack`` chooses float32 CPU product kernels as ``load_model`` does: by
         default the one-row kernel measured fastest on this CPU; ``True`` adds
         oneDNN-reordered weights for faster batches (twice the weight memory);
-        ``False`` keeps ``F.linear`` (see ``gpt2lite.transforms.packed``).
+        ``False`` keeps ``F.linear`` (see ``gpt2lite.transforms.packed``). ``kernels="torch"``
+        keeps PyTorch's routes, without gpt2lite's own CPU kernels (``gpt2lite.transforms.native``).
 
         A directory saved from a ``RecurrentLM`` (RNN, LSTM, GRU) loads that model instead,
         and one with a character vocabulary (``CharTokenizer``) uses it; another vocabulary
@@ -93,7 +96,7 @@ class TextGenerator:
         """
         hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
         model = load_model(name_or_path, device=device, dtype=dtype, quantize=quantize, adapter=adapter,
-                           merge_adapter=True, prepack=prepack, **hub)
+                           merge_adapter=True, prepack=prepack, kernels=kernels, **hub)
         tokenizer = load_tokenizer(name_or_path, model.config.vocab_size, cjk_spaces=cjk_spaces, **hub)
         defaults = load_generation_defaults(name_or_path, **hub)
         try:

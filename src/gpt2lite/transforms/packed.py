@@ -45,6 +45,7 @@ from gpt2lite.models.gpt2 import GPT2, tied_head_product
 from gpt2lite.models.weights import own_memory
 from gpt2lite.transforms.kernels import KERNELS, Choice, choose_kernels
 from gpt2lite.transforms.layers import linear_layers
+from gpt2lite.transforms.native import KERNEL_ROUTES, KernelRoute, NativeKernels, kernels_for
 from gpt2lite.transforms.quantize import is_quantized
 
 __all__ = ["MIN_ROWS", "PackedEmbedding", "PackedLinear", "can_prepack", "kernel_report", "prepack"]
@@ -78,6 +79,12 @@ def _product(layer: PackedLinear | PackedEmbedding, x: torch.Tensor, bias: torch
     # too, as LoRA training does) takes F.linear.
     plain = (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != x.dtype
              or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)))
+    if not plain and rows < MIN_ROWS and layer.one_row == "native":
+        kernels = kernels_for(layer.kernels)
+        if kernels is not None and kernels.fits(weight):
+            if torch.compiler.is_compiling():
+                return torch.ops.gpt2lite.native_linear_f32(x, weight, bias)
+            return kernels.linear_f32(x, weight, bias)
     if not plain and torch.compiler.is_compiling():  # inductor cannot lower oneDNN over a weight it does not own
         if rows < MIN_ROWS and weight.is_contiguous():
             return _row_product(x, weight, bias)
@@ -106,6 +113,7 @@ class PackedLinear(nn.Linear):
 
     rows: int = 8
     one_row: str = "mkl"  # the kernel of products under MIN_ROWS rows: "mkl" (F.linear) or "onednn"
+    kernels: KernelRoute = "native"  # "torch": PyTorch's routes only (use_kernels)
     copy: bool = True  # whether products of MIN_ROWS+ rows use a reordered copy (else the `batch` kernel)
     batch: str = "mkl"  # without the copy, the kernel of products of MIN_ROWS+ rows (over the weight as it is)
     choice: Choice | None = None  # how one_row was chosen: the measured times
@@ -130,6 +138,7 @@ class PackedEmbedding(nn.Embedding):
 
     rows: int = 8
     one_row: str = "mkl"
+    kernels: KernelRoute = "native"  # "torch": PyTorch's routes only (use_kernels)
     copy: bool = True
     batch: str = "mkl"
     choice: Choice | None = None
@@ -149,13 +158,15 @@ class PackedEmbedding(nn.Embedding):
         return _product(self, x, None)
 
 
-def prepack(model: nn.Module, rows: int = 8, *, one_row: Literal["auto", "mkl", "onednn"] = "auto",
+def prepack(model: nn.Module, rows: int = 8, *, one_row: Literal["auto", "native", "mkl", "onednn"] = "auto",
             copy: bool = True, batch: Literal["auto", "mkl", "onednn"] = "auto",
-            kernel_cache: str | os.PathLike[str] | None = None) -> nn.Module:
+            kernel_cache: str | os.PathLike[str] | None = None, kernels: KernelRoute = "native") -> nn.Module:
     """Choose a float32 model's CPU product kernels (a GPT-2's tied head too), with oneDNN copies for batches.
 
     ``one_row`` picks the kernel of products under ``MIN_ROWS`` rows (batch-1
-    decoding): ``"auto"`` measures both per weight shape on this CPU, cached in
+    decoding): ``"auto"`` takes gpt2lite's own float32 kernel (``"native"``,
+    ``transforms/native.py``) where it was built and ``kernels="native"``, and
+    otherwise measures MKL and oneDNN per weight shape on this CPU, cached in
     ``kernel_cache`` (default ``~/.cache/gpt2lite/kernels.json``). ``copy``
     adds the reordered copies that speed up batches (twice the weight memory);
     without them (``copy=False``) ``batch`` picks the kernel of products of
@@ -168,9 +179,12 @@ def prepack(model: nn.Module, rows: int = 8, *, one_row: Literal["auto", "mkl", 
 
         model = prepack(GPT2.from_pretrained("gpt2"), copy=False)  # kernels measured, one copy of the weights
     """
-    for name, value in (("one_row", one_row), ("batch", batch)):
-        if value not in ("auto", *KERNELS):
-            raise ValueError(f"{name} must be 'auto', 'mkl' or 'onednn', got {value!r}")
+    if one_row not in ("auto", "native", *KERNELS):
+        raise ValueError(f"one_row must be 'auto', 'native', 'mkl' or 'onednn', got {one_row!r}")
+    if batch not in ("auto", *KERNELS):
+        raise ValueError(f"batch must be 'auto', 'mkl' or 'onednn', got {batch!r}")
+    if kernels not in KERNEL_ROUTES:
+        raise ValueError(f"kernels must be one of {KERNEL_ROUTES}, got {kernels!r}")
     if rows < 1:
         raise ValueError(f"rows must be at least 1, got {rows}")
     body = getattr(model, "transformer", model)
@@ -190,7 +204,7 @@ def prepack(model: nn.Module, rows: int = 8, *, one_row: Literal["auto", "mkl", 
     # memory of its own, in (out, in) rows, so no view keeps the file mapped beside the copies.
     own_memory(body)
     for layer in layers:
-        layer.rows, layer.copy = rows, copy
+        layer.rows, layer.copy, layer.kernels = rows, copy, kernels
         layer._packed, layer._copied_version = None, -1  # a copy made before is dropped (or made again, as needed)
     groups: dict[str, list[PackedLinear | PackedEmbedding]] = {}
     for layer in layers:
@@ -199,6 +213,10 @@ def prepack(model: nn.Module, rows: int = 8, *, one_row: Literal["auto", "mkl", 
     # The tied head's MKL product is tied_head_product, which takes another route for 8 to 32 rows.
     tied = isinstance(body, GPT2) and body.lm_head is None
     heads = {_shape(body.wte): tied_head_product} if tied else {}
+    # gpt2lite's own kernel is chosen by rule where it serves: nothing to measure on a busy machine.
+    native = one_row == "auto" and kernels == "native" and kernels_for(kernels) is not None \
+        and all(NativeKernels.fits(w[0]) for w in weights.values())
+    one_row = "native" if native else one_row
     with torch.no_grad():
         choices = choose_kernels(weights, kernel_cache) if one_row == "auto" else {}
         batches = choose_kernels(weights, kernel_cache, rows, heads) if not copy and batch == "auto" else {}
@@ -243,7 +261,8 @@ def kernel_report(model: nn.Module) -> list[str]:
     for name, layer in model.named_modules():
         if isinstance(layer, (PackedLinear, PackedEmbedding)):
             shape = _shape(layer)
-            why = "as asked" if layer.choice is None else \
+            why = "gpt2lite's own kernel, by rule" if layer.one_row == "native" else "as asked" \
+                if layer.choice is None else \
                 f"measured: mkl {layer.choice['mkl_us']} us, onednn {layer.choice['onednn_us']} us"
             kind = name.rsplit(".", 1)[-1] if name != "wte" else "wte (tied LM head)"
             if layer.copy:

@@ -1,0 +1,250 @@
+"""gpt2lite's compiled CPU kernels: each against an emulation of its own rounding, whole models, builds, fallback."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2lite import generate, load_model
+from gpt2lite.cli import build_parser
+from gpt2lite.errors import NonFiniteError
+from gpt2lite.transforms import native
+from gpt2lite.transforms.native import NativeKernels, load_kernels, use_kernels
+from gpt2lite.transforms.packed import PackedEmbedding, PackedLinear
+from gpt2lite.transforms.quantize import Int8Linear
+
+FEATURES = native.cpu_features()
+ISAS = [isa for isa, need in (("avx2", {"avx2", "fma", "f16c"}),
+                              ("avx512", {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}))
+        if need <= FEATURES and platform.machine().lower() in ("x86_64", "amd64")]
+# Decided without building (collection runs before conftest moves the cache to a temporary folder).
+needs_kernels = pytest.mark.skipif(not ISAS or not (shutil.which("gcc") or shutil.which("cc")),
+                                   reason="no kernels can be built here")
+
+
+def _kernels(isa: str) -> NativeKernels:
+    kernels = load_kernels(isa=isa)
+    assert kernels is not None and kernels.isa == isa
+    return kernels
+
+
+def _int8_emulation(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The int8 kernel's own rounding, step by step in float32, its integer dot in float64 (exact below 2**53)."""
+    amax = x.abs().amax(-1, keepdim=True)  # (M, 1)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros(()))  # float32 division, as the kernel's
+    xq = (x * inv).round()  # ties to even, as cvtps2dq
+    dot = (xq.double() @ q.double().T).float()  # (M, N): exact integers, then one rounding to float32
+    y = dot * ((amax / 127) * scale)  # each a float32 product
+    return y if bias is None else y + bias
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("rows", "out", "inp"), [(1, 1000, 768), (3, 37, 64), (1, 5, 3072), (2, 2304, 128)])
+def test_float32_kernel_equals_the_float64_product_within_its_summation_order(isa, rows, out, inp):
+    g = torch.Generator().manual_seed(rows * out)
+    x, w, b = torch.randn(rows, inp, generator=g), torch.randn(out, inp, generator=g), torch.randn(out, generator=g)
+    exact = x.double() @ w.double().T  # (rows, out)
+    # float32 sums of `inp` products: each rounding within 2**-24 of the running sum's size.
+    bound = inp * 2**-23 * (x.double().abs() @ w.double().abs().T) + 1e-6
+    for bias in (None, b):
+        y = _kernels(isa).linear_f32(x, w, bias)
+        want = exact if bias is None else exact + b.double()
+        assert y.dtype == torch.float32 and y.shape == (rows, out)
+        assert bool(((y.double() - want).abs() <= bound + (0 if bias is None else 1e-6 * b.abs().double())).all())
+    assert torch.equal(_kernels(isa).linear_f32(x[0], w, b), _kernels(isa).linear_f32(x[:1], w, b)[0])  # 1-D rows
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("rows", "out", "inp"), [(1, 1000, 768), (3, 37, 64), (1, 5, 3072), (4, 300, 192)])
+def test_int8_kernel_equals_the_emulation_of_its_rounding_exactly(isa, rows, out, inp):
+    g = torch.Generator().manual_seed(rows + out)
+    x = torch.randn(rows, inp, generator=g) * 3
+    if rows > 2:
+        x[1] = 0  # a zero row: scale 0, outputs the bias
+        x[2, :8] = torch.tensor([127.0, 0.5, -0.5, 1.5, -2.5, 63.5, -127.0, 0.0])  # ties, rounded to even
+    q = torch.randint(-127, 128, (out, inp), generator=g, dtype=torch.int8)
+    scale, bias = torch.rand(out, generator=g) / 100, torch.randn(out, generator=g)
+    for b in (None, bias):
+        assert torch.equal(_kernels(isa).linear_int8(x, q, scale, b), _int8_emulation(x, q, scale, b))
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", ISAS)
+def test_int8_kernel_gives_nan_rows_for_non_finite_input_or_refuses_them(isa):
+    x = torch.randn(2, 64)
+    x[1, 3] = float("inf")
+    q, scale = torch.ones(10, 64, dtype=torch.int8), torch.ones(10)
+    y = _kernels(isa).linear_int8(x, q, scale, None)
+    assert torch.equal(y[0], _int8_emulation(x[:1], q, scale, None)[0]) and bool(y[1].isnan().all())
+    with pytest.raises(NonFiniteError, match="overflowed"):
+        _kernels(isa).linear_int8(x, q, scale, None, check=True)
+
+
+@needs_kernels
+def test_int8_layers_take_the_kernel_by_default_and_fbgemm_when_told(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    layer = Int8Linear.from_float(torch.randn(96, 128, generator=g), torch.randn(96, generator=g))
+    x = torch.randn(2, 1, 128, generator=g)
+    y = layer(x)
+    assert torch.equal(y, _int8_emulation(x.view(2, 128), layer.weight, layer.scale, layer.bias).view(2, 1, 96))
+    use_kernels(layer, "torch")
+    monkeypatch.setattr(NativeKernels, "linear_int8", lambda *a, **k: pytest.fail("the kernel ran"))
+    fbgemm = layer(x)  # one activation scale for the whole call, 7-bit: close to, not equal to, the kernel's
+    assert not torch.equal(fbgemm, y) and torch.allclose(fbgemm, y, atol=0.05 * float(y.abs().max()))
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        use_kernels(layer, "fast")
+
+
+@needs_kernels
+def test_float32_model_with_the_kernel_keeps_transformers_greedy_tokens(tiny_dir, hf_tiny, monkeypatch):
+    calls = []
+    real = NativeKernels.linear_f32
+    monkeypatch.setattr(NativeKernels, "linear_f32", lambda self, *a: calls.append(1) or real(self, *a))
+    model = load_model(tiny_dir)  # the default: one-row products through gpt2lite's kernel, chosen by rule
+    assert all(m.one_row == "native" and m.kernels == "native"
+               for m in model.modules() if isinstance(m, (PackedLinear, PackedEmbedding)))
+    ids = torch.tensor([[464, 3290, 318, 257]])
+    ours = generate(model, ids, max_new_tokens=24, temperature=0, ignore_eos=True)
+    theirs = hf_tiny.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=24,
+                              pad_token_id=50256)
+    assert torch.equal(ours, theirs) and len(calls) >= 23 * 9  # 23 one-row steps of 2 layers x 4 products + head
+    with torch.no_grad():
+        step = torch.tensor([[50, 7]])
+        assert torch.allclose(model(step[:, :1]), hf_tiny(step[:, :1]).logits, atol=1e-4)
+
+
+@needs_kernels
+def test_int8_model_logits_are_within_int8_rounding_of_transformers_and_the_torch_route(tiny_dir, hf_tiny):
+    ids = torch.tensor([[464, 3290, 318, 257, 50, 1000]])
+    with torch.no_grad():
+        want = hf_tiny(ids).logits[:, -1]
+        ours = load_model(tiny_dir, quantize="int8")
+        fbgemm = load_model(tiny_dir, quantize="int8", kernels="torch")
+        a = generate(ours, ids, max_new_tokens=12, temperature=0, ignore_eos=True)
+        b = generate(fbgemm, ids, max_new_tokens=12, temperature=0, ignore_eos=True)
+        last_ours, last_torch = ours(ids)[:, -1], fbgemm(ids)[:, -1]
+    spread = float(want.std())
+    assert (last_ours - want).abs().max() < 0.1 * spread and (last_torch - want).abs().max() < 0.1 * spread
+    assert a.shape == b.shape == (1, 18)
+
+
+def test_forced_fallback_runs_no_kernel_and_the_flag_reaches_the_model(tiny_dir, monkeypatch):
+    monkeypatch.setattr(NativeKernels, "linear_f32", lambda *a, **k: pytest.fail("the float32 kernel ran"))
+    monkeypatch.setattr(NativeKernels, "linear_int8", lambda *a, **k: pytest.fail("the int8 kernel ran"))
+    ids = torch.tensor([[464, 3290, 318]])
+    for quantize in (None, "int8"):
+        model = load_model(tiny_dir, quantize=quantize, kernels="torch")
+        out = generate(model, ids, max_new_tokens=5, temperature=0, ignore_eos=True)
+        assert out.shape == (1, 8)
+    assert load_model(tiny_dir, kernels="torch").wte.one_row in ("mkl", "onednn")  # measured, as before
+    assert build_parser().parse_args(["generate", "x", "--kernels", "torch"]).kernels == "torch"
+    assert build_parser().parse_args(["generate", "x"]).kernels == "native"
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        load_model(tiny_dir, kernels="fast")
+
+
+def test_without_a_compiler_the_layers_take_pytorch_routes_after_one_info_line(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no gcc, no cc
+    with caplog.at_level(logging.INFO, logger="gpt2lite.transforms.native"):
+        assert load_kernels(tmp_path / "cache") is None
+        assert load_kernels(tmp_path / "cache") is None  # decided once per process: no second line
+    lines = [r for r in caplog.records if r.name == "gpt2lite.transforms.native"]
+    assert len(lines) == 1 and lines[0].levelno == logging.INFO and "no C compiler" in lines[0].getMessage()
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+@pytest.mark.parametrize("why", ["machine", "features"])
+def test_other_cpus_fall_back_with_one_info_line(tmp_path, monkeypatch, caplog, why):
+    if why == "machine":
+        monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    else:
+        monkeypatch.setattr(native, "cpu_features", lambda: frozenset({"sse2", "avx"}))
+    with caplog.at_level(logging.INFO, logger="gpt2lite.transforms.native"):
+        assert load_kernels(tmp_path) is None
+    message = caplog.records[-1].getMessage()
+    assert ("aarch64" in message) if why == "machine" else ("lacks avx2, f16c, fma" in message)
+
+
+def test_a_failed_build_falls_back(tmp_path, monkeypatch, caplog):
+    broken = tmp_path / "broken.c"
+    broken.write_text("this is not C\n")
+    monkeypatch.setattr(native, "SOURCE", broken)
+    if not ISAS:
+        pytest.skip("no kernels can be built here")
+    with caplog.at_level(logging.INFO, logger="gpt2lite.transforms.native"):
+        assert load_kernels(tmp_path / "cache", isa=ISAS[0]) is None
+    assert "the build failed" in caplog.records[-1].getMessage()
+
+
+@needs_kernels
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "symlink", "fifo", "foreign"])
+def test_a_damaged_cached_library_is_built_again(tmp_path, damage):
+    kernels = native._build_and_load(tmp_path, FEATURES, ISAS[0])
+    path = kernels.path
+    good = path.read_bytes()
+    path.unlink()
+    if damage == "garbage":
+        path.write_bytes(b"\x7fELF" + os.urandom(5000))
+    elif damage == "truncated":
+        path.write_bytes(good[: len(good) // 3])
+    elif damage == "symlink":
+        path.symlink_to("/dev/zero")
+    elif damage == "fifo":
+        os.mkfifo(path)
+    else:  # a whole library, but another build's (its key differs)
+        subprocess.run(["gcc", *native.FLAGS, "-DGL_KEY=UINT64_C(7)", "-o", str(path), str(native.SOURCE)], check=True)
+    again = native._build_and_load(tmp_path, FEATURES, ISAS[0])
+    assert again is not None and path.is_file() and not path.is_symlink()
+    x, w = torch.randn(1, 64), torch.randn(9, 64)
+    assert torch.allclose(again.linear_f32(x, w, None), x @ w.T, atol=1e-5)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary files left
+
+
+_BUILD = """
+import sys
+from gpt2lite.transforms.native import load_kernels
+kernels = load_kernels(sys.argv[1])
+print("built" if kernels is not None else "none", kernels.path if kernels else "")
+"""
+
+
+@needs_kernels
+def test_two_processes_building_at_once_both_get_a_whole_library(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(native.__file__).parents[2]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, "-c", _BUILD, str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    assert [out.split()[0] for out, _ in outs] == ["built", "built"]
+    assert outs[0][0].split()[1] == outs[1][0].split()[1]
+    assert len(list(tmp_path.iterdir())) == 1  # one library, no temporary file left
+
+
+@needs_kernels
+@pytest.mark.slow
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_a_compiled_step_calls_the_kernels_inside_its_graph(tiny_dir, monkeypatch, quantize):
+    """compile=True traces gpt2lite::native_linear_* into the graph: each one-row product still runs the kernel."""
+    model = load_model(tiny_dir, quantize=quantize)
+    ids = torch.tensor([[5, 17, 3, 99, 2048, 7]])
+    eager = generate(model, ids, max_new_tokens=10, temperature=0, ignore_eos=True, return_dict=True)
+    calls: list[int] = []
+    name = "linear_int8" if quantize else "linear_f32"
+    real = getattr(NativeKernels, name)
+    monkeypatch.setattr(NativeKernels, name, lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    compiled = generate(model, ids, max_new_tokens=10, temperature=0, ignore_eos=True, return_dict=True,
+                        compile=True)
+    assert len(calls) >= 9 * (2 * 4 + 1)  # 9 one-token steps of 2 layers x 4 products and the head (at least)
+    assert compiled.sequences.tolist() == eager.sequences.tolist()
+    assert torch.allclose(compiled.logprobs, eager.logprobs, atol=1e-2 if quantize else 1e-4)
