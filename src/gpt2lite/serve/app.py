@@ -5,6 +5,9 @@ model and its tokenizer; ``gpt2lite serve`` runs it under uvicorn. Endpoints:
 
 - ``POST /v1/completions`` and ``POST /v1/chat/completions`` (streamed over
   server-sent events with ``"stream": true``);
+- ``POST /v1/messages`` (Anthropic's) and ``POST /v1/responses`` (OpenAI's,
+  stateless): translated onto the chat path (``anthropic_messages.py``,
+  ``openai_responses.py``);
 - ``GET /v1/models``, ``GET /v1/models/{id}``;
 - ``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info`` (vLLM's);
 - ``GET /health``, ``GET /metrics`` (Prometheus text format), without the key;
@@ -35,14 +38,19 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
+from gpt2lite.errors import OptionError
 from gpt2lite.models.protocol import DecoderModel
+from gpt2lite.serve import anthropic_messages, openai_responses
 from gpt2lite.serve.access import AccessGate
+from gpt2lite.serve.anthropic_messages import MessageEvents, MessagesRequest
 from gpt2lite.serve.errors import KINDS, ApiError, add_error_handlers
 from gpt2lite.serve.gate import Prompt, RequestGate
 from gpt2lite.serve.metrics import Metrics
+from gpt2lite.serve.openai_responses import ResponseEvents, ResponsesRequest
 from gpt2lite.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -52,7 +60,7 @@ from gpt2lite.serve.protocol import (
     token_text,
     tool_calls_schema,
 )
-from gpt2lite.serve.responses import Choice, ResponseBuilder, cancel
+from gpt2lite.serve.responses import Choice, ResponseBuilder, ToolCalls, cancel
 from gpt2lite.serve.scheduler import QueueFull, Scheduler
 from gpt2lite.text.assembler import TextAssembler
 from gpt2lite.text.generator import TextGenerator
@@ -283,8 +291,8 @@ class _Server:
 
     # /v1/chat/completions -------------------------------------------------------------------
 
-    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
-        started = time.perf_counter()
+    async def _start_chat(self, body: ChatCompletionRequest) -> tuple[list[Choice], list[Prompt], ToolCalls]:
+        """Check a chat request, render its prompt and submit its choices: what every chat dialect shares."""
         self.gate.check_model(body.model)
         if body.stream_options is not None and not body.stream:
             raise ApiError(400, "stream_options needs stream=true", "stream_options")
@@ -303,6 +311,11 @@ class _Server:
         choices = await self._choices(prompts, body, body.n, max_tokens, top, stops, None, "messages")
         tools = tool_calls_schema(body)  # whether the reply is a tool call, read once
         self._submit(choices)
+        return choices, prompts, tools
+
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
+        started = time.perf_counter()
+        choices, prompts, tools = await self._start_chat(body)
         meta = self.build.meta("chat.completion.chunk" if body.stream else "chat.completion")
         if body.stream:
             usage = None
@@ -321,6 +334,64 @@ class _Server:
         self.metrics.latency.observe(time.perf_counter() - started)
         return JSONResponse({**meta, "choices": [self.build.chat_choice(c, body, tools) for c in choices],
                              "usage": self.build.usage(choices, prompts)})
+
+
+    # /v1/messages (Anthropic's) and /v1/responses (OpenAI's): translations onto the chat path ---------------
+
+    @staticmethod
+    def _as_chat(translate: Callable[[Any], ChatCompletionRequest], body: Any) -> ChatCompletionRequest:
+        """The chat request another dialect's body asks for; what cannot be translated is a 400 naming its field."""
+        try:
+            return translate(body)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ApiError(400, f"{where}: {first['msg']}", where) from None
+        except OptionError as exc:
+            raise ApiError(400, str(exc), exc.param) from None
+
+    async def _events(self, choice: Choice, writer: MessageEvents | ResponseEvents,
+                      started: float) -> AsyncIterator[dict[str, str]]:
+        """Server-sent events of one choice, written by ``writer``; an error mid-way is an ``error`` event."""
+        try:
+            for event in writer.start():
+                yield event
+            done = False
+            while not done:
+                try:
+                    piece, _, done = await choice.next_piece()
+                except ApiError as exc:
+                    yield {"event": "error", "data": json.dumps({"type": "error", **exc.body()})}
+                    return
+                for event in writer.piece(piece, done):
+                    yield event
+            self.metrics.latency.observe(time.perf_counter() - started)
+        finally:  # also when the client disconnects: the scheduler frees the row at its next step
+            choice.scheduled.cancel()
+
+    async def messages(self, body: MessagesRequest, request: Request) -> Any:
+        started = time.perf_counter()
+        choices, prompts, tools = await self._start_chat(self._as_chat(anthropic_messages.to_chat, body))
+        (choice,), prompt_tokens = choices, len(prompts[0][0])
+        if body.stream:
+            writer = MessageEvents(self.build, choice, prompt_tokens, tools)
+            return EventSourceResponse(self._events(choice, writer, started), ping=15, sep="\n")
+        if not await self._collect(choices, request):
+            return Response(status_code=499)
+        self.metrics.latency.observe(time.perf_counter() - started)
+        return JSONResponse(anthropic_messages.message_body(self.build, choice, prompt_tokens, tools))
+
+    async def responses(self, body: ResponsesRequest, request: Request) -> Any:
+        started = time.perf_counter()
+        choices, prompts, tools = await self._start_chat(self._as_chat(openai_responses.to_chat, body))
+        (choice,), prompt_tokens = choices, len(prompts[0][0])
+        if body.stream:
+            writer = ResponseEvents(body, self.build, choice, prompt_tokens, tools)
+            return EventSourceResponse(self._events(choice, writer, started), ping=15, sep="\n")
+        if not await self._collect(choices, request):
+            return Response(status_code=499)
+        self.metrics.latency.observe(time.perf_counter() - started)
+        return JSONResponse(openai_responses.response_body(body, self.build, choice, prompt_tokens, tools))
 
 
 def playground_page() -> HTMLResponse:
@@ -371,6 +442,7 @@ def create_app(model: DecoderModel, tokenizer: TokenizerProtocol, options: Serve
         ("GET", "/health", server.health), ("GET", "/metrics", server.metrics_text),
         ("GET", "/v1/models", server.models), ("GET", "/v1/models/{model_id:path}", server.model),
         ("POST", "/v1/completions", server.completions), ("POST", "/v1/chat/completions", server.chat_completions),
+        ("POST", "/v1/messages", server.messages), ("POST", "/v1/responses", server.responses),
         ("POST", "/tokenize", server.tokenize), ("POST", "/detokenize", server.detokenize),
         ("GET", "/tokenizer_info", server.tokenizer_info),
     ]

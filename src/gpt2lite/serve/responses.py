@@ -222,7 +222,7 @@ class ResponseBuilder:
             delta = {"tool_calls": [self._call_delta(c, tools[0], piece)]} if piece else {}
             reason = "tool_calls" if reason == "stop" and _is_json(c.text.text) else reason
         elif tools is not None:  # a list of calls: sent whole once it is (a cut one is sent as text)
-            calls = self._calls(c, tools) if done else None
+            calls = self.calls(c, tools) if done else None
             delta = {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]} if calls else \
                 ({"content": c.text.text} if done else {})
             reason = "tool_calls" if calls and reason == "stop" else reason
@@ -235,7 +235,7 @@ class ResponseBuilder:
         """A finished chat choice: its text, or the tool calls it makes (``tools``: ``tool_calls_schema``'s)."""
         message: dict[str, Any] = {"role": "assistant", "content": c.text.text, "refusal": None}
         reason = c.reason
-        calls = self._calls(c, tools)
+        calls = self.calls(c, tools)
         if calls is not None:
             message.update(content=None, tool_calls=calls)
             # A stop string can end the text before the JSON does: then it is no finished call.
@@ -243,6 +243,11 @@ class ResponseBuilder:
         return {"index": c.index, "message": message,
                 "logprobs": chat_logprobs(self.tokenizer, c.tokens[: c.kept]) if body.logprobs else None,
                 "finish_reason": reason}
+
+    def finished_calls(self, c: Choice, tools: ToolCalls) -> list[dict[str, Any]] | None:
+        """A finished reply's tool calls; None when it is text, or calls that max_tokens or a stop string cut."""
+        calls = self.calls(c, tools)
+        return calls if calls is not None and c.reason == "stop" and _is_json(c.text.text) else None
 
     @staticmethod
     def _call_id(c: Choice, i: int) -> str:
@@ -258,7 +263,7 @@ class ResponseBuilder:
         return {"index": 0, "id": self._call_id(c, 0), "type": "function",
                 "function": {"name": name, "arguments": piece}}
 
-    def _calls(self, c: Choice, tools: ToolCalls) -> list[dict[str, Any]] | None:
+    def calls(self, c: Choice, tools: ToolCalls) -> list[dict[str, Any]] | None:
         """OpenAI's ``tool_calls`` of a reply written under a tool choice (None: a text reply, or a cut list)."""
         if tools is None:
             return None

@@ -52,6 +52,7 @@ class TextAssembler:
         self.done = False
         self.reason = "length"
         self.cut = False  # a stop string cut the text
+        self.stopped_by: str | None = None  # the stop string that cut it
         self.ids: list[int] = []
         self.starts: list[int] = []  # where each token's text begins in `text`
         self.logprobs: list[float] = []
@@ -100,9 +101,10 @@ class TextAssembler:
             return
         start = max(0, len(self.text) - self.hold)
         self.text += piece
-        hits = [i for s in self.stops if (i := self.text.find(s, start)) >= 0]
+        hits = [(i, s) for s in self.stops if (i := self.text.find(s, start)) >= 0]
         if hits:
-            self.text = self.text[: min(hits)]
+            cut, self.stopped_by = min(hits)
+            self.text = self.text[:cut]
             self.taken = min(self.taken, len(self.text))
             self.reason = "stop"
             self.cut = self.done = True
