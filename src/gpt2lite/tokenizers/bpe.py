@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
 import operator
 import os
 import re
@@ -56,6 +57,9 @@ _CUT_BEFORE = regex.compile(_SAFE_CUT, flags=regex.REVERSE)
 # than _CACHE_WORD_CHARS are not cached, so memory is bounded by size, not only by count.
 _CACHE_LIMIT = 100_000
 _CACHE_WORD_CHARS = 64
+# Words of up to this many bytes merge by rescanning their pairs (fewer Python steps); longer
+# ones through a heap, so that a huge word costs n log n, not n squared.
+_SHORT_WORD = 24
 
 
 class Tokenizer:
@@ -269,18 +273,23 @@ class Tokenizer:
         return allowed
 
     def _encode_ordinary(self, text: str) -> list[int]:
-        out: list[int] = []
-        extend = out.extend
+        # Most words were seen before: find the new ones with set operations and look every word
+        # up with map(), so the per-word work runs in C rather than in a Python loop.
+        words = self._words(text)
         cache = self._cache
-        for word in self._words(text):
-            ids = cache.get(word)
-            if ids is None:
-                ids = self._bpe(word.encode("utf-8"))
-                if len(word) <= _CACHE_WORD_CHARS:
-                    if len(cache) >= _CACHE_LIMIT:
-                        cache.clear()
-                    cache[word] = ids
-            extend(ids)
+        new = set(words).difference(cache)
+        if new:
+            if len(cache) + len(new) > _CACHE_LIMIT:  # full: start again
+                cache.clear()
+                new = set(words)
+            for word in new:
+                cache[word] = self._bpe(word.encode("utf-8"))
+        out = list(itertools.chain.from_iterable(map(cache.__getitem__, words)))
+        for word in new:
+            if len(word) > _CACHE_WORD_CHARS:  # long words are not kept: memory bounded by size, not count
+                del cache[word]
+        if len(cache) > _CACHE_LIMIT:  # one text of more words than that
+            cache.clear()
         return out
 
     def _words(self, text: str) -> list[str]:
@@ -316,6 +325,8 @@ class Tokenizer:
         if n < 2:
             return tuple(ids)
         merges = self._merges
+        if n <= _SHORT_WORD:
+            return _bpe_scan(ids, merges)
         nxt = list(range(1, n + 1))
         prev = list(range(-1, n - 1))
         heap = []
@@ -393,6 +404,26 @@ class Tokenizer:
     def stream_decoder(self, *, skip_special_tokens: bool = False) -> StreamDecoder:
         """A fresh incremental decoder that turns tokens into text at UTF-8 boundaries (special tokens left out)."""
         return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
+
+
+_NO_MERGE = (1 << 62, -1)  # the rank of a pair that never merges: above every real rank
+
+
+def _bpe_scan(ids: list[int], merges: dict[int, tuple[int, int]]) -> tuple[int, ...]:
+    """``_bpe`` for short words: rescan the pairs' ranks for the lowest, leftmost first (C-level min and index)."""
+    ranks = [merges.get(left << 32 | right, _NO_MERGE) for left, right in itertools.pairwise(ids)]
+    while ranks:
+        best = min(ranks)  # (rank, merged id); equal ranks are the same pair
+        if best is _NO_MERGE:  # no pair left that merges
+            break
+        i = ranks.index(best)  # its leftmost occurrence
+        ids[i] = best[1]
+        del ids[i + 1], ranks[i]
+        if i > 0:
+            ranks[i - 1] = merges.get(ids[i - 1] << 32 | ids[i], _NO_MERGE)
+        if i < len(ranks):
+            ranks[i] = merges.get(ids[i] << 32 | ids[i + 1], _NO_MERGE)
+    return tuple(ids)
 
 
 def _replace_lone_surrogates(text: str) -> str:
