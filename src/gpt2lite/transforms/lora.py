@@ -22,7 +22,7 @@ from torch import nn
 from gpt2lite.transforms.layers import linear_layers
 from gpt2lite.transforms.quantize import is_quantized
 
-__all__ = ["TARGETS", "LoraConfig", "LoraLinear", "add_lora", "has_lora", "merge_lora"]
+__all__ = ["TARGETS", "LoraConfig", "LoraLinear", "add_lora", "has_lora", "merge_lora", "target_layers"]
 
 # GPT-2's linear layers, by the names PEFT matches ("c_proj" is both attention's and the MLP's).
 TARGETS = ("c_attn", "c_proj", "c_fc")
@@ -90,9 +90,10 @@ class LoraLinear(nn.Module):
         return self.base_layer
 
 
-def _targets(model: nn.Module, targets: tuple[str, ...]) -> list[tuple[nn.Module, str, str]]:
-    """(parent module, attribute, full name) of every linear layer a target names, as PEFT matches them."""
-    found = [(parent, attr, name) for name, parent, attr in linear_layers(model, (nn.Linear, LoraLinear))
+def target_layers(model: nn.Module, targets: tuple[str, ...],
+                  types: tuple[type[nn.Module], ...] = (nn.Linear, LoraLinear)) -> list[tuple[nn.Module, str, str]]:
+    """(parent module, attribute, full name) of every layer of ``types`` a target names, as PEFT matches them."""
+    found = [(parent, attr, name) for name, parent, attr in linear_layers(model, types)
              if any(name == t or name.endswith("." + t) for t in targets)]
     if not found:
         names = [name for name, _, _ in linear_layers(model)][:6]
@@ -123,7 +124,7 @@ def add_lora(model: nn.Module, config: LoraConfig = LoraConfig()) -> nn.Module:
         body = getattr(model, "transformer", model)
         config = dataclasses.replace(config, base_model_name_or_path=getattr(body, "name_or_path", None))
     model.requires_grad_(False)
-    for parent, attr, _ in _targets(model, config.target_modules):
+    for parent, attr, _ in target_layers(model, config.target_modules):
         # New modules start in training mode: follow the model's, or a loaded adapter would apply dropout.
         setattr(parent, attr, LoraLinear(getattr(parent, attr), config).train(model.training))
     for module in model.modules():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +20,16 @@ from torch import nn
 from gpt2lite.errors import CheckpointError
 from gpt2lite.io.files import atomic_write, read_json, write_json
 from gpt2lite.io.tensors import open_tensors
-from gpt2lite.transforms.lora import TARGETS, LoraConfig, add_lora, has_lora
+from gpt2lite.transforms.lora import TARGETS, LoraConfig, LoraLinear, add_lora, has_lora, target_layers
 
 __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
+    "AdapterWeights",
     "adapter_base",
     "adapter_labels",
     "load_adapter",
+    "read_adapter",
     "read_adapter_config",
     "save_adapter",
 ]
@@ -218,11 +221,22 @@ def adapter_labels(directory: str | os.PathLike[str]) -> tuple[str, ...] | None:
     return tuple(labels)
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
-    """Add the adapters saved in a PEFT directory (ours or ``peft``'s) to ``model`` in place; return it.
+@dataclass(frozen=True)
+class AdapterWeights:
+    """A PEFT adapter read and checked against a model: its config, ``(A, B)`` per target layer, a ``score`` head."""
 
-    The file's tensor shapes are checked against the config's rank before any
-    adapter is made.
+    config: LoraConfig
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor]]  # full layer name -> (A (r, in), B (out, r))
+    score: torch.Tensor | None
+
+
+def read_adapter(model: nn.Module, directory: str | os.PathLike[str],
+                 types: tuple[type[nn.Module], ...] = (nn.Linear, LoraLinear)) -> AdapterWeights:
+    """Read the adapters of a PEFT directory (ours or ``peft``'s) for ``model``, whose layers stay as they are.
+
+    ``types``: the kinds of layer a target may be (a quantized model's too, for
+    serving). The file's tensor shapes are checked against the config's rank and
+    the model's layers before anything is read; a problem is one ``CheckpointError``.
     """
     config = read_adapter_config(directory)
     path = _weights_file(directory)
@@ -233,25 +247,48 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Modu
         raise CheckpointError(f"{str(path)!r} holds adapters of rank {sorted(ranks)[:4]}, but its "
                               f"{ADAPTER_CONFIG} says r={config.r}")
     _check_saved_modules(model, Path(directory), set(stored))
-    add_lora(model, config)
-    expected = {_peft_key(model, name): name for name, p in model.named_parameters()
-                if ".lora_A." in name or ".lora_B." in name}
-    if hasattr(model, "score"):
-        expected[_peft_key(model, "score.weight")] = "score.weight"
+    try:
+        layers = target_layers(model, config.target_modules, types)
+    except ValueError as exc:
+        raise CheckpointError(f"{str(path)!r} does not fit this model: {exc}") from None
+    expected: dict[str, tuple[int, ...]] = {}  # PEFT's key -> the shape the model needs
+    for parent, attr, name in layers:
+        layer = getattr(parent, attr)
+        expected[_peft_key(model, f"{name}.lora_A.weight")] = (config.r, layer.in_features)
+        expected[_peft_key(model, f"{name}.lora_B.weight")] = (layer.out_features, config.r)
+    score = getattr(model, "score", None)
+    if score is not None:
+        expected[_peft_key(model, "score.weight")] = tuple(score.weight.shape)
     missing = [k for k in expected if k not in stored and not k.endswith("score.weight")]
     unexpected = [k for k in stored if k not in expected]
     if missing or unexpected:
         raise CheckpointError(f"{str(path)!r} does not fit this model: missing {missing[:4]}, "
                               f"unexpected {unexpected[:4]}")
-    params = dict(model.named_parameters())
-    for key, name in expected.items():
-        if key in stored and shapes[stored[key]] != tuple(params[name].shape):
-            raise CheckpointError(f"{key!r} in {str(path)!r} has shape {shapes[stored[key]]}, "
-                                  f"the model needs {tuple(params[name].shape)}")
-    with open_tensors(path) as f, torch.no_grad():
-        for key, name in expected.items():
-            if key in stored:
-                params[name].copy_(f.tensor(stored[key]))
+    for key, shape in expected.items():
+        if key in stored and tuple(shapes[stored[key]]) != shape:
+            raise CheckpointError(f"{key!r} in {str(path)!r} has shape {tuple(shapes[stored[key]])}, "
+                                  f"the model needs {shape}")
+    with open_tensors(path) as f:
+        tensors = {key: f.tensor(stored[key]) for key in expected if key in stored}
+    weights = {name: (tensors[_peft_key(model, f"{name}.lora_A.weight")],
+                      tensors[_peft_key(model, f"{name}.lora_B.weight")]) for _, _, name in layers}
+    return AdapterWeights(config, weights, tensors.get(_peft_key(model, "score.weight")))
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
+    """Add the adapters saved in a PEFT directory (ours or ``peft``'s) to ``model`` in place; return it.
+
+    The file is read and checked (``read_adapter``) before any adapter is made.
+    """
+    weights = read_adapter(model, directory)
+    add_lora(model, weights.config)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, (a, b) in weights.layers.items():
+            modules[name].lora_A.weight.copy_(a)
+            modules[name].lora_B.weight.copy_(b)
+        if weights.score is not None:
+            model.score.weight.copy_(weights.score)
     return model
 
 
