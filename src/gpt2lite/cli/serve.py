@@ -40,6 +40,12 @@ def add_serve(commands: Any) -> None:
                      help="methods cross-origin pages may use (default: all)")
     srv.add_argument("--allowed-headers", nargs="+", default=("*",), metavar="HEADER",
                      help="request headers cross-origin pages may send (default: all)")
+    srv.add_argument("--lora", action="append", type=_lora, default=[], metavar="NAME=PATH",
+                     help="serve a LoRA adapter (a PEFT directory) under its own name, chosen per request by "
+                          "'model'; repeat for more")
+    srv.add_argument("--max-loras", type=positive, default=None,
+                     help="LoRA adapters held at once, counting those loaded at run time (default: as many as "
+                          "--lora gives, at least 1)")
     add_model_options(srv)
     srv.set_defaults(run=_serve)
 
@@ -62,7 +68,8 @@ def _serve(args: argparse.Namespace) -> int:
                             api_key=args.api_key, max_body_size=args.max_body_size, docs=args.docs,
                             prefix_cache=not args.no_prefix_cache, playground=not args.no_playground,
                             allowed_origins=tuple(args.allowed_origins), allowed_methods=tuple(args.allowed_methods),
-                            allowed_headers=tuple(args.allowed_headers))
+                            allowed_headers=tuple(args.allowed_headers), loras=tuple(args.lora),
+                            max_loras=args.max_loras)
     template = read_input(args.chat_template, "--chat-template", is_file=True) if args.chat_template else None
     listener = _listen(args.host, args.port)  # before the model loads: a port in use fails at once
     text_generator = load_text_generator(args, args.model)
@@ -103,6 +110,14 @@ def _serve(args: argparse.Namespace) -> int:
         http.join(timeout=10)
         listener.close()
     return 0
+
+
+def _lora(value: str) -> tuple[str, str]:
+    """An argparse type: ``NAME=PATH``, vLLM's ``--lora-modules`` shape."""
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH (a name for the adapter, its directory), got {value!r}")
+    return name, path
 
 
 def _served_name(model: str) -> str:

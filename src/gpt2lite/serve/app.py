@@ -8,7 +8,9 @@ model and its tokenizer; ``gpt2lite serve`` runs it under uvicorn. Endpoints:
 - ``POST /v1/messages`` (Anthropic's) and ``POST /v1/responses`` (OpenAI's,
   stateless): translated onto the chat path (``anthropic_messages.py``,
   ``openai_responses.py``);
-- ``GET /v1/models``, ``GET /v1/models/{id}``;
+- ``GET /v1/models``, ``GET /v1/models/{id}``: the base model and each LoRA adapter (with its ``parent``);
+- ``POST /v1/load_lora_adapter``, ``POST /v1/unload_lora_adapter`` (vLLM's): adapters chosen per
+  request by ``model``, decoded in one batch with the base model's rows (``gpt2lite.transforms.adapters``);
 - ``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info`` (vLLM's);
 - ``GET /health``, ``GET /metrics`` (Prometheus text format), without the key;
 - ``GET /``: the playground, a self-contained page (``playground.html``) that
@@ -37,12 +39,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
-from gpt2lite.errors import OptionError
+from gpt2lite.errors import CheckpointError, OptionError
 from gpt2lite.models.protocol import DecoderModel
 from gpt2lite.serve import anthropic_messages, openai_responses
 from gpt2lite.serve.access import AccessGate
@@ -55,16 +57,20 @@ from gpt2lite.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    LoadLoraAdapterRequest,
     TokenizeRequest,
+    UnloadLoraAdapterRequest,
     check_chat_extras,
     token_text,
     tool_calls_schema,
 )
 from gpt2lite.serve.responses import Choice, ResponseBuilder, ToolCalls, cancel
-from gpt2lite.serve.scheduler import QueueFull, Scheduler
+from gpt2lite.serve.scheduler import QueueFull, Scheduler, UnknownAdapter
 from gpt2lite.text.assembler import TextAssembler
 from gpt2lite.text.generator import TextGenerator
 from gpt2lite.tokenizers.protocol import TokenizerProtocol
+from gpt2lite.transforms.adapters import LoraSlots
+from gpt2lite.transforms.lora import has_lora
 
 __all__ = ["ApiError", "ServerOptions", "create_app"]
 
@@ -87,17 +93,27 @@ class ServerOptions:
     allowed_origins: tuple[str, ...] = ()  # e.g. ("https://app.example.com",) or ("*",)
     allowed_methods: tuple[str, ...] = ("*",)
     allowed_headers: tuple[str, ...] = ("*",)
+    loras: tuple[tuple[str, str], ...] = ()  # LoRA adapters served from the start: (name, PEFT directory)
+    max_loras: int | None = None  # adapters held at once (default: as many as loras, at least 1)
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_queue < 1 or self.max_body_size < 1:
             raise ValueError("max_batch, max_queue and max_body_size must be >= 1")
+        names = [name for name, _ in self.loras]
+        if len(set(names)) != len(names) or self.model_name in names or not all(names):
+            raise ValueError(f"each LoRA adapter needs a name of its own, other than the model's ({self.model_name!r})")
+        if self.max_loras is not None and self.max_loras < max(1, len(self.loras)):
+            raise ValueError(f"max_loras ({self.max_loras}) must be at least 1 and hold the {len(self.loras)} "
+                             "adapters given")
 
 
 class _Server:
     """The route handlers, over one request gate, one scheduler and one response builder."""
 
-    def __init__(self, gate: RequestGate, scheduler: Scheduler) -> None:
+    def __init__(self, gate: RequestGate, scheduler: Scheduler, lora_paths: dict[str, str]) -> None:
         self.gate, self.scheduler = gate, scheduler
+        self.lora_paths = lora_paths  # each adapter's directory, as given (vLLM's "root")
+        gate.adapters = lambda: scheduler.adapter_names
         self.tokenizer = gate.tokenizer
         self.build = ResponseBuilder(gate.tokenizer, gate.model_name)
         self.metrics = Metrics(scheduler)
@@ -113,16 +129,53 @@ class _Server:
     async def metrics_text(self) -> Response:
         return Response(self.metrics.text(), media_type="text/plain; version=0.0.4")
 
-    def _card(self) -> dict[str, Any]:
-        return {"id": self.gate.model_name, "object": "model", "created": 0, "owned_by": "gpt2lite",
+    def _card(self, adapter: str | None = None) -> dict[str, Any]:
+        card = {"id": adapter or self.gate.model_name, "object": "model", "created": 0, "owned_by": "gpt2lite",
                 "max_model_len": self.gate.context}
+        if adapter is not None:  # vLLM's card of an adapter
+            card.update(root=self.lora_paths.get(adapter, adapter), parent=self.gate.model_name)
+        return card
 
     async def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [self._card()]}
+        return {"object": "list", "data": [self._card(), *(self._card(a) for a in self.scheduler.adapter_names)]}
 
     async def model(self, model_id: str) -> dict[str, Any]:
-        self.gate.check_model(model_id)
-        return self._card()
+        return self._card(self.gate.check_model(model_id))
+
+    async def load_lora_adapter(self, body: LoadLoraAdapterRequest) -> PlainTextResponse:
+        name = body.lora_name
+        if body.load_inplace:
+            raise ApiError(400, "load_inplace is not supported: unload the adapter, then load it", "load_inplace")
+        if self.scheduler.adapters is None:
+            raise ApiError(400, "this server cannot load LoRA adapters: its model carries an unmerged one",
+                           "lora_name")
+        if name == self.gate.model_name:
+            raise ApiError(400, f"{name!r} is the base model's name; give the adapter another", "lora_name")
+        try:
+            weights = await run_in_threadpool(self.scheduler.adapters.read, body.lora_path)
+        except (CheckpointError, OSError, ValueError) as exc:
+            raise ApiError(400, f"lora_path: {exc}", "lora_path") from None
+        try:
+            await asyncio.wrap_future(self.scheduler.load_adapter(name, weights))
+        except ValueError as exc:
+            raise ApiError(400, str(exc), "lora_name") from None
+        except RuntimeError as exc:
+            raise ApiError(503, str(exc), kind=KINDS[503]) from None
+        self.lora_paths[name] = body.lora_path
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def unload_lora_adapter(self, body: UnloadLoraAdapterRequest) -> PlainTextResponse:
+        """Refuse the adapter to new requests at once; answer once the requests using it have ended."""
+        try:
+            done = self.scheduler.unload_adapter(body.lora_name)
+        except UnknownAdapter as exc:
+            raise ApiError(404, str(exc), "lora_name", KINDS[404]) from None
+        try:
+            await asyncio.shield(asyncio.wrap_future(done))  # a client that leaves does not stop the unload
+        except RuntimeError as exc:
+            raise ApiError(503, str(exc), kind=KINDS[503]) from None
+        self.lora_paths.pop(body.lora_name, None)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     async def tokenizer_info(self) -> dict[str, Any]:
         eos = self.tokenizer.decode([self.tokenizer.eot_token])
@@ -153,8 +206,9 @@ class _Server:
     # helpers ------------------------------------------------------------------------------
 
     async def _choices(self, prompts: list[Prompt], body: Any, per_prompt: int, max_tokens: int | None,
-                 top_logprobs: int, stops: list[str], prompt_top: int | None, prompt_param: str) -> list[Choice]:
-        """``per_prompt`` choices for each prompt, choice ``i`` seeded with ``seed + i``."""
+                 top_logprobs: int, stops: list[str], prompt_top: int | None, prompt_param: str, *,
+                 adapter: str | None = None) -> list[Choice]:
+        """``per_prompt`` choices for each prompt, choice ``i`` seeded with ``seed + i``; ``adapter``: its LoRA."""
         options = await self.gate.options(prompts, body, per_prompt, max_tokens, top_logprobs, prompt_param)
         loop = asyncio.get_running_loop()
         choices = []
@@ -165,6 +219,7 @@ class _Server:
                 eos = None if opts.ignore_eos else opts.eos_token_id
                 assembler = TextAssembler(self.tokenizer, stops, eos, skip_special=True)  # as vLLM's text
                 choices.append(Choice(p * per_prompt + i, ids, text, assembler, opts, loop, prompt_top))
+                choices[-1].scheduled.adapter = adapter
         return choices
 
     def _submit(self, choices: list[Choice]) -> None:
@@ -172,6 +227,8 @@ class _Server:
             self.scheduler.submit([c.scheduled for c in choices])
         except QueueFull as exc:
             raise ApiError(429, f"server busy: {exc}; retry later", kind=KINDS[429]) from None
+        except UnknownAdapter as exc:  # unloaded since the request was checked
+            raise ApiError(404, str(exc), "model", KINDS[404]) from None
         except RuntimeError as exc:
             raise ApiError(503, str(exc), kind=KINDS[503]) from None
 
@@ -250,7 +307,7 @@ class _Server:
 
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
         started = time.perf_counter()
-        self.gate.check_model(body.model)
+        adapter = self.gate.check_model(body.model)
         if body.suffix is not None:
             raise ApiError(400, "suffix is not supported: GPT-2 continues text, it does not fill in", "suffix")
         if body.stream_options is not None and not body.stream:
@@ -267,9 +324,10 @@ class _Server:
         if echo_scores or body.prompt_logprobs is not None:
             prompt_top = max(body.logprobs or 0, body.prompt_logprobs or 0)
         choices = await self._choices(prompts, body, best_of, body.max_tokens, body.logprobs or 0, stops, prompt_top,
-                                "prompt")
+                                "prompt", adapter=adapter)
         self._submit(choices)
         meta = self.build.meta("text_completion")
+        meta["model"] = adapter or meta["model"]  # as vLLM: the adapter asked for
         if body.stream:
             usage = None
             if body.stream_options is not None and body.stream_options.include_usage:
@@ -293,7 +351,7 @@ class _Server:
 
     async def _start_chat(self, body: ChatCompletionRequest) -> tuple[list[Choice], list[Prompt], ToolCalls]:
         """Check a chat request, render its prompt and submit its choices: what every chat dialect shares."""
-        self.gate.check_model(body.model)
+        adapter = self.gate.check_model(body.model)
         if body.stream_options is not None and not body.stream:
             raise ApiError(400, "stream_options needs stream=true", "stream_options")
         if body.top_logprobs and not body.logprobs:
@@ -308,7 +366,8 @@ class _Server:
         prompts = [(ids, text)]
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         top = (body.top_logprobs or 0) if body.logprobs else 0
-        choices = await self._choices(prompts, body, body.n, max_tokens, top, stops, None, "messages")
+        choices = await self._choices(prompts, body, body.n, max_tokens, top, stops, None, "messages",
+                                      adapter=adapter)
         tools = tool_calls_schema(body)  # whether the reply is a tool call, read once
         self._submit(choices)
         return choices, prompts, tools
@@ -317,6 +376,7 @@ class _Server:
         started = time.perf_counter()
         choices, prompts, tools = await self._start_chat(body)
         meta = self.build.meta("chat.completion.chunk" if body.stream else "chat.completion")
+        meta["model"] = choices[0].scheduled.adapter or meta["model"]  # as vLLM: the adapter asked for
         if body.stream:
             usage = None
             if body.stream_options is not None and body.stream_options.include_usage:
@@ -421,12 +481,25 @@ def create_app(model: DecoderModel, tokenizer: TokenizerProtocol, options: Serve
     a plain conversation within its budget stops the start, not every request.
     The loop runs in a thread of its own; with ``background=False`` the caller runs
     ``app.state.scheduler.run()`` in the thread that should own the model (see ``Scheduler``).
+    ``options.loras`` are read and checked here: one that does not fit stops the start.
+    A model that carries an unmerged LoRA adapter serves no others.
     """
     text = TextGenerator(model, tokenizer, chat_template=chat_template)
     text.check_chat_template()
+    adapters = None
+    if not has_lora(model):
+        adapters = LoraSlots(model, options.max_loras or max(1, len(options.loras)))
+        for name, path in options.loras:
+            try:
+                adapters.add(name, adapters.read(path))
+            except (CheckpointError, OSError) as exc:
+                raise type(exc)(f"the LoRA adapter {name!r}: {exc}") from None
+    elif options.loras:
+        raise ValueError("the model carries an unmerged LoRA adapter: merge it (merge_lora) to serve others beside")
     scheduler = Scheduler(model, max_batch=options.max_batch, max_queue=options.max_queue,
-                          background=background, prefix_cache=options.prefix_cache, tokenizer=tokenizer)
-    server = _Server(RequestGate(text, options.model_name, options.max_queue), scheduler)
+                          background=background, prefix_cache=options.prefix_cache, tokenizer=tokenizer,
+                          adapters=adapters)
+    server = _Server(RequestGate(text, options.model_name, options.max_queue), scheduler, dict(options.loras))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -445,6 +518,8 @@ def create_app(model: DecoderModel, tokenizer: TokenizerProtocol, options: Serve
         ("POST", "/v1/messages", server.messages), ("POST", "/v1/responses", server.responses),
         ("POST", "/tokenize", server.tokenize), ("POST", "/detokenize", server.detokenize),
         ("GET", "/tokenizer_info", server.tokenizer_info),
+        ("POST", "/v1/load_lora_adapter", server.load_lora_adapter),
+        ("POST", "/v1/unload_lora_adapter", server.unload_lora_adapter),
     ]
     if options.playground:
         page = playground_page()

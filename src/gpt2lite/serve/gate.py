@@ -11,7 +11,7 @@ gate answers with the request's name for it (``max_new_tokens`` is
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -40,12 +40,16 @@ class RequestGate:
         self.model_name, self.max_queue = model_name, max_queue
         self.context = text.model.config.n_positions
         self.vocab = text.model.config.vocab_size
+        self.adapters: Callable[[], Collection[str]] = tuple  # the LoRA adapters a request may name now
 
-    def check_model(self, name: str | None) -> None:
-        """A request for another model than the one served is a 404."""
-        if name is not None and name != self.model_name:
-            raise ApiError(404, f"the model {name!r} does not exist here; this server serves {self.model_name!r}",
-                           "model", KINDS[404])
+    def check_model(self, name: str | None) -> str | None:
+        """The LoRA adapter a request's ``model`` names (None: the base model); any other model is a 404."""
+        if name is None or name == self.model_name:
+            return None
+        if name in self.adapters():
+            return name
+        raise ApiError(404, f"the model {name!r} does not exist here; this server serves {self.model_name!r}",
+                       "model", KINDS[404])
 
     async def chat_prompt(self, messages: Sequence[ChatMessage], tools: Sequence[Tool] | None = None) -> str:
         """The chat template's rendering of ``messages`` (and ``tools``), off the event loop (it has a time budget)."""

@@ -24,8 +24,10 @@ __all__ = [
     "ChatMessage",
     "CompletionRequest",
     "DetokenizeRequest",
+    "LoadLoraAdapterRequest",
     "StreamOptions",
     "TokenizeRequest",
+    "UnloadLoraAdapterRequest",
     "chat_logprobs",
     "check_chat_extras",
     "completion_logprobs",
@@ -208,6 +210,21 @@ class DetokenizeRequest(_Body):
 
     model: str | None = None
     tokens: list[int]
+
+
+class LoadLoraAdapterRequest(_Body):
+    """The body of ``POST /v1/load_lora_adapter`` (vLLM's): a name for the adapter, and its PEFT directory."""
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+    load_inplace: bool = False  # vLLM's: replace an adapter of that name (refused here: unload it first)
+
+
+class UnloadLoraAdapterRequest(_Body):
+    """The body of ``POST /v1/unload_lora_adapter`` (vLLM's)."""
+
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None  # vLLM's; the name is what counts
 
 
 def check_chat_extras(body: ChatCompletionRequest) -> None:

@@ -15,6 +15,14 @@ new request goes into the free row that shares the longest prefix with its promp
 rest of the prompt is prefilled. Few-shot prompts and chat histories repeat their
 beginnings, so their prefills shrink to the new part.
 
+LoRA adapters (``adapters``, a ``LoraSlots``): each request names its adapter
+(None: the base model); rows with different adapters decode in one batch, the
+scheduler routing each forward's rows to their adapters' slots. A freed row's
+cache is reused only by a request of the same adapter (the same load of it).
+``load_adapter`` and ``unload_adapter`` run between steps, in the loop's thread;
+an unload waits for the requests that use the adapter, and new ones naming it
+are refused at once (``UnknownAdapter``).
+
 Faults stay with their requests: a request whose prefill or token choice fails
 ends with an error alone; a batched forward that fails is retried row by row, so
 only the rows that fail again end. ``drain()`` stops taking requests and lets the
@@ -30,6 +38,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -40,8 +49,10 @@ from gpt2lite.generation.rules import Step, TokenRules, prompt_logprobs, step_ro
 from gpt2lite.generation.session import DecodeSession
 from gpt2lite.models.protocol import DecoderModel
 from gpt2lite.tokenizers.protocol import TokenizerProtocol
+from gpt2lite.transforms.adapters import LoraSlots
+from gpt2lite.transforms.peft import AdapterWeights
 
-__all__ = ["PromptToken", "QueueFull", "Request", "Scheduler", "SchedulerStats"]
+__all__ = ["PromptToken", "QueueFull", "Request", "Scheduler", "SchedulerStats", "UnknownAdapter"]
 
 log = logging.getLogger("gpt2lite.serve")
 
@@ -51,6 +62,10 @@ PromptToken = tuple[float | None, int, list[tuple[int, float]]]
 
 class QueueFull(RuntimeError):
     """The queue is at capacity: the requests were not accepted."""
+
+
+class UnknownAdapter(LookupError):
+    """A request names a LoRA adapter that is not loaded (or is being unloaded): the requests were not accepted."""
 
 
 @dataclass
@@ -70,6 +85,7 @@ class Request:
     on_done: Callable[[str, BaseException | None], None]
     on_prompt_logprobs: Callable[[list[PromptToken]], None] | None = None
     prompt_top: int = 0
+    adapter: str | None = None  # the LoRA adapter it decodes with, by name (None: the base model)
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
 
@@ -107,11 +123,12 @@ class Scheduler:
 
     def __init__(
         self, model: DecoderModel, *, max_batch: int = 16, max_queue: int = 256, background: bool = True,
-        prefix_cache: bool = True, tokenizer: TokenizerProtocol | None = None,
+        prefix_cache: bool = True, tokenizer: TokenizerProtocol | None = None, adapters: LoraSlots | None = None,
     ) -> None:
         """Allocate ``max_batch`` rows of the model's whole context; start the loop in a thread if ``background``.
 
         ``tokenizer`` gives requests with a structured-output constraint their vocabulary.
+        ``adapters``: the slot table of the LoRA adapters requests may name (those it holds serve at once).
 
         Otherwise call ``run()`` from the thread that should own the model: on some
         CPUs torch's kernels run markedly slower outside the main thread (60% here),
@@ -129,6 +146,15 @@ class Scheduler:
         self.prefix_cache = prefix_cache
         self._rows: list[_Row] = []
         self._held: list[list[int]] = [[] for _ in range(max_batch)]  # the tokens each row's state holds
+        self._held_by = [0] * max_batch  # and which load of an adapter made them (0: the base model)
+        self.adapters = adapters
+        self._loads = 0  # adapters loaded so far: each load's number keys the prefix cache
+        self._adapters: dict[str, int] = {}  # name -> its load's number; 0 while loading
+        self._unloading: dict[str, Future[None]] = {}  # names being unloaded, waiting for their requests
+        self._control: collections.deque[tuple[str, AdapterWeights, Future[None]]] = collections.deque()
+        for name in adapters.slots if adapters is not None else ():
+            self._loads += 1
+            self._adapters[name] = self._loads
         self._waiting: collections.deque[Request] = collections.deque()
         self._wake = threading.Condition()
         self._stopped = False
@@ -166,18 +192,63 @@ class Scheduler:
         self._running = True
         self._loop()
 
+    @property
+    def adapter_names(self) -> list[str]:
+        """The LoRA adapters requests may name now."""
+        with self._wake:
+            return [name for name, load in self._adapters.items() if load and name not in self._unloading]
+
     def submit(self, requests: Request | Sequence[Request]) -> None:
-        """Queue requests, all or none: ``QueueFull`` when they do not fit beside those that wait."""
+        """Queue requests, all or none: ``QueueFull`` when they do not fit beside those that wait.
+
+        ``UnknownAdapter`` when one names an adapter that is not loaded, or is being unloaded.
+        """
         batch = [requests] if isinstance(requests, Request) else list(requests)
         with self._wake:
             if not self.accepting:
                 raise RuntimeError("the server is shutting down" if self._draining else "the scheduler is not running")
+            for r in batch:
+                if r.adapter is not None and (not self._adapters.get(r.adapter) or r.adapter in self._unloading):
+                    raise UnknownAdapter(f"the LoRA adapter {r.adapter!r} is not loaded")
             self._prune()
             if len(self._waiting) + len(batch) > self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting and this server queues {self.max_queue}")
             self._waiting.extend(batch)
             self.stats.requests += len(batch)
             self._wake.notify()
+
+    def load_adapter(self, name: str, weights: AdapterWeights) -> Future[None]:
+        """Add an adapter (read by ``LoraSlots.read``) between steps; the future is done once requests may name it.
+
+        A name in use, or no free slot, is a ``ValueError`` at once.
+        """
+        with self._wake:
+            if self.adapters is None:
+                raise ValueError("this scheduler serves no LoRA adapters")
+            if name in self._adapters:
+                raise ValueError(f"the LoRA adapter {name!r} is " +
+                                 ("being unloaded" if name in self._unloading else "loaded already"))
+            if len(self._adapters) >= self.adapters.max_loras:
+                raise ValueError(f"{len(self._adapters)} LoRA adapters are loaded and this server holds at most "
+                                 f"{self.adapters.max_loras} (max_loras): unload one first")
+            self._adapters[name] = 0
+            done: Future[None] = Future()
+            self._control.append((name, weights, done))
+            self._wake.notify()
+        return done
+
+    def unload_adapter(self, name: str) -> Future[None]:
+        """Refuse new requests naming ``name`` now; the future is done once those running have ended and it is gone.
+
+        An adapter that is not loaded is an ``UnknownAdapter`` at once.
+        """
+        with self._wake:
+            if not self._adapters.get(name) or name in self._unloading:
+                raise UnknownAdapter(f"the LoRA adapter {name!r} is not loaded")
+            done: Future[None] = Future()
+            self._unloading[name] = done
+            self._wake.notify()
+        return done
 
     def drain(self) -> None:
         """Take no new requests; the loop ends once those waiting and running have finished."""
@@ -209,7 +280,8 @@ class Scheduler:
             while True:
                 with self._wake:
                     self._prune()
-                    while not self._stopped and not self._waiting and not self._rows:
+                    while not self._stopped and not self._waiting and not self._rows and not self._control \
+                            and not self._unloading:
                         if self._draining:
                             return
                         self._wake.wait(timeout=0.5)
@@ -219,6 +291,9 @@ class Scheduler:
                     admitted = []
                     while self._waiting and len(self._rows) + len(admitted) < self.max_batch:
                         admitted.append(self._waiting.popleft())
+                    loads, self._control = list(self._control), collections.deque()
+                    unloads = self._unused(admitted)
+                self._change_adapters(loads, unloads)
                 try:
                     with torch.inference_mode():
                         for request in admitted:
@@ -238,8 +313,46 @@ class Scheduler:
             with self._wake:
                 ending = [row.request for row in self._rows] + list(self._waiting)
                 self._rows, self._waiting = [], collections.deque()
+                pending = [done for _, _, done in self._control] + list(self._unloading.values())
+                self._control, self._unloading = collections.deque(), {}
             for request in ending:
                 request.on_done("shutdown", None)
+            for done in pending:
+                done.set_exception(RuntimeError("the server is shutting down"))
+
+    def _unused(self, admitted: list[Request]) -> list[str]:
+        """The adapters being unloaded that no request uses any more (with the lock held)."""
+        used = {r.adapter for r in admitted} | {r.adapter for r in self._waiting} | \
+            {row.request.adapter for row in self._rows}
+        return [name for name in self._unloading if name not in used]
+
+    def _change_adapters(self, loads: list[tuple[str, AdapterWeights, Future[None]]], unloads: list[str]) -> None:
+        """Load and unload adapters, between steps: nothing runs the model now."""
+        for name in unloads:
+            self.adapters.remove(name)  # type: ignore[union-attr]  # only loaded names get here
+            with self._wake:
+                del self._adapters[name]
+                done = self._unloading.pop(name)
+            done.set_result(None)
+            log.info("unloaded the LoRA adapter %r", name)
+        for name, weights, done in loads:
+            try:
+                self.adapters.add(name, weights)  # type: ignore[union-attr]
+            except Exception as exc:  # a bad adapter fails its own load only
+                with self._wake:
+                    del self._adapters[name]
+                done.set_exception(exc)
+                continue
+            with self._wake:
+                self._loads += 1
+                self._adapters[name] = self._loads
+            done.set_result(None)
+            log.info("loaded the LoRA adapter %r", name)
+
+    def _route(self, requests: Sequence[Request]) -> None:
+        """Before a forward: row ``i`` of its batch decodes with the adapter of ``requests[i]``."""
+        if self.adapters is not None:
+            self.adapters.route([r.adapter for r in requests])
 
     def _prefill(self, request: Request) -> None:
         slot = len(self._rows)
@@ -258,9 +371,11 @@ class Scheduler:
             ids = torch.tensor([request.prompt], device=device)
             rules = TokenRules(opts, self.model.config, ids, tokenizer=self.tokenizer)
             echo = request.on_prompt_logprobs is not None
-            cached = self._reuse_prefix(slot, request.prompt, echo)
+            key = self._adapters[request.adapter] if request.adapter is not None else 0
+            cached = self._reuse_prefix(slot, request.prompt, echo, key)
+            self._route([request])
             logits = self.session.feed(ids[:, cached:], rows=[slot], last_only=not echo)  # (1, T or 1, vocab)
-            self._held[slot] = list(request.prompt)
+            self._held[slot], self._held_by[slot] = list(request.prompt), key
             if echo:
                 request.on_prompt_logprobs(_prompt_tokens(logits, ids, request.prompt_top))
             self.stats.prompt_tokens += len(request.prompt)
@@ -275,14 +390,17 @@ class Scheduler:
             self.stats.failed += 1
             request.on_done("error", exc)
 
-    def _reuse_prefix(self, slot: int, prompt: list[int], whole: bool) -> int:
+    def _reuse_prefix(self, slot: int, prompt: list[int], whole: bool, key: int) -> int:
         """Put the free row sharing the longest prefix with ``prompt`` at ``slot``, cut back to it; its length.
 
-        With ``whole`` (the prompt's logits are wanted) the row is emptied instead.
+        Only rows made by the same adapter (``key``, its load's number) count. With
+        ``whole`` (the prompt's logits are wanted) the row is emptied instead.
         """
         best, common = slot, 0
         if self.prefix_cache and not whole:
             for row in range(slot, self.max_batch):
+                if self._held_by[row] != key:  # another adapter's keys and values
+                    continue
                 n = _common_prefix(self._held[row], prompt, len(prompt) - 1)  # at least one token is fed
                 if n > common:
                     best, common = row, n
@@ -291,6 +409,7 @@ class Scheduler:
             index[slot], index[best] = best, slot
             self.session.reorder(index)
             self._held[slot], self._held[best] = self._held[best], self._held[slot]
+            self._held_by[slot], self._held_by[best] = self._held_by[best], self._held_by[slot]
         if common:
             try:
                 self.session.truncate([slot], [common])
@@ -355,6 +474,7 @@ class Scheduler:
                 self._rows[hole], self._rows[mover] = self._rows[mover], self._rows[hole]
                 chosen[hole], chosen[mover] = chosen[mover], chosen[hole]
                 self._held[hole], self._held[mover] = self._held[mover], self._held[hole]
+                self._held_by[hole], self._held_by[mover] = self._held_by[mover], self._held_by[hole]
             self.session.reorder(index)
         self._rows = self._rows[:n]
 
@@ -371,11 +491,13 @@ class Scheduler:
         ids = torch.tensor(chosen, device=self.session.state.device)[:, None]
         try:
             if not full:
+                self._route([row.request for row in self._rows])
                 logits = self.session.feed(ids, rows=None if n == self.max_batch else range(n))[:, -1]  # (n, vocab)
                 results: list[torch.Tensor | Exception | None] = list(logits)
             else:
                 results = [None] * n
                 if going:
+                    self._route([self._rows[i].request for i in going])
                     for i, row_logits in zip(going, self.session.feed(ids[going], rows=going)[:, -1], strict=True):
                         results[i] = row_logits
         except Exception as exc:
@@ -411,6 +533,7 @@ class Scheduler:
             self._held[i] = []
             try:
                 ids = torch.tensor([window], device=self.session.state.device)
+                self._route([self._rows[i].request])
                 self._rows[i].logits = self.session.feed(ids, rows=[i])[0, -1]
             except Exception as exc:  # this row fails alone
                 failed[i] = exc
@@ -433,6 +556,7 @@ class Scheduler:
                 results.append(None)
                 continue
             try:
+                self._route([self._rows[i].request])
                 results.append(self.session.feed(ids[i : i + 1], rows=[i])[0, -1])
             except Exception as exc:  # this row fails; its state is reset when the row is reused
                 results.append(exc)
