@@ -4,6 +4,8 @@ vocabularies, the text itself (no space between Chinese characters) for what com
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import shlex
 from pathlib import Path
@@ -27,6 +29,14 @@ FAST = ["--steps", "3", "--batch-size", "2", "--block-size", "32", "--warmup-ste
         "--save-interval", "3", "--device", "cpu"]
 
 
+def cli(argv: list[str]) -> tuple[int, str, str]:
+    """The command's exit status, stdout and stderr (captured here: the servers below log to pytest's own capture)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main(argv)
+    return status, out.getvalue(), err.getvalue()
+
+
 def readme_commands() -> list[list[str]]:
     """The commands of the README's Chinese block, as argument lists without the program name."""
     block = next(b for b in re.findall(r"```bash\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
@@ -35,7 +45,7 @@ def readme_commands() -> list[list[str]]:
 
 
 @pytest.mark.slow
-def test_the_readme_chinese_path(tmp_path, monkeypatch, capsys):
+def test_the_readme_chinese_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("文章.txt").write_text((CORPUS + "\n") * 40, encoding="utf-8")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(CORPUS)), "##天", "##了"]
@@ -43,14 +53,11 @@ def test_the_readme_chinese_path(tmp_path, monkeypatch, capsys):
     Path("bert-base-chinese/vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     commands = {args[0] + ("-char" if "--char" in args else ""): args for args in readme_commands()}
     for name in ("finetune", "finetune-char"):
-        assert main([*commands[name], *FAST]) == 0, name
-    capsys.readouterr()
+        assert cli([*commands[name], *FAST])[0] == 0, name
     generate = commands["generate"]
-    assert main([*generate, "--seed", "0"]) == 0
-    printed = capsys.readouterr().out
-    assert printed.strip() and not SPACED.search(printed)
-    assert main([*generate[:1], UNSEEN, *generate[2:], "--max-new-tokens", "3"]) == 0  # [UNK], not an error
-    capsys.readouterr()
+    status, printed, _ = cli([*generate, "--seed", "0"])
+    assert status == 0 and printed.strip() and not SPACED.search(printed)
+    assert cli([*generate[:1], UNSEEN, *generate[2:], "--max-new-tokens", "3"])[0] == 0  # [UNK], not an error
 
     for run, unseen_ok in (("runs/zh-bert", True), ("runs/zh-char", False)):
         final = Path(run, "final")
@@ -81,11 +88,10 @@ def test_the_readme_chinese_path(tmp_path, monkeypatch, capsys):
                     choice = r.json()["choices"][0]
                     out = choice["text"] if "text" in choice else choice["message"]["content"]
                     assert not SPACED.search(out), (run, path, out)
-    assert main(["generate", UNSEEN, "--model", "runs/zh-char/final", "--max-new-tokens", "3"]) == 1
-    err = capsys.readouterr().err
-    assert f"'{UNSEEN}'" in err and err.count("\n") == 1
+    status, _, err = cli(["generate", UNSEEN, "--model", "runs/zh-char/final", "--max-new-tokens", "3"])
+    assert status == 1 and f"'{UNSEEN}'" in err and err.count("\n") == 1
     # The README's evaluate line on Chinese: sacrebleu's zh words.
     Path("generated.txt").write_text("春天来了，花开了。\n", encoding="utf-8")
     Path("reference.txt").write_text("春天到了，花都开了。\n", encoding="utf-8")
-    assert main(commands["evaluate"]) == 0
-    assert "tokenize: zh" in capsys.readouterr().out
+    status, printed, _ = cli(commands["evaluate"])
+    assert status == 0 and "tokenize: zh" in printed
