@@ -15,7 +15,7 @@ from gpt2lite.cli import main
 from gpt2lite.serve.app import ServerOptions, create_app
 from gpt2lite.serve.scheduler import Request, Scheduler, UnknownAdapter
 from gpt2lite.transforms.adapters import LoraSlots, MultiLoraLinear
-from gpt2lite.transforms.quantize import Int8Linear
+from gpt2lite.transforms.quantize import Int4Linear, Int8Linear
 
 # Three adapters unlike each other: ranks, scales, targets (one leaves the attention alone).
 ADAPTERS = {
@@ -79,27 +79,28 @@ def test_a_mixed_batch_gives_each_row_peft_logits_for_its_adapter(tiny_dir, adap
 
 
 def _dequantized_copy(quantized, tiny_dir, directory):
-    """A float checkpoint holding the weights an int8 model stands for (``q * scale``), for PEFT to run."""
+    """A float checkpoint holding the weights a quantized model stands for, for PEFT to run."""
     model = GPT2.from_pretrained(tiny_dir)
     with torch.no_grad():
         for name, module in quantized.named_modules():
-            if isinstance(module, Int8Linear):  # the layers and the tied embedding
+            if isinstance(module, (Int8Linear, Int4Linear)):  # the layers and the tied embedding
                 target = model.get_submodule(name.removesuffix(".base_layer"))
                 target.weight.copy_(module.dequantize())
     model.save_pretrained(directory)
     return directory
 
 
-def test_over_an_int8_base_the_products_stay_float(tiny_dir, adapter_dirs, tmp_path):
-    model = load_model(tiny_dir, quantize="int8").eval()
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_over_a_quantized_base_the_products_stay_float(tiny_dir, adapter_dirs, tmp_path, mode):
+    model = load_model(tiny_dir, quantize=mode).eval()
     slots = _slots(model, adapter_dirs)
-    assert isinstance(model.h[0].attn.c_attn.base_layer, Int8Linear)
+    assert isinstance(model.h[0].attn.c_attn.base_layer, Int8Linear if mode == "int8" else Int4Linear)
     assert all(m.lora_A.dtype == torch.float32 for m in model.modules() if isinstance(m, MultiLoraLinear))
     slots.route(NAMES)
     with torch.no_grad():
         got = model(IDS)
-    # The oracle: PEFT over the float weights the int8 ones stand for. fbgemm also rounds the
-    # activations to 8 bits, so each row is as far from it as the base row is, not further.
+    # The oracle: PEFT over the float weights the quantized ones stand for. The kernels also round
+    # the activations (to 8 bits; int4's to bfloat16), so each row is as far from it as a base row, not further.
     float_dir = _dequantized_copy(model, tiny_dir, tmp_path / "dequantized")
     base_error = max(float((got[i] - _peft_logits(float_dir, adapter_dirs, None, IDS[i : i + 1])[0]).abs().max())
                      for i, name in enumerate(NAMES) if name is None)
@@ -288,6 +289,10 @@ def test_the_server_serves_adapters_by_name_loads_and_unloads_them(tiny_dir, ada
         chat = client.post("/v1/chat/completions", headers=auth, json={
             "model": "beta", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0})
         assert chat.status_code == 200 and chat.json()["model"] == "beta"
+        for path, body in (("/v1/messages", {"model": "beta", "max_tokens": 4, "messages": [{"role": "user",
+                                                                                          "content": "hi"}]}),
+                           ("/v1/responses", {"model": "beta", "input": "hi", "max_output_tokens": 4})):
+            assert client.post(path, headers=auth, json=body).status_code == 200, path  # the chat path's dialects
 
         def error(r, status, param):
             assert r.status_code == status, r.text
