@@ -176,3 +176,47 @@ def test_bad_serve_flags_are_one_line_errors(args):
     done = subprocess.run([sys.executable, "-m", "gpt2lite", "serve", *args], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
+
+
+def test_lora_adapters_chosen_per_request_loaded_and_unloaded_at_run_time(tiny_dir, tmp_path):
+    import torch
+
+    from gpt2lite import GPT2, LoraConfig, TextGenerator, add_lora, save_model
+
+    dirs = {}
+    for seed, name in enumerate(("french", "legal")):
+        model = add_lora(GPT2.from_pretrained(tiny_dir), LoraConfig(r=4, target_modules=("c_attn", "c_fc")))
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for key, p in model.named_parameters():
+                if "lora_B" in key:
+                    p.normal_(std=0.2)  # B starts at zero: give the adapter an effect
+        dirs[name] = save_model(model.eval(), tmp_path / name)
+    prompt = "Hello there, my"
+    expected = {name: TextGenerator.from_pretrained(tiny_dir, adapter=path)(prompt, max_new_tokens=8, temperature=0)
+                for name, path in dirs.items()}
+    expected["tiny"] = TextGenerator.from_pretrained(tiny_dir)(prompt, max_new_tokens=8, temperature=0)
+    assert len(set(expected.values())) == 3
+    with serve(tiny_dir, "--lora", f"french={dirs['french']}", "--max-loras", "2", "--api-key", "k") as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list()] == ["tiny", "french"]
+        r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "legal", "lora_path": str(dirs["legal"])},
+                       headers={"Authorization": "Bearer k"}, timeout=60)
+        assert r.status_code == 200, r.text
+        texts: dict[str, str] = {}
+
+        def complete(name):
+            texts[name] = client.completions.create(model=name, prompt=prompt, max_tokens=8,
+                                                    temperature=0).choices[0].text
+
+        threads = [threading.Thread(target=complete, args=(name,)) for name in ("french", "legal", "tiny") * 2]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert texts == expected
+        r = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "french"},
+                       headers={"Authorization": "Bearer k"}, timeout=60)
+        assert r.status_code == 200, r.text
+        with pytest.raises(openai.NotFoundError):
+            complete("french")
