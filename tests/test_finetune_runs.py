@@ -313,3 +313,91 @@ def test_unreachable_hub_fails_fast_with_one_line(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1, proc.stderr
     assert "could not be reached" in proc.stderr and "local" in proc.stderr
+
+
+# what a resumed run keeps, and how a run says where it is ----------------------------------------------------
+
+
+class _Stop(Exception):
+    """Raised by a stand-in for train(): the settings a command would train with, without training."""
+
+
+def _settings_of(argv, monkeypatch):
+    """The TrainConfig and recorded settings ``gpt2lite finetune argv`` would train with."""
+    from gpt2lite.training import trainer
+
+    seen = {}
+
+    def capture(model, data, out, config, **kwargs):
+        seen.update(config=config, settings=kwargs["settings"])
+        raise _Stop
+
+    monkeypatch.setattr(trainer, "train", capture)
+    with pytest.raises(_Stop):
+        main(argv)
+    monkeypatch.undo()
+    return seen["config"], seen["settings"]
+
+
+@pytest.mark.slow
+def test_resume_keeps_samples_tensorboard_and_early_stopping(corpus, tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    start = ["finetune", "--data", str(corpus), "--out", str(out), "--preset", "tiny", "--steps", "20",
+             "--batch-size", "2", "--block-size", "16", "--device", "cpu", "--eval-interval", "20"]
+    records = ["--sample-every", "2", "--sample-prompt", "The", "--sample-tokens", "3", "--tensorboard",
+               "--early-stopping", "7"]
+    assert main([*start, *records]) == 0
+    config, _ = _settings_of(["finetune", "--out", str(out), "--resume", "--steps", "40"], monkeypatch)
+    assert (config.sample_every, config.sample_prompt, config.sample_tokens) == (2, "The", 3)  # were 0, "", 40
+    assert config.tensorboard is True and config.early_stopping == 7  # were False and 0
+    assert config.warmup_steps == 1  # 5% of the 20 steps it started with, not of 40: the schedule goes on
+    config, _ = _settings_of(["finetune", "--out", str(out), "--resume", "--steps", "40", "--sample-every", "4",
+                              "--early-stopping", "0"], monkeypatch)
+    assert (config.sample_every, config.early_stopping, config.tensorboard) == (4, 0, True)  # flags given again win
+    assert main(["finetune", "--out", str(out), "--resume", "--steps", "22"]) == 0  # and really: samples go on
+    assert [m["step"] for m in metrics(out) if "sample" in m][-2:] == [20, 22]
+
+
+def test_warmup_defaults_to_a_fraction_of_the_steps(corpus, tmp_path, monkeypatch):
+    base = ["finetune", "--data", str(corpus), "--preset", "tiny", "--device", "cpu"]
+    for steps, warmup in (("100", 5), ("1000", 50), ("10", 1)):
+        config, settings = _settings_of([*base, "--out", str(tmp_path / steps), "--steps", steps], monkeypatch)
+        assert config.warmup_steps == settings["warmup_steps"] == warmup  # a 100-step run was all warm-up (100)
+    config, _ = _settings_of([*base, "--out", str(tmp_path / "given"), "--steps", "100", "--warmup-steps", "30"],
+                             monkeypatch)
+    assert config.warmup_steps == 30
+
+
+def test_a_run_stopped_before_its_first_checkpoint_says_how_to_start_again(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["finetune", "--data", str(corpus), "--out", str(out), "--preset", "tiny", *TINY_RUN]) == 0
+    (out / "checkpoint.pt").unlink()  # as a run stopped (Ctrl-C) before it saved one
+    capsys.readouterr()
+    assert main(["finetune", "--out", str(out), "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "stopped before its first checkpoint" in err and "--overwrite" in err
+    assert "run.json" in err
+
+
+def test_the_progress_bar_says_what_the_run_is_doing(data, tmp_path, monkeypatch):
+    import io
+
+    import tqdm.auto
+
+    said = []
+
+    class Recorded(tqdm.std.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, file=io.StringIO(), **kwargs)
+
+        def set_description_str(self, desc=None, refresh=True):
+            said.append(desc)
+            super().set_description_str(desc, refresh)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorded)
+    model = GPT2(GPT2Config.from_preset("tiny"))
+    config = TrainConfig(steps=2, batch_size=2, block_size=16, warmup_steps=1, eval_interval=2, save_interval=2,
+                         sample_every=1, sample_tokens=2, eval_batches=1)
+    train(model, data, tmp_path / "run", config, tokenizer=Tokenizer.gpt2())
+    assert said == ["sample", "train", "evaluate", "sample", "save", "train"]

@@ -19,11 +19,14 @@ _RUN_FLAGS: dict[str, Any] = {
     "dropout": 0.2, "char": False, "tokenizer": None, "text_column": "text", "label_column": "label",
     "labels": None, "val_data": None, "val_fraction": None, "encoding_errors": "strict", "lora_rank": None,
     "lora_alpha": None, "lora_dropout": 0.0, "lora_targets": "c_attn", "batch_size": 8, "grad_accum": 1,
-    "block_size": None, "lr": None, "min_lr": None, "warmup_steps": 100, "weight_decay": 0.1, "grad_clip": 1.0,
+    "block_size": None, "lr": None, "min_lr": None, "warmup_steps": None, "weight_decay": 0.1, "grad_clip": 1.0,
     "seed": 0, "autocast": None, "freeze_blocks": 0, "gradient_checkpointing": False,
 }
-# Recorded too, but a resumed run may change them: a longer schedule, other evaluation and save intervals.
-_RUN_CHANGEABLE: dict[str, Any] = {"steps": 1000, "eval_interval": 100, "save_interval": 100}
+# Recorded too, but a resumed run may change them: a longer schedule, other evaluation and save intervals,
+# other records (a resumed run keeps its samples, TensorBoard and early stopping unless told otherwise).
+_RUN_CHANGEABLE: dict[str, Any] = {"steps": 1000, "eval_interval": 100, "save_interval": 100, "early_stopping": 0,
+                                   "sample_every": 0, "sample_prompt": "", "sample_tokens": 40, "tensorboard": False}
+WARMUP_FRACTION = 0.05  # --warmup-steps by default: this share of --steps (at least 1), as nanoGPT sizes it
 _PATH_FLAGS = ("data", "val_data", "tokenizer")  # recorded as absolute paths: a resume may run elsewhere
 
 
@@ -64,7 +67,9 @@ def add_finetune(commands: Any) -> None:
     sched.add_argument("--lr", type=float, default=None,
                        help="peak learning rate (default: 6e-4 from scratch, 1e-4 fine-tuning, 1e-3 LoRA)")
     sched.add_argument("--min-lr", type=float, default=None, help="final learning rate (default: lr / 10)")
-    sched.add_argument("--warmup-steps", type=int, default=None, help="(default: 100)")
+    sched.add_argument("--warmup-steps", type=int, default=None,
+                       help=f"steps of linear learning-rate warm-up (default: {WARMUP_FRACTION * 100:.0f}%% of "
+                            "--steps)")
     sched.add_argument("--weight-decay", type=float, default=None, help="(default: 0.1)")
     sched.add_argument("--grad-clip", type=float, default=None, help="(default: 1.0)")
     sched.add_argument("--seed", type=int, default=None, help="(default: 0)")
@@ -78,13 +83,13 @@ def add_finetune(commands: Any) -> None:
     runs.add_argument("--overwrite", action="store_true", help="replace the run OUT holds (default: refuse)")
     runs.add_argument("--eval-interval", type=int, default=None, help="steps between evaluations (default: 100)")
     runs.add_argument("--save-interval", type=int, default=None, help="steps between checkpoints (default: 100)")
-    runs.add_argument("--early-stopping", type=int, default=0, metavar="PATIENCE",
+    runs.add_argument("--early-stopping", type=int, default=None, metavar="PATIENCE",
                       help="stop after PATIENCE evaluations without a lower validation loss (default: 0, never)")
-    runs.add_argument("--sample-every", type=int, default=0, metavar="N",
-                      help="generate a sample every N steps, shown and written to metrics.jsonl")
-    runs.add_argument("--sample-prompt", default="", help="what the samples continue (default: from the start)")
-    runs.add_argument("--sample-tokens", type=int, default=40, help="tokens per sample (default: 40)")
-    runs.add_argument("--tensorboard", action="store_true",
+    runs.add_argument("--sample-every", type=int, default=None, metavar="N",
+                      help="generate a sample every N steps, shown and written to metrics.jsonl (default: 0, never)")
+    runs.add_argument("--sample-prompt", default=None, help="what the samples continue (default: from the start)")
+    runs.add_argument("--sample-tokens", type=int, default=None, help="tokens per sample (default: 40)")
+    runs.add_argument("--tensorboard", action="store_true", default=None,
                       help="also log to OUT/tensorboard (pip install tensorboard)")
     cls = ft.add_argument_group("classification (--task classify)")
     cls.add_argument("--labels", default=None,
@@ -101,7 +106,7 @@ def add_finetune(commands: Any) -> None:
                       help="keep the first N blocks and the embeddings fixed")
     lora.add_argument("--gradient-checkpointing", action="store_true", default=None,
                       help="recompute activations in backward: less memory, ~30%% more time")
-    flag("--device", default="auto")
+    flag("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     flag("--offline", action="store_true", help="use only files already in the hub cache")
     ft.set_defaults(run=_finetune)
 
@@ -212,8 +217,15 @@ def _run_settings(args: argparse.Namespace) -> None:
                              f"{'; '.join(differ)}. Drop them, or start a new run (--overwrite, or another --out)")
     elif args.resume and not os.path.isfile(os.path.join(args.out, CHECKPOINT)):
         raise FileNotFoundError(f"nothing to resume: {args.out!r} holds no run (no {RUN_RECORD}, no {CHECKPOINT})")
+    if args.resume and os.path.isfile(record) and not os.path.isfile(os.path.join(args.out, CHECKPOINT)):
+        raise FileNotFoundError(
+            f"nothing to resume: the run in {args.out!r} stopped before its first checkpoint (written every "
+            f"--save-interval steps, {values['save_interval']} here), so {CHECKPOINT} does not exist. Start it again "
+            f"with its flags (recorded in {record!r}) and --overwrite")
     # Otherwise a new run, or one started before runs recorded their settings: the flags say it all.
     values.update(given)
+    if values["warmup_steps"] is None:  # recorded as the number, so that a longer resumed run keeps its schedule
+        values["warmup_steps"] = max(1, round(WARMUP_FRACTION * values["steps"]))
     if values["data"] is None:
         raise ValueError("--data is required: the text (or labeled or instruction file) to train on")
     for name, value in values.items():

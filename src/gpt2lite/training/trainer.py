@@ -248,7 +248,9 @@ def train(
     _set_trainable(model, config)
     checkpoint_path = out_dir / CHECKPOINT
     if resume and not checkpoint_path.is_file():
-        raise FileNotFoundError(f"nothing to resume: {str(checkpoint_path)!r} does not exist")
+        raise FileNotFoundError(f"nothing to resume: {str(checkpoint_path)!r} does not exist (a run that stopped "
+                                "before its first checkpoint, every save_interval steps, starts again with "
+                                "overwrite=True)")
     if tokenizer is None and 50257 <= model.config.vocab_size < 50257 + 128:
         tokenizer = Tokenizer.gpt2()
     if config.sample_every and (tokenizer is None or isinstance(objective, Classification)):
@@ -273,11 +275,20 @@ def train(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, initial=start, desc="train", unit="step")
+
+    def doing(what: str) -> None:
+        """Say on the bar what the run is doing between steps (a long evaluation is not a stuck step)."""
+        if bar is not None and bar.desc != what:
+            bar.set_description_str(what, refresh=True)
+
     try:  # the bar is closed before any error leaves, so the error is the last thing shown
         model.train()
         for step in range(start, config.steps):
             t0 = time.perf_counter()
+            if config.compile and step == start:
+                doing("compiling the first step")  # torch.compile: minutes on a loaded CPU
             step_loss = run.step()
+            doing("train")
             if not math.isfinite(step_loss):
                 kept = (f"the last checkpoint ({str(checkpoint_path)!r}, step {saved}) is kept"
                         if saved is not None else "no checkpoint was written")
@@ -293,6 +304,7 @@ def train(
                                      "mfu": mfu(run.flops_per_token, tokens_per_s, run.peak_flops, world)}
             done = step + 1 == config.steps
             if _due(config.eval_interval, step) or done:
+                doing("evaluate")
                 metrics = objective.evaluate(model, block, config.eval_batches, config.batch_size)
                 result.val_losses.append((step + 1, metrics["loss"]))
                 if len(metrics) > 1:
@@ -302,6 +314,7 @@ def train(
                     result.best_dir, result.best_step = best.directory, step + 1
                 result.stopped_early = bool(config.early_stopping) and best.bad_evals >= config.early_stopping
             if config.sample_every and rank == 0 and _due(config.sample_every, step):
+                doing("sample")
                 text = _sample(model, tokenizer, config, step + 1)  # type: ignore[arg-type]
                 result.samples.append((step + 1, text))
                 entry["sample"] = text
@@ -310,11 +323,13 @@ def train(
             if log is not None:
                 log.write(step + 1, **entry)
             if rank == 0 and (_due(config.save_interval, step) or done or result.stopped_early):
+                doing("save")
                 _check_weights(model, step + 1)
                 save_training_checkpoint(checkpoint_path, run.state(step + 1, result, best))
                 saved = step + 1
                 result.plot = plot_losses(out_dir)
             if bar is not None:
+                doing("train")
                 bar.set_postfix(_postfix(step_loss, run, result, seconds, entry["mfu"]))
                 bar.update(1)
             for callback in callbacks:  # after the checkpoint, so a callback that stops the run loses nothing
