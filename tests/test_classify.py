@@ -13,6 +13,7 @@ from gpt2lite import (
     GPT2Config,
     GPT2ForSequenceClassification,
     TextClassifier,
+    Tokenizer,
     TrainConfig,
     load_labeled,
     train,
@@ -223,3 +224,63 @@ def test_cli_finetune_classify_then_classify(tmp_path, capsys):
     assert main(["finetune", "--task", "classify", "--data", str(csv_file), "--preset", "tiny",
                  "--out", str(tmp_path / "bad"), "--steps", "1"]) == 1
     assert "no 'text' column" in capsys.readouterr().err
+
+
+TEXTS = ["a fine, warm film", "dull and far too long", "it was fine", "x", "The cat sat on the mat."]
+
+
+def _transformers_probs(model, texts):
+    """transformers' class probabilities, one text at a time (no padding at all)."""
+    tokenizer = Tokenizer.gpt2()
+    with torch.no_grad():
+        return torch.stack([model(torch.tensor([tokenizer.encode(t)])).logits[0].softmax(-1) for t in texts])
+
+
+def test_a_served_classifier_gives_transformers_probabilities(hf_classifier):
+    import concurrent.futures
+
+    import httpx
+
+    from gpt2lite.serve.app import ServerOptions, create_app
+    from test_serve import running
+
+    model, directory = hf_classifier
+    clf = TextClassifier.from_pretrained(directory)
+    expected = _transformers_probs(model, TEXTS)
+    with running(create_app(clf.model, clf.tokenizer, ServerOptions(model_name="clf", max_batch=4))) as url:
+        reply = httpx.post(url + "/classify", json={"model": "clf", "input": TEXTS}).json()
+        got = torch.tensor([d["probs"] for d in reply["data"]])
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+        assert [d["label"] for d in reply["data"]] == [LABELS[int(p.argmax())] for p in expected]
+        assert reply["data"][0]["num_classes"] == 3
+        assert reply["usage"]["prompt_tokens"] == sum(len(Tokenizer.gpt2().encode(t)) for t in TEXTS)
+        # TextClassifier, the library's own route, says the same.
+        ours = clf.classify(TEXTS)
+        torch.testing.assert_close(got, torch.tensor([[r.probabilities[n] for n in LABELS] for r in ours]))
+        # Many requests at once, batched together in the classifier's thread: each gets its own answers.
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda t: httpx.post(url + "/classify", json={"input": t}, timeout=60).json(),
+                                    TEXTS * 4))
+        for text, answer in zip(TEXTS * 4, answers, strict=True):
+            torch.testing.assert_close(torch.tensor(answer["data"][0]["probs"]), expected[TEXTS.index(text)],
+                                       atol=1e-5, rtol=1e-4)
+        models = httpx.get(url + "/v1/models").json()["data"][0]
+        assert models["task"] == "classify" and models["labels"] == list(LABELS)
+        for body, status in (({"input": ""}, 400), ({"input": ["ok", ""]}, 400), ({"input": []}, 400),
+                             ({"input": "x", "model": "other"}, 404), ({"input": 3}, 400)):
+            error = httpx.post(url + "/classify", json=body)
+            assert error.status_code == status and "error" in error.json(), body
+        assert httpx.post(url + "/v1/completions", json={"prompt": "x"}).status_code == 404
+
+
+@pytest.mark.slow  # a server process
+def test_gpt2lite_serve_finds_a_classifier_folder(hf_classifier):
+    import httpx
+
+    from test_serve_process import serve
+
+    model, directory = hf_classifier
+    with serve(directory) as (url, _):
+        reply = httpx.post(url + "/classify", json={"input": TEXTS[:2]}).json()
+    torch.testing.assert_close(torch.tensor([d["probs"] for d in reply["data"]]),
+                               _transformers_probs(model, TEXTS[:2]), atol=1e-5, rtol=1e-4)

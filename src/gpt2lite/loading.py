@@ -39,7 +39,8 @@ from gpt2lite.transforms.peft import adapter_base, adapter_labels, load_adapter,
 from gpt2lite.transforms.quantize import QUANTIZE_MODES, QuantizeMode, is_quantized
 from gpt2lite.transforms.quantize import quantize as quantize_model
 
-__all__ = ["ModelKind", "load_chat_template", "load_generation_defaults", "load_model", "load_tokenizer", "save_model"]
+__all__ = ["ModelKind", "load_chat_template", "load_generation_defaults", "load_model", "load_tokenizer", "model_kind",
+           "save_model"]
 
 ModelKind = Literal["lm", "classifier"]
 
@@ -205,6 +206,19 @@ def load_tokenizer(
     raise ModelNotFoundError(f"{str(name_or_path)!r} holds no tokenizer files (char_vocab.json, tokenizer.json, "
                              "vocab.txt, vocab.json + merges.txt) for its vocabulary of "
                              f"{vocab_size} tokens")
+
+
+def model_kind(name_or_path: str | os.PathLike[str], *, local_files_only: bool = False) -> ModelKind:
+    """What a folder or hub id holds: ``"classifier"`` for a sequence classifier or its LoRA adapter, else ``"lm"``."""
+    _, settings = _model_settings(name_or_path, local_files_only=local_files_only)
+    if any("ForSequenceClassification" in str(a) for a in settings.get("architectures") or ()):
+        return "classifier"
+    adapter = Path(name_or_path).expanduser() / "adapter_config.json"
+    if adapter.is_file():
+        adapter_settings = read_json(adapter)
+        if isinstance(adapter_settings, dict) and adapter_settings.get("task_type") == "SEQ_CLS":
+            return "classifier"
+    return "lm"
 
 
 def _model_settings(name_or_path: str | os.PathLike[str], **hub: Any) -> tuple[Path | None, dict[str, Any]]:

@@ -6,7 +6,15 @@ import argparse
 import socket
 from typing import Any
 
-from gpt2lite.cli.common import add_model_options, load_text_generator, port, positive, read_input, seconds
+from gpt2lite.cli.common import (
+    add_model_options,
+    check_device,
+    load_text_generator,
+    port,
+    positive,
+    read_input,
+    seconds,
+)
 
 __all__ = ["add_serve"]
 
@@ -72,6 +80,10 @@ def _serve(args: argparse.Namespace) -> int:
                             max_loras=args.max_loras)
     template = read_input(args.chat_template, "--chat-template", is_file=True) if args.chat_template else None
     listener = _listen(args.host, args.port)  # before the model loads: a port in use fails at once
+    from gpt2lite.loading import model_kind
+
+    if model_kind(args.model, local_files_only=args.offline) == "classifier":
+        return _serve_classifier(args, options, listener)
     text_generator = load_text_generator(args, args.model)
     if template is None:
         text_generator.check_chat_template()  # the model's own: a file that cannot be read stops the start
@@ -118,6 +130,28 @@ def _lora(value: str) -> tuple[str, str]:
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"expected NAME=PATH (a name for the adapter, its directory), got {value!r}")
     return name, path
+
+
+def _serve_classifier(args: argparse.Namespace, options: Any, listener: socket.socket) -> int:
+    """A sequence classifier's server (``POST /classify``): uvicorn in this thread, the batches in their own."""
+    import logging
+
+    import uvicorn
+
+    from gpt2lite.serve.app import create_app
+    from gpt2lite.text.classifier import TextClassifier
+
+    classifier = TextClassifier.from_pretrained(args.model, device=check_device(args.device), dtype=args.dtype,
+                                                adapter=args.adapter, local_files_only=args.offline)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    app = create_app(classifier.model, classifier.tokenizer, options)
+    logging.getLogger("gpt2lite.serve").info("a classifier of labels %s: POST /classify", list(classifier.labels))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=args.shutdown_timeout))
+    try:
+        server.run(sockets=[listener])
+    finally:
+        listener.close()
+    return 0
 
 
 def _served_name(model: str) -> str:

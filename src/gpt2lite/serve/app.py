@@ -5,6 +5,8 @@ model and its tokenizer; ``gpt2lite serve`` runs it under uvicorn. Endpoints:
 
 - ``POST /v1/completions`` and ``POST /v1/chat/completions`` (streamed over
   server-sent events with ``"stream": true``);
+- ``POST /classify`` (vLLM's) instead, for a sequence classifier (``classification.py``);
+- ``POST /v1/embeddings``: pooled final hidden states (``text/embeddings.py``);
 - ``POST /v1/messages`` (Anthropic's) and ``POST /v1/responses`` (OpenAI's,
   stateless): translated onto the chat path (``anthropic_messages.py``,
   ``openai_responses.py``);
@@ -45,10 +47,13 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from gpt2lite.errors import CheckpointError, OptionError
+from gpt2lite.models.classifier import GPT2ForSequenceClassification
+from gpt2lite.models.gpt2 import GPT2
 from gpt2lite.models.protocol import DecoderModel
 from gpt2lite.serve import anthropic_messages, openai_responses
 from gpt2lite.serve.access import AccessGate
 from gpt2lite.serve.anthropic_messages import MessageEvents, MessagesRequest
+from gpt2lite.serve.classification import ClassifierServer, ClassifyBatcher
 from gpt2lite.serve.errors import KINDS, ApiError, add_error_handlers
 from gpt2lite.serve.gate import Prompt, RequestGate
 from gpt2lite.serve.metrics import Metrics
@@ -57,6 +62,7 @@ from gpt2lite.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     LoadLoraAdapterRequest,
     TokenizeRequest,
     UnloadLoraAdapterRequest,
@@ -67,6 +73,8 @@ from gpt2lite.serve.protocol import (
 from gpt2lite.serve.responses import Choice, ResponseBuilder, ToolCalls, cancel
 from gpt2lite.serve.scheduler import QueueFull, Scheduler, UnknownAdapter
 from gpt2lite.text.assembler import TextAssembler
+from gpt2lite.text.classifier import TextClassifier
+from gpt2lite.text.embeddings import embed
 from gpt2lite.text.generator import TextGenerator
 from gpt2lite.tokenizers.protocol import TokenizerProtocol
 from gpt2lite.transforms.adapters import LoraSlots
@@ -202,6 +210,35 @@ class _Server:
             return {"prompt": await run_in_threadpool(self.tokenizer.decode, body.tokens)}
         except (ValueError, TypeError, KeyError, IndexError) as exc:
             raise ApiError(400, f"tokens: {exc}", "tokens") from None
+
+    async def embeddings(self, body: EmbeddingRequest) -> dict[str, Any]:
+        """OpenAI's embeddings: the pooled, normalised final hidden states of each input (``text/embeddings.py``)."""
+        if self.gate.check_model(body.model) is not None:
+            raise ApiError(400, f"embeddings are read from the base model alone: send model={self.gate.model_name!r}",
+                           "model")
+        model = self.scheduler.model
+        if not isinstance(model, GPT2):
+            raise ApiError(400, f"embeddings are read from a GPT-2's hidden states; this server's model is a "
+                                f"{type(model).__name__}", "model")
+        if body.dimensions is not None and body.dimensions != model.config.n_embd:
+            raise ApiError(400, f"dimensions: this model's embeddings have {model.config.n_embd} dimensions, "
+                                f"not {body.dimensions}", "dimensions")
+        prompts = await self.gate.inputs(body.input, "input")
+        try:  # in the scheduler's thread, between two decode steps: it alone uses the model
+            vectors = await asyncio.wrap_future(self.scheduler.call(lambda: embed(
+                model, [ids for ids, _ in prompts], pooling=body.pooling, normalize=body.normalize)))
+        except RuntimeError as exc:
+            raise ApiError(503, str(exc), kind=KINDS[503]) from None
+
+        def encoded(vector: Any) -> list[float] | str:
+            if body.encoding_format == "base64":  # little-endian float32, as OpenAI's
+                return base64.b64encode(vector.numpy().astype("<f4").tobytes()).decode()
+            return vector.tolist()
+
+        tokens = sum(len(ids) for ids, _ in prompts)
+        return {"object": "list", "model": self.gate.model_name,
+                "data": [{"object": "embedding", "index": i, "embedding": encoded(v)} for i, v in enumerate(vectors)],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     # helpers ------------------------------------------------------------------------------
 
@@ -472,8 +509,12 @@ def playground_page() -> HTMLResponse:
                                        "X-Content-Type-Options": "nosniff"})
 
 
-def create_app(model: DecoderModel, tokenizer: TokenizerProtocol, options: ServerOptions = ServerOptions(), *,
-               chat_template: str | None = None, background: bool = True) -> FastAPI:
+Routes = list[tuple[str, str, Callable[..., Any]]]
+
+
+def create_app(model: DecoderModel | GPT2ForSequenceClassification, tokenizer: TokenizerProtocol,
+               options: ServerOptions = ServerOptions(), *, chat_template: str | None = None,
+               background: bool = True) -> FastAPI:
     """An OpenAI-compatible app serving ``model`` with ``tokenizer``; one scheduler loop owns the model.
 
     ``chat_template`` is the model's Jinja chat template (None: DialoGPT's
@@ -483,7 +524,18 @@ def create_app(model: DecoderModel, tokenizer: TokenizerProtocol, options: Serve
     ``app.state.scheduler.run()`` in the thread that should own the model (see ``Scheduler``).
     ``options.loras`` are read and checked here: one that does not fit stops the start.
     A model that carries an unmerged LoRA adapter serves no others.
+    A ``GPT2ForSequenceClassification`` is served for ``POST /classify`` instead
+    (``classification.py``), its batches in a thread of their own.
     """
+    if isinstance(model, GPT2ForSequenceClassification):
+        if options.loras:
+            raise ValueError("LoRA adapters per request are served over a language model, not a classifier")
+        batcher = ClassifyBatcher(TextClassifier(model, tokenizer), max_batch=options.max_batch,
+                                  max_queue=options.max_queue)
+        classifier = ClassifierServer(batcher, options.model_name)
+        return _app(options, batcher.stop, [
+            ("GET", "/health", classifier.health), ("GET", "/v1/models", classifier.models),
+            ("POST", "/classify", classifier.classify)])
     text = TextGenerator(model, tokenizer, chat_template=chat_template)
     text.check_chat_template()
     adapters = None
@@ -500,34 +552,40 @@ def create_app(model: DecoderModel, tokenizer: TokenizerProtocol, options: Serve
                           background=background, prefix_cache=options.prefix_cache, tokenizer=tokenizer,
                           adapters=adapters)
     server = _Server(RequestGate(text, options.model_name, options.max_queue), scheduler, dict(options.loras))
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
-        scheduler.stop()
-
-    docs = dict(docs_url="/docs", openapi_url="/openapi.json") if options.docs else dict(docs_url=None,
-                                                                                          openapi_url=None)
-    app = FastAPI(title="gpt2lite", lifespan=lifespan, redoc_url=None, **docs)
-    app.state.scheduler = scheduler
-    add_error_handlers(app)
-    routes: list[tuple[str, str, Callable[..., Any]]] = [
+    app = _app(options, scheduler.stop, [
         ("GET", "/health", server.health), ("GET", "/metrics", server.metrics_text),
         ("GET", "/v1/models", server.models), ("GET", "/v1/models/{model_id:path}", server.model),
         ("POST", "/v1/completions", server.completions), ("POST", "/v1/chat/completions", server.chat_completions),
         ("POST", "/v1/messages", server.messages), ("POST", "/v1/responses", server.responses),
+        ("POST", "/v1/embeddings", server.embeddings),
         ("POST", "/tokenize", server.tokenize), ("POST", "/detokenize", server.detokenize),
         ("GET", "/tokenizer_info", server.tokenizer_info),
         ("POST", "/v1/load_lora_adapter", server.load_lora_adapter),
         ("POST", "/v1/unload_lora_adapter", server.unload_lora_adapter),
-    ]
+    ])
+    app.state.scheduler = scheduler
+    return app
+
+
+def _app(options: ServerOptions, stop: Callable[[], None], routes: Routes) -> FastAPI:
+    """The FastAPI app around ``routes``: the playground, the error shapes, the key, body size and CORS gates."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        stop()
+
+    docs = dict(docs_url="/docs", openapi_url="/openapi.json") if options.docs else dict(docs_url=None,
+                                                                                          openapi_url=None)
+    app = FastAPI(title="gpt2lite", lifespan=lifespan, redoc_url=None, **docs)
+    add_error_handlers(app)
     if options.playground:
         page = playground_page()
 
         async def playground() -> HTMLResponse:
             return page
 
-        routes.append(("GET", "/", playground))
+        routes = [*routes, ("GET", "/", playground)]
     for method, path, handler in routes:
         # HEAD answers wherever GET does (load balancers and uptime checks probe with it).
         app.add_api_route(path, handler, methods=[method, "HEAD"] if method == "GET" else [method])

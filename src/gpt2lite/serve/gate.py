@@ -79,7 +79,7 @@ class RequestGate:
         except ValueError as exc:  # a character a character-level vocabulary lacks
             raise ApiError(400, f"{param}: {exc}", param) from None
 
-    async def prompts(self, prompt: Any) -> list[Prompt]:
+    async def prompts(self, prompt: Any, param: str = "prompt") -> list[Prompt]:
         """The prompts as (token ids, text) pairs; an empty text prompt starts from the end token."""
         if isinstance(prompt, str):
             items: list[Any] = [prompt]
@@ -88,19 +88,28 @@ class RequestGate:
         else:
             items = list(prompt)
         if not items:
-            raise ApiError(400, "prompt is empty", "prompt")
+            raise ApiError(400, f"{param} is empty", param)
         out = []
         known = self.tokenizer.n_vocab  # a padded model has rows the tokenizer cannot decode
         for item in items:
             if isinstance(item, str):
                 # Special-token strings are tokens, as in vLLM and transformers: "<|endoftext|>" is [50256].
-                out.append(((await self.encode(item, "prompt", special=True)) or [self.tokenizer.eot_token], item))
+                out.append(((await self.encode(item, param, special=True)) or [self.tokenizer.eot_token], item))
                 continue
             if not item or any(not 0 <= t < known for t in item):
-                raise ApiError(400, f"prompt token ids must be non-empty and in 0..{known - 1}", "prompt")
-            self._fit(len(item), 0, True, "prompt", None)  # before decoding it
+                raise ApiError(400, f"{param} token ids must be non-empty and in 0..{known - 1}", param)
+            self._fit(len(item), 0, True, param, None)  # before decoding it
             out.append((list(item), self.tokenizer.decode(item)))
         return out
+
+    async def inputs(self, value: Any, param: str) -> list[Prompt]:
+        """Texts (or token ids) read whole, as embeddings read them: none empty, each within the context."""
+        if value == "" or (isinstance(value, list) and "" in value):
+            raise ApiError(400, f"{param} holds an empty text: there is nothing to read", param)
+        prompts = await self.prompts(value, param)
+        for ids, _ in prompts:
+            self._fit(len(ids), 0, False, param, None)
+        return prompts
 
     async def options(self, prompts: list[Prompt], body: Any, completions: int, max_tokens: int | None,
                       top_logprobs: int, prompt_param: str) -> list[GenerationOptions]:

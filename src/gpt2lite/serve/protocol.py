@@ -22,8 +22,10 @@ __all__ = [
     "MAX_STOP_STRINGS",
     "ChatCompletionRequest",
     "ChatMessage",
+    "ClassifyRequest",
     "CompletionRequest",
     "DetokenizeRequest",
+    "EmbeddingRequest",
     "LoadLoraAdapterRequest",
     "StreamOptions",
     "TokenizeRequest",
@@ -203,6 +205,26 @@ class TokenizeRequest(_Body):
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     return_token_strs: bool = False
+
+
+class EmbeddingRequest(_Body):
+    """The body of ``POST /v1/embeddings`` (OpenAI's), with the pooling as an extra."""
+
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+    pooling: Literal["mean", "last"] = "mean"  # gpt2lite's: over the tokens, or the last token's state
+    normalize: bool = True
+
+
+class ClassifyRequest(_Body):
+    """The body of ``POST /classify`` (vLLM's): one text or several."""
+
+    model: str | None = None
+    input: str | list[str]
+    user: str | None = None
 
 
 class DetokenizeRequest(_Body):

@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -156,6 +157,7 @@ class Scheduler:
             self._loads += 1
             self._adapters[name] = self._loads
         self._waiting: collections.deque[Request] = collections.deque()
+        self._jobs: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self._wake = threading.Condition()
         self._stopped = False
         self._draining = False
@@ -250,6 +252,19 @@ class Scheduler:
             self._wake.notify()
         return done
 
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn`` in the loop's thread between two steps; its result (or error) comes in the future.
+
+        For other work on the model (embeddings): the loop's thread stays its only user.
+        """
+        future: Future = Future()
+        with self._wake:
+            if not self.accepting:
+                raise RuntimeError("the server is shutting down" if self._draining else "the scheduler is not running")
+            self._jobs.append((fn, future))
+            self._wake.notify()
+        return future
+
     def drain(self) -> None:
         """Take no new requests; the loop ends once those waiting and running have finished."""
         with self._wake:
@@ -281,7 +296,7 @@ class Scheduler:
                 with self._wake:
                     self._prune()
                     while not self._stopped and not self._waiting and not self._rows and not self._control \
-                            and not self._unloading:
+                            and not self._unloading and not self._jobs:
                         if self._draining:
                             return
                         self._wake.wait(timeout=0.5)
@@ -293,9 +308,18 @@ class Scheduler:
                         admitted.append(self._waiting.popleft())
                     loads, self._control = list(self._control), collections.deque()
                     unloads = self._unused(admitted)
+                    jobs, self._jobs = list(self._jobs), collections.deque()
                 self._change_adapters(loads, unloads)
                 try:
                     with torch.inference_mode():
+                        if jobs:
+                            self._route([])  # a job's forward reads the base model alone
+                        for fn, future in jobs:
+                            if future.set_running_or_notify_cancel():
+                                try:
+                                    future.set_result(fn())
+                                except Exception as exc:  # the job's own fault: its caller hears of it
+                                    future.set_exception(exc)
                         for request in admitted:
                             self._prefill(request)
                         if self._rows:
@@ -315,10 +339,14 @@ class Scheduler:
                 self._rows, self._waiting = [], collections.deque()
                 pending = [done for _, _, done in self._control] + list(self._unloading.values())
                 self._control, self._unloading = collections.deque(), {}
+                jobs, self._jobs = list(self._jobs), collections.deque()
             for request in ending:
                 request.on_done("shutdown", None)
             for done in pending:
                 done.set_exception(RuntimeError("the server is shutting down"))
+            for _, future in jobs:
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(RuntimeError("the server shut down before this request ran"))
 
     def _unused(self, admitted: list[Request]) -> list[str]:
         """The adapters being unloaded that no request uses any more (with the lock held)."""
@@ -350,9 +378,10 @@ class Scheduler:
             log.info("loaded the LoRA adapter %r", name)
 
     def _route(self, requests: Sequence[Request]) -> None:
-        """Before a forward: row ``i`` of its batch decodes with the adapter of ``requests[i]``."""
+        """Before a forward: row ``i`` of its batch decodes with the adapter of ``requests[i]`` (none: every row
+        of the next forward reads the base model alone)."""
         if self.adapters is not None:
-            self.adapters.route([r.adapter for r in requests])
+            self.adapters.route([r.adapter for r in requests] or [None])
 
     def _prefill(self, request: Request) -> None:
         slot = len(self._rows)
