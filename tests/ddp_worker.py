@@ -11,6 +11,6 @@ def train_one_rank(rank: int, world: int, store: str, checkpoint: str, data_dir:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         model = GPT2.from_pretrained(checkpoint, config=config["model"])
-        train(model, TokenData.open(data_dir), out_dir, config["train"])
+        train(model, TokenData.open(data_dir), out_dir, config["train"], resume=config.get("resume", False))
     finally:
         dist.destroy_process_group()

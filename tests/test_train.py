@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 import transformers
 
-from gpt2lite import GPT2, GPT2Config, TrainConfig, perplexity, prepare_data, token_logprobs, train
+from gpt2lite import GPT2, GPT2Config, TokenData, TrainConfig, perplexity, prepare_data, token_logprobs, train
 from gpt2lite.cli import main
 
 QUIET = dict(progress=False, eval_interval=0, save_interval=0)
@@ -203,6 +203,51 @@ def test_ddp_two_processes_equal_one_process_on_combined_batch(tiny_dir, data, t
     # Averaging two half-batch gradients sums in another order than one full batch; Adam's
     # normalisation turns that float rounding into at most a sliver of a step.
     assert worst < 1e-2 * update, (worst, update)
+
+
+def _spawn(tiny_dir, data, out, model_config, train_config, resume=False):
+    import ddp_worker
+
+    config = {"model": model_config, "train": train_config, "resume": resume}
+    mp.spawn(ddp_worker.train_one_rank, nprocs=2, join=True,
+             args=(2, str(out.parent / f"store-{out.name}-{resume}"), str(tiny_dir), str(data.directory), str(out),
+                   config))
+
+
+def _metrics(out):
+    import json
+
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_fsdp_equals_ddp_and_resumes_across_process_counts(tiny_dir, data, tmp_path):
+    """FSDP2 on 2 gloo processes: DDP's losses over 20 steps; its checkpoint goes on in 1 process, then in 2 again."""
+    model_config = no_dropout(tiny_dir)
+    # A constant learning rate: a run told steps=10 follows the schedule of one told steps=20.
+    common = dict(block_size=32, lr=1e-3, min_lr=1e-3, warmup_steps=0, progress=False, eval_interval=10,
+                  save_interval=10)
+    _spawn(tiny_dir, data, tmp_path / "ddp", model_config, TrainConfig(steps=20, batch_size=2, **common))
+    _spawn(tiny_dir, data, tmp_path / "fsdp", model_config, TrainConfig(steps=20, batch_size=2, fsdp=True, **common))
+    ddp, fsdp = _metrics(tmp_path / "ddp"), _metrics(tmp_path / "fsdp")
+    assert len(ddp) == len(fsdp) == 20
+    assert max(abs(a["train_loss"] - b["train_loss"]) for a, b in zip(ddp, fsdp, strict=True)) < 1e-4
+    assert abs(ddp[-1]["val_loss"] - fsdp[-1]["val_loss"]) < 1e-4
+    # 2 processes (fsdp) for 10 steps, 1 process (the same global batch) to 15, fsdp again to 20.
+    split = tmp_path / "split"
+    _spawn(tiny_dir, data, split, model_config, TrainConfig(steps=10, batch_size=2, fsdp=True, **common))
+    train(GPT2.from_pretrained(tiny_dir, config=model_config), TokenData.open(data.directory), split,
+          TrainConfig(steps=15, batch_size=4, **{**common, "save_interval": 5}), resume=True)
+    _spawn(tiny_dir, data, split, model_config, TrainConfig(steps=20, batch_size=2, fsdp=True, **common),
+           resume=True)
+    resumed = _metrics(split)
+    assert [m["step"] for m in resumed] == list(range(1, 21))
+    assert abs(resumed[-1]["val_loss"] - ddp[-1]["val_loss"]) < 1e-4
+    for i in [*range(10), *range(15, 20)]:  # steps run on 2 processes log process 0's half of the batch
+        assert abs(resumed[i]["train_loss"] - ddp[i]["train_loss"]) < 1e-4
+    a = GPT2.from_pretrained(tmp_path / "ddp" / "final").state_dict()
+    b = GPT2.from_pretrained(split / "final").state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
 
 
 def test_training_errors(tiny_dir, data, tmp_path):

@@ -75,6 +75,8 @@ def add_finetune(commands: Any) -> None:
     sched.add_argument("--seed", type=int, default=None, help="(default: 0)")
     sched.add_argument("--autocast", choices=["bf16", "fp16"], default=None, help="mixed precision on CUDA")
     sched.add_argument("--compile", action="store_true", help="torch.compile the model")
+    sched.add_argument("--fsdp", action="store_true",
+                       help="under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP")
     sched.add_argument("--peak-flops", type=float, default=None,
                        help="the device's peak FLOP/s, for MFU (default: known for A100/H100/H200 in bf16)")
     runs = ft.add_argument_group("the run's folder and records")
@@ -156,7 +158,7 @@ def _finetune(args: argparse.Namespace) -> int:
         autocast=args.autocast, compile=args.compile, freeze_blocks=args.freeze_blocks,
         gradient_checkpointing=args.gradient_checkpointing, early_stopping=args.early_stopping,
         sample_every=args.sample_every, sample_prompt=args.sample_prompt, sample_tokens=args.sample_tokens,
-        tensorboard=args.tensorboard, peak_flops=args.peak_flops,
+        tensorboard=args.tensorboard, peak_flops=args.peak_flops, fsdp=args.fsdp,
     )  # bad values fail here, before any data is read
     lora = _lora_config(args)
     if not os.path.exists(args.data):
