@@ -1,6 +1,7 @@
 """The README's Chinese path, run as written: a tiny GPT-2 trained on Chinese text with a BERT vocab.txt alone and
 with --char, then generation, streaming, chat and the server; transformers' AutoTokenizer is the oracle for the saved
-vocabularies, the text itself (no space between Chinese characters) for what comes out."""
+vocabularies, the text itself (no space between Chinese characters) for what comes out. Then the rest of a user's
+first day: a served run's name, what --compile says."""
 
 from __future__ import annotations
 
@@ -95,3 +96,25 @@ def test_the_readme_chinese_path(tmp_path, monkeypatch):
     Path("reference.txt").write_text("春天到了，花都开了。\n", encoding="utf-8")
     status, printed, _ = cli(commands["evaluate"])
     assert status == 0 and "tokenize: zh" in printed
+
+
+# the rest of a user's first day ---------------------------------------------------------------------------------
+
+
+def test_a_served_training_run_is_named_after_its_run_folder(tmp_path):
+    from gpt2lite.cli.serve import _served_name
+
+    run = tmp_path / "zh-char"
+    for folder in ("final", "best"):
+        (run / folder).mkdir(parents=True)
+    assert _served_name(str(run / "final")) == "final"  # no run.json: any folder called final keeps its name
+    (run / "run.json").write_text("{}")
+    assert _served_name(str(run / "final")) == "zh-char" and _served_name(str(run / "best")) == "zh-char-best"
+    assert _served_name(str(run)) == "zh-char" and _served_name("gpt2") == "gpt2"
+
+
+def test_generate_with_compile_says_it_is_compiling(tiny_dir, monkeypatch):
+    monkeypatch.setattr(TextGenerator, "stream", lambda self, *args, **kwargs: iter(["text"]))  # no real compile
+    status, out, err = cli(["generate", "Hello", "--model", str(tiny_dir), "--compile", "--max-new-tokens", "2"])
+    assert status == 0 and out == "text\n" and "compiling the decode step" in err
+    assert "compiling" not in cli(["generate", "Hello", "--model", str(tiny_dir), "--max-new-tokens", "2"])[2]

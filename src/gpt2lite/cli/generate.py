@@ -141,6 +141,9 @@ def _generate(args: argparse.Namespace) -> int:
     text_generator = load_text_generator(args, args.model)
     draft = load_text_generator(args, args.draft_model, draft=True).model if args.draft_model else None
     call = dict(stop=args.stop_strings, bad_words=args.bad_words, draft_model=draft)
+    if options.compile:  # the first token waits for torch.compile: say so, rather than look stuck
+        print("compiling the decode step (torch.compile): the first token waits for it, half a minute to several "
+              "minutes on a loaded CPU", file=sys.stderr, flush=True)
     if args.json:
         for completion in text_generator.complete(prompt, options, **call):
             sys.stdout.write(json.dumps(completion.to_dict(), ensure_ascii=False) + "\n")

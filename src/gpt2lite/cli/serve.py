@@ -155,13 +155,19 @@ def _serve_classifier(args: argparse.Namespace, options: Any, listener: socket.s
 
 
 def _served_name(model: str) -> str:
-    """The model id the server shows: a local model's folder name, or the hub id."""
+    """The model id the server shows: a local model's folder name (a training run's own name for its ``final/``
+    or ``best/``), or the hub id."""
     from pathlib import Path
 
     path = Path(model).expanduser()
     if path.is_file():
         path = path.parent
-    return path.resolve().name if path.exists() else model
+    if not path.exists():
+        return model
+    path = path.resolve()
+    if path.name in ("final", "best") and (path.parent / "run.json").is_file():  # gpt2lite finetune's folders
+        return path.parent.name if path.name == "final" else f"{path.parent.name}-best"
+    return path.name
 
 
 def _listen(host: str, port: int) -> Any:
