@@ -63,6 +63,7 @@ if TYPE_CHECKING:
     from gpt2lite.training.trainer import TrainConfig as TrainConfig
     from gpt2lite.training.trainer import TrainResult as TrainResult
     from gpt2lite.training.trainer import train as train
+    from gpt2lite.transforms.adapters import LoraSlots as LoraSlots
     from gpt2lite.transforms.lora import LoraConfig as LoraConfig
     from gpt2lite.transforms.lora import add_lora as add_lora
     from gpt2lite.transforms.lora import merge_lora as merge_lora
