@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import urllib.parse
 
 import httpx
@@ -120,3 +121,93 @@ def test_cors_lets_the_allowed_origin_s_pages_call_the_api_and_no_other(tiny_dir
     head = httpx.head
     with running(create_app(gen.model, gen.tokenizer, ServerOptions(model_name="tiny"))) as url:
         assert head(url + "/").status_code == 200 and head(url + "/health").status_code == 200
+
+
+def test_counts_speed_continue_every_stop_chat_picker_and_dark_mode_match_the_api(tiny_dir):
+    """One server and one browser for the page's newer parts, each against the API's own answer to the same request."""
+    with serve(tiny_dir) as (url, _), open_page(page_url(url, prompt=PROMPT, max_tokens="8", temperature="0",
+                                                          autorun="1")) as page:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        js = page.evaluate
+
+        def run(button: str = "run") -> tuple[str, str]:
+            js(f"document.getElementById('output').dataset.done = ''; document.getElementById('{button}').click()")
+            page.wait_for("document.getElementById('output').dataset.done === '1'")
+            assert js("document.getElementById('error').textContent") == ""
+            return js("document.getElementById('output').textContent"), \
+                js("document.getElementById('status').textContent")
+
+        def speed(status: str) -> tuple[str, int]:
+            found = re.fullmatch(r"done \((\w+)\) · (\d+) tokens in [\d.]+ s · [\d.]+ tok/s", status)
+            assert found, status
+            return found[1], int(found[2])
+
+        # The autorun link: its text, and the speed from the server's own token count.
+        page.wait_for("document.getElementById('output').dataset.done === '1'")
+        first = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0)
+        assert js("document.getElementById('output').textContent") == first.choices[0].text
+        status = js("document.getElementById('status').textContent")
+        assert speed(status) == (first.choices[0].finish_reason, first.usage.completion_tokens)
+        # The token count beside the context is /tokenize's.
+        counted = httpx.post(url + "/tokenize", json={"prompt": PROMPT}).json()
+        shown = page.wait_for("document.getElementById('count').dataset.count")
+        count_text = js("document.getElementById('count').textContent")
+        assert int(shown) == counted["count"] and f"{counted['max_model_len']}-token context" in count_text
+
+        # Continue: the output joins the prompt and runs again.
+        text, status = run("continue")
+        longer = PROMPT + first.choices[0].text
+        assert js("document.getElementById('prompt').value") == longer
+        again = client.completions.create(model="tiny", prompt=longer, max_tokens=8, temperature=0)
+        assert text == again.choices[0].text and speed(status)[1] == again.usage.completion_tokens
+
+        # Every stop string goes to the server (the page kept 4): decoys with a comma, a newline and a backslash
+        # first, the one that cuts this text last. Typed one a line, with \n and \\ as escapes.
+        js(f"document.getElementById('prompt').value = {json.dumps(PROMPT)}; "
+           "document.getElementById('max_tokens').value = '24'")
+        full = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=24, temperature=0).choices[0].text
+        cut = full[len(full) // 2:len(full) // 2 + 2]
+        stops = ["zq,x", "no\nsuch", "back\\slash", "qqq1", "qqq2", "qqq3", cut]
+        typed = "\n".join(s.replace("\\", "\\\\").replace("\n", "\\n") for s in stops)
+        js(f"document.getElementById('stop_strings').value = {json.dumps(typed)}")
+        text, status = run()
+        stopped = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=24, temperature=0, stop=stops)
+        assert text == stopped.choices[0].text and len(text) < len(full)
+        assert speed(status) == ("stop", stopped.usage.completion_tokens)
+        assert js("new URLSearchParams(location.search).getAll('stop')") == stops  # the link holds each one
+
+        # Chat, for a model without a chat template (the server's default one): count, text and speed.
+        js("document.getElementById('stop_strings').value = ''; document.getElementById('tab-chat').click()")
+        assert js("!document.getElementById('tab-chat').classList.contains('hidden')")
+        assert "no chat template" in js("document.getElementById('chat-note').textContent")
+        js("const box = document.getElementById('chat-input'); box.value = 'Hello there';"
+           "box.dispatchEvent(new Event('input'))")
+        messages = [{"role": "user", "content": "Hello there"}]
+        reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0)
+        assert int(page.wait_for("document.getElementById('chat-count').dataset.count")) == reply.usage.prompt_tokens
+        js("document.getElementById('send').click()")
+        page.wait_for("document.getElementById('chat-output') && document.getElementById('chat-output').dataset.done")
+        assert js("document.getElementById('error').textContent") == ""
+        assert js("document.getElementById('chat-output').textContent") == reply.choices[0].message.content
+        chat_speed = speed(js("document.getElementById('chat-status').textContent"))
+        assert chat_speed == (reply.choices[0].finish_reason, reply.usage.completion_tokens)
+
+        # The picker lists what /v1/models lists; a link naming another model says so, and runs nothing.
+        listed = [m.id for m in client.models.list().data]
+        assert js("[...document.getElementById('model').options].map(o => o.value)") == listed
+        page.call("Page.navigate", url=page_url(url, model="nonesuch", prompt=PROMPT, autorun="1"))
+        message = page.wait_for("document.getElementById('error').textContent")
+        assert "nonesuch" in message and "not served here" in message
+        assert js("document.getElementById('output').textContent") == ""
+
+        # Dark mode follows the system's setting: light text on a dark page, and the reverse.
+        def luminance(css: str) -> float:
+            r, g, b = (int(v) / 255 for v in re.findall(r"\d+", css)[:3])
+            return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+        colours = ("[getComputedStyle(document.body).backgroundColor, getComputedStyle(document.body).color, "
+                   "getComputedStyle(document.getElementById('prompt')).backgroundColor]")
+        for scheme, dark in (("light", False), ("dark", True)):
+            page.call("Emulation.setEmulatedMedia", features=[{"name": "prefers-color-scheme", "value": scheme}])
+            page_bg, fg, box_bg = (luminance(c) for c in js(colours))
+            assert (page_bg < 0.2 and box_bg < 0.2 and fg > 0.7) if dark else (page_bg > 0.9 and fg < 0.3), scheme
