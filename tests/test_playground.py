@@ -123,10 +123,20 @@ def test_cors_lets_the_allowed_origin_s_pages_call_the_api_and_no_other(tiny_dir
         assert head(url + "/").status_code == 200 and head(url + "/health").status_code == 200
 
 
-def test_counts_speed_continue_every_stop_chat_picker_and_dark_mode_match_the_api(tiny_dir):
+def test_counts_speed_continue_every_stop_chat_picker_and_dark_mode_match_the_api(tiny_dir, tmp_path):
     """One server and one browser for the page's newer parts, each against the API's own answer to the same request."""
-    with serve(tiny_dir) as (url, _), open_page(page_url(url, prompt=PROMPT, max_tokens="8", temperature="0",
-                                                          autorun="1")) as page:
+    import peft
+    import torch
+    import transformers
+
+    torch.manual_seed(0)  # a LoRA adapter made by peft, with random B so that it changes the text
+    transformers.logging.set_verbosity_error()
+    lora = peft.get_peft_model(transformers.GPT2LMHeadModel.from_pretrained(tiny_dir),
+                               peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], init_lora_weights=False,
+                                                fan_in_fan_out=True))
+    lora.save_pretrained(tmp_path / "alpha")
+    with serve(tiny_dir, "--lora", f"alpha={tmp_path / 'alpha'}") as (url, _), \
+            open_page(page_url(url, prompt=PROMPT, max_tokens="8", temperature="0", autorun="1")) as page:
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
         js = page.evaluate
 
@@ -192,9 +202,18 @@ def test_counts_speed_continue_every_stop_chat_picker_and_dark_mode_match_the_ap
         chat_speed = speed(js("document.getElementById('chat-status').textContent"))
         assert chat_speed == (reply.choices[0].finish_reason, reply.usage.completion_tokens)
 
-        # The picker lists what /v1/models lists; a link naming another model says so, and runs nothing.
+        # The picker lists what /v1/models lists, the adapter marked; a link picking the adapter gets its text.
         listed = [m.id for m in client.models.list().data]
+        assert listed == ["tiny", "alpha"]
         assert js("[...document.getElementById('model').options].map(o => o.value)") == listed
+        page.call("Page.navigate", url=page_url(url, model="alpha", prompt=PROMPT, max_tokens="8", temperature="0",
+                                                autorun="1"))
+        page.wait_for("document.getElementById('output').dataset.done === '1'")
+        adapted = client.completions.create(model="alpha", prompt=PROMPT, max_tokens=8, temperature=0).choices[0].text
+        assert js("document.getElementById('output').textContent") == adapted != first.choices[0].text
+        assert js("document.getElementById('model-info').textContent").startswith("LoRA adapter of tiny")
+        assert js("document.getElementById('model').selectedOptions[0].textContent") == "alpha (adapter)"
+        # A link naming a model this server does not serve says so, and runs nothing.
         page.call("Page.navigate", url=page_url(url, model="nonesuch", prompt=PROMPT, autorun="1"))
         message = page.wait_for("document.getElementById('error').textContent")
         assert "nonesuch" in message and "not served here" in message
