@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import time
 import urllib.parse
 
 import httpx
@@ -147,6 +149,18 @@ def test_counts_speed_continue_every_stop_chat_picker_and_dark_mode_match_the_ap
             return js("document.getElementById('output').textContent"), \
                 js("document.getElementById('status').textContent")
 
+        def navigate(link: str) -> None:
+            """Open ``link`` in the page and wait for it (not the page before it) to have loaded."""
+            js("window.before = true")
+            page.call("Page.navigate", url=link)
+            deadline = time.monotonic() + 30
+            while True:
+                with contextlib.suppress(RuntimeError):  # its context is destroyed while the next one loads
+                    if js("!window.before && document.readyState === 'complete'"):
+                        return
+                assert time.monotonic() < deadline, link
+                time.sleep(0.05)
+
         def speed(status: str) -> tuple[str, int]:
             found = re.fullmatch(r"done \((\w+)\) · (\d+) tokens in [\d.]+ s · [\d.]+ tok/s", status)
             assert found, status
@@ -206,15 +220,14 @@ def test_counts_speed_continue_every_stop_chat_picker_and_dark_mode_match_the_ap
         listed = [m.id for m in client.models.list().data]
         assert listed == ["tiny", "alpha"]
         assert js("[...document.getElementById('model').options].map(o => o.value)") == listed
-        page.call("Page.navigate", url=page_url(url, model="alpha", prompt=PROMPT, max_tokens="8", temperature="0",
-                                                autorun="1"))
+        navigate(page_url(url, model="alpha", prompt=PROMPT, max_tokens="8", temperature="0", autorun="1"))
         page.wait_for("document.getElementById('output').dataset.done === '1'")
         adapted = client.completions.create(model="alpha", prompt=PROMPT, max_tokens=8, temperature=0).choices[0].text
         assert js("document.getElementById('output').textContent") == adapted != first.choices[0].text
         assert js("document.getElementById('model-info').textContent").startswith("LoRA adapter of tiny")
         assert js("document.getElementById('model').selectedOptions[0].textContent") == "alpha (adapter)"
         # A link naming a model this server does not serve says so, and runs nothing.
-        page.call("Page.navigate", url=page_url(url, model="nonesuch", prompt=PROMPT, autorun="1"))
+        navigate(page_url(url, model="nonesuch", prompt=PROMPT, autorun="1"))
         message = page.wait_for("document.getElementById('error').textContent")
         assert "nonesuch" in message and "not served here" in message
         assert js("document.getElementById('output').textContent") == ""
@@ -230,3 +243,52 @@ def test_counts_speed_continue_every_stop_chat_picker_and_dark_mode_match_the_ap
             page.call("Emulation.setEmulatedMedia", features=[{"name": "prefers-color-scheme", "value": scheme}])
             page_bg, fg, box_bg = (luminance(c) for c in js(colours))
             assert (page_bg < 0.2 and box_bg < 0.2 and fg > 0.7) if dark else (page_bg > 0.9 and fg < 0.3), scheme
+
+
+def test_a_served_classifier_gets_the_classify_tab_with_transformers_probabilities(tmp_path):
+    """A classifier folder: the page shows Classify alone, each text's label and probabilities as transformers'."""
+    import torch
+    import transformers
+
+    from gpt2lite import TextClassifier
+    from gpt2lite.serve.app import ServerOptions, create_app
+    from oracles import tiktoken_gpt2
+
+    from .conftest import TINY
+
+    labels = ("negative", "neutral", "positive")
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(5)
+    config = transformers.GPT2Config(**TINY, num_labels=3, pad_token_id=50256, id2label=dict(enumerate(labels)),
+                                     label2id={n: i for i, n in enumerate(labels)})
+    hf = transformers.GPT2ForSequenceClassification(config).eval()
+    with torch.no_grad():  # random biases, so that the classes differ
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.5)
+    hf.save_pretrained(tmp_path)
+    texts = ["a fine, warm film", "dull and far too long", "The cat sat on the mat."]
+    ids = [tiktoken_gpt2().encode(t) for t in texts]  # tiktoken's ids, transformers' probabilities
+    with torch.no_grad():
+        expected = [hf(torch.tensor([row])).logits[0].softmax(-1).tolist() for row in ids]
+    clf = TextClassifier.from_pretrained(tmp_path)
+    with running(create_app(clf.model, clf.tokenizer, ServerOptions(model_name="clf"))) as url, \
+            open_page(page_url(url, input="\n".join(texts), autorun="1")) as page:
+        page.wait_for("document.getElementById('classify-output').dataset.done === '1'")
+        js = page.evaluate
+        assert js("document.getElementById('error').textContent") == ""
+        rows = js("[...document.querySelectorAll('#classify-output tbody tr')].map(r => "
+                  "[r.cells[0].textContent, r.dataset.label, JSON.parse(r.dataset.probs), "
+                  "r.querySelector('.bar.top span').textContent])")
+        visible = js("['tab-complete', 'tab-chat', 'tab-classify', 'controls'].map(id => "
+                     "!document.getElementById(id).classList.contains('hidden'))")
+        status = js("document.getElementById('classify-status').textContent")
+        address = js("location.search")
+    assert [r[0] for r in rows] == texts
+    for (_, label, probs, top), want in zip(rows, expected, strict=True):
+        assert probs == pytest.approx(want, abs=1e-5) and label == top == labels[max(range(3), key=want.__getitem__)]
+    assert len({r[1] for r in rows}) > 1  # not one label for everything
+    assert visible == [False, False, True, False]
+    tokens = sum(len(row) for row in ids)
+    assert re.fullmatch(rf"done · 3 texts, {tokens} tokens in [\d.]+ s · [\d.]+ tok/s", status), status
+    assert "input=" in address and "model=clf" in address
