@@ -258,14 +258,12 @@ def test_a_served_classifier_gets_the_classify_tab_with_transformers_probabiliti
 
     labels = ("negative", "neutral", "positive")
     transformers.logging.set_verbosity_error()
-    torch.manual_seed(5)
+    torch.manual_seed(2)
     config = transformers.GPT2Config(**TINY, num_labels=3, pad_token_id=50256, id2label=dict(enumerate(labels)),
                                      label2id={n: i for i, n in enumerate(labels)})
     hf = transformers.GPT2ForSequenceClassification(config).eval()
-    with torch.no_grad():  # random biases, so that the classes differ
-        for name, p in hf.named_parameters():
-            if name.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.5)
+    with torch.no_grad():  # a larger random head, so that these texts get different labels
+        hf.score.weight.normal_(0, 0.3)
     hf.save_pretrained(tmp_path)
     texts = ["a fine, warm film", "dull and far too long", "The cat sat on the mat."]
     ids = [tiktoken_gpt2().encode(t) for t in texts]  # tiktoken's ids, transformers' probabilities
