@@ -91,6 +91,23 @@ def test_int8_kernel_gives_nan_rows_for_non_finite_input_or_refuses_them(isa):
 
 
 @needs_kernels
+@pytest.mark.parametrize(("rows", "heads", "slots", "head_size"), [(1, 12, 37, 64), (3, 2, 1, 8), (2, 4, 300, 256)])
+def test_one_row_attention_equals_the_float64_softmax_over_strided_cache_views(rows, heads, slots, head_size):
+    g = torch.Generator().manual_seed(slots)
+    cache = torch.randn(2, rows + 1, heads, slots + 5, head_size, generator=g) * 2  # (k/v, B+1, H, max, D)
+    k, v = cache[0, 1:, :, :slots], cache[1, 1:, :, :slots]  # (B, H, S, D) views, as the cache hands them out
+    q = torch.randn(rows, 1, heads, head_size, generator=g).transpose(1, 2)  # (B, H, 1, D), not contiguous
+    scale = 1 / head_size**0.5
+    scores = (q.double() @ k.double().transpose(-1, -2)) * scale  # (B, H, 1, S)
+    want = torch.softmax(scores, -1) @ v.double()  # (B, H, 1, D)
+    y = native.one_row_attention(q, k, v, scale)
+    assert y is not None and y.shape == (rows, heads, 1, head_size)
+    assert torch.allclose(y.double(), want, rtol=1e-5, atol=1e-5)
+    assert native.one_row_attention(q.double(), k.double(), v.double(), scale) is None  # float32 only
+    assert native.one_row_attention(q[..., :6], k[..., :6], v[..., :6], scale) is None  # head size 6: SDPA
+
+
+@needs_kernels
 def test_int8_layers_take_the_kernel_by_default_and_fbgemm_when_told(monkeypatch):
     g = torch.Generator().manual_seed(0)
     layer = Int8Linear.from_float(torch.randn(96, 128, generator=g), torch.randn(96, generator=g))
@@ -107,9 +124,10 @@ def test_int8_layers_take_the_kernel_by_default_and_fbgemm_when_told(monkeypatch
 
 @needs_kernels
 def test_float32_model_with_the_kernel_keeps_transformers_greedy_tokens(tiny_dir, hf_tiny, monkeypatch):
-    calls = []
-    real = NativeKernels.linear_f32
+    calls, attended = [], []
+    real, attend = NativeKernels.linear_f32, NativeKernels.attend_one_row
     monkeypatch.setattr(NativeKernels, "linear_f32", lambda self, *a: calls.append(1) or real(self, *a))
+    monkeypatch.setattr(NativeKernels, "attend_one_row", lambda self, *a: attended.append(1) or attend(self, *a))
     model = load_model(tiny_dir)  # the default: one-row products through gpt2lite's kernel, chosen by rule
     assert all(m.one_row == "native" and m.kernels == "native"
                for m in model.modules() if isinstance(m, (PackedLinear, PackedEmbedding)))
@@ -118,6 +136,7 @@ def test_float32_model_with_the_kernel_keeps_transformers_greedy_tokens(tiny_dir
     theirs = hf_tiny.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=24,
                               pad_token_id=50256)
     assert torch.equal(ours, theirs) and len(calls) >= 23 * 9  # 23 one-row steps of 2 layers x 4 products + head
+    assert len(attended) == 23 * 2  # and each step's attention, in each of the 2 layers
     with torch.no_grad():
         step = torch.tensor([[50, 7]])
         assert torch.allclose(model(step[:, :1]), hf_tiny(step[:, :1]).logits, atol=1e-4)
@@ -141,6 +160,7 @@ def test_int8_model_logits_are_within_int8_rounding_of_transformers_and_the_torc
 def test_forced_fallback_runs_no_kernel_and_the_flag_reaches_the_model(tiny_dir, monkeypatch):
     monkeypatch.setattr(NativeKernels, "linear_f32", lambda *a, **k: pytest.fail("the float32 kernel ran"))
     monkeypatch.setattr(NativeKernels, "linear_int8", lambda *a, **k: pytest.fail("the int8 kernel ran"))
+    monkeypatch.setattr(NativeKernels, "attend_one_row", lambda *a, **k: pytest.fail("the attention kernel ran"))
     ids = torch.tensor([[464, 3290, 318]])
     for quantize in (None, "int8"):
         model = load_model(tiny_dir, quantize=quantize, kernels="torch")

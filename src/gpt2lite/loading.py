@@ -113,14 +113,13 @@ def load_model(
             merge_lora(model)
     if quantize:
         quantize_model(model, quantize)
-        use_kernels(model, kernels)
     if prepack or (prepack is None and kind == "lm" and can_prepack(model)):
         # The default keeps MKL for batches, as transformers computes them: oneDNN's batched products
         # round differently, and greedy tokens then part from transformers' at near ties (a random
         # 124M: from token 102 of 128). prepack=True opts into oneDNN's reordered copies, which
         # batches then take whatever `batch` says.
         prepack_model(model, copy=bool(prepack), batch="mkl", kernels=kernels)
-    return model
+    return use_kernels(model, kernels)
 
 
 def save_model(model: nn.Module, directory: str | os.PathLike[str], *,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -42,6 +42,10 @@ def tied_head_product(x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
 class CausalSelfAttention(nn.Module):
     """Masked multi-head self-attention."""
 
+    # A kernel for a decode step's attention (one query row, no mask): (q, k, v, scale) -> (B, nh, 1, hs),
+    # or None where it does not serve. Set from outside (transforms.native.use_kernels); None: SDPA.
+    one_row_attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor | None] | None = None
+
     def __init__(self, config: GPT2Config, layer: int) -> None:
         super().__init__()
         self.layer = layer
@@ -68,10 +72,14 @@ class CausalSelfAttention(nn.Module):
         dtype = q.dtype
         if self.upcast:
             q, k, v = q.float(), k.float(), v.float()
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.attn_pdrop if self.training else 0.0,
-            scale=self.scale,
-        )  # (B, nh, T, hs)
+        y = None
+        if T == 1 and mask is None and self.one_row_attention is not None and not self.training:
+            y = self.one_row_attention(q, k, v, self.scale)  # (B, nh, 1, hs), or None
+        if y is None:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.attn_pdrop if self.training else 0.0,
+                scale=self.scale,
+            )  # (B, nh, T, hs)
         if self.upcast:
             y = y.to(dtype)
         y = self.c_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)

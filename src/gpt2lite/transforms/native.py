@@ -49,7 +49,7 @@ from gpt2lite.errors import NonFiniteError
 from gpt2lite.io.files import atomic_write
 
 __all__ = ["KERNEL_ROUTES", "OVERFLOWED", "KernelRoute", "NativeKernels", "cpu_features", "default_cache_dir",
-           "kernels_for", "load_kernels", "use_kernels"]
+           "kernels_for", "load_kernels", "one_row_attention", "use_kernels"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,8 @@ class NativeKernels:
         self._f32.argtypes, self._f32.restype = [p, p, p, p, i64, i64, i64, c_int], None
         self._i8 = getattr(library, f"gl_linear_i8_{isa}")
         self._i8.argtypes, self._i8.restype = [p, p, p, p, p, i64, i64, i64, c_int], c_int
+        self._attend = library.gl_attend_one_row
+        self._attend.argtypes, self._attend.restype = [p, p, p, p, *[i64] * 10, ctypes.c_float, c_int], None
         self._library = library  # kept alive with the functions
 
     @staticmethod
@@ -120,6 +122,20 @@ class NativeKernels:
                     y.data_ptr(), rows.shape[0], weight.shape[0], weight.shape[1], torch.get_num_threads()):
             raise MemoryError("gpt2lite's int8 kernel could not allocate its rounded activations")
         return y.view(*x.shape[:-1], weight.shape[0])  # (..., N)
+
+
+    def attend_one_row(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """``softmax(q @ k.T * scale) @ v`` for one query row: ``q`` ``(B, H, 1, D)``, ``k``, ``v`` ``(B, H, S, D)``.
+
+        ``k`` and ``v`` may be any strided view (the cache's slots) whose last dimension is contiguous;
+        ``D`` a multiple of 8, at most 256.
+        """
+        B, H, _, D = q.shape
+        rows = q.contiguous()  # (B, H, 1, D)
+        y = torch.full((B, H, 1, D), float("nan"))  # (B, H, 1, D); stays NaN only if the kernel could not allocate
+        self._attend(rows.data_ptr(), k.data_ptr(), v.data_ptr(), y.data_ptr(), B, H, k.shape[2], D,
+                     *k.stride()[:3], *v.stride()[:3], scale, torch.get_num_threads())
+        return y
 
 
 _LOADED: dict[tuple[str | None, str | None], NativeKernels | None] = {}
@@ -256,17 +272,35 @@ def kernels_for(route: KernelRoute) -> NativeKernels | None:
     return load_kernels() if route == "native" else None
 
 
+def one_row_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """A decode step's attention ``(B, H, 1, D)`` through gpt2lite's kernel, or None where it does not serve.
+
+    It serves eager float32 CPU inference with a head size that is a multiple of 8
+    (at most 256); elsewhere (and inside ``torch.compile``, whose own code serves)
+    the caller takes ``scaled_dot_product_attention``.
+    """
+    if (q.device.type != "cpu" or not q.dtype == k.dtype == v.dtype == torch.float32 or q.shape[2] != 1
+            or q.shape[3] % 8 or q.shape[3] > 256 or k.stride(-1) != 1 or v.stride(-1) != 1
+            or torch.compiler.is_compiling() or (torch.is_grad_enabled() and q.requires_grad)):
+        return None
+    kernels = load_kernels()
+    return None if kernels is None else kernels.attend_one_row(q, k, v, scale)
+
+
 def use_kernels(model: nn.Module, route: KernelRoute = "native") -> nn.Module:
     """Set the product route of every layer of ``model`` that has one (int8 and prepacked layers); return it.
 
     ``"native"`` (the default of ``load_model``): gpt2lite's compiled kernels where
-    they serve, PyTorch's elsewhere; ``"torch"``: PyTorch's routes only.
+    they serve, PyTorch's elsewhere (a decode step's one-row attention too);
+    ``"torch"``: PyTorch's routes only.
     """
     if route not in KERNEL_ROUTES:
         raise ValueError(f"kernels must be one of {KERNEL_ROUTES}, got {route!r}")
     for module in model.modules():
         if getattr(type(module), "kernels", None) in KERNEL_ROUTES:
             module.kernels = route
+        if hasattr(type(module), "one_row_attention"):  # GPT-2's attention: a hook for a decode step's attention
+            module.one_row_attention = one_row_attention if route == "native" else None
     return model
 
 

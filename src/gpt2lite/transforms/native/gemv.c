@@ -231,3 +231,57 @@ int gl_linear_i8_avx512(const float *x, const int8_t *w, const float *scale, con
                         int64_t M, int64_t N, int64_t K, int threads) {
     return linear_i8(x, w, scale, bias, y, M, N, K, threads, i8_task_avx512);
 }
+
+/* ---------------------------------------------------------------- one-row attention ------------------------ */
+
+/* One query row per (batch row, head) against S cached keys and values: softmax(q.k * scale) . v, in
+   float32, the scores' maximum subtracted before exp. q and y are (B, H, D) contiguous; k and v
+   are read through their strides (a view of the cache's slots), each slot's D values contiguous. */
+typedef struct {
+    const float *q, *k, *v;
+    float *y;
+    int64_t H, S, D, k_b, k_h, k_s, v_b, v_h, v_s;
+    float scale;
+} attn_args;
+
+static float dot_f32_short(const float *a, const float *b, int64_t D) { /* D a multiple of 8 */
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+
+static void attn_task(const void *p, int64_t begin, int64_t end) {
+    const attn_args *a = p;
+    float *scores = malloc(sizeof(float) * (size_t)a->S), acc[256];
+    if (!scores) return; /* the caller checks for this: y keeps its NaN fill */
+    for (int64_t row = begin; row < end; row++) {
+        int64_t b = row / a->H, h = row % a->H;
+        const float *q = a->q + row * a->D, *k = a->k + b * a->k_b + h * a->k_h, *v = a->v + b * a->v_b + h * a->v_h;
+        float top = -INFINITY, total = 0.0f;
+        for (int64_t s = 0; s < a->S; s++) {
+            scores[s] = dot_f32_short(q, k + s * a->k_s, a->D) * a->scale;
+            top = scores[s] > top ? scores[s] : top;
+        }
+        for (int64_t s = 0; s < a->S; s++) total += scores[s] = expf(scores[s] - top);
+        for (int64_t d = 0; d < a->D; d++) acc[d] = 0.0f;
+        for (int64_t s = 0; s < a->S; s++) {
+            const float *vs = v + s * a->v_s;
+            __m256 w = _mm256_set1_ps(scores[s]);
+            for (int64_t d = 0; d < a->D; d += 8)
+                _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(w, _mm256_loadu_ps(vs + d), _mm256_loadu_ps(acc + d)));
+        }
+        float *y = a->y + row * a->D;
+        for (int64_t d = 0; d < a->D; d++) y[d] = acc[d] / total;
+    }
+    free(scores);
+}
+
+void gl_attend_one_row(const float *q, const float *k, const float *v, float *y, int64_t B, int64_t H, int64_t S,
+                       int64_t D, int64_t k_b, int64_t k_h, int64_t k_s, int64_t v_b, int64_t v_h, int64_t v_s,
+                       float scale, int threads) {
+    attn_args a = {q, k, v, y, H, S, D, k_b, k_h, k_s, v_b, v_h, v_s, scale};
+    parallel(attn_task, &a, B * H, 1, threads);
+}
