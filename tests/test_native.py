@@ -268,3 +268,14 @@ def test_a_compiled_step_calls_the_kernels_inside_its_graph(tiny_dir, monkeypatc
     assert len(calls) >= 9 * (2 * 4 + 1)  # 9 one-token steps of 2 layers x 4 products and the head (at least)
     assert compiled.sequences.tolist() == eager.sequences.tolist()
     assert torch.allclose(compiled.logprobs, eager.logprobs, atol=1e-2 if quantize else 1e-4)
+
+
+def test_settings_files_that_are_not_regular_files_are_refused_unopened(tmp_path):
+    from gpt2lite.errors import CheckpointError
+    from gpt2lite.io.files import read_json
+
+    os.mkfifo(tmp_path / "config.json")  # opening it would block until a writer came
+    (tmp_path / "zero.json").symlink_to("/dev/zero")  # reading it would never end
+    for name in ("config.json", "zero.json"):
+        with pytest.raises(CheckpointError, match="is not a regular file"):
+            read_json(tmp_path / name)

@@ -272,3 +272,28 @@ def test_the_kernel_cache_is_safe_to_share_between_processes(tmp_path):
     saved = json.loads(cache.read_text())  # whole JSON, whoever wrote last
     assert all(choice["kernel"] in ("mkl", "onednn") for shapes in saved.values() for choice in shapes.values())
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary file left behind
+
+
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo"])
+def test_a_kernel_cache_that_is_no_regular_file_is_never_read(tiny_dir, tmp_path, kind):
+    """A symlink to /dev/zero exhausted memory and a FIFO hung the load: they are measured over, then replaced."""
+    import json
+    import os
+    import threading
+
+    from gpt2lite.transforms import kernels
+
+    cache = tmp_path / "kernels.json"
+    if kind == "dev-zero":
+        cache.symlink_to("/dev/zero")
+    else:
+        os.mkfifo(cache)
+    done: list[nn.Module] = []
+    worker = threading.Thread(target=lambda: done.append(
+        prepack(GPT2.from_pretrained(tiny_dir), kernel_cache=cache, kernels="torch")), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert done, "prepack did not return"
+    assert cache.is_file() and not cache.is_symlink()  # replaced by the measured choices
+    assert set(json.loads(cache.read_text())[kernels.cpu_key()]) == {"64x192", "64x64", "64x256", "256x64",
+                                                                      "64x50257"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,7 +57,10 @@ def read_json(path: str | os.PathLike[str], *, max_bytes: int = MAX_JSON_BYTES) 
 
     A problem is a ``CheckpointError`` (a ``ValueError``) naming the file (``FileNotFoundError`` when it is missing).
     """
-    size = os.path.getsize(path)
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):  # /dev/zero never ends, a FIFO blocks the reader: neither is opened
+        raise CheckpointError(f"{str(path)!r} is not a regular file")
+    size = info.st_size
     if size > max_bytes:
         raise CheckpointError(f"{str(path)!r} is {size} bytes; a settings file is a few KB (at most {max_bytes})")
     with open(path, encoding="utf-8") as f:

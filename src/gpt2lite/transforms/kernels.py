@@ -22,7 +22,6 @@ shapes are measured again.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -33,12 +32,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gpt2lite.io.files import write_json
+from gpt2lite.io.files import read_json, write_json
 
 __all__ = ["KERNELS", "Choice", "Product", "choose_kernels", "cpu_key", "default_cache", "measure"]
 
 KERNELS = ("mkl", "onednn")
 _REPEATS = 5
+_MAX_CACHE_BYTES = 2**20  # the file holds a few shapes' choices per CPU: a few KB
 
 Choice = dict[str, float | str]  # {"kernel": "onednn", "mkl_us": ..., "onednn_us": ...}
 
@@ -120,8 +120,8 @@ def choose_kernels(
 
 
 def _read(path: Path) -> dict[str, dict[str, Choice]]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+    try:  # a regular file of bounded size only: a symlink to /dev/zero or a FIFO is never opened
+        data = read_json(path, max_bytes=_MAX_CACHE_BYTES)
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()) else {}
