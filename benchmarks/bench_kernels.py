@@ -6,6 +6,7 @@ the caches, as a decode step reads them; the routes alternate round after round 
 the medians are printed in ms per step, with the weight bytes read per second:
 
 - float32: gpt2lite's kernel, MKL (``F.linear``) and oneDNN over the plain weight;
+- float16 weights (``quantize="f16"``): gpt2lite's kernel (PyTorch has no fast CPU route for them);
 - int8: gpt2lite's kernel, fbgemm's ``linear_dynamic`` (today's route) over ``Int8Linear``'s weights.
 
     python benchmarks/bench_kernels.py [--rounds 30] [--rows 1] [--isa avx2|avx512]
@@ -43,6 +44,7 @@ def main() -> None:
     weights = [torch.randn(out, inp) for out, inp in SHAPES]
     biases = [torch.randn(out) for out, _ in SHAPES]
     layers = [Int8Linear.from_float(w, b) for w, b in zip(weights, biases, strict=True)]
+    halves = [w.half() for w in weights]
     for layer in layers:
         layer.kernels = "torch"
 
@@ -57,6 +59,7 @@ def main() -> None:
             "f32 gpt2lite": step(lambda i, v, w, b: kernels.linear_f32(v, w, b)),
             "f32 MKL (F.linear)": step(lambda i, v, w, b: F.linear(v, w, b)),
             "f32 oneDNN": step(lambda i, v, w, b: torch.ops.mkldnn._linear_pointwise(v, w, b, "none", [], "")),
+            "f16 weights gpt2lite": step(lambda i, v, w, b: kernels.linear_f16(v, halves[i], b)),
             "int8 gpt2lite": step(lambda i, v, w, b: kernels.linear_int8(v, layers[i].weight, layers[i].scale,
                                                                          layers[i].bias)),
             "int8 fbgemm": step(lambda i, v, w, b: layers[i](v)),
@@ -66,7 +69,7 @@ def main() -> None:
         medians = alternate(runners, args.rounds)
     f32_bytes = sum(w.numel() * 4 for w in weights)
     for name, seconds in medians.items():
-        read = f32_bytes / 4 if name.startswith("int8") else f32_bytes
+        read = f32_bytes / 4 if name.startswith("int8") else f32_bytes / 2 if name.startswith("f16") else f32_bytes
         print(f"{name:>20}: {seconds * 1e3:7.2f} ms a step, {read / seconds / 1e9:5.1f} GB/s of weights")
 
 

@@ -279,3 +279,48 @@ def test_settings_files_that_are_not_regular_files_are_refused_unopened(tmp_path
     for name in ("config.json", "zero.json"):
         with pytest.raises(CheckpointError, match="is not a regular file"):
             read_json(tmp_path / name)
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("rows", "out", "inp"), [(1, 1000, 768), (3, 37, 64), (8, 5, 3072)])
+def test_float16_weight_kernel_equals_the_float64_product_of_the_rounded_weights(isa, rows, out, inp):
+    g = torch.Generator().manual_seed(out)
+    x, b = torch.randn(rows, inp, generator=g), torch.randn(out, generator=g)
+    w = torch.randn(out, inp, generator=g).half()
+    exact = x.double() @ w.double().T + b.double()  # every float16 is exactly a float64
+    bound = inp * 2**-23 * (x.double().abs() @ w.double().abs().T) + 1e-5 * (1 + b.double().abs())
+    assert bool(((_kernels(isa).linear_f16(x, w, b).double() - exact).abs() <= bound).all())
+
+
+@needs_kernels
+def test_f16_model_equals_transformers_with_float16_rounded_weights(tiny_dir, hf_tiny, monkeypatch):
+    """quantize="f16": every weight rounded to float16, products in float32; the oracle has the same weights."""
+    import copy as copy_module
+
+    from gpt2lite.transforms.quantize import Float16Embedding, Float16Linear
+
+    calls = []
+    real = NativeKernels.linear_f16
+    monkeypatch.setattr(NativeKernels, "linear_f16", lambda self, *a: calls.append(1) or real(self, *a))
+    model = load_model(tiny_dir, quantize="f16")
+    assert isinstance(model.wte, Float16Embedding) and isinstance(model.h[0].mlp.c_fc, Float16Linear)
+    assert model.h[0].mlp.c_fc.weight.dtype == torch.float16
+    oracle = copy_module.deepcopy(hf_tiny)
+    with torch.no_grad():
+        for name, p in oracle.named_parameters():
+            if p.dim() == 2 and "wpe" not in name:  # the linear weights and the tied embedding; positions stay
+                p.copy_(p.half().float())
+        ids = torch.tensor([[464, 3290, 318, 257, 50, 1000]])
+        assert torch.allclose(model(ids), oracle(ids).logits, atol=1e-4)  # 6 rows: the widened weight
+        one = torch.tensor([[464]])
+        assert torch.allclose(model(one), oracle(one).logits, atol=1e-4) and calls  # 1 row: the kernel
+    ours = generate(model, ids, max_new_tokens=16, temperature=0, ignore_eos=True)
+    theirs = oracle.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=16,
+                             pad_token_id=50256)
+    assert torch.equal(ours, theirs)
+    assert model.float().h[0].mlp.c_fc.weight.dtype == torch.float16  # a cast keeps the storage
+    from gpt2lite import quantize
+
+    with pytest.raises(ValueError, match="group_size and head are int4 settings"):
+        quantize(load_model(tiny_dir), "f16", group_size=32)

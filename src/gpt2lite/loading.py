@@ -69,8 +69,8 @@ def load_model(
     classifier; ``labels`` puts a new head for those classes on a language model.
     ``adapter`` is a LoRA adapter directory in the PEFT format (ours or ``peft``'s);
     ``merge_adapter=True`` folds it into the weights (inference). ``quantize="int8"``
-    (or ``"int4"``) stores the linear layers in int8 (int4: groups of 64 inputs
-    share a scale; inference only; adapters are merged first);
+    (or ``"int4"``, ``"f16"``) stores the linear layers in int8 (int4: groups of 64 inputs
+    share a scale; f16: float16 weights; inference only; adapters are merged first);
     ``prepack`` picks a float32 CPU model's product kernels: by default (None) each
     weight shape's one-row product (batch-1 decoding) takes the kernel measured
     fastest on this CPU, with one copy of the weights (``prepack(copy=False, batch="mkl")``);
@@ -135,7 +135,7 @@ def save_model(model: nn.Module, directory: str | os.PathLike[str], *,
     """
     if is_quantized(model):
         raise ValueError("saving a quantized model is not supported: save the float model and load it "
-                         "with quantize='int8' or 'int4'")
+                         "with quantize='int8', 'int4' or 'f16'")
     if has_lora(model):
         directory = save_adapter(model, directory)
     else:

@@ -45,7 +45,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default: float32)")
     parser.add_argument("--offline", action="store_true", help="use only files already in the hub cache")
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
-                        help="int8 weights (faster inference) or int4 (smallest; default: off)")
+                        help="int8 weights (faster inference), int4 (smallest) or f16 (float16 weights; default: off)")
     parser.add_argument("--adapter", default=None, help="a LoRA adapter directory (PEFT format) to apply")
     parser.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
                         help="float32 on the CPU: faster batches for twice the weight memory (default: only the "
@@ -59,7 +59,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 # gpt2lite.transforms.quantize.QUANTIZE_MODES, spelled out so that parsing arguments needs no torch.
-QUANTIZE_CHOICES = ("int8", "int4")
+QUANTIZE_CHOICES = ("int8", "int4", "f16")
 KERNEL_CHOICES = ("native", "torch")  # gpt2lite.transforms.native.KERNEL_ROUTES
 
 

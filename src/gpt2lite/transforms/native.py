@@ -8,6 +8,10 @@ reaches the rest (AMD EPYC, AVX2, 2 threads, GPT-2 124M's 49 products: int8
 4.2 against fbgemm's 8.5 ms, float32 16.5 against MKL's 39.5 ms). The kernels:
 
 - ``linear_f32``: float32 rows times float32 weight rows;
+- ``linear_f16``: float32 rows times float16 weight rows (``quantize="f16"``),
+  widened to float32 as they are read;
+- ``attend_one_row``: a decode step's attention (one query row, no mask) over
+  the cache's strided views;
 - ``linear_int8``: each activation row rounded to int8 with its own scale
   (``max|x| / 127``), an exact integer dot with ``Int8Linear``'s int8 weight rows,
   times both scales; a row's output never depends on the rows beside it.
@@ -90,6 +94,8 @@ class NativeKernels:
         self._f32.argtypes, self._f32.restype = [p, p, p, p, i64, i64, i64, c_int], None
         self._i8 = getattr(library, f"gl_linear_i8_{isa}")
         self._i8.argtypes, self._i8.restype = [p, p, p, p, p, i64, i64, i64, c_int], c_int
+        self._f16 = getattr(library, f"gl_linear_f16_{isa}")
+        self._f16.argtypes, self._f16.restype = [p, p, p, p, i64, i64, i64, c_int], None
         self._attend = library.gl_attend_one_row
         self._attend.argtypes, self._attend.restype = [p, p, p, p, *[i64] * 10, ctypes.c_float, c_int], None
         self._library = library  # kept alive with the functions
@@ -105,6 +111,14 @@ class NativeKernels:
         rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
         y = torch.empty(rows.shape[0], weight.shape[0], dtype=torch.float32)  # (M, N)
         self._f32(rows.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+                  rows.shape[0], weight.shape[0], weight.shape[1], torch.get_num_threads())
+        return y.view(*x.shape[:-1], weight.shape[0])  # (..., N)
+
+    def linear_f16(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x @ weight.T + bias`` for float32 ``x`` ``(..., K)`` and float16 ``weight`` ``(N, K)``, in float32."""
+        rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
+        y = torch.empty(rows.shape[0], weight.shape[0], dtype=torch.float32)  # (M, N)
+        self._f16(rows.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
                   rows.shape[0], weight.shape[0], weight.shape[1], torch.get_num_threads())
         return y.view(*x.shape[:-1], weight.shape[0])  # (..., N)
 
@@ -258,6 +272,8 @@ def _self_test(kernels: NativeKernels) -> str | None:
     x, w, b = torch.randn(2, 128, generator=g), torch.randn(40, 128, generator=g), torch.randn(40, generator=g)
     if not torch.allclose(kernels.linear_f32(x, w, b), x @ w.T + b, rtol=1e-4, atol=1e-4):
         return "float32 product"
+    if not torch.allclose(kernels.linear_f16(x, w.half(), b), x @ w.half().float().T + b, rtol=1e-4, atol=1e-4):
+        return "float16-weight product"
     q = torch.randint(-127, 128, (40, 128), generator=g, dtype=torch.int8)
     scale = torch.rand(40, generator=g)
     expected = (x @ (q.float() * scale[:, None]).T) + b
@@ -315,6 +331,17 @@ if not hasattr(torch.ops.gpt2lite, "native_linear_f32"):  # defined once per pro
         return kernels.linear_f32(x, weight, bias)
 
     @_linear_f32_op.register_fake
+    def _(x, weight, bias):
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+    @torch.library.custom_op("gpt2lite::native_linear_f16", mutates_args=())
+    def _linear_f16_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        kernels = load_kernels()
+        if kernels is None:
+            return torch.nn.functional.linear(x, weight.to(x.dtype), bias)
+        return kernels.linear_f16(x, weight, bias)
+
+    @_linear_f16_op.register_fake
     def _(x, weight, bias):
         return x.new_empty(*x.shape[:-1], weight.shape[0])
 

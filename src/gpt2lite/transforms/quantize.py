@@ -57,10 +57,11 @@ from gpt2lite.transforms.layers import linear_layers
 from gpt2lite.transforms.native import OVERFLOWED as _OVERFLOWED
 from gpt2lite.transforms.native import KernelRoute, NativeKernels, kernels_for
 
-__all__ = ["QUANTIZE_MODES", "Int4Embedding", "Int4Linear", "Int8Embedding", "Int8Linear", "QuantizeMode",
+__all__ = ["QUANTIZE_MODES", "Float16Embedding", "Float16Linear",
+           "Int4Embedding", "Int4Linear", "Int8Embedding", "Int8Linear", "QuantizeMode",
            "is_quantized", "quantize"]
 
-QuantizeMode = Literal["int8", "int4"]
+QuantizeMode = Literal["int8", "int4", "f16"]
 QUANTIZE_MODES: tuple[str, ...] = get_args(QuantizeMode)
 
 _NON_FINITE_WEIGHTS = ("hold NaN or inf values, which int8 and int4 cannot represent (a diverged training run?); "
@@ -262,6 +263,77 @@ class Int8Embedding(Int8Linear):
         return self._product(x, check=True)
 
 
+F16_NATIVE_ROWS = 8  # up to this many rows: gpt2lite's float16-weight kernel; more: the weight widened for F.linear
+
+
+class Float16Linear(nn.Module):
+    """A linear layer whose ``(out, in)`` weight is stored in float16 (half of float32's bytes), used in float32."""
+
+    kernels: KernelRoute = "native"  # float32 CPU products: gpt2lite's kernel where built, else F.linear
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Wrap a float16 ``(out, in)`` weight; ``Float16Linear.from_float`` rounds a float one."""
+        super().__init__()
+        if weight.dtype != torch.float16 or weight.dim() != 2:
+            raise ValueError("Float16Linear needs a float16 (out, in) weight")
+        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Float16Linear:
+        """Round a float ``(out, in)`` weight to float16 (refused where it does not fit: |w| > 65504, NaN)."""
+        w = _finite_float(weight)
+        if bool((w.abs() > torch.finfo(torch.float16).max).any()):
+            raise ValueError("the weights exceed float16's range (65504); use int8, which scales each row")
+        return cls(w.half(), None if bias is None else bias.detach().clone())
+
+    @property
+    def in_features(self) -> int:
+        """Width of the input."""
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        """Width of the output."""
+        return self.weight.shape[0]
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight this layer stands for (exact: every float16 is a float32), ``(out, in)``."""
+        return self.weight.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T + b`` for ``x`` ``(..., in)``."""
+        if x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() <= F16_NATIVE_ROWS * x.shape[-1] \
+                and (self.bias is None or self.bias.dtype == torch.float32):
+            kernels = kernels_for(self.kernels)
+            if kernels is not None and kernels.fits(self.weight):
+                if torch.compiler.is_compiling():
+                    return torch.ops.gpt2lite.native_linear_f16(x, self.weight, self.bias)
+                return kernels.linear_f16(x, self.weight, self.bias)
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def _apply(self, fn, recurse=True):  # nn.Module's signature
+        # .to(dtype) / .float() cast every float buffer: the weight stays float16 (what this layer is).
+        out = super()._apply(fn, recurse)
+        self.weight = self.weight.half()
+        return out
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Float16Embedding(Float16Linear):
+    """A token embedding stored as ``Float16Linear`` rows: looked up by id, and used as the tied LM head."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """The embedding rows of ``ids`` in float32: ``(*ids.shape, n_embd)``."""
+        return self.weight[ids].float()
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``x @ E.T`` of hidden states ``(..., n_embd)`` against every embedding row."""
+        return super().forward(x)
+
+
 INT4_GROUP_SIZE = 64  # inputs per scale/offset pair: 4 + 2 * 16 / 64 = 4.5 bits a weight
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what PyTorch's int4 CPU kernel accepts
 _INT4_ROWS = 64  # the int4 layers' output widths are padded to a multiple of this
@@ -429,7 +501,7 @@ class Int4Embedding(Int4Linear):
 
 def is_quantized(model: nn.Module) -> bool:
     """Whether any layer of ``model`` holds quantized weights."""
-    return any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
+    return any(isinstance(m, (Int8Linear, Int4Linear, Float16Linear)) for m in model.modules())
 
 
 def quantize(model: nn.Module, mode: QuantizeMode = "int8", *, group_size: int | None = None,
@@ -442,7 +514,9 @@ def quantize(model: nn.Module, mode: QuantizeMode = "int8", *, group_size: int |
     / LM head is kept in int8 unless ``head="int4"``: the int4 kernel returns
     bfloat16, whose 8 significant bits would round GPT-2's logits (-30 to -130)
     to steps of 0.25 to 1, making ties of tokens that differ (llama.cpp's q4_0
-    keeps its output matrix in 6 bits for the same reason). Example::
+    keeps its output matrix in 6 bits for the same reason). ``"f16"`` stores every
+    weight, the embedding / LM head too, in float16 (half of float32's bytes) and
+    multiplies in float32. Example::
 
         model = quantize(GPT2.from_pretrained("gpt2"), "int4")
     """
@@ -450,10 +524,12 @@ def quantize(model: nn.Module, mode: QuantizeMode = "int8", *, group_size: int |
         raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {mode!r}")
     if mode == "int8" and (group_size is not None or head not in (None, "int8")):
         raise ValueError("group_size and head are int4 settings; int8 has one scale per output row")
+    if mode == "f16" and (group_size is not None or head not in (None, "f16")):
+        raise ValueError("group_size and head are int4 settings; f16 keeps every weight in float16")
     if head not in (None, *QUANTIZE_MODES):
         raise ValueError(f"head must be one of {QUANTIZE_MODES}, got {head!r}")
     group_size = INT4_GROUP_SIZE if group_size is None else group_size
-    head = head or "int8"
+    head = head or ("f16" if mode == "f16" else "int8")
     body = getattr(model, "transformer", model)
     gpt2 = isinstance(body, GPT2)  # its tied embedding and head are quantized too; other models: linear layers
     if not gpt2 and not linear_layers(body):
@@ -468,6 +544,8 @@ def quantize(model: nn.Module, mode: QuantizeMode = "int8", *, group_size: int |
 
     def linear(weight: torch.Tensor, bias: torch.Tensor | None = None, kind: str = mode,
                embedding: bool = False) -> nn.Module:
+        if kind == "f16":
+            return (Float16Embedding if embedding else Float16Linear).from_float(weight, bias)
         if kind == "int4":
             return (Int4Embedding if embedding else Int4Linear).from_float(weight, bias, group_size=group_size)
         return (Int8Embedding if embedding else Int8Linear).from_float(weight, bias)

@@ -285,3 +285,67 @@ void gl_attend_one_row(const float *q, const float *k, const float *v, float *y,
     attn_args a = {q, k, v, y, H, S, D, k_b, k_h, k_s, v_b, v_h, v_s, scale};
     parallel(attn_task, &a, B * H, 1, threads);
 }
+
+/* ---------------------------------------------------------------- float16 weights -------------------------- */
+
+/* y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) with w stored as IEEE half floats, widened exactly to
+   float32 (F16C) as they are read: half the bytes of float32 weights, float32 arithmetic. */
+typedef struct {
+    const float *x;
+    const uint16_t *w;
+    const float *bias;
+    float *y;
+    int64_t M, N, K;
+} f16_args;
+
+static float dot_f16_avx2(const float *x, const uint16_t *w, int64_t K) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t k = 0; k < K; k += 32) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + k))), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + k + 8))), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + k + 16))), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + k + 24))), a3);
+    }
+    __m256 s = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+
+AVX512 static float dot_f16_avx512(const float *x, const uint16_t *w, int64_t K) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t k = 0; k < K; k += 64) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + k))), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + k + 16))), a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 32), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + k + 32))), a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 48), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + k + 48))), a3);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
+#define F16_TASK(name, dot)                                                                          \
+    static void name(const void *p, int64_t begin, int64_t end) {                                    \
+        const f16_args *a = p;                                                                       \
+        for (int64_t n = begin; n < end; n++) {                                                      \
+            const uint16_t *w = a->w + n * a->K;                                                     \
+            for (int64_t m = 0; m < a->M; m++) {                                                     \
+                float y = dot(a->x + m * a->K, w, a->K);                                             \
+                a->y[m * a->N + n] = a->bias ? y + a->bias[n] : y;                                   \
+            }                                                                                        \
+        }                                                                                            \
+    }
+F16_TASK(f16_task_avx2, dot_f16_avx2)
+AVX512 F16_TASK(f16_task_avx512, dot_f16_avx512)
+
+void gl_linear_f16_avx2(const float *x, const uint16_t *w, const float *bias, float *y, int64_t M, int64_t N,
+                        int64_t K, int threads) {
+    f16_args a = {x, w, bias, y, M, N, K};
+    parallel(f16_task_avx2, &a, N, block_rows(K * 2), threads);
+}
+
+void gl_linear_f16_avx512(const float *x, const uint16_t *w, const float *bias, float *y, int64_t M, int64_t N,
+                          int64_t K, int threads) {
+    f16_args a = {x, w, bias, y, M, N, K};
+    parallel(f16_task_avx512, &a, N, block_rows(K * 2), threads);
+}
