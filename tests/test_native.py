@@ -324,3 +324,21 @@ def test_f16_model_equals_transformers_with_float16_rounded_weights(tiny_dir, hf
 
     with pytest.raises(ValueError, match="group_size and head are int4 settings"):
         quantize(load_model(tiny_dir), "f16", group_size=32)
+
+
+@needs_kernels
+def test_the_kernels_refuse_operands_they_would_misread():
+    kernels = _kernels(ISAS[0])
+    x, w = torch.randn(1, 64), torch.randn(8, 64)
+    with pytest.raises(ValueError, match=r"contiguous torch\.float32"):
+        kernels.linear_f32(x, w.T.contiguous().T, None)  # columns, not rows
+    with pytest.raises(ValueError, match="multiple of 64"):
+        kernels.linear_f32(x[:, :48], w[:, :48].contiguous(), None)
+    with pytest.raises(ValueError, match=r"torch\.float16"):
+        kernels.linear_f16(x, w, None)  # float32 read as float16
+    with pytest.raises(ValueError, match="bias"):
+        kernels.linear_f32(x, w, torch.randn(7))
+    with pytest.raises(ValueError, match="one contiguous float32 scale"):
+        kernels.linear_int8(x, w.to(torch.int8), torch.ones(8, dtype=torch.float64), None)
+    with pytest.raises(ValueError, match="attention kernel"):
+        kernels.attend_one_row(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 4, 8), 1.0)

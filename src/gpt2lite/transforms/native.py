@@ -108,7 +108,7 @@ class NativeKernels:
 
     def linear_f32(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x @ weight.T + bias`` for float32 ``x`` ``(..., K)`` and ``weight`` ``(N, K)``."""
-        rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
+        rows = _rows(x, weight, torch.float32, bias)  # (M, K)
         y = torch.empty(rows.shape[0], weight.shape[0], dtype=torch.float32)  # (M, N)
         self._f32(rows.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
                   rows.shape[0], weight.shape[0], weight.shape[1], torch.get_num_threads())
@@ -116,7 +116,7 @@ class NativeKernels:
 
     def linear_f16(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x @ weight.T + bias`` for float32 ``x`` ``(..., K)`` and float16 ``weight`` ``(N, K)``, in float32."""
-        rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
+        rows = _rows(x, weight, torch.float16, bias)  # (M, K)
         y = torch.empty(rows.shape[0], weight.shape[0], dtype=torch.float32)  # (M, N)
         self._f16(rows.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
                   rows.shape[0], weight.shape[0], weight.shape[1], torch.get_num_threads())
@@ -128,7 +128,9 @@ class NativeKernels:
 
         A row holding NaN or inf gives NaN outputs; with ``check`` it is refused (``NonFiniteError``).
         """
-        rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
+        rows = _rows(x, weight, torch.int8, bias)  # (M, K)
+        if scale.dtype != torch.float32 or scale.shape != weight.shape[:1] or not scale.is_contiguous():
+            raise ValueError("the int8 kernel needs one contiguous float32 scale per weight row")
         if check and not bool(torch.isfinite(rows).all()):
             raise NonFiniteError(OVERFLOWED)
         y = torch.empty(rows.shape[0], weight.shape[0], dtype=torch.float32)  # (M, N)
@@ -137,7 +139,6 @@ class NativeKernels:
             raise MemoryError("gpt2lite's int8 kernel could not allocate its rounded activations")
         return y.view(*x.shape[:-1], weight.shape[0])  # (..., N)
 
-
     def attend_one_row(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """``softmax(q @ k.T * scale) @ v`` for one query row: ``q`` ``(B, H, 1, D)``, ``k``, ``v`` ``(B, H, S, D)``.
 
@@ -145,11 +146,26 @@ class NativeKernels:
         ``D`` a multiple of 8, at most 256.
         """
         B, H, _, D = q.shape
+        if (q.shape[2] != 1 or D % 8 or D > 256 or k.shape != v.shape or k.shape[:2] != (B, H) or k.shape[3] != D
+                or not q.dtype == k.dtype == v.dtype == torch.float32 or k.stride(-1) != 1 or v.stride(-1) != 1):
+            raise ValueError("the attention kernel needs float32 q (B, H, 1, D), k and v (B, H, S, D) with "
+                             "contiguous rows, D a multiple of 8 up to 256")
         rows = q.contiguous()  # (B, H, 1, D)
         y = torch.full((B, H, 1, D), float("nan"))  # (B, H, 1, D); stays NaN only if the kernel could not allocate
         self._attend(rows.data_ptr(), k.data_ptr(), v.data_ptr(), y.data_ptr(), B, H, k.shape[2], D,
                      *k.stride()[:3], *v.stride()[:3], scale, torch.get_num_threads())
         return y
+
+
+def _rows(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x`` as contiguous float32 rows ``(M, K)``, once the operands are checked (the kernels read raw memory)."""
+    if (x.dtype != torch.float32 or x.device.type != "cpu" or weight.dtype != dtype or not NativeKernels.fits(weight)
+            or x.shape[-1] != weight.shape[1]
+            or (bias is not None and (bias.dtype != torch.float32 or bias.shape != weight.shape[:1]
+                                      or not bias.is_contiguous()))):
+        raise ValueError(f"the kernel needs float32 CPU rows (..., K), a contiguous {dtype} (N, K) weight with K a "
+                         f"multiple of {ALIGN}, and a float32 (N,) bias or None")
+    return x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
 
 
 _LOADED: dict[tuple[str | None, str | None], NativeKernels | None] = {}
