@@ -163,7 +163,9 @@ def test_load_model_without_native_kernels_measures_the_one_row_kernel_with_one_
 @pytest.mark.slow
 def test_a_compiled_cpu_step_multiplies_one_row_as_a_sum_of_products_with_transformers_tokens(tiny_dir, hf_tiny):
     """compile=True on the CPU: inductor's own loop over (out, in) rows, and still transformers' greedy tokens."""
-    model = load_model(tiny_dir)  # the default: prepack(copy=False), weights stored as (out, in) rows
+    # PyTorch's routes (gpt2lite's own kernels in a compiled step: tests/test_native.py), prepack(copy=False)
+    # storing the weights as (out, in) rows.
+    model = load_model(tiny_dir, kernels="torch")
     assert model.h[0].attn.c_attn.weight.is_contiguous() and model.h[0].attn.c_attn.weight.shape == (192, 64)
     ids = torch.tensor([[464, 3290, 318, 257]])
     generate(model, ids, max_new_tokens=2, temperature=0, ignore_eos=True, compile=True)  # compiled here
