@@ -2,8 +2,9 @@
 
 The corpus (outside the repository; built once) is Python's own source code and
 the documentation topics that ship with it, in files of about 4 MB. Each round
-prepares it with 1 worker, then with ``--workers``, then encodes it with tiktoken
-(one thread, then ``--workers`` threads); the script checks that all give the same
+prepares it with 1 worker, then with ``--workers``, then with ``--workers`` and the
+tiktoken fast path (``gpt2lite prepare --fast``), then encodes it with tiktoken
+itself (one thread, then ``--workers`` threads); the script checks that all give the same
 tokens and prints the time and MB/s of each, and the ratio of N workers to 1.
 
     python benchmarks/bench_prepare.py [--mb 100] [--workers 2] [--corpus /tmp/gpt2lite-corpus] [--rounds 1]
@@ -21,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2lite import prepare_data
+from gpt2lite import Tokenizer, prepare_data
+from gpt2lite.tokenizers.fast import TiktokenTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from oracles import tiktoken_gpt2
@@ -73,10 +75,12 @@ def main() -> None:
     times: dict[str, list[float]] = {}
     for _ in range(args.rounds):
         results = {}
-        for name, workers in (("gpt2lite, 1 worker", 1), (f"gpt2lite, {args.workers} workers", args.workers)):
+        runs = (("gpt2lite, 1 worker", 1, Tokenizer), (f"gpt2lite, {args.workers} workers", args.workers, Tokenizer),
+                (f"--fast, {args.workers} workers", args.workers, TiktokenTokenizer))
+        for name, workers, kind in runs:
             with tempfile.TemporaryDirectory() as out:
                 t0 = time.perf_counter()
-                data = prepare_data(args.corpus, out, workers=workers)
+                data = prepare_data(args.corpus, out, workers=workers, tokenizer=kind.gpt2())
                 times.setdefault(name, []).append(time.perf_counter() - t0)
                 results[name] = np.asarray(data.tokens)
                 del data

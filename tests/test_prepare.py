@@ -134,3 +134,20 @@ def test_cli_prepare_a_glob_then_train_on_the_shards(corpus, expected, tmp_path,
     assert "prepared already" in capsys.readouterr().err
     assert main(["prepare", str(tmp_path / "nothing*.txt"), "--out", str(tmp_path / "x")]) == 1
     assert "no files match" in capsys.readouterr().err
+
+
+def test_tiktoken_fast_path_gives_the_same_ids_on_held_out_text(corpus, expected, tmp_path, capsys):
+    from gpt2lite.tokenizers.fast import TiktokenTokenizer
+
+    fast, pure = TiktokenTokenizer.gpt2(), Tokenizer.gpt2()
+    held_out = [*documents(), "<|endoftext|> \ud800 lone surrogate", " " * 300 + "x", "a\u0300\u200d🏳️‍🌈" * 50]
+    for text in held_out:
+        assert fast.encode(text) == pure.encode(text) == tiktoken_gpt2().encode_ordinary(pure.decode(pure.encode(text)))
+    assert fast.encode("hi<|endoftext|>", allowed_special="all") == [5303, 50256]
+    assert fast.fingerprint == pure.fingerprint  # the same data either way
+    assert main(["prepare", str(corpus), "--out", str(tmp_path / "s"), "--workers", "2", "--fast"]) == 0
+    assert TokenData.open(tmp_path / "s").tokens.tolist() == expected
+    capsys.readouterr()
+    vocab = {bytes([b]): b for b in range(256)} | {b"ab": 300}  # a merge whose token is not 256 + its rank
+    with pytest.raises(ValueError, match="laid out as GPT-2's"):
+        TiktokenTokenizer(vocab, [(b"a", b"b")], special_tokens={})
