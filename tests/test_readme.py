@@ -95,6 +95,8 @@ def test_compare_generators_example_runs(tmp_path, capsys):
     assert [r["model"] for r in rows] == ["RNN (tanh)", "LSTM", "GRU", "GPT-2 (2 layers)"]
     table = (tmp_path / "cmp" / "comparison.md").read_text(encoding="utf-8")
     assert table.count("\n| ") == 6 and "held-out perplexity" in table  # header, rule, four models
+    shown = capsys.readouterr()
+    assert "training LSTM (2 of 4): 3 steps" in shown.out and "train: 100%" in shown.err  # progress, as it goes
 
 
 def test_summarize_example_runs(tiny_dir, capsys):
@@ -137,4 +139,7 @@ def test_quickstart_notebook_runs(tiny_dir, tmp_path):
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 2  # the probability and loss plots
     text = "".join(o.get("text", "") for o in outputs)
     assert "validation loss:" in text
+    # Jupyter's progress bar (a widget, with ipywidgets), not tqdm's warning and its text fallback.
+    assert "IProgress not found" not in text
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
