@@ -62,11 +62,13 @@ def test_the_key_comes_from_the_link_and_leaves_the_address_bar(tiny_dir):
             address = page.evaluate("location.href")
         assert shown == api_text(url, key="sesame", max_tokens=12, temperature=0)
         assert "sesame" not in address and "prompt=" in address
-        # Without the key the page says what is wrong and asks for one.
+        # Without the key the page points to its key box, with no error shown.
         with open_page(page_url(url, prompt=PROMPT)) as page:
-            message = page.wait_for("document.getElementById('error').textContent")
+            message = page.wait_for("document.getElementById('status').textContent")
             asked = page.evaluate("!document.getElementById('key-row').classList.contains('hidden')")
-        assert "API key" in message and asked
+            focused = page.evaluate("document.activeElement.id")
+            error = page.evaluate("document.getElementById('error').textContent")
+        assert "API key" in message and asked and focused == "key" and error == ""
 
 
 def test_no_playground_flag(tiny_dir):
