@@ -220,12 +220,12 @@ class ResponseBuilder:
         reason = c.reason if done else None
         if tools is not None and tools[0] is not None:  # one named function: its arguments stream as they come
             delta = {"tool_calls": [self._call_delta(c, tools[0], piece)]} if piece else {}
-            reason = "tool_calls" if reason == "stop" and _is_json(c.text.text) else reason
+            reason = "tool_calls" if done and self.finished_calls(c, tools) else reason
         elif tools is not None:  # a list of calls: sent whole once it is (a cut one is sent as text)
             calls = self.calls(c, tools) if done else None
             delta = {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]} if calls else \
                 ({"content": c.text.text} if done else {})
-            reason = "tool_calls" if calls and reason == "stop" else reason
+            reason = "tool_calls" if calls and self.finished_calls(c, tools) else reason
         if not (delta or logprobs or done):
             return None
         return {**meta, "choices": [{"index": c.index, "delta": delta, "logprobs": logprobs,
@@ -238,14 +238,17 @@ class ResponseBuilder:
         calls = self.calls(c, tools)
         if calls is not None:
             message.update(content=None, tool_calls=calls)
-            # A stop string can end the text before the JSON does: then it is no finished call.
-            reason = "tool_calls" if reason == "stop" and _is_json(c.text.text) else reason
+            reason = "tool_calls" if self.finished_calls(c, tools) else reason
         return {"index": c.index, "message": message,
                 "logprobs": chat_logprobs(self.tokenizer, c.tokens[: c.kept]) if body.logprobs else None,
                 "finish_reason": reason}
 
     def finished_calls(self, c: Choice, tools: ToolCalls) -> list[dict[str, Any]] | None:
-        """A finished reply's tool calls; None when it is text, or calls that max_tokens or a stop string cut."""
+        """A finished reply's tool calls; None when it is text, or calls that max_tokens or a stop string cut.
+
+        The one rule for ``finish_reason: "tool_calls"`` (and Anthropic's ``tool_use``): a stop string can end
+        the text before the JSON does, and then it is no finished call.
+        """
         calls = self.calls(c, tools)
         return calls if calls is not None and c.reason == "stop" and _is_json(c.text.text) else None
 
