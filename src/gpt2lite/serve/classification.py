@@ -19,7 +19,7 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
-from gpt2lite.serve.errors import KINDS, ApiError
+from gpt2lite.serve.errors import KINDS, ApiError, unknown_model
 from gpt2lite.serve.protocol import ClassifyRequest
 from gpt2lite.serve.scheduler import QueueFull
 from gpt2lite.text.classifier import Classification, TextClassifier
@@ -112,8 +112,7 @@ class ClassifierServer:
     def check_model(self, name: str | None) -> None:
         """A request for another model than the one served is a 404."""
         if name is not None and name != self.model_name:
-            raise ApiError(404, f"the model {name!r} does not exist here; this server serves {self.model_name!r}",
-                           "model", KINDS[404])
+            raise unknown_model(name, self.model_name)
 
     async def health(self) -> dict[str, Any]:
         return {"status": "ok" if self.batcher.accepting else "stopped", "task": "classify"}

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gpt2lite.errors import ContextLengthError, OptionError
 
-__all__ = ["KINDS", "TOO_LONG", "ApiError", "add_error_handlers", "api_error", "error_response"]
+__all__ = ["KINDS", "TOO_LONG", "ApiError", "add_error_handlers", "api_error", "error_response", "unknown_model"]
 
 log = logging.getLogger("gpt2lite.serve")
 
@@ -45,6 +45,12 @@ def error_response(status: int, message: str, param: str | None = None,
                    kind: str = "invalid_request_error") -> JSONResponse:
     """An error response that is not raised (the ASGI gate answers before any route runs)."""
     return JSONResponse(ApiError(status, message, param, kind).body(), status)
+
+
+def unknown_model(name: str, served: str) -> ApiError:
+    """The 404 for a request naming another model than the one served."""
+    return ApiError(404, f"the model {name!r} does not exist here; this server serves {served!r}", "model",
+                    KINDS[404])
 
 
 def api_error(exc: BaseException, params: Mapping[str, str] | None = None) -> ApiError:

@@ -20,7 +20,7 @@ from gpt2lite.errors import ContextLengthError, OptionError
 from gpt2lite.generation.constraints import RowConstraints
 from gpt2lite.generation.context import check_text_fits, fit_prompt
 from gpt2lite.generation.options import CONSTRAINTS, GenerationOptions
-from gpt2lite.serve.errors import KINDS, TOO_LONG, ApiError, api_error
+from gpt2lite.serve.errors import TOO_LONG, ApiError, api_error, unknown_model
 from gpt2lite.serve.protocol import ChatMessage, Tool, constraint, sampling_options, stop_strings
 from gpt2lite.text.generator import TextGenerator
 
@@ -48,8 +48,7 @@ class RequestGate:
             return None
         if name in self.adapters():
             return name
-        raise ApiError(404, f"the model {name!r} does not exist here; this server serves {self.model_name!r}",
-                       "model", KINDS[404])
+        raise unknown_model(name, self.model_name)
 
     async def chat_prompt(self, messages: Sequence[ChatMessage], tools: Sequence[Tool] | None = None) -> str:
         """The chat template's rendering of ``messages`` (and ``tools``), off the event loop (it has a time budget)."""
