@@ -28,7 +28,7 @@ def python_docs() -> list[str]:
     return [topics[key] for key in sorted(topics)]
 
 
-def main(steps: int = 240, out: str | None = None, progress: bool = True) -> dict[str, float]:
+def main(steps: int = 240, out: str | None = None, progress: bool = True, eval_batches: int = 8) -> dict[str, float]:
     out_dir = Path(out) if out else Path(tempfile.mkdtemp(prefix="gpt2lite-tiny-"))
     docs = python_docs()
     data = prepare_data(docs, out_dir / "data", val_fraction=0.05)
@@ -38,9 +38,9 @@ def main(steps: int = 240, out: str | None = None, progress: bool = True) -> dic
     torch.manual_seed(0)
     model = GPT2(GPT2Config.from_preset("tiny", embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0))
     config = TrainConfig(steps=steps, batch_size=16, block_size=128, lr=3e-3, min_lr=3e-4,
-                         warmup_steps=min(50, steps // 10), eval_interval=max(1, steps // 3), eval_batches=8,
+                         warmup_steps=min(50, steps // 10), eval_interval=max(1, steps // 3), eval_batches=eval_batches,
                          save_interval=max(1, steps // 3), progress=progress)
-    before = evaluate_loss(model, data, block_size=128, batches=8, batch_size=16)
+    before = evaluate_loss(model, data, block_size=128, batches=eval_batches, batch_size=16)
     t0 = time.perf_counter()
     result = train(model, data, out_dir, config)
     minutes = (time.perf_counter() - t0) / 60

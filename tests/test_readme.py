@@ -73,7 +73,7 @@ def test_train_tiny_example_runs(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("train_tiny_example", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    numbers = module.main(steps=12, out=str(tmp_path / "run"), progress=False)
+    numbers = module.main(steps=12, out=str(tmp_path / "run"), progress=False, eval_batches=2)
     assert numbers["after"] < numbers["before"] - 1.0
     assert "sample from the saved checkpoint" in capsys.readouterr().out
 

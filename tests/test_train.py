@@ -97,7 +97,7 @@ def test_prepare_data_errors(tmp_path):
 def test_training_from_scratch_lowers_held_out_loss(data, tmp_path):
     torch.manual_seed(0)
     model = GPT2(GPT2Config.from_preset("tiny"))
-    config = TrainConfig(steps=60, batch_size=8, block_size=64, lr=3e-3, min_lr=3e-4, warmup_steps=5,
+    config = TrainConfig(steps=40, batch_size=8, block_size=64, lr=3e-3, min_lr=3e-4, warmup_steps=5,
                          eval_batches=4, progress=False, save_interval=0, eval_interval=0)
     from gpt2lite.training.objectives import evaluate_loss
 
@@ -193,7 +193,7 @@ def test_ddp_two_processes_equal_one_process_on_combined_batch(tiny_dir, data, t
     import ddp_worker
 
     mp.spawn(ddp_worker.train_one_rank, nprocs=2, join=True,
-             args=(2, str(tmp_path / "store"), str(tiny_dir), str(data.directory), str(tmp_path / "ddp"), config))
+             args=(2, str(tmp_path / "store"), str(tiny_dir), str(data.directory), [(str(tmp_path / "ddp"), config)]))
     a = GPT2.from_pretrained(single.final_dir).state_dict()
     b = GPT2.from_pretrained(tmp_path / "ddp" / "final").state_dict()
     before = GPT2.from_pretrained(tiny_dir).state_dict()
@@ -205,13 +205,14 @@ def test_ddp_two_processes_equal_one_process_on_combined_batch(tiny_dir, data, t
     assert worst < 1e-2 * update, (worst, update)
 
 
-def _spawn(tiny_dir, data, out, model_config, train_config, resume=False):
+def _spawn(tiny_dir, data, model_config, runs, resume=False):
+    """``runs`` (``(out_dir, TrainConfig)``) one after another on 2 gloo processes, spawned once."""
     import ddp_worker
 
-    config = {"model": model_config, "train": train_config, "resume": resume}
+    store = runs[0][0].parent / f"store-{runs[0][0].name}-{resume}"
     mp.spawn(ddp_worker.train_one_rank, nprocs=2, join=True,
-             args=(2, str(out.parent / f"store-{out.name}-{resume}"), str(tiny_dir), str(data.directory), str(out),
-                   config))
+             args=(2, str(store), str(tiny_dir), str(data.directory),
+                   [(str(out), {"model": model_config, "train": config, "resume": resume}) for out, config in runs]))
 
 
 def _metrics(out):
@@ -226,19 +227,20 @@ def test_fsdp_equals_ddp_and_resumes_across_process_counts(tiny_dir, data, tmp_p
     model_config = no_dropout(tiny_dir)
     # A constant learning rate: a run told steps=10 follows the schedule of one told steps=20.
     common = dict(block_size=32, lr=1e-3, min_lr=1e-3, warmup_steps=0, progress=False, eval_interval=10,
-                  save_interval=10)
-    _spawn(tiny_dir, data, tmp_path / "ddp", model_config, TrainConfig(steps=20, batch_size=2, **common))
-    _spawn(tiny_dir, data, tmp_path / "fsdp", model_config, TrainConfig(steps=20, batch_size=2, fsdp=True, **common))
+                  eval_batches=2, save_interval=10)
+    # DDP and FSDP for 20 steps; then the split run: 2 processes (fsdp) for 10 steps, 1 process
+    # (the same global batch) to 15, fsdp again to 20.
+    split = tmp_path / "split"
+    _spawn(tiny_dir, data, model_config, [(tmp_path / "ddp", TrainConfig(steps=20, batch_size=2, **common)),
+                                          (tmp_path / "fsdp", TrainConfig(steps=20, batch_size=2, fsdp=True, **common)),
+                                          (split, TrainConfig(steps=10, batch_size=2, fsdp=True, **common))])
     ddp, fsdp = _metrics(tmp_path / "ddp"), _metrics(tmp_path / "fsdp")
     assert len(ddp) == len(fsdp) == 20
     assert max(abs(a["train_loss"] - b["train_loss"]) for a, b in zip(ddp, fsdp, strict=True)) < 1e-4
     assert abs(ddp[-1]["val_loss"] - fsdp[-1]["val_loss"]) < 1e-4
-    # 2 processes (fsdp) for 10 steps, 1 process (the same global batch) to 15, fsdp again to 20.
-    split = tmp_path / "split"
-    _spawn(tiny_dir, data, split, model_config, TrainConfig(steps=10, batch_size=2, fsdp=True, **common))
     train(GPT2.from_pretrained(tiny_dir, config=model_config), TokenData.open(data.directory), split,
           TrainConfig(steps=15, batch_size=4, **{**common, "save_interval": 5}), resume=True)
-    _spawn(tiny_dir, data, split, model_config, TrainConfig(steps=20, batch_size=2, fsdp=True, **common),
+    _spawn(tiny_dir, data, model_config, [(split, TrainConfig(steps=20, batch_size=2, fsdp=True, **common))],
            resume=True)
     resumed = _metrics(split)
     assert [m["step"] for m in resumed] == list(range(1, 21))
