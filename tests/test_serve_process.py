@@ -1,4 +1,4 @@
-"""`gpt2lite serve` as a real process: signals, hostile bodies, a port in use, quiet disconnects (127.0.0.1 only)."""
+"""`gpt2lite serve` as a real process: signals, hostile bodies, a port in use, quiet disconnects, each API dialect."""
 
 from __future__ import annotations
 
@@ -176,6 +176,41 @@ def test_bad_serve_flags_are_one_line_errors(args):
     done = subprocess.run([sys.executable, "-m", "gpt2lite", "serve", *args], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
+
+
+def test_messages_responses_and_embeddings_from_a_server_process(tiny_dir):
+    """The anthropic SDK, the Responses API and embeddings against `gpt2lite serve` itself.
+
+    Oracles: the chat completion of the same conversation (same text, same token counts), and
+    transformers' GPT2Model hidden states, mean-pooled and normalised.
+    """
+    import anthropic
+    import torch
+    import torch.nn.functional as F
+    import transformers
+
+    from gpt2lite import Tokenizer
+
+    with serve(tiny_dir) as (url, process):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Tell me a story."}],
+                                              max_tokens=8, temperature=0)
+        expected = chat.choices[0].message.content
+        claude = anthropic.Anthropic(base_url=url, api_key="x", max_retries=0, timeout=60)
+        message = claude.messages.create(model="tiny", messages=[{"role": "user", "content": "Tell me a story."}],
+                                         max_tokens=8, extra_body={"temperature": 0})
+        assert message.content[0].text == expected and message.stop_reason == "max_tokens"
+        assert (message.usage.input_tokens, message.usage.output_tokens) == (chat.usage.prompt_tokens, 8)
+        response = client.responses.create(model="tiny", input="Tell me a story.", max_output_tokens=8, temperature=0)
+        assert response.output_text == expected and response.usage.output_tokens == 8
+        texts = ["The cat sat on the mat.", "Hi"]
+        got = torch.tensor([d.embedding for d in client.embeddings.create(model="tiny", input=texts).data])
+    tokenizer, model = Tokenizer.gpt2(), transformers.GPT2Model.from_pretrained(tiny_dir).eval()
+    with torch.no_grad():
+        hidden = [model(torch.tensor([tokenizer.encode(t)])).last_hidden_state[0] for t in texts]  # (T, C) each
+    torch.testing.assert_close(got, F.normalize(torch.stack([h.mean(0) for h in hidden]), dim=-1),
+                               atol=1e-5, rtol=1e-4)
+    assert not any("Traceback" in line for line in process.err), "".join(process.err)
 
 
 def test_lora_adapters_chosen_per_request_loaded_and_unloaded_at_run_time(tiny_dir, tmp_path):
