@@ -257,6 +257,9 @@ def test_a_served_classifier_gives_transformers_probabilities(hf_classifier):
         # TextClassifier, the library's own route, says the same.
         ours = clf.classify(TEXTS)
         torch.testing.assert_close(got, torch.tensor([[r.probabilities[n] for n in LABELS] for r in ours]))
+        assert clf.classify_ids([clf.tokenizer.encode(t) for t in TEXTS]) == ours  # what the server calls
+        with pytest.raises(ValueError, match="text 1 has 97 tokens; the model reads at most 96"):
+            clf.classify_ids([[1], [1] * 97])
         # Many requests at once, batched together in the classifier's thread: each gets its own answers.
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(lambda t: httpx.post(url + "/classify", json={"input": t}, timeout=60).json(),

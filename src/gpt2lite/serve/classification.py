@@ -33,7 +33,7 @@ class ClassifyBatcher:
     def __init__(self, classifier: TextClassifier, *, max_batch: int = 16, max_queue: int = 256) -> None:
         self.classifier, self.max_batch, self.max_queue = classifier, max_batch, max_queue
         self.batches = 0  # batches run, of one request or several
-        self._waiting: collections.deque[tuple[list[str], Future]] = collections.deque()
+        self._waiting: collections.deque[tuple[list[list[int]], Future]] = collections.deque()
         self._wake = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="gpt2lite-classifier", daemon=True)
@@ -44,8 +44,8 @@ class ClassifyBatcher:
         """Whether requests are taken."""
         return not self._stopped
 
-    def submit(self, texts: list[str]) -> Future:
-        """Queue one request's texts; its classifications come in the future (``QueueFull`` when full)."""
+    def submit(self, texts: list[list[int]]) -> Future:
+        """Queue one request's encoded texts; its classifications come in the future (``QueueFull`` when full)."""
         future: Future = Future()
         with self._wake:
             if self._stopped:
@@ -79,10 +79,10 @@ class ClassifyBatcher:
                     taken.append(self._waiting.popleft())
             self._run(taken)
 
-    def _run(self, taken: list[tuple[list[str], Future]]) -> None:
+    def _run(self, taken: list[tuple[list[list[int]], Future]]) -> None:
         texts = [text for texts, _ in taken for text in texts]
         try:
-            results = self.classifier.classify(texts, batch_size=self.max_batch)
+            results = self.classifier.classify_ids(texts, batch_size=self.max_batch)
         except Exception as exc:
             if len(taken) > 1:  # one request's fault stays its own
                 for item in taken:
@@ -129,17 +129,18 @@ class ClassifierServer:
         context = self.classifier.model.config.n_positions
         tokenizer = self.classifier.tokenizer
 
-        def count(text: str, i: int) -> int:
+        def encode(text: str, i: int) -> list[int]:
             if not text:
                 raise ApiError(400, f"input.{i} is empty: there is nothing to classify", "input")
             try:
-                return min(len(tokenizer.encode(text)), context)  # read from its start, as training reads it
+                return tokenizer.encode(text)[:context]  # read from its start, as training reads it
             except ValueError as exc:  # a character a character-level vocabulary lacks
                 raise ApiError(400, f"input.{i}: {exc}", "input") from None
 
-        tokens = await run_in_threadpool(lambda: sum(count(t, i) for i, t in enumerate(texts)))
+        encoded = await run_in_threadpool(lambda: [encode(t, i) for i, t in enumerate(texts)])
+        tokens = sum(map(len, encoded))
         try:
-            future = self.batcher.submit(texts)
+            future = self.batcher.submit(encoded)
         except QueueFull as exc:
             raise ApiError(429, f"server busy: {exc}; retry later", kind=KINDS[429]) from None
         except RuntimeError as exc:

@@ -76,23 +76,32 @@ class TextClassifier:
         items = [texts] if single else list(texts)
         if not all(isinstance(t, str) for t in items):
             raise TypeError("classify takes a string or a sequence of strings")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         context = self.model.config.n_positions
         if max_length is not None:
             check_window(max_length, context, "max_length")
         limit = max_length or context
-        encoded = [self.tokenizer.encode(t)[:limit] for t in items]
+        results = self.classify_ids([self.tokenizer.encode(t)[:limit] for t in items], batch_size=batch_size)
+        return results[0] if single else results
+
+    @torch.no_grad()
+    def classify_ids(self, encoded: Sequence[Sequence[int]], *, batch_size: int = 16) -> list[Classification]:
+        """Classify texts already encoded (each at most the model's context): one ``Classification`` each, in order."""
+        context = self.model.config.n_positions
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         empty = next((i for i, ids in enumerate(encoded) if not ids), None)
         if empty is not None:
             raise ValueError(f"text {empty} is empty: there is nothing to classify")
+        long = next((i for i, ids in enumerate(encoded) if len(ids) > context), None)
+        if long is not None:
+            raise ValueError(f"text {long} has {len(encoded[long])} tokens; the model reads at most {context}")
         # Similar lengths share a batch, so little of each batch is padding.
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         probs: list[torch.Tensor | None] = [None] * len(encoded)
         device = self.model.device
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            ids, mask = right_pad([encoded[i] for i in chunk], 0)
+            ids, mask = right_pad([list(encoded[i]) for i in chunk], 0)
             p = self.model(ids.to(device), attention_mask=mask.to(device)).float().softmax(-1).cpu()  # (B, L)
             for row, i in enumerate(chunk):
                 probs[i] = p[row]
@@ -104,6 +113,6 @@ class TextClassifier:
                 label=self.labels[best], score=float(p[best]),
                 probabilities={name: float(v) for name, v in zip(self.labels, p.tolist(), strict=True)},
             ))
-        return results[0] if single else results
+        return results
 
     __call__ = classify
