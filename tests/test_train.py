@@ -221,23 +221,35 @@ def _metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+# A constant learning rate: a run told steps=10 follows the schedule of one told steps=20.
+CONSTANT_LR = dict(block_size=32, lr=1e-3, min_lr=1e-3, warmup_steps=0, progress=False, eval_interval=10,
+                   eval_batches=2, save_interval=10)
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tiny_dir, data, tmp_path_factory) -> Path:
+    """One spawn of 2 gloo processes, no dropout: DDP and FSDP for 20 steps, and 10 FSDP steps in ``split``.
+
+    DDP's run is what FSDP and Ray Train must equal; the FSDP test goes on with ``split``.
+    """
+    runs = tmp_path_factory.mktemp("two-processes")
+    _spawn(tiny_dir, data, no_dropout(tiny_dir),
+           [(runs / "ddp", TrainConfig(steps=20, batch_size=2, **CONSTANT_LR)),
+            (runs / "fsdp", TrainConfig(steps=20, batch_size=2, fsdp=True, **CONSTANT_LR)),
+            (runs / "split", TrainConfig(steps=10, batch_size=2, fsdp=True, **CONSTANT_LR))])
+    return runs
+
+
 @pytest.mark.slow
-def test_fsdp_equals_ddp_and_resumes_across_process_counts(tiny_dir, data, tmp_path):
+def test_fsdp_equals_ddp_and_resumes_across_process_counts(tiny_dir, data, two_process_runs):
     """FSDP2 on 2 gloo processes: DDP's losses over 20 steps; its checkpoint goes on in 1 process, then in 2 again."""
-    model_config = no_dropout(tiny_dir)
-    # A constant learning rate: a run told steps=10 follows the schedule of one told steps=20.
-    common = dict(block_size=32, lr=1e-3, min_lr=1e-3, warmup_steps=0, progress=False, eval_interval=10,
-                  eval_batches=2, save_interval=10)
-    # DDP and FSDP for 20 steps; then the split run: 2 processes (fsdp) for 10 steps, 1 process
-    # (the same global batch) to 15, fsdp again to 20.
-    split = tmp_path / "split"
-    _spawn(tiny_dir, data, model_config, [(tmp_path / "ddp", TrainConfig(steps=20, batch_size=2, **common)),
-                                          (tmp_path / "fsdp", TrainConfig(steps=20, batch_size=2, fsdp=True, **common)),
-                                          (split, TrainConfig(steps=10, batch_size=2, fsdp=True, **common))])
-    ddp, fsdp = _metrics(tmp_path / "ddp"), _metrics(tmp_path / "fsdp")
+    model_config, common, runs = no_dropout(tiny_dir), CONSTANT_LR, two_process_runs
+    ddp, fsdp = _metrics(runs / "ddp"), _metrics(runs / "fsdp")
     assert len(ddp) == len(fsdp) == 20
     assert max(abs(a["train_loss"] - b["train_loss"]) for a, b in zip(ddp, fsdp, strict=True)) < 1e-4
     assert abs(ddp[-1]["val_loss"] - fsdp[-1]["val_loss"]) < 1e-4
+    # The split run: 2 processes (fsdp) for 10 steps, 1 process (the same global batch) to 15, fsdp again to 20.
+    split = runs / "split"
     train(GPT2.from_pretrained(tiny_dir, config=model_config), TokenData.open(data.directory), split,
           TrainConfig(steps=15, batch_size=4, **{**common, "save_interval": 5}), resume=True)
     _spawn(tiny_dir, data, model_config, [(split, TrainConfig(steps=20, batch_size=2, fsdp=True, **common))],
@@ -247,9 +259,46 @@ def test_fsdp_equals_ddp_and_resumes_across_process_counts(tiny_dir, data, tmp_p
     assert abs(resumed[-1]["val_loss"] - ddp[-1]["val_loss"]) < 1e-4
     for i in [*range(10), *range(15, 20)]:  # steps run on 2 processes log process 0's half of the batch
         assert abs(resumed[i]["train_loss"] - ddp[i]["train_loss"]) < 1e-4
-    a = GPT2.from_pretrained(tmp_path / "ddp" / "final").state_dict()
+    a = GPT2.from_pretrained(runs / "ddp" / "final").state_dict()
     b = GPT2.from_pretrained(split / "final").state_dict()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+@pytest.mark.slow
+def test_ray_train_example_equals_ddp(tiny_dir, data, two_process_runs, tmp_path):
+    """examples/ray_train.py: 2 CPU workers under Ray Train's TorchTrainer train as 2 DDP (torchrun) processes do."""
+    pytest.importorskip("ray.train", reason="examples/ray_train.py needs ray[train] (examples/requirements.txt)")
+    import subprocess
+    import sys
+
+    start = tmp_path / "start"  # the reference's starting point: the tiny checkpoint without dropout
+    GPT2.from_pretrained(tiny_dir, config=no_dropout(tiny_dir)).save_pretrained(start)
+    example = Path(__file__).resolve().parents[1] / "examples" / "ray_train.py"
+    c = CONSTANT_LR
+    proc = subprocess.run(
+        [sys.executable, str(example), "--data", str(data.directory), "--out", str(tmp_path / "ray"), "--model",
+         str(start), "--workers", "2", "--steps", "10", "--batch-size", "2", "--block-size", str(c["block_size"]),
+         "--lr", str(c["lr"]), "--min-lr", str(c["min_lr"]), "--warmup-steps", str(c["warmup_steps"]),
+         "--eval-interval", str(c["eval_interval"]), "--eval-batches", str(c["eval_batches"]),
+         "--save-interval", str(c["save_interval"]), "--no-progress"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "10 steps on 2 Ray workers" in proc.stdout
+    ray_run, ddp = _metrics(tmp_path / "ray"), _metrics(two_process_runs / "ddp")[:10]
+    assert [m["step"] for m in ray_run] == list(range(1, 11))
+    assert max(abs(a["train_loss"] - b["train_loss"]) for a, b in zip(ray_run, ddp, strict=True)) < 1e-6
+    assert abs(ray_run[-1]["val_loss"] - ddp[-1]["val_loss"]) < 1e-6
+    # The final model as Ray keeps it (copied into its storage) reads in transformers, as gpt2lite reads it.
+    (kept,) = [p for p in (tmp_path / "ray" / "ray" / "gpt2lite").glob("checkpoint_*") if p.is_dir()]
+    hf = transformers.GPT2LMHeadModel.from_pretrained(kept).eval()
+    ids = torch.from_numpy(data.val[:40].astype(np.int64))[None]
+    with torch.no_grad():
+        theirs = hf(ids).logits
+        ours = GPT2.from_pretrained(kept).eval()(ids)
+        original = GPT2.from_pretrained(start).eval()(ids)
+    assert (theirs - ours).abs().max().item() < 1e-5
+    assert (theirs - original).abs().max().item() > 1e-3  # training changed the weights
 
 
 def test_training_errors(tiny_dir, data, tmp_path):
