@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import shlex
 import shutil
@@ -9,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from gpt2lite import Tokenizer
+from gpt2lite import GPT2, TokenData, Tokenizer
 from gpt2lite.cli import main
+from gpt2lite.training.objectives import evaluate_loss
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -74,7 +76,13 @@ def test_train_tiny_example_runs(tmp_path, capsys):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     numbers = module.main(steps=12, out=str(tmp_path / "run"), progress=False, eval_batches=2)
+    assert numbers["before"] > 10.0  # about ln(50257) = 10.8 for random weights
     assert numbers["after"] < numbers["before"] - 1.0
+    # The saved model is the one that was evaluated: reloaded, the same held-out loss.
+    reloaded = GPT2.from_pretrained(tmp_path / "run" / "final")
+    held_out = evaluate_loss(reloaded, TokenData.open(tmp_path / "run" / "data"), block_size=128, batches=2,
+                             batch_size=16)
+    assert math.isclose(held_out, numbers["after"], rel_tol=1e-5)
     assert "sample from the saved checkpoint" in capsys.readouterr().out
 
 
