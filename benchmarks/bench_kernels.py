@@ -7,7 +7,9 @@ the medians are printed in ms per step, with the weight bytes read per second:
 
 - float32: gpt2lite's kernel, MKL (``F.linear``) and oneDNN over the plain weight;
 - float16 weights (``quantize="f16"``): gpt2lite's kernel (PyTorch has no fast CPU route for them);
-- int8: gpt2lite's kernel, fbgemm's ``linear_dynamic`` (today's route) over ``Int8Linear``'s weights.
+- int8: gpt2lite's kernel, fbgemm's ``linear_dynamic`` (today's route) over ``Int8Linear``'s weights;
+- int4 (groups of 64 inputs, the head in int4 too): gpt2lite's kernel, PyTorch's
+  ``_weight_int4pack_mm_for_cpu`` (``kernels="torch"``) over the same codes.
 
     python benchmarks/bench_kernels.py [--rounds 30] [--rows 1] [--isa avx2|avx512]
 """
@@ -21,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from timing import alternate
 
-from gpt2lite.transforms.native import cpu_features, load_kernels
-from gpt2lite.transforms.quantize import Int8Linear
+from gpt2lite.transforms.native import cpu_features, load_kernels, use_kernels
+from gpt2lite.transforms.quantize import Int4Linear, Int8Linear
 
 SHAPES = [(2304, 768), (768, 768), (3072, 768), (768, 3072)] * 12 + [(50257, 768)]  # (out, in) rows
 
@@ -47,6 +49,10 @@ def main() -> None:
     halves = [w.half() for w in weights]
     for layer in layers:
         layer.kernels = "torch"
+    int4 = [Int4Linear.from_float(w, b) for w, b in zip(weights, biases, strict=True)]  # gpt2lite's layout
+    int4_torch = [use_kernels(Int4Linear.from_float(w, b), "torch") for w, b in zip(weights, biases, strict=True)]
+    if any(layer.block for layer in int4):
+        raise SystemExit("the int4 layers took PyTorch's layout: gpt2lite's kernel does not serve them here")
 
     def step(product):
         def run():
@@ -63,13 +69,15 @@ def main() -> None:
             "int8 gpt2lite": step(lambda i, v, w, b: kernels.linear_int8(v, layers[i].weight, layers[i].scale,
                                                                          layers[i].bias)),
             "int8 fbgemm": step(lambda i, v, w, b: layers[i](v)),
+            "int4 gpt2lite": step(lambda i, v, w, b: int4[i](v)),
+            "int4 PyTorch": step(lambda i, v, w, b: int4_torch[i](v)),
         }
         for run in runners.values():
             run()  # warm: fbgemm's packing, the thread pools
         medians = alternate(runners, args.rounds)
     f32_bytes = sum(w.numel() * 4 for w in weights)
     for name, seconds in medians.items():
-        read = f32_bytes / 4 if name.startswith("int8") else f32_bytes / 2 if name.startswith("f16") else f32_bytes
+        read = {"int8": f32_bytes / 4, "int4": f32_bytes * 4.5 / 32, "f16 ": f32_bytes / 2}.get(name[:4], f32_bytes)
         print(f"{name:>20}: {seconds * 1e3:7.2f} ms a step, {read / seconds / 1e9:5.1f} GB/s of weights")
 
 

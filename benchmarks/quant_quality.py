@@ -9,6 +9,9 @@ documentation that ships with Python (``pydoc_data.topics``), once, into
 - teacher-forced top-1 agreement with float32 over the held-out tokens;
 - greedy agreement: how many of 64 generated tokens equal float32's, over 16 held-out prompts.
 
+Each quantized model takes gpt2lite's own CPU kernels where they are built
+("int4 torch": PyTorch's int4 route, for comparison).
+
     python benchmarks/quant_quality.py [--work runs/quant-quality] [--steps 600]
 """
 
@@ -71,7 +74,9 @@ def main() -> None:
     models.update({mode: load_model(final, quantize=mode) for mode in QUANTIZE_MODES})
     for group_size in (32, 128):  # int4's default groups are 64 inputs wide
         models[f"int4/{group_size}"] = quantize(GPT2.from_pretrained(final), "int4", group_size=group_size)
-    models["int4+head4"] = quantize(GPT2.from_pretrained(final), "int4", head="int4")  # bfloat16 logits
+    models["int4+head4"] = quantize(GPT2.from_pretrained(final), "int4", head="int4")
+    # PyTorch's int4 route (bfloat16 activations) beside gpt2lite's kernel (int8 activations in blocks of 32)
+    models["int4 torch"] = load_model(final, quantize="int4", kernels="torch")
     prompts = [val[i : i + 32] for i in torch.linspace(0, len(val) - 200, 16).long().tolist()]
     reference: dict[str, object] = {}
     print(f"held-out: {len(val)} tokens; model {final}")

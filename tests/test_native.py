@@ -19,7 +19,7 @@ from gpt2lite.errors import NonFiniteError
 from gpt2lite.transforms import native
 from gpt2lite.transforms.native import NativeKernels, load_kernels, use_kernels
 from gpt2lite.transforms.packed import PackedEmbedding, PackedLinear
-from gpt2lite.transforms.quantize import Int8Linear
+from gpt2lite.transforms.quantize import Int4Linear, Int8Linear
 
 FEATURES = native.cpu_features()
 ISAS = [isa for isa, need in (("avx2", {"avx2", "fma", "f16c"}),
@@ -90,6 +90,107 @@ def test_int8_kernel_gives_nan_rows_for_non_finite_input_or_refuses_them(isa):
         _kernels(isa).linear_int8(x, q, scale, None, check=True)
 
 
+def _int4_emulation(x: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, bias: torch.Tensor | None, out: int,
+                    group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int4 kernel's rounding in float64: its int8 activations (blocks of 32) and float32 scale products
+    exactly, its sums exact; with the bound that float32 summation in the kernel's order can add."""
+    M, K = x.shape
+    blocks = x.view(M, K // 32, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)  # (M, B, 1)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros(()))  # float32 division, as the kernel's
+    xq = (blocks * inv).round()  # (M, B, 32): ties to even, as cvtps2dq
+    xs = torch.where(amax > 0, amax / 127, torch.zeros(()))[..., 0]  # (M, B) float32
+    c = codes[:out].to(torch.int32)
+    nibbles = torch.stack([c & 15, c >> 4], -1).view(out, K // 32, 32).double()  # (N, B, 32): input order
+    idot = torch.einsum("mbk,nbk->mnb", xq.double(), nibbles)  # exact integers
+    scale, zero = sz[:, :out, 0].float().T, sz[:, :out, 1].float().T  # (N, G) each
+    per = group // 32
+    d = scale.repeat_interleave(per, dim=1)[None] * xs[:, None, :]  # (M, N, B): float32 products
+    block_sums = xs * xq.sum(-1)  # (M, B): float32 products
+    sums = torch.zeros(M, K // group)  # (M, G): float32 running sums over each group's blocks
+    for b in range(K // 32):
+        sums[:, b // per] += block_sums[:, b]
+    main = d.double() * idot  # (M, N, B)
+    offsets = (zero[None].double() - 8 * scale[None].double()) * sums[:, None].double()  # (M, N, G)
+    y = main.sum(-1) + offsets.sum(-1)
+    terms = main.abs().sum(-1) + ((zero.abs()[None] + 8 * scale.abs()[None]) * sums.abs()[:, None]).double().sum(-1)
+    bound = (K // 32 + 2 * K // group + 2) * 2**-23 * terms + 1e-7
+    if bias is not None:
+        y, bound = y + bias.double(), bound + 2**-23 * bias.abs().double()
+    return y, bound
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("rows", "out", "inp", "group"),
+                         [(1, 1000, 768, 32), (3, 37, 64, 64), (2, 70, 3072, 128), (6, 64, 256, 256), (5, 40, 128, 32)])
+def test_int4_kernel_equals_the_emulation_of_its_rounding(isa, rows, out, inp, group):
+    g = torch.Generator().manual_seed(out + group)
+    x = torch.randn(rows, inp, generator=g) * 3
+    x[0, 5] = 40.0  # an outlier channel: its block's scale
+    if rows > 2:
+        x[1, :32] = 0  # a zero block: scale 0
+        x[2, :8] = torch.tensor([127.0, 0.5, -0.5, 1.5, -2.5, 63.5, -127.0, 0.0])  # ties, rounded to even
+    padded = -(-out // 64) * 64
+    codes = torch.randint(0, 256, (padded, inp // 2), generator=g, dtype=torch.int32).to(torch.uint8)
+    sz = (torch.rand(padded, inp // group, 2, generator=g) - 0.5).bfloat16().transpose(0, 1)  # rows of (s, z)
+    bias = torch.randn(out, generator=g)
+    for b in (None, bias):
+        y = _kernels(isa).linear_int4(x, codes, sz, b, out, group)
+        want, bound = _int4_emulation(x, codes, sz, b, out, group)
+        assert y.shape == (rows, out) and bool(((y.double() - want).abs() <= bound).all())
+    one = _kernels(isa).linear_int4(x[:1], codes, sz, bias, out, group)  # a row alone: its batch's row
+    assert torch.equal(one, _kernels(isa).linear_int4(x, codes, sz, bias, out, group)[:1])
+    x[0, 7] = float("nan")
+    y = _kernels(isa).linear_int4(x, codes, sz, bias, out, group)
+    assert bool(y[0].isnan().all()) and not bool(y[1:].isnan().any())
+    if inp > group:  # (with one group the two layouts are the same)
+        with pytest.raises(ValueError, match="stored row after row"):
+            _kernels(isa).linear_int4(x, codes, sz.contiguous(), bias, out, group)  # PyTorch's (G, N, 2) layout
+
+
+@needs_kernels
+def test_int4_layers_take_the_kernel_by_default_and_pytorch_s_layout_when_told(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(100, 128, generator=g), torch.randn(100, generator=g)
+    layer = Int4Linear.from_float(w.T.contiguous().T, b, group_size=32)  # a Conv1D's transposed weight
+    codes, x = layer.dequantize(), torch.randn(3, 1, 128, generator=g)
+    assert layer.block == 0 and layer.weight.is_contiguous() and layer.scales_and_zeros.transpose(0, 1).is_contiguous()
+    y = layer(x)
+    kernel = load_kernels().linear_int4(x.view(3, 128), layer.weight, layer.scales_and_zeros, layer.bias, 100, 32)
+    assert torch.equal(y, kernel.view(3, 1, 100))
+    use_kernels(layer, "torch")
+    assert layer.block > 0 and layer.scales_and_zeros.is_contiguous() and torch.equal(layer.dequantize(), codes)
+    monkeypatch.setattr(NativeKernels, "linear_int4", lambda *a, **k: pytest.fail("the kernel ran"))
+    theirs = layer(x)  # bfloat16 activations and outputs: close to, not equal to, the kernel's
+    assert not torch.equal(theirs, y) and torch.allclose(theirs, y, atol=0.02 * float(y.abs().max()))
+    monkeypatch.undo()
+    use_kernels(layer, "native")
+    assert layer.block == 0 and torch.equal(layer.dequantize(), codes) and torch.equal(layer(x), y)
+
+
+@needs_kernels
+def test_int4_model_logits_are_within_int4_rounding_of_transformers_on_both_routes(tiny_dir, hf_tiny, monkeypatch):
+    calls = []
+    real = NativeKernels.linear_int4
+    monkeypatch.setattr(NativeKernels, "linear_int4", lambda self, *a: calls.append(1) or real(self, *a))
+    ids = torch.tensor([[464, 3290, 318, 257, 50, 1000]])
+    with torch.no_grad():
+        want = hf_tiny(ids).logits
+        ours = load_model(tiny_dir, quantize="int4")
+        theirs = load_model(tiny_dir, quantize="int4", kernels="torch")
+        a, b = ours(ids), theirs(ids)
+    assert calls and all(m.block == 0 for m in ours.modules() if isinstance(m, Int4Linear))
+    assert all(m.block > 0 for m in theirs.modules() if isinstance(m, Int4Linear))
+    # 4-bit weights move random weights' logits by about an eighth of their spread (0.12 here, both routes);
+    # the routes share the codes and differ only in rounding the activations (int8 blocks, bfloat16).
+    spread = float(want.std())
+    assert (a - want).abs().max() < 0.2 * spread and (b - want).abs().max() < 0.2 * spread
+    assert (a - b).abs().max() < 0.05 * spread
+    steps = generate(ours, ids, max_new_tokens=12, temperature=0, ignore_eos=True)
+    assert steps.shape == (1, 18) and torch.equal(steps[:, :6], ids)
+
+
 @needs_kernels
 @pytest.mark.parametrize(("rows", "heads", "slots", "head_size"), [(1, 12, 37, 64), (3, 2, 1, 8), (2, 4, 300, 256)])
 def test_one_row_attention_equals_the_float64_softmax_over_strided_cache_views(rows, heads, slots, head_size):
@@ -123,20 +224,28 @@ def test_int8_layers_take_the_kernel_by_default_and_fbgemm_when_told(monkeypatch
 
 
 @needs_kernels
-def test_float32_model_with_the_kernel_keeps_transformers_greedy_tokens(tiny_dir, hf_tiny, monkeypatch):
-    calls, attended = [], []
-    real, attend = NativeKernels.linear_f32, NativeKernels.attend_one_row
+@pytest.mark.parametrize("route", ["block", "layers"])
+def test_float32_model_with_the_kernel_keeps_transformers_greedy_tokens(tiny_dir, hf_tiny, monkeypatch, route):
+    calls, attended, blocks = [], [], []
+    real, attend, block = NativeKernels.linear_f32, NativeKernels.attend_one_row, NativeKernels.block_step
     monkeypatch.setattr(NativeKernels, "linear_f32", lambda self, *a: calls.append(1) or real(self, *a))
     monkeypatch.setattr(NativeKernels, "attend_one_row", lambda self, *a: attended.append(1) or attend(self, *a))
+    monkeypatch.setattr(NativeKernels, "block_step", lambda self, *a: blocks.append(1) or block(self, *a))
     model = load_model(tiny_dir)  # the default: one-row products through gpt2lite's kernel, chosen by rule
     assert all(m.one_row == "native" and m.kernels == "native"
                for m in model.modules() if isinstance(m, (PackedLinear, PackedEmbedding)))
+    if route == "layers":  # the blocks as written, each product and attention through its own kernel
+        for b in model.h:
+            b.decode_step = None
     ids = torch.tensor([[464, 3290, 318, 257]])
     ours = generate(model, ids, max_new_tokens=24, temperature=0, ignore_eos=True)
     theirs = hf_tiny.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=24,
                               pad_token_id=50256)
-    assert torch.equal(ours, theirs) and len(calls) >= 23 * 9  # 23 one-row steps of 2 layers x 4 products + head
-    assert len(attended) == 23 * 2  # and each step's attention, in each of the 2 layers
+    assert torch.equal(ours, theirs)
+    if route == "block":  # 23 one-row steps: each of the 2 blocks in one call, the head's product
+        assert len(blocks) == 23 * 2 and len(calls) >= 23 and not attended
+    else:  # 23 one-row steps of 2 layers x 4 products + head, and each step's attention in each layer
+        assert not blocks and len(calls) >= 23 * 9 and len(attended) == 23 * 2
     with torch.no_grad():
         step = torch.tensor([[50, 7]])
         assert torch.allclose(model(step[:, :1]), hf_tiny(step[:, :1]).logits, atol=1e-4)
@@ -253,19 +362,20 @@ def test_two_processes_building_at_once_both_get_a_whole_library(tmp_path):
 
 @needs_kernels
 @pytest.mark.slow
-@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
 def test_a_compiled_step_calls_the_kernels_inside_its_graph(tiny_dir, monkeypatch, quantize):
     """compile=True traces gpt2lite::native_linear_* into the graph: each one-row product still runs the kernel."""
     model = load_model(tiny_dir, quantize=quantize)
     ids = torch.tensor([[5, 17, 3, 99, 2048, 7]])
     eager = generate(model, ids, max_new_tokens=10, temperature=0, ignore_eos=True, return_dict=True)
     calls: list[int] = []
-    name = "linear_int8" if quantize else "linear_f32"
+    name = f"linear_{quantize}" if quantize else "linear_f32"
     real = getattr(NativeKernels, name)
     monkeypatch.setattr(NativeKernels, name, lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
     compiled = generate(model, ids, max_new_tokens=10, temperature=0, ignore_eos=True, return_dict=True,
                         compile=True)
-    assert len(calls) >= 9 * (2 * 4 + 1)  # 9 one-token steps of 2 layers x 4 products and the head (at least)
+    # 9 one-token steps of 2 layers x 4 products and the head (at least; int4 keeps its head in int8)
+    assert len(calls) >= 9 * (2 * 4 + (quantize != "int4"))
     assert compiled.sequences.tolist() == eager.sequences.tolist()
     assert torch.allclose(compiled.logprobs, eager.logprobs, atol=1e-2 if quantize else 1e-4)
 
@@ -342,3 +452,49 @@ def test_the_kernels_refuse_operands_they_would_misread():
         kernels.linear_int8(x, w.to(torch.int8), torch.ones(8, dtype=torch.float64), None)
     with pytest.raises(ValueError, match="attention kernel"):
         kernels.attend_one_row(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 4, 8), 1.0)
+
+
+def _steps(model, ids: torch.Tensor, tokens: list[int]) -> tuple[list[torch.Tensor], object]:
+    """Logits of a prompt and of each following one-token step, and the cache they leave."""
+    with torch.inference_mode():
+        state = model.new_state(ids.shape[0], 48)
+        logits = [model.feed(ids, state)]
+        for t in tokens:
+            logits.append(model.feed(torch.full((ids.shape[0], 1), t), state))
+    return logits, state
+
+
+@needs_kernels
+@pytest.mark.parametrize("quantize", [None, "f16", "int8", "int4"])
+def test_the_block_kernel_equals_the_blocks_as_written(tiny_dir, monkeypatch, quantize):
+    """One call a block at batch 1 gives the logits and the cache of the layer-by-layer route (same kernels)."""
+    blocks = []
+    real = NativeKernels.block_step
+    monkeypatch.setattr(NativeKernels, "block_step", lambda self, *a: blocks.append(1) or real(self, *a))
+    model = load_model(tiny_dir, quantize=quantize)
+    ids, tokens = torch.tensor([[464, 3290, 318, 257, 50, 1000]]), [5, 9, 77, 1000, 3, 3]
+    fused, fused_state = _steps(model, ids, tokens)
+    assert len(blocks) == len(tokens) * len(model.h)  # the prompt ran as written; each step in the kernel
+    for b in model.h:
+        b.decode_step = None
+    written, written_state = _steps(model, ids, tokens)
+    assert len(blocks) == len(tokens) * len(model.h)
+    for a, b in zip(fused, written, strict=True):  # float32 rounding apart (LayerNorm's, GELU's sums)
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+    for a, b in zip(fused_state.k + fused_state.v, written_state.k + written_state.v, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernels
+def test_the_block_kernel_leaves_batches_gradients_and_adapters_to_the_blocks_as_written(tiny_dir, monkeypatch):
+    from gpt2lite import LoraConfig, add_lora
+
+    monkeypatch.setattr(NativeKernels, "block_step", lambda *a, **k: pytest.fail("the block kernel ran"))
+    model = load_model(tiny_dir)
+    _steps(model, torch.tensor([[464, 3290], [318, 257]]), [5, 9])  # two rows
+    state = model.new_state(1, 8)
+    model.feed(torch.tensor([[464]]), state)  # gradients on: the blocks as written (autograd sees every step)
+    model.feed(torch.tensor([[5]]), state)
+    add_lora(model, LoraConfig(r=2, target_modules=("c_attn",)))
+    _steps(model, torch.tensor([[464, 3290]]), [5, 9])  # a LoRA-wrapped layer: the kernel does not read it
+    _steps(use_kernels(load_model(tiny_dir), "torch"), torch.tensor([[464, 3290]]), [5, 9])  # forced fallback

@@ -21,6 +21,7 @@ from gpt2lite import (
 )
 from gpt2lite.cli import QUANTIZE_CHOICES, build_parser, main
 from gpt2lite.errors import NonFiniteError
+from gpt2lite.transforms.native import use_kernels
 from gpt2lite.transforms.quantize import (
     QUANTIZE_MODES,
     Int4Embedding,
@@ -201,19 +202,22 @@ def test_int4_weights_round_to_within_half_a_step_of_their_group(group_size):
     error = (layer.dequantize() - w).abs().view(100, -1, group_size)
     assert bool((error <= bound.unsqueeze(-1)).all())
     assert float(error.mean()) < float(step.mean()) / 3  # most weights round to a neighbouring code
+    use_kernels(layer, "torch")  # PyTorch's layout (the default is gpt2lite's kernel's, where it is built)
     assert layer.block > 0, "PyTorch's int4 CPU kernel should pack this weight (torch 2.13 CPU wheel)"
+    assert torch.equal(layer.dequantize().view(100, -1, group_size) - w.view(100, -1, group_size), -error.neg()) \
+        or torch.equal((layer.dequantize() - w).abs().view(100, -1, group_size), error)  # the same codes
 
 
 @pytest.mark.parametrize("rows", [1, 3, 17])
 def test_int4_cpu_kernel_and_the_plain_fallback_equal_dequantizing_every_product(rows, monkeypatch):
     w, b = _layer(out_features=100, in_features=128, seed=rows)
-    layer = Int4Linear.from_float(w, b, group_size=32)
+    layer = use_kernels(Int4Linear.from_float(w, b, group_size=32), "torch")  # PyTorch's kernel
 
     def no_kernel(*args):
         raise RuntimeError("no int4 kernel in this build")
 
     monkeypatch.setattr(torch, "_convert_weight_to_int4pack_for_cpu", no_kernel)
-    plain = Int4Linear.from_float(w, b, group_size=32)  # plain rows, every product dequantized
+    plain = use_kernels(Int4Linear.from_float(w, b, group_size=32), "torch")  # plain rows, every product dequantized
     monkeypatch.undo()
     assert plain.block == 0 and torch.equal(plain.dequantize(), layer.dequantize())
     x = torch.randn(rows, 2, 128)
@@ -232,7 +236,7 @@ def test_int4_cpu_kernel_and_the_plain_fallback_equal_dequantizing_every_product
 
 def test_int4_embedding_rows_and_tied_head_use_the_same_codes():
     w, _ = _layer(out_features=50257 // 200 * 2, in_features=64)  # an odd-sized vocabulary: padded rows
-    emb = Int4Embedding.from_float(w, group_size=32)
+    emb = use_kernels(Int4Embedding.from_float(w, group_size=32), "torch")  # PyTorch's layout and kernel
     assert emb.block > 0
     ids = torch.tensor([[0, 15, w.shape[0] - 1], [16, 31, 32]])  # low and high nibbles of a block, and the next
     assert torch.equal(emb(ids), emb.dequantize()[ids])
@@ -258,8 +262,9 @@ def test_int4_layers_follow_dtype_casts_and_loaded_state():
         assert layer.dequantize().dtype == dtype and layer(x.to(dtype)).dtype == dtype
 
 
-def test_int4_model_follows_its_dequantized_weights_and_generates(tiny_dir):
-    q = quantize(load_model(tiny_dir), "int4", head="int4")
+@pytest.mark.parametrize("route", ["native", "torch"])
+def test_int4_model_follows_its_dequantized_weights_and_generates(tiny_dir, route):
+    q = use_kernels(quantize(load_model(tiny_dir), "int4", head="int4"), route)
     assert is_quantized(q) and q.wte.weight.shape == (50304, 32)  # 64 wide, two codes a byte; 50257 padded
     reference = load_model(tiny_dir)  # float, with every quantized weight put back as the float it stands for
     with torch.no_grad():
@@ -270,8 +275,10 @@ def test_int4_model_follows_its_dequantized_weights_and_generates(tiny_dir):
     with torch.no_grad():
         logits, expected = q(ids), reference(ids)
     assert logits.shape == expected.shape == (2, 12, 50257)
-    # What differs is int4's bfloat16 activations, a 2^-9 rounding of each: a small share of the spread.
-    assert float((logits - expected).abs().max()) < 0.02 * float(expected.std())
+    # What differs is the activations' rounding: PyTorch's kernel's bfloat16, 2^-9 of each value; gpt2lite's
+    # int8 in blocks of 32, up to 1/254 of the block's largest (more where a block holds an outlier channel).
+    bound = 0.02 if route == "torch" or q.h[0].mlp.c_fc.block else 0.05
+    assert float((logits - expected).abs().max()) < bound * float(expected.std())
     greedy = generate(q, ids, max_new_tokens=8, temperature=0, ignore_eos=True)
     assert torch.equal(greedy, generate(reference, ids, max_new_tokens=8, temperature=0, ignore_eos=True))
     sampled = generate(q, ids, max_new_tokens=6, temperature=1.0, top_k=20, seed=1, ignore_eos=True)
@@ -285,8 +292,8 @@ def test_int4_keeps_the_lm_head_in_int8_unless_asked(tiny_dir):
     ids = torch.tensor([[464, 3290, 318, 257]])
     with torch.no_grad():
         logits = q(ids)
-        rounded = quantize(load_model(tiny_dir), "int4", head="int4")(ids)
-    # The int4 kernel's logits are bfloat16 values; the int8 head's are not.
+        rounded = use_kernels(quantize(load_model(tiny_dir), "int4", head="int4"), "torch")(ids)
+    # PyTorch's int4 kernel's logits are bfloat16 values; the int8 head's are not.
     assert torch.equal(rounded, rounded.bfloat16().float())
     assert not torch.equal(logits, logits.bfloat16().float())
     assert quantize(GPT2.from_pretrained(tiny_dir, dtype="bfloat16"), "int4")(ids).dtype == torch.bfloat16

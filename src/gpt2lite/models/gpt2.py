@@ -121,6 +121,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """One pre-LayerNorm transformer block."""
 
+    # A kernel for a whole decode step of the block: (block, x, state, plan) -> its output, or None where it
+    # does not serve. Set from outside (transforms.native.use_kernels); None: the layers below, as written.
+    decode_step: Callable[[Block, torch.Tensor, KVCache | None, StepPlan | None], torch.Tensor | None] | None = None
+
     def __init__(self, config: GPT2Config, layer: int) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
@@ -132,6 +136,10 @@ class Block(nn.Module):
         self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, state: KVCache | None,
         plan: StepPlan | None,
     ) -> torch.Tensor:
+        if self.decode_step is not None and mask is None:
+            y = self.decode_step(self, x, state, plan)
+            if y is not None:
+                return y
         x = x + self.attn(self.ln_1(x), mask, is_causal, state, plan)
         return x + self.mlp(self.ln_2(x))
 

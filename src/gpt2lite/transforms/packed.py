@@ -45,7 +45,14 @@ from gpt2lite.models.gpt2 import GPT2, tied_head_product
 from gpt2lite.models.weights import own_memory
 from gpt2lite.transforms.kernels import KERNELS, Choice, choose_kernels
 from gpt2lite.transforms.layers import linear_layers
-from gpt2lite.transforms.native import KERNEL_ROUTES, KernelRoute, NativeKernels, kernels_for
+from gpt2lite.transforms.native import (
+    KERNEL_ROUTES,
+    KernelRoute,
+    NativeKernels,
+    NativeOperands,
+    kernels_for,
+    native_f32_operands,
+)
 from gpt2lite.transforms.quantize import is_quantized
 
 __all__ = ["MIN_ROWS", "PackedEmbedding", "PackedLinear", "can_prepack", "kernel_report", "prepack"]
@@ -131,6 +138,10 @@ class PackedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ weight.T + bias``."""
         return _product(self, x, self.bias)
+
+    def native_operands(self) -> NativeOperands | None:
+        """What gpt2lite's kernels read for a one-row product (see ``native.block_step``), or None."""
+        return native_f32_operands(self) if self.one_row == "native" and self.kernels == "native" else None
 
 
 class PackedEmbedding(nn.Embedding):
