@@ -364,3 +364,19 @@ def test_cli_exposes_the_controls(tiny_dir, capsys):
     assert "pass --truncate-prompt left" in err and "truncate_prompt=" not in err, err
     assert main(["generate", "x", "--model", str(tiny_dir), "--num-beams", "2"]) == 1
     assert capsys.readouterr().err.strip().endswith("use --temperature 0")
+
+
+def test_a_draw_follows_the_softmax_and_never_picks_a_removed_token():
+    """The inverse-CDF draw against the distribution it samples: frequencies within 5 standard errors."""
+    from gpt2lite.generation.sampling import sample
+
+    logits = torch.tensor([2.0, float("-inf"), 0.5, -1.0, float("-inf"), 1.0, -30.0])
+    p = logits.double().softmax(-1)
+    n = 200_000
+    drawn = sample(logits.expand(n, -1), generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(drawn, minlength=len(logits)).double()
+    assert counts[1] == 0 and counts[4] == 0  # removed: probability 0
+    assert bool(((counts / n - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-9).all()), counts / n
+    one = torch.full((3, 50257), float("-inf"))
+    one[:, 777] = 0.0  # a single token left (top_k=1): always it
+    assert sample(one).tolist() == [777, 777, 777]

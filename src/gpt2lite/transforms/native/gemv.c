@@ -374,7 +374,7 @@ void gl_linear_f16_avx512(const float *x, const uint16_t *w, const float *bias, 
 typedef struct {
     const int8_t *q; /* (M, K) activations rounded to int8, each block of 32 de-interleaved */
     const float *xs; /* (M, K / 32) their scales */
-    const float *xs8; /* (M, K / 4): each scale 8 times (M > 1 only), a vector's worth a block */
+    const float *xs8; /* (M, K / 4): each scale 8 times, a vector's worth a block */
     const float *cc; /* (M, 2 K / G): per group -8 c_g, c_g */
     const uint8_t *w; /* (N, K / 2) */
     const uint16_t *sz; /* (N, K / G, 2) bfloat16 */
@@ -396,6 +396,7 @@ static void quantize_row_blocks(const float *x, int8_t *q, float *xs, float *cc,
     const __m256 sign = _mm256_set1_ps(-0.0f);
     const __m256i evens = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7); /* de-interleave within 8 lanes */
     float bad = 0.0f;
+    int32_t sums[2048]; /* each block's sum of its int8 values; K / 32 <= 2048 (checked by the caller) */
     for (int64_t b = 0; b < K / 32; b++) {
         const float *v = x + b * 32;
         __m256 amax = _mm256_setzero_ps(), probe = amax;
@@ -414,31 +415,29 @@ static void quantize_row_blocks(const float *x, int8_t *q, float *xs, float *cc,
         int8_t *out = q + b * 32;
         if (m == 0.0f || isnan(m)) {
             memset(out, 0, 32);
-            xs[b] = 0.0f;
+            xs[b] = 0.0f, sums[b] = 0;
             continue;
         }
         __m256 inv = _mm256_set1_ps(127.0f / m);
-        int32_t r[32];
-        for (int i = 0; i < 32; i += 8) {
-            /* lanes 0-3: inputs i, i+2, i+4, i+6; lanes 4-7: i+1, i+3, ... */
-            __m256i t = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + i), inv));
-            _mm256_storeu_si256((__m256i *)(r + i), _mm256_permutevar8x32_epi32(t, evens));
-        }
-        for (int i = 0; i < 32; i += 8)
-            for (int j = 0; j < 4; j++) {
-                out[i / 2 + j] = (int8_t)r[i + j];
-                out[16 + i / 2 + j] = (int8_t)r[i + 4 + j];
-            }
+        __m256i t[4];
+        for (int i = 0; i < 4; i++) /* each: inputs 8i, 8i+2, 8i+4, 8i+6, then 8i+1, 8i+3, ... */
+            t[i] = _mm256_permutevar8x32_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + 8 * i), inv)),
+                                               evens);
+        /* packs work within 128-bit halves: [t0 evens, t1 evens, t0 odds, t1 odds] as int16, then as bytes
+           [t0..t3 evens, t0..t3 odds]: the block's evens in order, then its odds */
+        __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(t[0], t[1]), _mm256_packs_epi32(t[2], t[3]));
+        _mm256_storeu_si256((__m256i *)out, packed);
+        __m256i total = _mm256_add_epi32(_mm256_add_epi32(t[0], t[1]), _mm256_add_epi32(t[2], t[3]));
+        __m128i h = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+        h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+        h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1));
+        sums[b] = _mm_cvtsi128_si32(h);
         xs[b] = m / 127.0f;
     }
     int64_t per = G / 32;
     for (int64_t g = 0; g < K / G; g++) {
         float c = 0.0f;
-        for (int64_t b = g * per; b < (g + 1) * per; b++) {
-            int32_t sum = 0;
-            for (int i = 0; i < 32; i++) sum += q[b * 32 + i];
-            c += xs[b] * (float)sum;
-        }
+        for (int64_t b = g * per; b < (g + 1) * per; b++) c += xs[b] * (float)sums[b];
         cc[2 * g] = -8.0f * c, cc[2 * g + 1] = c;
     }
     if (isnan(bad))
@@ -492,7 +491,7 @@ static float dot_i4_avx2(const i4_args *a, const uint8_t *w, const uint16_t *sz,
 AVX512 static float dot_i4_avx512(const i4_args *a, const uint8_t *w, const uint16_t *sz, int64_t m) {
     /* Two blocks per step: 32 bytes of codes unpack to [low 0, high 0, low 1, high 1] (16 bytes each). */
     const int8_t *q = a->q + m * a->K;
-    const float *xs = a->xs + m * (a->K / 32);
+    const float *xs = a->xs + m * (a->K / 32), *xs8 = a->xs8 + m * (a->K / 4);
     const __m512i low4 = _mm512_set1_epi8(0x0F), order = _mm512_setr_epi64(0, 1, 4, 5, 2, 3, 6, 7);
     int shift = __builtin_ctzll((unsigned long long)(a->G / 32));
     __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;
@@ -501,9 +500,14 @@ AVX512 static float dot_i4_avx512(const i4_args *a, const uint8_t *w, const uint
         __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1);
         __m512i codes = _mm512_and_si512(_mm512_permutexvar_epi64(order, both), low4);
         __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_loadu_si512(q + b * 32));
-        float d0 = bf16_to_f32(sz[2 * (b >> shift)]) * xs[b], d1 = bf16_to_f32(sz[2 * ((b + 1) >> shift)]) * xs[b + 1];
-        __m512 d = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(_mm256_set1_ps(d0))),
-                                                       _mm256_castps_pd(_mm256_set1_ps(d1)), 1));
+        __m512 d;
+        if (shift) /* groups of 64 or more: both blocks take one weight scale, the activations' from xs8 */
+            d = _mm512_mul_ps(_mm512_set1_ps(bf16_to_f32(sz[2 * (b >> shift)])), _mm512_loadu_ps(xs8 + b * 8));
+        else {
+            float d0 = bf16_to_f32(sz[2 * b]) * xs[b], d1 = bf16_to_f32(sz[2 * b + 2]) * xs[b + 1];
+            d = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(_mm256_set1_ps(d0))),
+                                                    _mm256_castps_pd(_mm256_set1_ps(d1)), 1));
+        }
         if (b & 2)
             acc1 = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(dot), acc1);
         else
@@ -594,17 +598,17 @@ AVX512 I4_TASK(i4_task_avx512, dot_i4_avx512, dot4_i4_avx512)
 /* Returns -1 where the rounded activations could not be allocated, -2 for shapes it does not take. */
 static int linear_i4(const float *x, const uint8_t *w, const uint16_t *sz, const float *bias, float *y, int64_t M,
                      int64_t N, int64_t K, int64_t G, int threads, task_fn task) {
-    if (K % 64 || G < 32 || (G & (G - 1)) || K % G) return -2;
+    if (K % 64 || K > 65536 || G < 32 || (G & (G - 1)) || K % G) return -2;
     int8_t *q = aligned_alloc(64, (size_t)(M * K + 64) / 64 * 64);
     float *xs = malloc(sizeof(float) * (size_t)(M * (K / 32))), *cc = malloc(sizeof(float) * (size_t)(M * (2 * K / G)));
-    float *xs8 = M > 1 ? malloc(sizeof(float) * (size_t)(M * (K / 4))) : NULL;
-    if (!q || !xs || !cc || (M > 1 && !xs8)) {
+    float *xs8 = malloc(sizeof(float) * (size_t)(M * (K / 4)));
+    if (!q || !xs || !cc || !xs8) {
         free(q), free(xs), free(cc), free(xs8);
         return -1;
     }
     for (int64_t m = 0; m < M; m++)
         quantize_row_blocks(x + m * K, q + m * K, xs + m * (K / 32), cc + m * (2 * K / G), K, G);
-    for (int64_t i = 0; M > 1 && i < M * (K / 4); i++) xs8[i] = xs[i / 8];
+    for (int64_t i = 0; i < M * (K / 4); i++) xs8[i] = xs[i / 8];
     i4_args a = {q, xs, xs8, cc, w, sz, bias, y, M, N, K, G};
     parallel(task, &a, N, block_rows(K / 2), threads);
     free(q), free(xs), free(cc), free(xs8);
