@@ -488,32 +488,36 @@ static float dot_i4_avx2(const i4_args *a, const uint8_t *w, const uint16_t *sz,
     return _mm_cvtss_f32(h) + offsets(sz, a->cc + m * (2 * a->K / a->G), a->K / a->G);
 }
 
+/* One pair of blocks (b, b + 1) of a weight row against one activation row, added to acc. */
+AVX512 static inline __m512 pair_i4_avx512(const i4_args *a, const uint8_t *w, const uint16_t *sz, const int8_t *q,
+                                           const float *xs, const float *xs8, int shift, int64_t b, __m512 acc) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F), order = _mm512_setr_epi64(0, 1, 4, 5, 2, 3, 6, 7);
+    __m256i raw = _mm256_loadu_si256((const __m256i *)(w + b * 16));
+    __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1);
+    __m512i codes = _mm512_and_si512(_mm512_permutexvar_epi64(order, both), low4);
+    __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_loadu_si512(q + b * 32));
+    __m512 d;
+    if (shift) /* groups of 64 or more: both blocks take one weight scale, the activations' from xs8 */
+        d = _mm512_mul_ps(_mm512_set1_ps(bf16_to_f32(sz[2 * (b >> shift)])), _mm512_loadu_ps(xs8 + b * 8));
+    else {
+        float d0 = bf16_to_f32(sz[2 * b]) * xs[b], d1 = bf16_to_f32(sz[2 * b + 2]) * xs[b + 1];
+        d = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(_mm256_set1_ps(d0))),
+                                                _mm256_castps_pd(_mm256_set1_ps(d1)), 1));
+    }
+    (void)a;
+    return _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(dot), acc);
+}
+
 AVX512 static float dot_i4_avx512(const i4_args *a, const uint8_t *w, const uint16_t *sz, int64_t m) {
-    /* Two blocks per step: 32 bytes of codes unpack to [low 0, high 0, low 1, high 1] (16 bytes each). */
+    /* Two blocks per step: 32 bytes of codes unpack to [low 0, high 0, low 1, high 1] (16 bytes each); one
+       accumulator, in the order dot4_i4_avx512 sums each of its rows (a row's result is the same alone or
+       batched). */
     const int8_t *q = a->q + m * a->K;
     const float *xs = a->xs + m * (a->K / 32), *xs8 = a->xs8 + m * (a->K / 4);
-    const __m512i low4 = _mm512_set1_epi8(0x0F), order = _mm512_setr_epi64(0, 1, 4, 5, 2, 3, 6, 7);
     int shift = __builtin_ctzll((unsigned long long)(a->G / 32));
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;
-    for (int64_t b = 0; b < a->K / 32; b += 2) {
-        __m256i raw = _mm256_loadu_si256((const __m256i *)(w + b * 16));
-        __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1);
-        __m512i codes = _mm512_and_si512(_mm512_permutexvar_epi64(order, both), low4);
-        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_loadu_si512(q + b * 32));
-        __m512 d;
-        if (shift) /* groups of 64 or more: both blocks take one weight scale, the activations' from xs8 */
-            d = _mm512_mul_ps(_mm512_set1_ps(bf16_to_f32(sz[2 * (b >> shift)])), _mm512_loadu_ps(xs8 + b * 8));
-        else {
-            float d0 = bf16_to_f32(sz[2 * b]) * xs[b], d1 = bf16_to_f32(sz[2 * b + 2]) * xs[b + 1];
-            d = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(_mm256_set1_ps(d0))),
-                                                    _mm256_castps_pd(_mm256_set1_ps(d1)), 1));
-        }
-        if (b & 2)
-            acc1 = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(dot), acc1);
-        else
-            acc0 = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(dot), acc0);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + offsets(sz, a->cc + m * (2 * a->K / a->G), a->K / a->G);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t b = 0; b < a->K / 32; b += 2) acc = pair_i4_avx512(a, w, sz, q, xs, xs8, shift, b, acc);
+    return _mm512_reduce_add_ps(acc) + offsets(sz, a->cc + m * (2 * a->K / a->G), a->K / a->G);
 }
 
 /* Up to 4 activation rows against one weight row (batches, prompts): each block's codes are unpacked and
@@ -524,21 +528,27 @@ static void dot4_i4_avx2(const i4_args *a, const uint8_t *w, const uint16_t *sz,
     int64_t row[4]; /* rows past the last repeat it: computed, not written */
     for (int r = 0; r < 4; r++) row[r] = m0 + (r < R ? r : R - 1);
     int shift = __builtin_ctzll((unsigned long long)(a->G / 32));
-    __m256 acc[4][2];
-    for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < a->K / 32; b++) {
-        __m256i codes = nibbles_avx2(w + b * 16);
-        __m256 s = _mm256_set1_ps(bf16_to_f32(sz[2 * (b >> shift)]));
+    /* even blocks into acc0, odd ones into acc1, as dot_i4_avx2 sums a row (the same result alone or batched);
+       named arrays indexed only by the unrolled row, so that they stay in registers */
+    __m256 acc0[4], acc1[4];
+    for (int r = 0; r < 4; r++) acc0[r] = acc1[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < a->K / 32; b += 2) {
+        __m256i c0 = nibbles_avx2(w + b * 16), c1 = nibbles_avx2(w + b * 16 + 16);
+        __m256 s0 = _mm256_set1_ps(bf16_to_f32(sz[2 * (b >> shift)])),
+               s1 = _mm256_set1_ps(bf16_to_f32(sz[2 * ((b + 1) >> shift)]));
 #pragma GCC unroll 4
         for (int r = 0; r < 4; r++) { /* always 4, so that the accumulators stay in registers */
             const int8_t *q = a->q + row[r] * a->K + b * 32;
-            __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, _mm256_loadu_si256((const __m256i *)q)), ones);
-            __m256 d = _mm256_mul_ps(s, _mm256_loadu_ps(a->xs8 + row[r] * (a->K / 4) + b * 8));
-            acc[r][b & 1] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[r][b & 1]);
+            const float *x8 = a->xs8 + row[r] * (a->K / 4) + b * 8;
+            __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(c0, _mm256_loadu_si256((const __m256i *)q)), ones);
+            __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(c1, _mm256_loadu_si256((const __m256i *)(q + 32))),
+                                           ones);
+            acc0[r] = _mm256_fmadd_ps(_mm256_mul_ps(s0, _mm256_loadu_ps(x8)), _mm256_cvtepi32_ps(p0), acc0[r]);
+            acc1[r] = _mm256_fmadd_ps(_mm256_mul_ps(s1, _mm256_loadu_ps(x8 + 8)), _mm256_cvtepi32_ps(p1), acc1[r]);
         }
     }
     for (int r = 0; r < R; r++) {
-        __m256 t = _mm256_add_ps(acc[r][0], acc[r][1]);
+        __m256 t = _mm256_add_ps(acc0[r], acc1[r]);
         __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
         h = _mm_add_ps(h, _mm_movehl_ps(h, h));
         h = _mm_add_ss(h, _mm_movehdup_ps(h));
@@ -552,8 +562,8 @@ AVX512 static void dot4_i4_avx512(const i4_args *a, const uint8_t *w, const uint
     int64_t row[4]; /* rows past the last repeat it: computed, not written */
     for (int r = 0; r < 4; r++) row[r] = m0 + (r < R ? r : R - 1);
     int shift = __builtin_ctzll((unsigned long long)(a->G / 32));
-    __m512 acc[4][2];
-    for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    __m512 acc[4]; /* one a row: four chains already (an index by step kept them in memory) */
+    for (int r = 0; r < 4; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < a->K / 32; b += 2) {
         __m256i raw = _mm256_loadu_si256((const __m256i *)(w + b * 16));
         __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1);
@@ -566,11 +576,11 @@ AVX512 static void dot4_i4_avx512(const i4_args *a, const uint8_t *w, const uint
             const int8_t *q = a->q + row[r] * a->K + b * 32;
             __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_loadu_si512(q));
             __m512 d = _mm512_mul_ps(s, _mm512_loadu_ps(a->xs8 + row[r] * (a->K / 4) + b * 8));
-            acc[r][(b >> 1) & 1] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(dot), acc[r][(b >> 1) & 1]);
+            acc[r] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(dot), acc[r]);
         }
     }
     for (int r = 0; r < R; r++)
-        y[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])) +
+        y[r] = _mm512_reduce_add_ps(acc[r]) +
                offsets(sz, a->cc + (m0 + r) * (2 * a->K / a->G), a->K / a->G);
 }
 
