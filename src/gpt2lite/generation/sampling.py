@@ -133,8 +133,12 @@ def sample(logits: torch.Tensor, *, generator: torch.Generator | None = None) ->
     with ``multinomial``.)
     """
     probs = logits.float().softmax(dim=-1)  # (B, V)
-    running = probs.cumsum(dim=-1)  # (B, V)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * running[:, -1:]  # (B, 1)
+    # Summed in float64: over 50257 tokens of nearly equal probability (2e-5 each) a float32 running sum
+    # gathers rounding errors as large as a token's share, and which token a draw lands on would then
+    # move with the last bits of the logits (a row batched one way or another).
+    running = probs.double().cumsum(dim=-1)  # (B, V)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64) \
+        * running[:, -1:]  # (B, 1)
     tokens = torch.searchsorted(running, u, right=True)  # (B, 1): the first running sum above u
     # u * total can round up to the total itself (past every token): the most likely token then
     tokens = torch.where(tokens < probs.shape[-1], tokens, probs.argmax(dim=-1, keepdim=True))
