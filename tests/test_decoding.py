@@ -367,7 +367,7 @@ def test_cli_exposes_the_controls(tiny_dir, capsys):
 
 
 def test_a_draw_follows_the_softmax_and_never_picks_a_removed_token():
-    """The inverse-CDF draw against the distribution it samples: frequencies within 5 standard errors."""
+    """A draw against the distribution it samples: frequencies within 5 standard errors."""
     from gpt2lite.generation.sampling import sample
 
     logits = torch.tensor([2.0, float("-inf"), 0.5, -1.0, float("-inf"), 1.0, -30.0])
