@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -228,6 +229,46 @@ def test_cache_is_bounded(tok, monkeypatch):
 @given(st.lists(st.text(alphabet=st.sampled_from(list("ab \n\r\t.'é😀中文，。1\u3000")), max_size=30), max_size=8))
 def test_encode_stream_equals_whole_text(tok, pieces):
     assert [t for ids in tok.encode_stream(pieces) for t in ids] == tok.encode("".join(pieces))
+
+
+@functools.cache
+def _byte_level_hf():
+    """A small byte-level BPE trained by tokenizers on this alphabet's text, wrapped as an HFTokenizer."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from gpt2lite import HFTokenizer
+
+    inner = RustTokenizer(models.BPE())
+    inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    inner.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    inner.train_from_iterator(["ab ba\n\naab é中 ab.\r\n\t b\u3000a"] * 20, trainer)
+    return HFTokenizer(inner)
+
+
+def _reference_cut(text: str) -> int:
+    """Where HFTokenizer.split_stream cuts a text it holds: after the last line end before a non-space (0: none)."""
+    return max((i + 1 for i in range(len(text) - 1) if text[i] == "\n" and not text[i + 1].isspace()), default=0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(alphabet=st.sampled_from(list("ab \n\r\t\u2028\u3000\x85.é中")), max_size=30), max_size=8))
+def test_hf_split_stream_cuts_where_a_line_starts_a_word(pieces):
+    """The fast search (str.rfind) makes the cuts of the per-character definition, and tokenizers' ids of the whole."""
+    tok = _byte_level_hf()
+    inner = tok._tok
+    expected, carry = [], ""
+    for piece in pieces:
+        text = carry + piece
+        cut = _reference_cut(text)
+        expected += [text[:cut]] if cut else []
+        carry = text[cut:]
+    expected += [carry] if carry else []
+    assert list(tok.split_stream(pieces)) == expected
+    whole = "".join(pieces)
+    assert [t for ids in tok.encode_stream(pieces) for t in ids] == inner.encode(whole).ids
 
 
 def _random_unicode(rng: random.Random, n: int) -> str:

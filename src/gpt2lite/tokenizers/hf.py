@@ -184,8 +184,13 @@ class HFTokenizer:
         carry = ""
         for chunk in chunks:
             text = carry + chunk
-            cut = max((i + 1 for i in range(len(text) - 1, -1, -1) if text[i] == "\n"
-                       and i + 1 < len(text) and not text[i + 1].isspace()), default=0)
+            # The last "\n" followed by a non-space, found by str.rfind from the end (not a Python loop over every
+            # character). The held-over text has none inside it: only its last character may become one.
+            start = max(0, len(carry) - 1)
+            i = text.rfind("\n", start, len(text) - 1)
+            while i >= 0 and text[i + 1].isspace():
+                i = text.rfind("\n", start, i)
+            cut = i + 1  # 0: no cut yet
             carry = text[cut:]
             if cut:
                 yield text[:cut]
