@@ -231,7 +231,8 @@ def train(
     and ``early_stopping`` ends the run when validation stops improving.
 
     ``settings`` (JSON values: how the run was set up, such as the command
-    line's flags) go to ``out_dir/run.json`` at the start of a new run. A folder
+    line's flags) go to ``out_dir/run.json`` at the start of a new run, and again
+    when one resumes, so what a resume changed is kept for the next. A folder
     that holds a run is refused unless ``resume`` or ``overwrite`` (which clears
     the earlier run first).
 
@@ -274,6 +275,8 @@ def train(
     result = TrainResult()
     best = _Best(out_dir / BEST, tokenizer)
     start = run.restore(checkpoint_path, result, best) if resume else 0
+    if resume and settings is not None and rank == 0:  # once the checkpoint is known to fit
+        write_json(out_dir / RUN_RECORD, dict(settings))  # what this resume changed (steps, intervals) is kept
     saved = start if resume else None  # the step of the checkpoint on disk
     log = RunLog(out_dir, start, tensorboard=config.tensorboard) if rank == 0 else None
 
