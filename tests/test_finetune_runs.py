@@ -355,8 +355,25 @@ def test_resume_keeps_samples_tensorboard_and_early_stopping(corpus, tmp_path, m
     config, _ = _settings_of(["finetune", "--out", str(out), "--resume", "--steps", "40", "--sample-every", "4",
                               "--early-stopping", "0"], monkeypatch)
     assert (config.sample_every, config.early_stopping, config.tensorboard) == (4, 0, True)  # flags given again win
-    assert main(["finetune", "--out", str(out), "--resume", "--steps", "22"]) == 0  # and really: samples go on
-    assert [m["step"] for m in metrics(out) if "sample" in m][-2:] == [20, 22]
+    # And really: samples go on, at the interval this resume sets, which run.json keeps for the next resume.
+    assert main(["finetune", "--out", str(out), "--resume", "--steps", "22", "--sample-every", "1"]) == 0
+    assert [m["step"] for m in metrics(out) if "sample" in m][-3:] == [20, 21, 22]
+    assert json.loads((out / "run.json").read_text())["steps"] == 22
+    config, _ = _settings_of(["finetune", "--out", str(out), "--resume", "--steps", "30"], monkeypatch)
+    assert config.sample_every == 1 and config.tensorboard is True
+
+
+@pytest.mark.slow
+def test_finetune_tokenizes_raw_text_in_worker_processes(corpus, tmp_path):
+    """--workers 2: the run's data holds the tokens one process makes (GPT-2's tokenizer on the whole text)."""
+    from gpt2lite import TokenData, Tokenizer
+
+    out = tmp_path / "run"
+    assert main(["finetune", "--data", str(corpus), "--out", str(out), "--preset", "tiny", "--workers", "2",
+                 *TINY_RUN]) == 0
+    data = TokenData.open(out / "data")
+    expected = [*Tokenizer.gpt2().encode(corpus.read_text(encoding="utf-8")), 50256]
+    assert data.tokens.tolist() == expected
 
 
 def test_warmup_defaults_to_a_fraction_of_the_steps(corpus, tmp_path, monkeypatch):

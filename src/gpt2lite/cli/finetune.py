@@ -58,6 +58,9 @@ def add_finetune(commands: Any) -> None:
          help="share of --data held out for validation (default: 0.05 for lm, 0.1 otherwise)")
     flag("--encoding-errors", choices=["strict", "replace"], default=None,
          help="what to do with text that is not UTF-8 (default: strict, an error)")
+    flag("--workers", type=int, default=1,
+         help="lm on raw text: processes tokenizing it, as gpt2lite prepare's --workers, the same tokens "
+              "(default: 1; a pool costs seconds to start, so it pays on large corpora)")
     sched = ft.add_argument_group("schedule")
     sched.add_argument("--steps", type=int, default=None,
                        help="optimizer steps (default: 1000; a resumed run: its own, or longer)")

@@ -43,6 +43,7 @@ class RunSpec:
     val_data: str | None = None
     val_fraction: float = 0.05
     encoding_errors: Literal["strict", "replace"] = "strict"
+    workers: int = 1  # processes tokenizing raw text (lm); the tokens are the same as one's
     block_size: int | None = None
     seed: int = 0
     resume: bool = False
@@ -166,7 +167,7 @@ def training_data(spec: RunSpec, tokenizer: Any, chat_prompt: ChatPrompt | None 
         data.check_tokenizer(tokenizer)
         return data
     return prepare_data(spec.data, os.path.join(spec.out, "data"), tokenizer=tokenizer, errors=spec.encoding_errors,
-                        val_fraction=spec.val_fraction, text_column=spec.text_column)
+                        val_fraction=spec.val_fraction, text_column=spec.text_column, workers=spec.workers)
 
 
 def check_block_size(spec: RunSpec, model: Any) -> None:
