@@ -139,7 +139,27 @@ if not hasattr(torch.ops.gpt2lite, "int8_linear"):  # an op is defined once per 
     )
 
 
-class Int8Linear(nn.Module):
+class _WeightRows(nn.Module):
+    """A linear layer whose ``weight`` is stored ``(out, in)``, as nn.Linear's: its widths and repr read off it."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    @property
+    def in_features(self) -> int:
+        """Width of the input."""
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        """Width of the output."""
+        return self.weight.shape[0]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int8Linear(_WeightRows):
     """A linear layer with an int8 weight ``(out, in)`` and one float scale per output channel."""
 
     kernels: KernelRoute = "native"  # float32 CPU products: gpt2lite's int8 kernel where built, else fbgemm
@@ -160,16 +180,6 @@ class Int8Linear(nn.Module):
         """Quantize a float ``(out, in)`` weight row by row; scales and bias keep the weight's dtype."""
         q, scale = _quantize_rows(weight)
         return cls(q, scale.to(weight.dtype), None if bias is None else bias.detach().clone())
-
-    @property
-    def in_features(self) -> int:
-        """Width of the input."""
-        return self.weight.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        """Width of the output."""
-        return self.weight.shape[0]
 
     def dequantize(self) -> torch.Tensor:
         """The float weight ``q * scale`` this layer stands for, ``(out, in)``."""
@@ -256,9 +266,6 @@ class Int8Linear(nn.Module):
         self._repack()
         return out
 
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
 
 class Int8Embedding(Int8Linear):
     """A token embedding stored as ``Int8Linear`` rows: looked up by id, and used as the tied LM head."""
@@ -280,7 +287,7 @@ class Int8Embedding(Int8Linear):
 F16_NATIVE_ROWS = 8  # up to this many rows: gpt2lite's float16-weight kernel; more: the weight widened for F.linear
 
 
-class Float16Linear(nn.Module):
+class Float16Linear(_WeightRows):
     """A linear layer whose ``(out, in)`` weight is stored in float16 (half of float32's bytes), used in float32."""
 
     kernels: KernelRoute = "native"  # float32 CPU products: gpt2lite's kernel where built, else F.linear
@@ -300,16 +307,6 @@ class Float16Linear(nn.Module):
         if bool((w.abs() > torch.finfo(torch.float16).max).any()):
             raise ValueError("the weights exceed float16's range (65504); use int8, which scales each row")
         return cls(w.half(), None if bias is None else bias.detach().clone())
-
-    @property
-    def in_features(self) -> int:
-        """Width of the input."""
-        return self.weight.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        """Width of the output."""
-        return self.weight.shape[0]
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight this layer stands for (exact: every float16 is a float32), ``(out, in)``."""
@@ -338,9 +335,6 @@ class Float16Linear(nn.Module):
         out = super()._apply(fn, recurse)
         self.weight = self.weight.half()
         return out
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 class Float16Embedding(Float16Linear):
