@@ -25,7 +25,7 @@ from gpt2lite.models.cache import KVCache, StepPlan, visible_slots
 from gpt2lite.models.config import GPT2Config
 from gpt2lite.models.weights import load_checkpoint, save_checkpoint
 
-__all__ = ["GPT2", "tied_head_product"]
+__all__ = ["ACTIVATION_FUNCTIONS", "GPT2", "tied_head_product"]
 
 
 def tied_head_product(x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
@@ -88,7 +88,7 @@ class CausalSelfAttention(nn.Module):
 
 
 # GPT-2 was trained with the tanh approximation of GELU ("gelu_new"); variants name others, as transformers does.
-_ACTIVATION_FUNCTIONS = {
+ACTIVATION_FUNCTIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
@@ -110,7 +110,7 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, config.mlp_dim)
         self.c_proj = nn.Linear(config.mlp_dim, config.n_embd)
-        self.act = _ACTIVATION_FUNCTIONS[config.activation_function]
+        self.act = ACTIVATION_FUNCTIONS[config.activation_function]
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,7 @@ import stat
 import subprocess
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
@@ -56,7 +57,7 @@ from torch import nn
 
 from gpt2lite.errors import NonFiniteError
 from gpt2lite.io.files import atomic_write
-from gpt2lite.models.gpt2 import _ACTIVATION_FUNCTIONS  # the table GPT-2's MLP takes its activation from
+from gpt2lite.models.gpt2 import ACTIVATION_FUNCTIONS  # the table GPT-2's MLP takes its activation from
 
 __all__ = ["KERNEL_ROUTES", "OVERFLOWED", "KernelRoute", "NativeKernels", "NativeOperands", "block_step",
            "cpu_features", "default_cache_dir", "kernels_for", "load_kernels", "native_f32_operands",
@@ -119,18 +120,20 @@ class NativeKernels:
 
     def linear_f32(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x @ weight.T + bias`` for float32 ``x`` ``(..., K)`` and ``weight`` ``(N, K)``."""
-        rows = _rows(x, weight, torch.float32, bias)  # (M, K)
-        y = torch.empty(rows.shape[0], weight.shape[0], dtype=torch.float32)  # (M, N)
-        self._f32(rows.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
-                  rows.shape[0], weight.shape[0], weight.shape[1], torch.get_num_threads())
-        return y.view(*x.shape[:-1], weight.shape[0])  # (..., N)
+        return self._float_product(self._f32, x, weight, torch.float32, bias)
 
     def linear_f16(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x @ weight.T + bias`` for float32 ``x`` ``(..., K)`` and float16 ``weight`` ``(N, K)``, in float32."""
-        rows = _rows(x, weight, torch.float16, bias)  # (M, K)
+        return self._float_product(self._f16, x, weight, torch.float16, bias)
+
+    @staticmethod
+    def _float_product(kernel: Callable[..., None], x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype,
+                       bias: torch.Tensor | None) -> torch.Tensor:
+        """One of the float kernels (weights of ``dtype``) on ``x``'s rows, the output float32."""
+        rows = _rows(x, weight, dtype, bias)  # (M, K)
         y = torch.empty(rows.shape[0], weight.shape[0], dtype=torch.float32)  # (M, N)
-        self._f16(rows.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
-                  rows.shape[0], weight.shape[0], weight.shape[1], torch.get_num_threads())
+        kernel(rows.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+               rows.shape[0], weight.shape[0], weight.shape[1], torch.get_num_threads())
         return y.view(*x.shape[:-1], weight.shape[0])  # (..., N)
 
     def linear_int8(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
@@ -551,7 +554,7 @@ def block_step(block: nn.Module, x: torch.Tensor, state: object, plan: object) -
 
 def _activation_of(block: nn.Module) -> str | None:
     """The name of the block's MLP activation, where it is one of GPT-2's tanh-form GELUs."""
-    return next((name for name in _GELU_TANH if _ACTIVATION_FUNCTIONS.get(name) is block.mlp.act), None)
+    return next((name for name in _GELU_TANH if ACTIVATION_FUNCTIONS.get(name) is block.mlp.act), None)
 
 
 # The kernels as ops that torch.compile traces into its graph (an opaque call to each), so a
